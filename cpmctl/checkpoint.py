@@ -1,0 +1,809 @@
+"""Checkpoint storage: a directory of config.json, safetensors weights, tokenizer/ and cpmctl.json.
+
+Writing streams one tensor at a time into safetensors files of our own making, so saving a model
+never holds a second copy of its weights; the file hashes and the checkpoint's content hash are
+computed from the same bytes as they go to disk. Reading memory-maps each weights file once and
+hands out zero-copy, copy-on-write tensor views, so a caller (the offload engine in particular)
+pays only for the tensors it touches.
+
+Layout written:
+    config.json                      ModelConfig.to_json()
+    model.safetensors                or, above max_shard_bytes, shards
+    model-00001-of-0000N.safetensors + model.safetensors.index.json (Hugging Face's layout)
+    tokenizer/                       optional, copied from a given directory
+    cpmctl.json                      provenance: stage, parents' content hashes, options, metrics,
+                                     content_hash, sha256 of every other file
+
+The content hash identifies the weights independently of how they are sharded or laid out: it is
+the sha256 over, for every tensor in sorted name order, a JSON record [name, dtype, shape]
+followed by the sha256 of the tensor's raw little-endian bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import mmap
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import torch
+
+from cpmctl import __version__
+from cpmctl.config import ModelConfig
+from cpmctl.errors import UserError
+from cpmctl.fsutil import atomic_directory
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PROVENANCE_FILE = "cpmctl.json"
+TOKENIZER_DIR = "tokenizer"
+
+DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
+
+# safetensors dtype codes <-> torch dtypes. Only these are written or read.
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in _DTYPES.items()}
+
+# The official reader refuses headers above 100 MB; a larger length field means corruption.
+_MAX_HEADER_BYTES = 100_000_000
+# Device tensors are copied to the host in pieces of this size, so saving from a GPU needs
+# only this much extra host memory, not a whole tensor's worth.
+_CHUNK_BYTES = 64 * 2**20
+_HASH_READ_BYTES = 8 * 2**20
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _shape_str(shape: Iterable[int]) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+# =============================================================================================
+# Writing
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class _PlannedTensor:
+    name: str
+    tensor: torch.Tensor
+    code: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _plan_tensor(name: str, tensor: Any) -> _PlannedTensor:
+    """Check that `tensor` can be stored, before anything is written."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+    if name == "__metadata__":
+        raise ValueError("'__metadata__' is reserved by the safetensors format and cannot name a tensor")
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"cannot save {name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type == "meta":
+        raise ValueError(f"cannot save {name}: it is on the meta device and has no data")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"cannot save {name}: {tensor.layout} tensors are not supported, only dense ones")
+    code = _CODES.get(tensor.dtype)
+    if code is None:
+        supported = ", ".join(_dtype_name(d) for d in _CODES)
+        raise ValueError(f"cannot save {name}: dtype {_dtype_name(tensor.dtype)} is not supported ({supported})")
+    shape = tuple(int(d) for d in tensor.shape)
+    return _PlannedTensor(name, tensor, code, shape, tensor.numel() * tensor.element_size())
+
+
+def _byte_chunks(tensor: torch.Tensor) -> Iterator[memoryview]:
+    """The tensor's raw little-endian bytes in row-major order, without copying a CPU tensor."""
+    if sys.byteorder != "little":
+        raise RuntimeError("cpmctl writes safetensors only on little-endian machines")
+    flat = tensor.detach().resolve_conj().resolve_neg()
+    if not flat.is_contiguous():
+        flat = flat.contiguous()  # one tensor at a time, never the whole state dict
+    # Viewing as bytes sidesteps numpy's lack of bfloat16; reshape(-1) also covers 0-d tensors.
+    flat = flat.reshape(-1).view(torch.uint8)
+    total = flat.numel()
+    on_host = flat.device.type == "cpu"
+    step = total if on_host else _CHUNK_BYTES
+    for start in range(0, total, max(step, 1)):
+        piece = flat[start : start + step]
+        if not on_host:
+            piece = piece.cpu()
+        yield memoryview(piece.numpy()).cast("B")
+
+
+def _tensor_record(name: str, code: str, shape: Iterable[int]) -> bytes:
+    return (json.dumps([name, code, [int(d) for d in shape]]) + "\n").encode()
+
+
+def _combine_content_hash(records: Mapping[str, tuple[str, tuple[int, ...], bytes]]) -> str:
+    """Content hash from each tensor's (dtype code, shape, sha256 of bytes), in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(records):
+        code, shape, tensor_digest = records[name]
+        digest.update(_tensor_record(name, code, shape))
+        digest.update(tensor_digest)
+    return "sha256:" + digest.hexdigest()
+
+
+def content_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The content hash `save_checkpoint` records for these tensors, computed without writing.
+
+    Works equally on an in-memory state dict and on `Checkpoint.state_dict()`, so a checkpoint's
+    weights can be re-identified after loading.
+    """
+    records = {}
+    for name, tensor in tensors.items():
+        planned = _plan_tensor(name, tensor)
+        tensor_digest = hashlib.sha256()
+        for chunk in _byte_chunks(planned.tensor):
+            tensor_digest.update(chunk)
+        records[name] = (planned.code, planned.shape, tensor_digest.digest())
+    return _combine_content_hash(records)
+
+
+class WrittenFile(NamedTuple):
+    """What `write_safetensors` wrote: the file's sha256 and, per tensor, its bytes' sha256."""
+
+    sha256: str
+    size: int
+    tensor_digests: dict[str, tuple[str, tuple[int, ...], bytes]]
+
+
+def _file_order(planned: Iterable[_PlannedTensor]) -> list[_PlannedTensor]:
+    # Wider elements first, then by name: every tensor then starts at a multiple of its element
+    # size (the data section starts 8-aligned), so the reader's zero-copy views are aligned.
+    # This is the order the official writer uses too.
+    return sorted(planned, key=lambda p: (-p.tensor.element_size(), p.name))
+
+
+def _header_bytes(ordered: list[_PlannedTensor], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for p in ordered:
+        header[p.name] = {"dtype": p.code, "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+        offset += p.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    # Spaces pad the header so the data section starts on an 8-byte boundary.
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _write_planned(path: Path, planned: list[_PlannedTensor], metadata: Mapping[str, str]) -> WrittenFile:
+    ordered = _file_order(planned)
+    header = _header_bytes(ordered, metadata)
+    file_digest = hashlib.sha256()
+    tensor_digests: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    with open(path, "wb") as fh:
+        size = _write_hashed(fh, file_digest, len(header).to_bytes(8, "little"))
+        size += _write_hashed(fh, file_digest, header)
+        for p in ordered:
+            tensor_digest = hashlib.sha256()
+            written = 0
+            for chunk in _byte_chunks(p.tensor):
+                tensor_digest.update(chunk)
+                written += _write_hashed(fh, file_digest, chunk)
+            if written != p.nbytes:  # the header already promised p.nbytes
+                raise RuntimeError(f"{p.name} produced {written} bytes, expected {p.nbytes}")
+            size += written
+            tensor_digests[p.name] = (p.code, p.shape, tensor_digest.digest())
+        fh.flush()
+        os.fsync(fh.fileno())
+    return WrittenFile(file_digest.hexdigest(), size, tensor_digests)
+
+
+def _write_hashed(fh: BinaryIO, digest: Any, data: bytes | memoryview) -> int:
+    fh.write(data)
+    digest.update(data)
+    return len(data)
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> WrittenFile:
+    """Stream `tensors` into one safetensors file at `path`, one tensor at a time.
+
+    Every name gets its own bytes (tied weights are stored once per name: the format has no
+    aliasing). `metadata` goes into the header's "__metadata__" (strings only); "format": "pt"
+    is added so Hugging Face loaders accept the file.
+    """
+    meta = {"format": "pt", **(metadata or {})}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("safetensors metadata keys and values must be strings")
+    planned = [_plan_tensor(name, tensor) for name, tensor in tensors.items()]
+    return _write_planned(Path(path), planned, meta)
+
+
+# =============================================================================================
+# Saving a checkpoint
+# =============================================================================================
+
+
+def _shard_plan(planned: list[_PlannedTensor], max_shard_bytes: int) -> list[list[_PlannedTensor]]:
+    """Greedy in sorted name order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[_PlannedTensor]] = [[]]
+    filled = 0
+    for p in sorted(planned, key=lambda p: p.name):
+        if shards[-1] and filled + p.nbytes > max_shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(p)
+        filled += p.nbytes
+    return shards
+
+
+def _shard_name(index: int, count: int) -> str:
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_READ_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _parent_record(parent: str | os.PathLike) -> dict[str, str]:
+    path = Path(parent)
+    if not (path / PROVENANCE_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+        raise UserError(f"parent {path} is not a cpmctl checkpoint (it needs {CONFIG_FILE} and {PROVENANCE_FILE})")
+    parent_hash = read_provenance(path).get("content_hash")
+    if not isinstance(parent_hash, str) or not parent_hash.startswith("sha256:"):
+        raise UserError(f"parent {path} has no content_hash in its {PROVENANCE_FILE}")
+    return {"path": str(path.resolve()), "content_hash": parent_hash}
+
+
+def _dominant_dtype(counts: Mapping[str, int]) -> str | None:
+    return max(counts, key=lambda name: (counts[name], name)) if counts else None
+
+
+def save_checkpoint(
+    out: str | os.PathLike,
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    stage: str = "unknown",
+    parents: Iterable[str | os.PathLike] = (),
+    options: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write a checkpoint directory atomically and return the provenance stored in cpmctl.json.
+
+    Everything that can be checked is checked before the first byte is written; the directory
+    appears at `out` only once complete, and a failure leaves neither `out` nor a temporary
+    directory behind. An existing `out` is a UserError unless `overwrite`.
+    """
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    planned = [_plan_tensor(name, tensor) for name, tensor in state_dict.items()]
+    parent_records = [_parent_record(p) for p in parents]
+    tokenizer_src = None
+    if tokenizer_dir is not None:
+        tokenizer_src = Path(tokenizer_dir)
+        if not tokenizer_src.is_dir():
+            raise UserError(f"tokenizer directory {tokenizer_src} does not exist or is not a directory")
+    dtype_counts: dict[str, int] = {}
+    for p in planned:
+        name = _dtype_name(p.tensor.dtype)
+        dtype_counts[name] = dtype_counts.get(name, 0) + p.tensor.numel()
+    provenance: dict[str, Any] = {
+        "cpmctl_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "stage": stage,
+        "parents": parent_records,
+        "options": dict(options or {}),
+        "metrics": dict(metrics or {}),
+        "content_hash": None,
+        "files": {},
+        "dtype": _dominant_dtype(dtype_counts),
+        "num_parameters": sum(dtype_counts.values()),
+    }
+    json.dumps(provenance)  # unserialisable options or metrics fail here, before any writing
+    config_text = config.to_json() + "\n"
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+        if tokenizer_src is not None:
+            shutil.copytree(tokenizer_src, tmp / TOKENIZER_DIR)
+
+        files: dict[str, str] = {}
+        records: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+        shards = _shard_plan(planned, max_shard_bytes)
+        if len(shards) == 1:
+            written = _write_planned(tmp / WEIGHTS_FILE, shards[0], {"format": "pt"})
+            files[WEIGHTS_FILE] = written.sha256
+            records.update(written.tensor_digests)
+        else:
+            weight_map: dict[str, str] = {}
+            for i, shard in enumerate(shards, start=1):
+                filename = _shard_name(i, len(shards))
+                written = _write_planned(tmp / filename, shard, {"format": "pt"})
+                files[filename] = written.sha256
+                records.update(written.tensor_digests)
+                weight_map.update({p.name: filename for p in shard})
+            index = {
+                "metadata": {"total_size": sum(p.nbytes for p in planned)},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+        # Small files are hashed from disk; the weights were hashed as they were written.
+        for path in sorted(tmp.rglob("*")):
+            rel = path.relative_to(tmp).as_posix()
+            if path.is_file() and rel not in files:
+                files[rel] = _sha256_file(path)
+        provenance["content_hash"] = _combine_content_hash(records)
+        provenance["files"] = dict(sorted(files.items()))
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    return provenance
+
+
+# =============================================================================================
+# Reading
+# =============================================================================================
+
+
+class TensorInfo(NamedTuple):
+    """Where a tensor lives: `byte_offset` is absolute within `file`, `nbytes` its length."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    byte_offset: int
+    nbytes: int
+
+
+def _load_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} is not valid JSON ({exc})") from None
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return dict(pairs)
+
+
+def _parse_header(path: Path, file_size: int, head: bytes) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate a safetensors header; `head` holds at least the file's first 8 bytes."""
+
+    def corrupt(reason: str) -> UserError:
+        return UserError(f"{path} has a corrupt safetensors header: {reason}")
+
+    header_len = int.from_bytes(head[:8], "little")
+    if header_len == 0 or header_len > _MAX_HEADER_BYTES:
+        raise corrupt(f"implausible header length {header_len}")
+    if 8 + header_len > file_size:
+        raise UserError(
+            f"{path} is truncated: expected at least {8 + header_len} bytes for its header, found {file_size}"
+        )
+    raw = head[8 : 8 + header_len]
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise corrupt(f"invalid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt("__metadata__ must map strings to strings")
+
+    data_start = 8 + header_len
+    spans: list[tuple[int, int, str]] = []
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise corrupt(f"entry for {name} must have exactly dtype, shape and data_offsets")
+        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if code not in _DTYPES:
+            raise corrupt(f"unknown dtype {code!r} for {name} (supported: {', '.join(_DTYPES)})")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise corrupt(f"shape of {name} must be a list of non-negative integers, got {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets)
+        ):
+            raise corrupt(f"data_offsets of {name} must be two non-negative integers, got {offsets!r}")
+        begin, end = offsets
+        if end < begin:
+            raise corrupt(f"data_offsets of {name} are out of order: [{begin}, {end}]")
+        dtype = _DTYPES[code]
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected:
+            raise corrupt(
+                f"{name} has {end - begin} bytes but shape {_shape_str(shape)} of {code} needs {expected}"
+            )
+        spans.append((begin, end, name))
+        infos[name] = TensorInfo(dtype, tuple(shape), path, data_start + begin, end - begin)
+
+    # The data section must be tiled exactly: no overlaps (aliasing) and no holes, as the
+    # official reader demands.
+    position = 0
+    previous = None
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise corrupt(f"data of {name} overlaps {previous}")
+        if begin > position:
+            raise corrupt(f"unused bytes {position}..{begin} before {name}")
+        position, previous = end, name
+    expected_size = data_start + position
+    if file_size < expected_size:
+        raise UserError(f"{path} is truncated: expected {expected_size} bytes, found {file_size}")
+    if file_size > expected_size:
+        raise corrupt(f"{file_size - expected_size} bytes after the last tensor's data")
+    return infos, metadata
+
+
+class SafetensorsFile:
+    """One safetensors file, memory-mapped once; `get` returns zero-copy copy-on-write views.
+
+    The map is private (ACCESS_COPY): writing into a returned tensor changes only this process's
+    pages, never the file. Views stay valid after `close()`; the mapping lives on until the last
+    view is gone.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            file_size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise UserError(f"weights file {self.path} does not exist") from None
+        if file_size < 8:
+            raise UserError(f"{self.path} is truncated: expected at least 8 bytes, found {file_size}")
+        with open(self.path, "rb") as fh:
+            head = fh.read(8)
+            header_len = int.from_bytes(head, "little")
+            if 0 < header_len <= _MAX_HEADER_BYTES:
+                head += fh.read(header_len)
+        self._infos, self.metadata = _parse_header(self.path, file_size, head)
+        self._size = file_size
+        self._mmap: mmap.mmap | None = None
+        self._buffer: memoryview | None = None
+
+    def names(self) -> list[str]:
+        return sorted(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self.path}") from None
+
+    def _mapping(self) -> memoryview:
+        if self._buffer is None:
+            with open(self.path, "rb") as fh:
+                # mmap keeps its own handle on the file, so ours can close right away.
+                mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            if len(mapping) != self._size:
+                mapping.close()
+                raise UserError(f"{self.path} changed size while being opened")
+            # torch.frombuffer keeps a reference to the object it is given but releases the
+            # buffer itself; handing it a memoryview keeps an export on the map, so the map
+            # can never be unmapped (by anyone's close()) under a live view.
+            self._mmap, self._buffer = mapping, memoryview(mapping)
+        return self._buffer
+
+    def mapping_address(self) -> tuple[int, int]:
+        """(start address, length) of this file's memory map, for checking views lie inside it."""
+        buffer = self._mapping()
+        anchor = ctypes.c_char.from_buffer(buffer)
+        try:
+            return ctypes.addressof(anchor), len(buffer)
+        finally:
+            del anchor
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.info(name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        itemsize = info.dtype.itemsize
+        view = torch.frombuffer(
+            self._mapping(), dtype=info.dtype, count=info.nbytes // itemsize, offset=info.byte_offset
+        ).reshape(info.shape)
+        if info.byte_offset % itemsize:
+            # Files from writers that do not order tensors by element size can leave a tensor
+            # misaligned; kernels may assume alignment, so such a tensor is copied instead.
+            return view.clone()
+        return view
+
+    def state_dict(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        return {name: self.get(name) for name in (self.names() if names is None else names)}
+
+    def close(self) -> None:
+        # Only our references go: calling mmap.close() would unmap pages that live views still
+        # point at. Each view holds the memoryview, which pins the map until the last view dies.
+        self._mmap = None
+        self._buffer = None
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _require_directory(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} is not a directory (a checkpoint is a directory with {CONFIG_FILE})")
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of the checkpoint at `path`, without touching its weights."""
+    path = Path(path)
+    _require_directory(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise UserError(f"checkpoint {path} has no {CONFIG_FILE}")
+    data = _load_json(config_path, "config")
+    if not isinstance(data, dict):
+        raise UserError(f"{config_path} is not a valid model config: expected a JSON object")
+    hint = ""
+    if "model_type" in data or "architectures" in data:
+        hint = "; it looks like a Hugging Face model, import it with `cpmctl convert hf`"
+    try:
+        return ModelConfig.from_dict(data)
+    except UserError as exc:
+        raise UserError(f"{config_path} is not a valid model config: {exc}{hint}") from None
+    except (TypeError, ValueError) as exc:  # a field of the wrong type fails inside validation
+        raise UserError(f"{config_path} is not a valid model config: {exc}{hint}") from None
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's cpmctl.json, or {} if it has none (e.g. a hand-assembled directory)."""
+    path = Path(path)
+    _require_directory(path)
+    provenance_path = path / PROVENANCE_FILE
+    if not provenance_path.is_file():
+        return {}
+    data = _load_json(provenance_path, "provenance")
+    if not isinstance(data, dict):
+        raise UserError(f"provenance {provenance_path} is not a JSON object")
+    return data
+
+
+def _safe_filename(directory: Path, filename: Any, what: str) -> Path:
+    # A shard named "../x" or "/etc/x" would read outside the checkpoint.
+    if not isinstance(filename, str) or not filename or Path(filename).name != filename or filename in (".", ".."):
+        raise UserError(f"{what} names an invalid shard file {filename!r}")
+    return directory / filename
+
+
+def _load_index(path: Path) -> dict[str, str]:
+    index_path = path / INDEX_FILE
+    index = _load_json(index_path, "index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise UserError(f"{index_path} has no valid weight_map (tensor name -> shard file)")
+    for filename in sorted(set(weight_map.values())):
+        shard = _safe_filename(path, filename, str(index_path))
+        if not shard.is_file():
+            raise UserError(f"{index_path} names shard {filename}, which is missing")
+    return weight_map
+
+
+class Checkpoint:
+    """A checkpoint directory opened for reading; tensors are memory-mapped views, fetched per name.
+
+    `open_checkpoint(path)` validates the config, every weights header and the shard index up
+    front (headers only, no tensor data), so later `get` calls are cheap and cannot fail on
+    corruption a header reveals.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config = read_config(self.path)
+        self.provenance = read_provenance(self.path)
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, str] = {}
+        try:
+            self._open_weights()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_weights(self) -> None:
+        index_path = self.path / INDEX_FILE
+        single_path = self.path / WEIGHTS_FILE
+        if index_path.is_file():
+            weight_map = _load_index(self.path)
+            for filename in sorted(set(weight_map.values())):
+                self._files[filename] = SafetensorsFile(self.path / filename)
+            for filename, st in self._files.items():
+                for name in st.names():
+                    listed = weight_map.get(name)
+                    if listed is None:
+                        raise UserError(f"{INDEX_FILE} does not list {name}, found in {filename}")
+                    if listed != filename:
+                        raise UserError(f"{INDEX_FILE} places {name} in {listed}, but it is in {filename}")
+            for name, filename in weight_map.items():
+                if name not in self._files[filename]._infos:
+                    raise UserError(f"{INDEX_FILE} places {name} in {filename}, but that file does not hold it")
+            self._where = dict(weight_map)
+        elif single_path.is_file():
+            self._files[WEIGHTS_FILE] = SafetensorsFile(single_path)
+            self._where = {name: WEIGHTS_FILE for name in self._files[WEIGHTS_FILE].names()}
+        else:
+            raise UserError(f"checkpoint {self.path} has no weights ({WEIGHTS_FILE} or {INDEX_FILE})")
+
+    def tensor_names(self) -> list[str]:
+        return sorted(self._where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def file_of(self, name: str) -> SafetensorsFile:
+        """The opened weights file holding `name`."""
+        try:
+            return self._files[self._where[name]]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in checkpoint {self.path}") from None
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        return self.file_of(name).info(name)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, for `check_state_dict_matches`."""
+        return {name: self.tensor_info(name).shape for name in self.tensor_names()}
+
+    def get(self, name: str) -> torch.Tensor:
+        """A zero-copy, copy-on-write view of one tensor on the file's memory map."""
+        return self.file_of(name).get(name)
+
+    def state_dict(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        return {name: self.get(name) for name in (self.tensor_names() if names is None else names)}
+
+    def weight_files(self) -> list[Path]:
+        return [st.path for st in self._files.values()]
+
+    def size_on_disk(self) -> int:
+        """Bytes of every file in the checkpoint directory, tokenizer and metadata included."""
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def dtype_summary(self) -> dict[str, int]:
+        """Number of parameters per dtype, e.g. {"bfloat16": 11_000_000_000, "int64": 64}."""
+        counts: dict[str, int] = {}
+        for name in self._where:
+            info = self.tensor_info(name)
+            key = _dtype_name(info.dtype)
+            counts[key] = counts.get(key, 0) + math.prod(info.shape)
+        return dict(sorted(counts.items()))
+
+    def num_parameters(self) -> int:
+        return sum(self.dtype_summary().values())
+
+    def close(self) -> None:
+        for st in self._files.values():
+            st.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, tensors={len(self._where)})"
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    return Checkpoint(path)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Re-hash every file recorded in cpmctl.json and check the weights' structure.
+
+    Returns the provenance. Raises UserError naming the first file that is missing or whose
+    bytes differ from what was recorded.
+    """
+    path = Path(path)
+    provenance = read_provenance(path)
+    if not provenance:
+        raise UserError(f"cannot verify {path}: it has no {PROVENANCE_FILE}")
+    files = provenance.get("files")
+    if not isinstance(files, dict) or not files:
+        raise UserError(f"cannot verify {path}: {PROVENANCE_FILE} records no file hashes")
+    for rel, expected in sorted(files.items()):
+        file_path = path / rel
+        if not file_path.resolve().is_relative_to(path.resolve()):
+            raise UserError(f"{PROVENANCE_FILE} names a file outside the checkpoint: {rel}")
+        if not file_path.is_file():
+            raise UserError(f"checkpoint {path} is missing {rel}")
+        if _sha256_file(file_path) != expected:
+            raise UserError(f"checksum mismatch in {rel}")
+    with open_checkpoint(path):
+        pass  # opening validates the config, the headers and the index
+    return provenance
+
+
+def check_state_dict_matches(
+    expected: Mapping[str, Iterable[int]], found: Mapping[str, Iterable[int]]
+) -> None:
+    """Raise a UserError naming the first (in name order) missing, unexpected or misshapen tensor.
+
+    `expected` comes from the config (the model's own state dict shapes), `found` from the file.
+    """
+    problems = []
+    for name in sorted(set(expected) | set(found)):
+        if name not in found:
+            problems.append(f"{name} is missing from the weights")
+        elif name not in expected:
+            problems.append(f"{name} is in the weights but the config has no such tensor")
+        else:
+            want, have = [int(d) for d in expected[name]], [int(d) for d in found[name]]
+            if want != have:
+                problems.append(
+                    f"{name} has shape {_shape_str(have)} in the file, the config expects {_shape_str(want)}"
+                )
+    if problems:
+        more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
+        raise UserError(f"config does not match the weights: {problems[0]}{more}")
+
+
+# -- models on top of the store --------------------------------------------------------------------
+def load_model(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple["torch.nn.Module", Checkpoint]:
+    """Build the checkpoint's model on the meta device and assign its weights (no init, no copy).
+
+    On the CPU with the stored dtype the parameters stay zero-copy views of the memory-mapped
+    files; a different device or dtype converts tensor by tensor. The model is in eval mode.
+    A config that does not match the weights is a UserError naming the first mismatch.
+    """
+    from cpmctl.model import build_model
+
+    ckpt = open_checkpoint(path)
+    try:
+        model = build_model(ckpt.config, device="meta")
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        check_state_dict_matches(expected, ckpt.shapes())
+        device = torch.device(device)
+        state = {}
+        for name in expected:
+            tensor = ckpt.get(name)
+            if tensor.device != device or (dtype is not None and tensor.dtype != dtype):
+                tensor = tensor.to(device=device, dtype=dtype if dtype is not None else tensor.dtype)
+            state[name] = tensor
+        model.load_state_dict(state, assign=True, strict=True)
+    except BaseException:
+        ckpt.close()
+        raise
+    return model.eval(), ckpt
+
+
+def save_model(model: "torch.nn.Module", out: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """Save a `Transformer` (its config and weights) as a checkpoint; kwargs as in save_checkpoint."""
+    return save_checkpoint(out, model.config, model.state_dict(), **kwargs)

@@ -1,0 +1,214 @@
+"""Model configuration: one dataclass for every architecture cpmctl runs, plus named presets.
+
+A preset is data (a dict of overrides), not a class. `ModelConfig.from_preset("cpm2-11b")`
+builds the CPM-2 encoder-decoder; the small presets serve tests and the demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from cpmctl.errors import UserError
+
+ARCHS = ("encoder-decoder", "encoder", "decoder")
+NORMS = ("rms", "layer")
+NORM_POSITIONS = ("pre", "post")
+POSITIONS = ("relative", "absolute", "rotary")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts layout of the FFNs.
+
+    Each expert is a block of `expert_size` FFN neurons: MoEfication splits one dense FFN into
+    `experts` blocks (experts * expert_size == d_ff), CPM-2's upcycling copies the whole FFN into
+    every expert (expert_size == d_ff). `layers` names the FFNs that are MoE, as
+    "encoder.3" / "decoder.0" (None: all of them).
+    """
+
+    experts: int
+    expert_size: int
+    top_k: int = 1
+    router: str = "linear"
+    layers: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.experts < 1 or self.expert_size < 1:
+            raise UserError(f"MoE needs experts >= 1 and expert_size >= 1, got {self.experts} and {self.expert_size}")
+        if not 1 <= self.top_k <= self.experts:
+            raise UserError(f"MoE top_k must be in 1..{self.experts}, got {self.top_k}")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a model; stored as config.json in a checkpoint.
+
+    `n_layers` counts the encoder layers (encoder-decoder, encoder) or the decoder layers
+    (decoder-only); `n_decoder_layers` counts the decoder of an encoder-decoder.
+    `norm_position="post"` is BERT's residual-then-LayerNorm with a norm after the embeddings;
+    "pre" normalises each sublayer's input and adds a final norm (T5, Llama, GPT-2).
+    """
+
+    arch: str
+    vocab_size: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    n_layers: int
+    n_decoder_layers: int | None = None
+    d_head: int | None = None
+    n_kv_heads: int | None = None
+    norm: str = "rms"
+    norm_position: str = "pre"
+    norm_eps: float = 1e-6
+    position: str = "relative"
+    max_positions: int = 512
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    rope_theta: float = 10000.0
+    activation: str = "gelu_tanh"
+    gated: bool = True
+    bias: bool = False
+    attn_scale: bool = True
+    type_vocab_size: int = 0
+    tie_embeddings: bool = False
+    scale_tied_logits: bool = False
+    lm_head: bool = True
+    lm_head_transform: bool = False
+    lm_head_bias: bool = False
+    dropout: float = 0.0
+    share_layers: bool = False
+    moe: MoEConfig | None = None
+    pad_token_id: int = 0
+    eos_token_id: int | None = 1
+    bos_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        if self.d_head is None:
+            if self.d_model % self.n_heads:
+                raise UserError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; set d_head")
+            self.d_head = self.d_model // self.n_heads
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.arch == "encoder-decoder" and self.n_decoder_layers is None:
+            self.n_decoder_layers = self.n_layers
+        self.validate()
+
+    def validate(self) -> None:
+        def check(value: str, allowed: tuple[str, ...], what: str) -> None:
+            if value not in allowed:
+                raise UserError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
+
+        check(self.arch, ARCHS, "architecture")
+        check(self.norm, NORMS, "norm")
+        check(self.norm_position, NORM_POSITIONS, "norm position")
+        check(self.position, POSITIONS, "position encoding")
+        check(self.activation, ACTIVATIONS, "activation")
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers"):
+            if getattr(self, name) < 1:
+                raise UserError(f"config field {name} must be >= 1, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.position == "rotary" and self.d_head % 2:
+            raise UserError(f"rotary positions need an even d_head, got {self.d_head}")
+        if self.arch != "encoder-decoder" and self.n_decoder_layers not in (None, 0):
+            raise UserError(f"n_decoder_layers applies only to encoder-decoder models, not {self.arch}")
+
+    # -- derived properties -------------------------------------------------------------------
+    @property
+    def has_encoder(self) -> bool:
+        return self.arch in ("encoder-decoder", "encoder")
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.arch in ("encoder-decoder", "decoder")
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.arch == "decoder"
+
+    @property
+    def start_token_id(self) -> int:
+        """First decoder input of an encoder-decoder (T5 uses the pad id)."""
+        return self.pad_token_id if self.decoder_start_token_id is None else self.decoder_start_token_id
+
+    def is_moe_layer(self, stack: str, index: int) -> bool:
+        return self.moe is not None and (self.moe.layers is None or f"{stack}.{index}" in self.moe.layers)
+
+    # -- (de)serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"config has unknown fields: {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a required field is missing
+            raise UserError(f"invalid config: {exc}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+# CPM-2 (arXiv 2106.10715): T5-style encoder-decoder with gated tanh-GELU FFNs.
+_CPM2 = dict(
+    arch="encoder-decoder", vocab_size=26240, d_model=4096, n_heads=64, d_head=64, d_ff=10240,
+    n_layers=24, n_decoder_layers=24, norm="rms", norm_position="pre", norm_eps=1e-6,
+    position="relative", relative_buckets=32, relative_max_distance=128, max_positions=512,
+    activation="gelu_tanh", gated=True, bias=False, attn_scale=False, tie_embeddings=False,
+    pad_token_id=0, eos_token_id=1, init_std=0.001,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpm2-11b": _CPM2,
+    # CPM-2's MoE stage: every FFN upcycled into 32 copies of the dense FFN, top-1 routing.
+    "cpm2-moe-198b": {**_CPM2, "moe": dict(experts=32, expert_size=10240, top_k=1, router="linear")},
+    # Small models for tests and the demo: same families, a few hundred thousand parameters.
+    "t5-tiny": dict(
+        arch="encoder-decoder", vocab_size=512, d_model=64, n_heads=4, d_ff=128, n_layers=2,
+        n_decoder_layers=2, norm="rms", position="relative", activation="gelu_tanh", gated=True,
+        attn_scale=False, relative_buckets=8, relative_max_distance=32, max_positions=256,
+    ),
+    "cpm2-small": dict(
+        _CPM2, vocab_size=8000, d_model=256, n_heads=4, d_head=64, d_ff=640, n_layers=4,
+        n_decoder_layers=4, init_std=0.02,
+    ),
+    "bert-tiny": dict(
+        arch="encoder", vocab_size=512, d_model=64, n_heads=4, d_ff=128, n_layers=2, norm="layer",
+        norm_position="post", norm_eps=1e-12, position="absolute", max_positions=256,
+        activation="gelu", gated=False, bias=True, type_vocab_size=2, tie_embeddings=True,
+        lm_head_transform=True, lm_head_bias=True, eos_token_id=None,
+    ),
+    "llama-tiny": dict(
+        arch="decoder", vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, d_ff=160, n_layers=2,
+        norm="rms", norm_eps=1e-5, position="rotary", max_positions=512, activation="silu",
+        gated=True, bias=False, tie_embeddings=False, eos_token_id=1, bos_token_id=2,
+    ),
+    # ~100M-parameter decoder used by the forward benchmark.
+    "llama-100m": dict(
+        arch="decoder", vocab_size=32000, d_model=768, n_heads=12, d_ff=2048, n_layers=12,
+        norm="rms", norm_eps=1e-5, position="rotary", max_positions=2048, activation="silu",
+        gated=True, bias=False, tie_embeddings=True, eos_token_id=2, bos_token_id=1,
+    ),
+}

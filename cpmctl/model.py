@@ -1,0 +1,525 @@
+"""One Transformer for the three architectures cpmctl runs, driven by `ModelConfig`.
+
+- encoder-decoder (T5 / CPM-2): pre-norm RMS, relative position bias, no biases, relu or
+  gated-GELU FFN, unscaled attention;
+- encoder-only (BERT): post-norm LayerNorm, learned absolute positions, token types, biases;
+- decoder-only (Llama, GPT-2): pre-norm, rotary or absolute positions, SwiGLU or GELU.
+
+Parameter names (the checkpoint format):
+    embed.tokens / embed.positions / embed.token_types / embed.norm
+    {encoder,decoder}.blocks.{i}.{attn_norm,attn,cross_norm,cross_attn,ffn_norm,ffn}.*
+    {encoder,decoder}.relative_bias.weight, {encoder,decoder}.final_norm.*
+    lm_head.{transform,transform_norm,proj}.*
+Self-attention keeps q, k and v in one fused `qkv` projection (one GEMM instead of three);
+cross-attention has `q` and a fused `kv`. The FFN of every block is a separate module behind a
+one-method interface (`forward(x) -> same shape`), so MoE layers replace it per layer on a given
+model instance (`Transformer.replace_ffn`).
+
+Decoding uses `KVCache`: preallocated key/value buffers per layer application (so a shared
+block applied L times has L cache slots) plus the cross-attention keys/values of the encoder
+output, computed once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cpmctl.config import ModelConfig
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+class RMSNorm(nn.Module):
+    """T5/Llama RMS norm: no mean subtraction, no bias, statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rms":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+class FeedForward(nn.Module):
+    """Dense FFN: `w_out(act(w_in x))`, or gated `w_out(act(w_gate x) * w_in x)`.
+
+    Rows of `w_in`/`w_gate` and columns of `w_out` are the FFN's neurons; MoEfication regroups
+    them into experts.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.activation = config.activation
+        self.w_in = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.w_gate = nn.Linear(config.d_model, config.d_ff, bias=config.bias) if config.gated else None
+        self.w_out = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """The FFN's neuron activations (what routers and MoEfication statistics look at)."""
+        act = ACTIVATIONS[self.activation]
+        if self.w_gate is None:
+            return act(self.w_in(x))
+        return act(self.w_gate(x)) * self.w_in(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_out(self.hidden(x))
+
+
+class RelativePositionBias(nn.Module):
+    """T5's bucketed relative position bias, one scalar per (bucket, head)."""
+
+    def __init__(self, config: ModelConfig, bidirectional: bool) -> None:
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.num_buckets = config.relative_buckets
+        self.max_distance = config.relative_max_distance
+        self.weight = nn.Parameter(torch.empty(config.relative_buckets, config.n_heads))
+
+    def bucket(self, relative: Tensor) -> Tensor:
+        """Map key-minus-query distances to buckets: exact for small, logarithmic for large."""
+        buckets = torch.zeros_like(relative)
+        num = self.num_buckets
+        if self.bidirectional:
+            num //= 2
+            buckets += (relative > 0).long() * num
+            distance = relative.abs()
+        else:
+            distance = -torch.clamp(relative, max=0)
+        max_exact = num // 2
+        is_small = distance < max_exact
+        # Clamp before the log so distance 0 never reaches it (its bucket comes from is_small).
+        log_ratio = torch.log(distance.float().clamp(min=1) / max_exact) / math.log(self.max_distance / max_exact)
+        large = max_exact + (log_ratio * (num - max_exact)).long()
+        large = torch.clamp(large, max=num - 1)
+        return buckets + torch.where(is_small, distance, large)
+
+    def forward(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        """Bias of shape [1, heads, queries, keys]."""
+        relative = key_positions[None, :] - query_positions[:, None]
+        values = F.embedding(self.bucket(relative), self.weight)  # [q, k, heads]
+        return values.permute(2, 0, 1).unsqueeze(0)
+
+
+def rotary_tables(positions: Tensor, d_head: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for rotary embeddings at the given positions (any leading shape)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, device=positions.device, dtype=torch.float32) / d_head))
+    freqs = positions.float()[..., None] * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the two halves of each head (the Llama/NeoX layout). x: [B, H, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Decoder state for incremental generation.
+
+    `keys[i]`/`values[i]`: [B, kv_heads, max_length, d_head] for layer application i.
+    `cross[i]`: the (keys, values) of the encoder output for decoder layer i.
+    `length`: how many positions are filled.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    cross: list[tuple[Tensor, Tensor] | None] = field(default_factory=list)
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, batch: int, max_length: int, *, device=None, dtype=torch.float32) -> "KVCache":
+        n = config.n_decoder_layers if config.arch == "encoder-decoder" else config.n_layers
+        shape = (batch, config.n_kv_heads, max_length, config.d_head)
+        return cls(
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            cross=[None] * n,
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[2]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, cross: bool = False) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.d_head = config.n_heads, config.n_kv_heads, config.d_head
+        d, inner, kv_inner = config.d_model, config.n_heads * config.d_head, config.n_kv_heads * config.d_head
+        self.cross = cross
+        if cross:
+            self.q = nn.Linear(d, inner, bias=config.bias)
+            self.kv = nn.Linear(d, 2 * kv_inner, bias=config.bias)
+        else:
+            self.qkv = nn.Linear(d, inner + 2 * kv_inner, bias=config.bias)
+        self.o = nn.Linear(inner, d, bias=config.bias)
+        self.scale = None if config.attn_scale else 1.0  # T5 folds 1/sqrt(d) into its init
+        self.dropout = config.dropout
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, n, self.d_head).transpose(1, 2)
+
+    def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        rotary: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        memory: Tensor | None = None,
+    ) -> Tensor:
+        """mask: additive float mask broadcastable to [B, H, Tq, Tk] (None: attend to all).
+
+        causal=True asks SDPA for its own causal mask (only valid when Tq == Tk and no mask).
+        """
+        b, t, _ = x.shape
+        if self.cross:
+            q = self._heads(self.q(x), self.n_heads)
+            if cache is not None:
+                if cache.cross[layer] is None:
+                    cache.cross[layer] = self.project_kv(memory)
+                k, v = cache.cross[layer]
+            else:
+                k, v = self.project_kv(memory)
+        else:
+            inner, kv_inner = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
+            q, k, v = self.qkv(x).split([inner, kv_inner, kv_inner], dim=-1)
+            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+            if rotary is not None:
+                cos, sin = rotary
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if cache is not None:
+                start = cache.length
+                cache.keys[layer][:, :, start : start + t] = k.to(cache.keys[layer].dtype)
+                cache.values[layer][:, :, start : start + t] = v.to(cache.values[layer].dtype)
+                k = cache.keys[layer][:, :, : start + t].to(q.dtype)
+                v = cache.values[layer][:, :, : start + t].to(q.dtype)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+        )
+        return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_head))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, cross: bool, ffn: nn.Module) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.cross_norm = make_norm(config) if cross else None
+        self.cross_attn = Attention(config, cross=True) if cross else None
+        self.ffn_norm = make_norm(config)
+        self.ffn = ffn
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _residual(self, x: Tensor, norm: nn.Module, sublayer) -> Tensor:
+        if self.pre_norm:
+            return x + self.dropout(sublayer(norm(x)))
+        return norm(x + self.dropout(sublayer(x)))
+
+    def forward(self, x: Tensor, *, layer: int, self_mask, causal, rotary, cache, memory, cross_mask) -> Tensor:
+        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask=self_mask, causal=causal, rotary=rotary, cache=cache, layer=layer))
+        if self.cross_attn is not None:
+            x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, mask=cross_mask, cache=cache, layer=layer, memory=memory))
+        return self._residual(x, self.ffn_norm, self.ffn)
+
+
+class Stack(nn.Module):
+    """The encoder or the decoder: blocks (one shared block with share_layers), bias, final norm."""
+
+    def __init__(self, config: ModelConfig, name: str, n_layers: int, causal: bool, cross: bool) -> None:
+        super().__init__()
+        self.name, self.n_layers, self.causal = name, n_layers, causal
+        unique = 1 if config.share_layers else n_layers
+        self.blocks = nn.ModuleList(Block(config, cross, make_ffn(config, name, i)) for i in range(unique))
+        self.relative_bias = RelativePositionBias(config, bidirectional=not causal) if config.position == "relative" else None
+        self.final_norm = make_norm(config) if config.norm_position == "pre" else None
+
+    def block(self, i: int) -> Block:
+        return self.blocks[0 if len(self.blocks) == 1 else i]
+
+    def forward(self, x: Tensor, *, self_mask, causal, rotary, cache, memory=None, cross_mask=None) -> Tensor:
+        for i in range(self.n_layers):
+            x = self.block(i)(x, layer=i, self_mask=self_mask, causal=causal, rotary=rotary, cache=cache, memory=memory, cross_mask=cross_mask)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+def make_ffn(config: ModelConfig, stack: str, index: int) -> nn.Module:
+    if config.is_moe_layer(stack, index):
+        from cpmctl.moe import MoEFeedForward
+
+        return MoEFeedForward(config)
+    return FeedForward(config)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.positions = nn.Embedding(config.max_positions, config.d_model) if config.position == "absolute" else None
+        self.token_types = nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
+        self.norm = make_norm(config) if config.norm_position == "post" else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
+        x = self.tokens(input_ids)
+        if self.positions is not None:
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+            if int(position_ids.max()) >= self.positions.num_embeddings:
+                raise ValueError(f"sequence of {int(position_ids.max()) + 1} positions exceeds the model's {self.positions.num_embeddings}")
+            x = x + self.positions(position_ids)
+        if self.token_types is not None:
+            types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            x = x + self.token_types(types)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+class LMHead(nn.Module):
+    """Vocabulary projection, optionally after BERT's dense + activation + norm transform."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.transform = nn.Linear(config.d_model, config.d_model, bias=True) if config.lm_head_transform else None
+        self.transform_norm = (nn.LayerNorm(config.d_model, eps=config.norm_eps) if config.norm == "layer" else RMSNorm(config.d_model, config.norm_eps)) if config.lm_head_transform else None
+        self.activation = config.activation
+        self.proj = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.lm_head_bias else None
+        self.logit_scale = config.d_model**-0.5 if (config.tie_embeddings and config.scale_tied_logits) else 1.0
+
+    def forward(self, x: Tensor, tied_weight: Tensor) -> Tensor:
+        if self.transform is not None:
+            x = self.transform_norm(ACTIVATIONS[self.activation](self.transform(x)))
+        if self.logit_scale != 1.0:
+            x = x * self.logit_scale
+        weight = tied_weight if self.proj is None else self.proj.weight
+        return F.linear(x, weight, self.bias)
+
+
+def padding_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, Tk] of 1 (keep) / 0 (pad) -> additive mask [B, 1, 1, Tk]."""
+    return torch.zeros_like(attention_mask, dtype=dtype).masked_fill(attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def causal_mask(query_positions: Tensor, key_positions: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive [1, 1, Tq, Tk] mask hiding keys after each query."""
+    allowed = key_positions[None, :] <= query_positions[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = Embeddings(config)
+        self.encoder = Stack(config, "encoder", config.n_layers, causal=False, cross=False) if config.has_encoder else None
+        if config.arch == "encoder-decoder":
+            self.decoder = Stack(config, "decoder", config.n_decoder_layers, causal=True, cross=True)
+        elif config.arch == "decoder":
+            self.decoder = Stack(config, "decoder", config.n_layers, causal=True, cross=False)
+        else:
+            self.decoder = None
+        self.lm_head = LMHead(config) if config.lm_head else None
+        self.reset_parameters()
+
+    # -- construction ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for matrices and embeddings, ones/zeros for norms and biases."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.reset_parameters()
+            elif isinstance(module, RelativePositionBias):
+                nn.init.normal_(module.weight, std=std)
+            elif hasattr(module, "reset_expert_parameters"):
+                module.reset_expert_parameters(std)
+        if self.lm_head is not None and self.lm_head.bias is not None:
+            nn.init.zeros_(self.lm_head.bias)
+
+    def replace_ffn(self, stack: str, index: int, ffn: nn.Module) -> nn.Module:
+        """Swap one block's FFN on this instance; returns the old module."""
+        block = getattr(self, stack).block(index)
+        old, block.ffn = block.ffn, ffn
+        return old
+
+    def ffn_modules(self) -> list[tuple[str, int, nn.Module]]:
+        """(stack, block index, ffn) for every distinct FFN module."""
+        out = []
+        for name in ("encoder", "decoder"):
+            stack = getattr(self, name)
+            if stack is not None:
+                out.extend((name, i, block.ffn) for i, block in enumerate(stack.blocks))
+        return out
+
+    # -- forward pieces ---------------------------------------------------------------------------
+    def _rotary(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        if self.config.position != "rotary":
+            return None
+        cos, sin = rotary_tables(positions, self.config.d_head, self.config.rope_theta)
+        # positions [T] -> [1, 1, T, D]; positions [B, T] -> [B, 1, T, D]
+        return (cos[None, None], sin[None, None]) if positions.dim() == 1 else (cos[:, None], sin[:, None])
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
+        """Encoder hidden states [B, T, d] (encoder-decoder and encoder-only models)."""
+        if self.encoder is None:
+            raise ValueError(f"a {self.config.arch} model has no encoder")
+        t = input_ids.shape[1]
+        positions = torch.arange(t, device=input_ids.device)
+        x = self.embed(input_ids, positions, token_type_ids)
+        mask = padding_mask(attention_mask, x.dtype) if attention_mask is not None else None
+        if self.encoder.relative_bias is not None:
+            mask = _add(self.encoder.relative_bias(positions, positions).to(x.dtype), mask)
+        return self.encoder(x, self_mask=mask, causal=False, rotary=self._rotary(positions), cache=None)
+
+    def decode(
+        self,
+        input_ids: Tensor,
+        *,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Decoder hidden states [B, T, d].
+
+        With a cache, `input_ids` are the next T tokens after the `cache.length` already seen,
+        and `attention_mask`, if given, covers all `cache.length + T` positions.
+        `position_ids` [B, T] overrides positions (left-padded batches of decoder-only models).
+        """
+        if self.decoder is None:
+            raise ValueError(f"a {self.config.arch} model has no decoder")
+        b, t = input_ids.shape
+        device = input_ids.device
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + t > cache.max_length:
+            raise ValueError(f"KV cache holds {cache.max_length} positions, {start + t} requested")
+        query_pos = torch.arange(start, start + t, device=device)
+        key_pos = torch.arange(start + t, device=device)
+        x = self.embed(input_ids, query_pos if position_ids is None else position_ids)
+        dtype = x.dtype
+
+        mask = padding_mask(attention_mask, dtype) if attention_mask is not None else None
+        if self.decoder.relative_bias is not None:
+            mask = _add(self.decoder.relative_bias(query_pos, key_pos).to(dtype), mask)
+        # Causality: SDPA's own flag when the square case allows it, else an explicit mask.
+        # A single new token after a cache sees every key, so it needs none.
+        causal = False
+        if t > 1:
+            if mask is None and start == 0:
+                causal = True
+            else:
+                mask = _add(causal_mask(query_pos, key_pos, dtype), mask)
+        cross_mask = padding_mask(memory_mask, dtype) if (memory is not None and memory_mask is not None) else None
+        out = self.decoder(
+            x, self_mask=mask, causal=causal, rotary=self._rotary(query_pos if position_ids is None else position_ids),
+            cache=cache, memory=memory, cross_mask=cross_mask,
+        )
+        if cache is not None:
+            cache.length = start + t
+        return out
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        if self.lm_head is None:
+            raise ValueError("this model has no LM head")
+        return self.lm_head(hidden, self.embed.tokens.weight)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Logits [B, T, V] (hidden states for a model without an LM head).
+
+        encoder-decoder: `input_ids` feed the encoder, `decoder_input_ids` the decoder.
+        `position_ids` [B, T] (decoder-only) places left-padded rows correctly.
+        """
+        arch = self.config.arch
+        if arch == "encoder-decoder":
+            if decoder_input_ids is None:
+                raise ValueError("an encoder-decoder forward needs decoder_input_ids")
+            memory = self.encode(input_ids, attention_mask)
+            hidden = self.decode(decoder_input_ids, memory=memory, memory_mask=attention_mask, attention_mask=decoder_attention_mask)
+        elif arch == "encoder":
+            hidden = self.encode(input_ids, attention_mask, token_type_ids)
+        else:
+            hidden = self.decode(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.logits(hidden) if self.lm_head is not None else hidden
+
+
+def build_model(config: ModelConfig, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
+    """A freshly initialised model; `device="meta"` builds shapes only (no memory, no init cost)."""
+    with torch.device(device or "cpu"):
+        model = Transformer(config)
+    return model.to(dtype) if dtype is not None else model
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters by role: embedding (incl. an untied output projection), attention, FFN, other."""
+    counts = {"total": 0, "embedding": 0, "attention": 0, "ffn": 0, "other": 0}
+    for name, p in model.named_parameters():
+        n = p.numel()
+        counts["total"] += n
+        parts = name.split(".")
+        if parts[0] == "embed" and parts[1] in ("tokens", "positions", "token_types") or name == "lm_head.proj.weight":
+            counts["embedding"] += n
+        elif any(part in ("attn", "cross_attn", "relative_bias") for part in parts):
+            counts["attention"] += n
+        elif "ffn" in parts:
+            counts["ffn"] += n
+        else:
+            counts["other"] += n
+    return counts

@@ -1,0 +1,110 @@
+"""`cpmctl info`: what a checkpoint or preset is, without loading its weights.
+
+Parameter counts come from building the model on the meta device (shapes only), so describing
+the 198B MoE preset costs no memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cpmctl.config import ModelConfig
+
+_BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _counts(config: ModelConfig) -> dict[str, int]:
+    from cpmctl.model import build_model, parameter_counts
+
+    return parameter_counts(build_model(config, device="meta"))
+
+
+def describe_preset(name: str) -> dict[str, Any]:
+    config = ModelConfig.from_preset(name)
+    counts = _counts(config)
+    return {
+        "source": f"preset:{name}",
+        "config": config.to_dict(),
+        "parameters": counts,
+        "dtype": None,
+        "size_on_disk": None,
+        "estimated_bytes": {dtype: counts["total"] * size for dtype, size in _BYTES_PER_PARAM.items()},
+        "provenance": {},
+    }
+
+
+def describe_checkpoint(path: Path) -> dict[str, Any]:
+    from cpmctl.checkpoint import open_checkpoint
+
+    with open_checkpoint(path) as ckpt:
+        counts = _counts(ckpt.config)
+        return {
+            "source": str(path),
+            "config": ckpt.config.to_dict(),
+            "parameters": counts,
+            "dtype": ckpt.dtype_summary(),
+            "size_on_disk": ckpt.size_on_disk(),
+            "estimated_bytes": None,
+            "provenance": ckpt.provenance,
+        }
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+_CONFIG_KEYS = (
+    "arch", "vocab_size", "d_model", "n_heads", "d_head", "n_kv_heads", "d_ff", "n_layers", "n_decoder_layers",
+    "norm", "norm_position", "position", "activation", "gated", "bias", "tie_embeddings", "share_layers", "moe",
+)
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    config = report["config"]
+    table = Table(title=f"cpmctl info: {report['source']}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key in _CONFIG_KEYS:
+        if config.get(key) is not None:
+            table.add_row(key, str(config[key]))
+    counts = report["parameters"]
+    total = counts["total"]
+    table.add_section()
+    for role in ("total", "embedding", "attention", "ffn", "other"):
+        share = f" ({100 * counts[role] / total:.1f}%)" if role != "total" and total else ""
+        table.add_row(f"parameters: {role}", f"{human_count(counts[role])} = {counts[role]:,}{share}")
+    table.add_section()
+    if report["dtype"]:
+        table.add_row("dtype", ", ".join(f"{k}: {human_count(v)}" for k, v in report["dtype"].items()))
+    if report["size_on_disk"] is not None:
+        table.add_row("size on disk", human_bytes(report["size_on_disk"]))
+    if report["estimated_bytes"]:
+        table.add_row("weights would take", ", ".join(f"{human_bytes(v)} in {k}" for k, v in report["estimated_bytes"].items()))
+    provenance = report["provenance"]
+    if provenance:
+        table.add_section()
+        table.add_row("stage", str(provenance.get("stage", "?")))
+        table.add_row("content hash", str(provenance.get("content_hash", "?")))
+        for parent in provenance.get("parents", []):
+            table.add_row("parent", f"{parent.get('path')} ({parent.get('content_hash')})")
+        if provenance.get("options"):
+            table.add_row("options", ", ".join(f"{k}={v}" for k, v in provenance["options"].items()))
+        if provenance.get("created"):
+            table.add_row("created", str(provenance["created"]))
+    console.print(table)

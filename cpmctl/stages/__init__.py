@@ -1,0 +1,1 @@
+"""Pipeline stages: each a plain `run(config) -> result` function that the CLI calls."""

@@ -1,0 +1,206 @@
+"""`cpmctl infer`: generate with decoder-only and encoder-decoder models, embed with encoders.
+
+    cpmctl infer ./ckpt "The capital of France is" --max-new-tokens 20
+    cpmctl infer ./minilm --input sentences.jsonl --json
+
+The offload engine (experts and layers streamed under a memory budget) plugs in here later.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpmctl.errors import UserError
+
+
+@dataclass
+class InferConfig:
+    checkpoint: Path
+    texts: list[str] | None = None
+    input_file: Path | None = None
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str | None = None
+    stream: bool = False
+    normalize: bool = True
+
+    def validate(self) -> None:
+        if (self.texts is None) == (self.input_file is None):
+            raise UserError("give either TEXT or --input FILE.jsonl")
+        if self.max_new_tokens < 0:
+            raise UserError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+def read_texts(path: Path, field: str = "text") -> list[str]:
+    """Texts from a JSONL file of {"text": ...} records (plain lines are taken as text too)."""
+    if not path.is_file():
+        raise UserError(f"input file {path} does not exist")
+    texts = []
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{number} is not valid UTF-8") from None
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise UserError(f"{path}:{number} has no string field {field!r}")
+            texts.append(record[field])
+    if not texts:
+        raise UserError(f"input file {path} holds no records")
+    return texts
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool):
+    import torch
+
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if not row:
+            continue
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def run(cfg: InferConfig) -> dict:
+    cfg.validate()
+    import torch
+
+    from cpmctl.checkpoint import load_model
+    from cpmctl.devices import resolve_device, resolve_dtype
+    from cpmctl.generate import embed, generate
+    from cpmctl.tokenizer import load_tokenizer
+
+    texts = cfg.texts if cfg.texts is not None else read_texts(cfg.input_file)
+    device = resolve_device(cfg.device)
+    started = time.perf_counter()
+    model, ckpt = load_model(cfg.checkpoint, device=device, dtype=resolve_dtype(cfg.dtype))
+    tokenizer_dir = Path(cfg.checkpoint) / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        raise UserError(f"checkpoint {cfg.checkpoint} has no tokenizer/ directory; copy the tokenizer it was trained with there")
+    tok = load_tokenizer(tokenizer_dir)
+    config = model.config
+    load_seconds = time.perf_counter() - started
+    limit = config.max_positions if config.position == "absolute" else None
+
+    outputs: list[dict] = []
+    stats = {"load_seconds": round(load_seconds, 3), "device": str(device), "prompts": len(texts)}
+    if config.arch == "encoder":
+        t0 = time.perf_counter()
+        for chunk in _batches(texts, cfg.batch_size):
+            rows = [tok.encode(t, add_special=True, max_length=limit) for t in chunk]
+            ids, mask = _pad(rows, tok.pad_id, left=False)
+            vectors = embed(model, ids.to(device), mask.to(device), normalize=cfg.normalize).float().cpu()
+            outputs.extend({"text": t, "embedding": v.tolist()} for t, v in zip(chunk, vectors))
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
+        return {"mode": "embed", "outputs": outputs, "stats": stats}
+
+    # Encoder-decoder inputs end with eos, as in pre-training; decoder-only prompts must not,
+    # and start with the model's bos token when it has one (Llama).
+    add_eos = config.arch == "encoder-decoder"
+    bos = config.bos_token_id if config.arch == "decoder" else None
+    generated_tokens, decode_seconds, first_token = 0, 0.0, None
+    for chunk in _batches(texts, cfg.batch_size):
+        rows = [tok.encode(t, add_eos=add_eos) for t in chunk]
+        if bos is not None:
+            rows = [row if row[:1] == [bos] else [bos] + row for row in rows]
+        ids, mask = _pad(rows, tok.pad_id, left=config.arch == "decoder")
+        on_token = None
+        if cfg.stream and len(chunk) == 1:
+            on_token = _streamer(tok)
+        tokens, gen_stats = generate(
+            model, ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=config.eos_token_id,
+            seed=cfg.seed, on_token=on_token,
+        )
+        if on_token is not None:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        for text, row in zip(chunk, tokens.tolist()):
+            row = _until_eos(row, config.eos_token_id)
+            outputs.append({"text": text, "generated": tok.decode(row), "tokens": len(row)})
+        generated_tokens += gen_stats["generated_tokens"]
+        decode_seconds += gen_stats["decode_s"]
+        if first_token is None:
+            first_token = gen_stats["time_to_first_token_s"]
+    stats.update(
+        generated_tokens=generated_tokens,
+        time_to_first_token=None if first_token is None else round(first_token, 4),
+        tokens_per_second=round(generated_tokens / decode_seconds, 2) if decode_seconds else None,
+    )
+    return {"mode": "generate", "outputs": outputs, "stats": stats}
+
+
+def _until_eos(row: list[int], eos: int | None) -> list[int]:
+    return row[: row.index(eos)] if eos is not None and eos in row else row
+
+
+def _streamer(tok):
+    """Print each newly decoded piece of text as tokens arrive (decode the whole so far, print the suffix)."""
+    seen: list[int] = []
+    printed = [""]
+
+    def on_token(step: int, tokens) -> None:
+        seen.append(int(tokens[0]))
+        text = tok.decode(seen)
+        if text.startswith(printed[0]):
+            sys.stdout.write(text[len(printed[0]) :])
+            sys.stdout.flush()
+            printed[0] = text
+
+    return on_token
+
+
+def render(result: dict, *, streamed: bool = False) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console()
+    if result["mode"] == "embed":
+        import torch
+
+        vectors = torch.tensor([o["embedding"] for o in result["outputs"]])
+        console.print(f"{len(vectors)} embedding(s) of dimension {vectors.shape[1]}")
+        if len(vectors) > 1:
+            unit = torch.nn.functional.normalize(vectors, dim=-1)
+            sims = unit @ unit.T
+            for i, o in enumerate(result["outputs"]):
+                best = max((j for j in range(len(vectors)) if j != i), key=lambda j: sims[i, j])
+                console.print(f"[bold]{escape(repr(o['text'][:60]))}[/] nearest: {escape(repr(result['outputs'][best]['text'][:60]))} (cosine {sims[i, best]:.3f})")
+        return
+    if not streamed:
+        for o in result["outputs"]:
+            console.print(f"[bold]{escape(o['text'])}[/bold] -> {escape(o['generated'])}", highlight=False)
+    s = result["stats"]
+    console.print(f"[dim]{s['generated_tokens']} tokens, {s['tokens_per_second']} tokens/s, first token after {s['time_to_first_token']} s[/dim]")

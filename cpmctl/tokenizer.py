@@ -1,0 +1,533 @@
+"""Tokenizers: one interface over SentencePiece models and Hugging Face `tokenizer.json` files.
+
+The rest of cpmctl sees only `Tokenizer`: ids out of text, text out of ids, and the special ids
+an objective or a model needs (pad, eos, unk, bos, BERT's mask/cls/sep, T5's sentinels).
+
+A tokenizer saved into a checkpoint's `tokenizer/` directory is its model file, unchanged
+(`tokenizer.model` or `tokenizer.json` plus the Hugging Face side files that came with it),
+and `cpmctl_tokenizer.json`:
+
+    {"format": "cpmctl-tokenizer", "version": 1, "kind": "sentencepiece" | "hf",
+     "file": "tokenizer.model", "content_hash": "<sha256 of that file>", "vocab_size": N,
+     "pad_id": 0, "eos_id": 1, "unk_id": 2, "bos_id": null, "mask_id": 103,
+     "cls_id": null, "sep_id": null, "sentinel_ids": [3, 4, ...]}
+
+so loading needs no guessing, and `content_hash` tells whether two models share a tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cpmctl.corpus import DocumentReader
+from cpmctl.errors import UserError
+from cpmctl.fsutil import atomic_directory
+
+if TYPE_CHECKING:
+    import torch
+
+META_FILE = "cpmctl_tokenizer.json"
+SP_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+# Files a Hugging Face tokenizer directory may carry beside tokenizer.json; they travel with it so
+# an exported checkpoint loads in transformers as the original did.
+HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "vocab.txt", "vocab.json", "merges.txt")
+MASK_TOKEN = "<mask>"
+_SENTINEL = re.compile(r"<extra_id_(\d+)>")
+
+
+def sentinel_token(i: int) -> str:
+    return f"<extra_id_{i}>"
+
+
+class Tokenizer(ABC):
+    """Text <-> ids with the special ids spelled out. Ids absent from a tokenizer are None."""
+
+    kind: str
+    model_file: str
+
+    def __init__(self, *, vocab_size: int, pad_id: int | None, eos_id: int | None, unk_id: int | None,
+                 bos_id: int | None = None, mask_id: int | None = None, cls_id: int | None = None,
+                 sep_id: int | None = None, sentinel_ids: Sequence[int] = ()):
+        self.vocab_size = vocab_size
+        self.pad_id = pad_id
+        self.eos_id = eos_id
+        self.unk_id = unk_id
+        self.bos_id = bos_id
+        self.mask_id = mask_id
+        self.cls_id = cls_id
+        self.sep_id = sep_id
+        self.sentinel_ids = list(sentinel_ids)
+
+    # -- what a backend provides --------------------------------------------------------------
+    @abstractmethod
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text with no special tokens added."""
+
+    @abstractmethod
+    def _special_affixes(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a single sequence (e.g. [CLS] ... [SEP])."""
+
+    @abstractmethod
+    def _decode(self, ids: list[int], skip_special: bool) -> str: ...
+
+    @abstractmethod
+    def _files(self) -> dict[str, bytes]:
+        """The tokenizer's own files by name, the model file first."""
+
+    @abstractmethod
+    def id_to_token(self, token_id: int) -> str: ...
+
+    @abstractmethod
+    def token_to_id(self, token: str) -> int | None: ...
+
+    # -- the interface ------------------------------------------------------------------------
+    @property
+    def special_ids(self) -> set[int]:
+        """Structural ids an objective must never mask or corrupt (unk is ordinary text)."""
+        ids = {self.pad_id, self.eos_id, self.bos_id, self.mask_id, self.cls_id, self.sep_id, *self.sentinel_ids}
+        ids.discard(None)
+        return ids  # type: ignore[return-value]
+
+    def encode(self, text: str, add_eos: bool = False, *, add_special: bool = False,
+               max_length: int | None = None) -> list[int]:
+        """Ids of `text`.
+
+        `add_special` adds what the tokenizer's own template adds ([CLS] ... [SEP] for BERT,
+        eos for a SentencePiece model); `add_eos` ends the ids with eos (not twice when the
+        template already did). `max_length` truncates the text, keeping the special ids.
+        """
+        return self.encode_many([text], add_eos, add_special=add_special, max_length=max_length)[0]
+
+    def encode_many(self, texts: Sequence[str], add_eos: bool = False, *, add_special: bool = False,
+                    max_length: int | None = None) -> list[list[int]]:
+        """`encode` over many texts at once (the backends batch the work)."""
+        prefix, suffix = self._special_affixes() if add_special else ([], [])
+        if add_eos:
+            if self.eos_id is None:
+                raise UserError(f"this {self.kind} tokenizer has no end-of-sequence token; encode without add_eos")
+            if not suffix or suffix[-1] != self.eos_id:
+                suffix = [*suffix, self.eos_id]
+        budget = None
+        if max_length is not None:
+            budget = max_length - len(prefix) - len(suffix)
+            if budget < 0:
+                raise UserError(f"max_length {max_length} leaves no room for the "
+                                f"{len(prefix) + len(suffix)} special tokens")
+        out = []
+        for ids in self._encode_plain(list(texts)):
+            if budget is not None:
+                ids = ids[:budget]
+            out.append([*prefix, *ids, *suffix])
+        return out
+
+    def decode(self, ids: Iterable[int] | Any, skip_special: bool = True) -> str:
+        if hasattr(ids, "tolist"):  # a tensor or an array
+            ids = ids.tolist()
+        return self._decode([int(i) for i in ids], skip_special)
+
+    def encode_batch(self, texts: Sequence[str], max_length: int, pad_to_multiple: int | None = None,
+                     add_eos: bool = False, *, add_special: bool = False,
+                     padding_side: str = "right") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """`(input_ids, attention_mask)`, both LongTensor [B, T], padded with pad_id.
+
+        T is the longest encoding after truncation to `max_length`, rounded up to a multiple of
+        `pad_to_multiple` if given. Left padding keeps every sequence's last token in the last
+        column, which is what batched decoder-only generation needs.
+        """
+        import torch
+
+        if padding_side not in ("right", "left"):
+            raise UserError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if self.pad_id is None:
+            raise UserError(f"this {self.kind} tokenizer has no padding token; batches need one")
+        encoded = self.encode_many(texts, add_eos, add_special=add_special, max_length=max_length)
+        width = max((len(ids) for ids in encoded), default=0)
+        if pad_to_multiple:
+            width = math.ceil(width / pad_to_multiple) * pad_to_multiple
+        input_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            cols = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
+            input_ids[row, cols] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, cols] = 1
+        return input_ids, attention_mask
+
+    def content_hash(self) -> str:
+        """sha256 of the model file's bytes: equal hashes mean the same tokenization."""
+        return hashlib.sha256(self._files()[self.model_file]).hexdigest()
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": "cpmctl-tokenizer", "version": 1, "kind": self.kind, "file": self.model_file,
+            "content_hash": self.content_hash(), "vocab_size": self.vocab_size,
+            "pad_id": self.pad_id, "eos_id": self.eos_id, "unk_id": self.unk_id, "bos_id": self.bos_id,
+            "mask_id": self.mask_id, "cls_id": self.cls_id, "sep_id": self.sep_id,
+            "sentinel_ids": self.sentinel_ids,
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the model file(s) and cpmctl_tokenizer.json into `directory` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data in self._files().items():
+            (directory / name).write_bytes(data)
+        (directory / META_FILE).write_text(json.dumps(self.metadata(), indent=2) + "\n")
+        return directory
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} vocab_size={self.vocab_size} hash={self.content_hash()[:12]}>"
+
+
+# -- SentencePiece ------------------------------------------------------------------------------
+class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+    model_file = SP_FILE
+
+    def __init__(self, model_bytes: bytes, *, source: str = "<memory>", meta: dict[str, Any] | None = None):
+        import sentencepiece as spm
+
+        self._bytes = model_bytes
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(model_bytes)
+        except (RuntimeError, OSError) as exc:
+            raise UserError(f"{source} is not a valid sentencepiece model ({_first_line(exc)})") from None
+        if meta is not None:
+            ids = _ids_from_meta(meta, source)
+        else:
+            ids = dict(pad_id=self._sp.pad_id(), eos_id=self._sp.eos_id(), unk_id=self._sp.unk_id(),
+                       bos_id=self._sp.bos_id(), mask_id=self._known_piece(MASK_TOKEN), cls_id=None, sep_id=None)
+            ids = {k: (None if v is None or v < 0 else v) for k, v in ids.items()}
+            ids["sentinel_ids"] = self._sentinels()
+        super().__init__(vocab_size=self._sp.get_piece_size(), **ids)
+
+    def _known_piece(self, piece: str) -> int | None:
+        token_id = self._sp.piece_to_id(piece)
+        return None if self._sp.is_unknown(token_id) else token_id
+
+    def _sentinels(self) -> list[int]:
+        found = []
+        while (token_id := self._known_piece(sentinel_token(len(found)))) is not None:
+            found.append(token_id)
+        return found
+
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts, out_type=int) if texts else []
+
+    def _special_affixes(self) -> tuple[list[int], list[int]]:
+        prefix = [] if self.bos_id is None else [self.bos_id]
+        return prefix, ([] if self.eos_id is None else [self.eos_id])
+
+    def _decode(self, ids: list[int], skip_special: bool) -> str:
+        for token_id in ids:
+            if not 0 <= token_id < self.vocab_size:
+                raise UserError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        if skip_special:
+            special = self.special_ids
+            return self._sp.decode([i for i in ids if i not in special])
+        # sentencepiece renders control tokens (pad, eos) as nothing; show them as their pieces.
+        parts: list[str] = []
+        run: list[int] = []
+        for token_id in ids:
+            if self._sp.is_control(token_id):
+                parts.append(self._sp.decode(run))
+                parts.append(self._sp.id_to_piece(token_id))
+                run = []
+            else:
+                run.append(token_id)
+        parts.append(self._sp.decode(run))
+        return "".join(parts)
+
+    def _files(self) -> dict[str, bytes]:
+        return {SP_FILE: self._bytes}
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._known_piece(token)
+
+
+# Fixed CPM-2/T5 layout of the ids below the learned pieces.
+SP_PAD_ID, SP_EOS_ID, SP_UNK_ID = 0, 1, 2
+_MAX_PIECE_CHARS = 4096  # sentencepiece skips longer training sentences; longer documents are cut
+
+
+def _training_pieces(text: str) -> Iterator[str]:
+    """Cut a long document at spaces into pieces sentencepiece will not skip."""
+    while len(text) > _MAX_PIECE_CHARS:
+        cut = text.rfind(" ", 0, _MAX_PIECE_CHARS)
+        cut = _MAX_PIECE_CHARS if cut <= 0 else cut
+        yield text[:cut]
+        text = text[cut:]
+    if text:
+        yield text
+
+
+def train_sentencepiece(corpus: str | os.PathLike, out_dir: str | os.PathLike, vocab_size: int, *,
+                        model_type: str = "unigram", sentinels: int = 100, field: str = "text",
+                        character_coverage: float = 0.9995, input_sentence_size: int = 2_000_000,
+                        seed: int = 0, num_threads: int | None = None,
+                        overwrite: bool = False) -> SentencePieceTokenizer:
+    """Train a SentencePiece model on a text (one document per line) or JSONL corpus.
+
+    Ids: pad 0, eos 1, unk 2, no bos, then `<extra_id_0..sentinels-1>` and `<mask>` as
+    user-defined symbols. Normalisation is the identity with no dummy prefix, no whitespace
+    removal and byte fallback, so decode(encode(s)) == s for any text (spaces, newlines, tabs,
+    CJK and emoji included; newline and tab become byte pieces). The corpus is streamed; at most
+    `input_sentence_size` sentences, sampled with `seed`, are held for training.
+    Writes `out_dir` atomically (tokenizer.model + cpmctl_tokenizer.json) and returns the tokenizer.
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("unigram", "bpe"):
+        raise UserError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
+    if sentinels < 0:
+        raise UserError(f"sentinels must be >= 0, got {sentinels}")
+    reader = DocumentReader(corpus, field=field)
+    if Path(out_dir).exists() and not overwrite:  # before minutes of training, not after
+        raise UserError(f"output {out_dir} already exists; choose a new path or pass --force")
+    counts = {"docs": 0}
+    failure: list[BaseException] = []
+
+    def sentences() -> Iterator[str]:
+        # An exception raised in here reaches sentencepiece's C++ side and comes back as a bare
+        # RuntimeError; keep the real one to re-raise after training stops.
+        try:
+            for _, text in reader:
+                counts["docs"] += 1
+                yield from _training_pieces(text)
+        except BaseException as exc:
+            failure.append(exc)
+            raise
+
+    model = io.BytesIO()
+    user_symbols = [sentinel_token(i) for i in range(sentinels)] + [MASK_TOKEN]
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            pad_id=SP_PAD_ID, eos_id=SP_EOS_ID, unk_id=SP_UNK_ID, bos_id=-1,
+            user_defined_symbols=user_symbols, normalization_rule_name="identity",
+            add_dummy_prefix=False, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            byte_fallback=True, split_digits=True, character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+            max_sentence_length=_MAX_PIECE_CHARS * 4, num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,  # the trainer's progress chatter; errors still come back as exceptions
+        )
+    except RuntimeError as exc:
+        if failure:
+            raise failure[0] from None
+        raise _explain_training_error(exc, corpus, vocab_size, counts["docs"]) from None
+    tokenizer = SentencePieceTokenizer(model.getvalue(), source=f"model trained on {corpus}")
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        tokenizer.save(tmp)
+    return tokenizer
+
+
+def _explain_training_error(exc: RuntimeError, corpus: Any, vocab_size: int, docs: int) -> UserError:
+    message = str(exc)
+    if docs == 0 or "sentences_.empty()" in message:
+        return UserError(f"corpus {corpus} has no text (every line is blank); give a corpus with documents")
+    if match := re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message):
+        return UserError(f"vocab size {vocab_size} is too small: the corpus's characters, byte pieces and "
+                         f"special tokens need at least {match.group(1)}; raise the vocab size")
+    if match := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message):
+        return UserError(f"vocab size {vocab_size} is too large for corpus {corpus}: it supports at most "
+                         f"{match.group(1)} pieces; lower the vocab size or give more text")
+    return UserError(f"sentencepiece training on {corpus} failed: {_first_line(exc)}")
+
+
+# -- Hugging Face tokenizer.json ----------------------------------------------------------------
+class HFTokenizer(Tokenizer):
+    """A `tokenizers` tokenizer; special tokens come from the files, never from guesses.
+
+    Precedence: special_tokens_map.json over tokenizer_config.json over what tokenizer.json
+    itself says (the model's unk token, the padding token). A tokenizer with no eos token but a
+    separator (BERT) uses [SEP] as eos: it is what ends a BERT sequence.
+    """
+
+    kind = "hf"
+    model_file = HF_FILE
+
+    def __init__(self, files: dict[str, bytes], *, source: str = "<memory>", meta: dict[str, Any] | None = None):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self._file_bytes = {HF_FILE: files[HF_FILE], **{k: v for k, v in files.items() if k != HF_FILE}}
+        try:
+            spec = json.loads(files[HF_FILE])
+            self._tk = RustTokenizer.from_str(files[HF_FILE].decode("utf-8"))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses on bad input
+            raise UserError(f"{source} is not a valid tokenizer.json ({_first_line(exc)})") from None
+        # Padding and truncation settings in tokenizer.json (e.g. pad everything to 128) would
+        # silently change ids; cpmctl pads and truncates itself.
+        self._tk.no_padding()
+        self._tk.no_truncation()
+        vocab_size = self._tk.get_vocab_size(with_added_tokens=True)
+        ids = _ids_from_meta(meta, source) if meta is not None else self._special_ids_from_files(spec, files, source)
+        super().__init__(vocab_size=vocab_size, **ids)
+        self._affixes = self._find_affixes()
+
+    def _special_ids_from_files(self, spec: dict[str, Any], files: dict[str, bytes], source: str) -> dict[str, Any]:
+        tokens: dict[str, str] = {}
+        model_unk = (spec.get("model") or {}).get("unk_token")
+        if model_unk:
+            tokens["unk_token"] = model_unk
+        padding = spec.get("padding") or {}
+        if padding.get("pad_token"):
+            tokens["pad_token"] = padding["pad_token"]
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if name not in files:
+                continue
+            try:
+                config = json.loads(files[name])
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise UserError(f"{name} beside {source} is not valid JSON ({exc})") from None
+            for key in ("pad_token", "eos_token", "unk_token", "bos_token", "mask_token", "cls_token", "sep_token"):
+                value = config.get(key)
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if isinstance(value, str):
+                    tokens[key] = value
+
+        def lookup(key: str) -> int | None:
+            if key not in tokens:
+                return None
+            token_id = self._tk.token_to_id(tokens[key])
+            if token_id is None:
+                raise UserError(f"{source}: the {key} {tokens[key]!r} named by the tokenizer files "
+                                "is not in its vocabulary")
+            return token_id
+
+        ids = {name: lookup(f"{name}_token") for name in ("pad", "eos", "unk", "bos", "mask", "cls", "sep")}
+        if ids["eos"] is None:
+            ids["eos"] = ids["sep"]
+        sentinels: dict[int, int] = {}
+        for token, token_id in self._tk.get_vocab(with_added_tokens=True).items():
+            if match := _SENTINEL.fullmatch(token):
+                sentinels[int(match.group(1))] = token_id
+        # Only an unbroken run <extra_id_0>, <extra_id_1>, ... counts: sentinel i must be index i.
+        run = []
+        while len(run) in sentinels:
+            run.append(sentinels[len(run)])
+        return {**{f"{k}_id": v for k, v in ids.items()}, "sentinel_ids": run}
+
+    def _find_affixes(self) -> tuple[list[int], list[int]]:
+        # The post-processor's template, read off one encoding: sequence_ids is None exactly at
+        # the ids the template added around the text.
+        encoding = self._tk.encode("a", add_special_tokens=True)
+        seq = encoding.sequence_ids
+        body = [i for i, s in enumerate(seq) if s is not None]
+        if not body:
+            return [], []
+        return encoding.ids[: body[0]], encoding.ids[body[-1] + 1:]
+
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
+
+    def _special_affixes(self) -> tuple[list[int], list[int]]:
+        return list(self._affixes[0]), list(self._affixes[1])
+
+    def _decode(self, ids: list[int], skip_special: bool) -> str:
+        if skip_special:
+            special = self.special_ids
+            ids = [i for i in ids if i not in special]
+        return self._tk.decode(ids, skip_special_tokens=skip_special)
+
+    def _files(self) -> dict[str, bytes]:
+        return self._file_bytes
+
+    def id_to_token(self, token_id: int) -> str:
+        token = self._tk.id_to_token(token_id)
+        if token is None:
+            raise UserError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        return token
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tk.token_to_id(token)
+
+
+# -- loading ------------------------------------------------------------------------------------
+_ID_FIELDS = ("pad_id", "eos_id", "unk_id", "bos_id", "mask_id", "cls_id", "sep_id")
+
+
+def _ids_from_meta(meta: dict[str, Any], source: str) -> dict[str, Any]:
+    try:
+        ids = {k: meta[k] for k in _ID_FIELDS}
+        ids["sentinel_ids"] = list(meta["sentinel_ids"])
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{source}: {META_FILE} lacks {exc}; re-save the tokenizer") from None
+    return ids
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read tokenizer file {path}: {exc.strerror}") from None
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a tokenizer from a directory (cpmctl's tokenizer/ or a Hugging Face model directory)
+    or from a `tokenizer.model` / `tokenizer.json` file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"tokenizer path {path} does not exist")
+    if path.is_file():
+        if path.name == META_FILE:
+            return load_tokenizer(path.parent)
+        if path.suffix == ".json":
+            return _load_hf(path, meta=None)
+        return SentencePieceTokenizer(_read(path), source=str(path))
+    meta_path = path / META_FILE
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            kind, file = meta["kind"], meta["file"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise UserError(f"{meta_path} is corrupt ({exc}); re-save the tokenizer") from None
+        model_path = path / file
+        if not model_path.is_file():
+            raise UserError(f"{meta_path} names {file}, which is missing from {path}")
+        if kind == "sentencepiece":
+            tokenizer: Tokenizer = SentencePieceTokenizer(_read(model_path), source=str(model_path), meta=meta)
+        elif kind == "hf":
+            tokenizer = _load_hf(model_path, meta=meta)
+        else:
+            raise UserError(f"{meta_path}: unknown tokenizer kind {kind!r}")
+        if meta.get("content_hash") not in (None, tokenizer.content_hash()):
+            raise UserError(f"{model_path} does not match the hash recorded in {meta_path}; the tokenizer was altered")
+        return tokenizer
+    # A Hugging Face directory often holds both; tokenizer.json is the one transformers uses.
+    if (path / HF_FILE).is_file():
+        return _load_hf(path / HF_FILE, meta=None)
+    if (path / SP_FILE).is_file():
+        return SentencePieceTokenizer(_read(path / SP_FILE), source=str(path / SP_FILE))
+    raise UserError(f"{path} holds neither {SP_FILE} nor {HF_FILE}; point at a tokenizer directory or file")
+
+
+def _load_hf(path: Path, meta: dict[str, Any] | None) -> HFTokenizer:
+    files = {HF_FILE: _read(path)}
+    for name in HF_SIDE_FILES:
+        side = path.parent / name
+        if side.is_file():
+            files[name] = _read(side)
+    return HFTokenizer(files, source=str(path), meta=meta)

@@ -1,0 +1,26 @@
+"""Shared fixtures: a slice of the stdlib corpus and a small tokenizer trained on it, built once
+per session because the tokenizer and data tests both need them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def stdlib_text(tmp_path_factory) -> Path:
+    """2,500 stdlib docstrings as a one-document-per-line text corpus."""
+    from cpmctl.corpus import write_corpus_text
+
+    path = tmp_path_factory.mktemp("corpus") / "stdlib.txt"
+    write_corpus_text(path, max_docs=2500)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(tmp_path_factory, stdlib_text):
+    """A 1,000-piece unigram SentencePiece tokenizer with 100 sentinels, saved in its own dir."""
+    from cpmctl.tokenizer import train_sentencepiece
+
+    return train_sentencepiece(stdlib_text, tmp_path_factory.mktemp("tok") / "sp", 1000)
