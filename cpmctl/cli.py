@@ -66,7 +66,15 @@ def handles_errors(fn):
 
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    import logging
+
     _state["debug"] = debug
+    # Stages report what they did (e.g. parts of a checkpoint left out) through logging.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("cpmctl")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def _print_json(data) -> None:

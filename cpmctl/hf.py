@@ -74,7 +74,8 @@ TOKENIZER_FILES = (
 )
 _TOKENIZER_RENAMES = {"spiece.model": "tokenizer.model"}
 
-# Hugging Face activation names <-> ours. Export writes the first name listed for each of ours.
+# Hugging Face activation names -> ours (gelu_new, gelu_fast and gelu_pytorch_tanh are all the
+# tanh approximation), and the name export writes for each of ours.
 _ACT_FROM_HF = {
     "relu": "relu",
     "gelu": "gelu",
@@ -120,6 +121,15 @@ def _int(hf: Mapping[str, Any], key: str, default: Any = None) -> Any:
     if isinstance(value, bool) or not isinstance(value, int):
         raise UserError(f"config.json field {key} must be an integer, got {value!r}")
     return value
+
+
+def _float(hf: Mapping[str, Any], key: str, default: float) -> float:
+    value = hf.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"config.json field {key} must be a number, got {value!r}")
+    return float(value)
 
 
 def _special_ids(hf: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -173,7 +183,7 @@ def _config_fields(family: str, hf: Mapping[str, Any], head_tied: bool | None, h
     `has_mlm`: whether BERT weights include the MLM head (None: decide from `architectures`).
     """
     archs = [a for a in hf.get("architectures") or [] if isinstance(a, str)]
-    common = {"init_std": float(hf.get("initializer_range", 0.02))}
+    common = {"init_std": _float(hf, "initializer_range", 0.02)}
     if family == "bert":
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise UserError(f"unsupported BERT position_embedding_type {hf.get('position_embedding_type')!r}; only 'absolute' is supported")
@@ -192,7 +202,7 @@ def _config_fields(family: str, hf: Mapping[str, Any], head_tied: bool | None, h
             "n_layers": _int(hf, "num_hidden_layers", 12),
             "norm": "layer",
             "norm_position": "post",
-            "norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
+            "norm_eps": _float(hf, "layer_norm_eps", 1e-12),
             "position": "absolute",
             "max_positions": _int(hf, "max_position_embeddings", 512),
             "activation": _activation(hf.get("hidden_act", "gelu"), "hidden_act"),
@@ -205,7 +215,7 @@ def _config_fields(family: str, hf: Mapping[str, Any], head_tied: bool | None, h
             "lm_head": bool(has_mlm),
             "lm_head_transform": bool(has_mlm),
             "lm_head_bias": bool(has_mlm),
-            "dropout": float(hf.get("hidden_dropout_prob", 0.1)),
+            "dropout": _float(hf, "hidden_dropout_prob", 0.1),
             **_special_ids(hf, {"pad_token_id": 0}),
         }
     if family in ("t5", "mt5"):
@@ -235,7 +245,7 @@ def _config_fields(family: str, hf: Mapping[str, Any], head_tied: bool | None, h
             "n_decoder_layers": _int(hf, "num_decoder_layers", n_layers),
             "norm": "rms",
             "norm_position": "pre",
-            "norm_eps": float(hf.get("layer_norm_epsilon", 1e-6)),
+            "norm_eps": _float(hf, "layer_norm_epsilon", 1e-6),
             "position": "relative",
             "max_positions": _int(hf, "n_positions", 512),
             "relative_buckets": _int(hf, "relative_attention_num_buckets", 32),
@@ -247,7 +257,7 @@ def _config_fields(family: str, hf: Mapping[str, Any], head_tied: bool | None, h
             "tie_embeddings": tied,
             "scale_tied_logits": scale and tied,
             "lm_head": True,
-            "dropout": float(hf.get("dropout_rate", 0.1)),
+            "dropout": _float(hf, "dropout_rate", 0.1),
             **_special_ids(hf, {"pad_token_id": 0, "eos_token_id": 1}),
             "decoder_start_token_id": _int(hf, "decoder_start_token_id", None if family == "t5" else 0),
         }
@@ -269,7 +279,7 @@ def _config_fields(family: str, hf: Mapping[str, Any], head_tied: bool | None, h
             "n_layers": _int(hf, "num_hidden_layers", 32),
             "norm": "rms",
             "norm_position": "pre",
-            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "norm_eps": _float(hf, "rms_norm_eps", 1e-6),
             "position": "rotary",
             "max_positions": _int(hf, "max_position_embeddings", 2048),
             "rope_theta": _rope_theta(hf),
@@ -280,7 +290,7 @@ def _config_fields(family: str, hf: Mapping[str, Any], head_tied: bool | None, h
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)) if head_tied is None else head_tied,
             "scale_tied_logits": False,
             "lm_head": True,
-            "dropout": float(hf.get("attention_dropout", 0.0)),
+            "dropout": _float(hf, "attention_dropout", 0.0),
             **_special_ids(hf, {"bos_token_id": 1, "eos_token_id": 2}),
         }
     if family == "gpt2":
@@ -299,7 +309,7 @@ def _config_fields(family: str, hf: Mapping[str, Any], head_tied: bool | None, h
             "n_layers": _int(hf, "n_layer", 12),
             "norm": "layer",
             "norm_position": "pre",
-            "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
+            "norm_eps": _float(hf, "layer_norm_epsilon", 1e-5),
             "position": "absolute",
             "max_positions": _int(hf, "n_positions", 1024),
             "activation": _activation(hf.get("activation_function", "gelu_new"), "activation_function"),
@@ -309,7 +319,7 @@ def _config_fields(family: str, hf: Mapping[str, Any], head_tied: bool | None, h
             "tie_embeddings": bool(hf.get("tie_word_embeddings", True)) if head_tied is None else head_tied,
             "scale_tied_logits": False,
             "lm_head": True,
-            "dropout": float(hf.get("resid_pdrop", 0.1)),
+            "dropout": _float(hf, "resid_pdrop", 0.1),
             **_special_ids(hf, {"bos_token_id": 50256, "eos_token_id": 50256}),
         }
     raise UserError(f"unsupported model_type {family!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -950,6 +960,8 @@ def import_hf(
         raise UserError(f"output {out} already exists; choose a new path or pass --force")
     target_dtype = _parse_dtype(dtype)
     hf_config = read_hf_config(src)
+    if "model_type" not in hf_config and "arch" in hf_config:
+        raise UserError(f"{src} is a cpmctl checkpoint, not a Hugging Face model; to write it as one, use `cpmctl convert hf --export`")
     family = family_of(hf_config)
     weights = HFWeights(src)
     try:

@@ -24,3 +24,21 @@ def sp_tokenizer(tmp_path_factory, stdlib_text):
     from cpmctl.tokenizer import train_sentencepiece
 
     return train_sentencepiece(stdlib_text, tmp_path_factory.mktemp("tok") / "sp", 1000)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests run with CPMCTL_SLOW=1 (or `-m slow`); `gpu` tests only where CUDA exists."""
+    import os
+
+    run_slow = os.environ.get("CPMCTL_SLOW") == "1" or "slow" in (config.getoption("-m") or "")
+    has_cuda = None
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: set CPMCTL_SLOW=1 or pass -m slow"))
+        if "gpu" in item.keywords:
+            if has_cuda is None:
+                import torch
+
+                has_cuda = torch.cuda.is_available()
+            if not has_cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))

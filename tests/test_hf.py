@@ -20,10 +20,10 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from cpmctl import hf  # noqa: E402
-from cpmctl.checkpoint import open_checkpoint, read_provenance  # noqa: E402
+from cpmctl.checkpoint import load_model, open_checkpoint, read_provenance  # noqa: E402
 from cpmctl.config import ModelConfig  # noqa: E402
 from cpmctl.errors import UserError  # noqa: E402
-from cpmctl.model import build_model  # noqa: E402
+from cpmctl.tokenizer import load_tokenizer  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 TOL = 1e-5
@@ -57,10 +57,9 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def load_ours(path: Path):
-    with open_checkpoint(path) as ck:
-        model = build_model(ck.config)
-        model.load_state_dict(ck.state_dict(), strict=True)
-    return model.eval()
+    model, ck = load_model(path)  # strict: every tensor present, every shape as the config says
+    ck.close()  # the parameters stay valid views
+    return model
 
 
 def padded_batch(seed: int, batch: int = 3, length: int = 9, vocab: int = VOCAB):
@@ -137,6 +136,20 @@ def test_bert_encoder_parity_and_roundtrip(tmp_path, caplog):
     with torch.inference_mode():
         again = back(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
     assert max_diff(want, again) == 0.0
+
+
+def test_bert_classifier_checkpoint_imports_the_encoder(tmp_path, caplog):
+    """BertForSequenceClassification: `bert.` prefix; pooler and classifier are dropped and logged."""
+    torch.manual_seed(0)
+    ref = randomize(transformers.BertForSequenceClassification(bert_config(num_labels=3)), 2)
+    with caplog.at_level(logging.INFO, logger="cpmctl.hf"):
+        _, ours = import_and_load(ref, tmp_path, "cls")
+    assert "bert.pooler.dense.weight" in caplog.text and "classifier.weight" in caplog.text
+    assert not ours.config.lm_head
+    ids, mask = padded_batch(9)
+    with torch.inference_mode():
+        want = ref.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert max_diff(want, ours.encode(ids, mask)) <= TOL
 
 
 def test_bert_mlm_parity_and_roundtrip(tmp_path):
@@ -361,6 +374,8 @@ def test_minilm_real_model(tmp_path):
     ]
     batch = tokenizer(sentences, padding=True, return_tensors="pt")
     assert int((batch["attention_mask"] == 0).sum()) > 0
+    ours_tok = load_tokenizer(tok_dir)  # the copied files tokenize exactly as transformers does
+    assert [ours_tok.encode(s, add_special=True) for s in sentences] == tokenizer(sentences)["input_ids"]
     with torch.inference_mode():
         want = ref(**batch).last_hidden_state
         got = ours.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
@@ -376,7 +391,7 @@ def test_minilm_real_model(tmp_path):
     cos = torch.nn.functional.cosine_similarity(mean_pool(want, batch["attention_mask"]), mean_pool(got, batch["attention_mask"]))
     assert float(cos.min()) > 0.99999
 
-    exported = hf.export_hf(ck, tmp_path / "minilm-export")
+    exported = roundtrip(ck, tmp_path, "minilm")
     assert (exported / "vocab.txt").read_bytes() == (src / "vocab.txt").read_bytes()
     back = transformers.AutoModel.from_pretrained(exported).eval()
     with torch.inference_mode():
@@ -422,6 +437,11 @@ def test_error_missing_and_empty_dirs(tmp_path):
     with pytest.raises(UserError, match="has no weights"):
         hf.import_hf(tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_error_bad_dtype(t5_dir, tmp_path):
+    with pytest.raises(UserError, match="unsupported dtype 'int8'; choose one of float32, float16, bfloat16"):
+        hf.import_hf(t5_dir, tmp_path / "out", dtype="int8")
 
 
 def test_error_unknown_family(t5_dir, tmp_path):
@@ -500,6 +520,12 @@ def test_error_export_unrepresentable():
         hf.config_to_hf(ModelConfig.from_preset("t5-tiny"), "gpt2")
     with pytest.raises(UserError, match="scale_tied_logits"):
         hf.config_to_hf(ModelConfig.from_preset("t5-tiny", tie_embeddings=True, scale_tied_logits=True), "mt5")
+
+
+def test_error_importing_a_cpmctl_checkpoint(t5_dir, tmp_path):
+    ck = hf.import_hf(t5_dir, tmp_path / "ck")
+    with pytest.raises(UserError, match="is a cpmctl checkpoint, not a Hugging Face model; .*--export"):
+        hf.import_hf(ck, tmp_path / "again")
 
 
 def test_error_export_missing_checkpoint(tmp_path):
