@@ -9,12 +9,15 @@ The offload engine (experts and layers streamed under a memory budget) plugs in 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cpmctl.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,9 +76,11 @@ def read_texts(path: Path, field: str = "text") -> list[str]:
     return texts
 
 
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def _length_batches(rows: list[list[int]], size: int):
+    """Indices of `rows` in batches of similar length (less padding); callers restore the order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), size):
+        yield order[start : start + size]
 
 
 def _pad(rows: list[list[int]], pad_id: int, left: bool):
@@ -114,15 +119,21 @@ def run(cfg: InferConfig) -> dict:
     load_seconds = time.perf_counter() - started
     limit = config.max_positions if config.position == "absolute" else None
 
-    outputs: list[dict] = []
+    outputs: list[dict | None] = [None] * len(texts)
     stats = {"load_seconds": round(load_seconds, 3), "device": str(device), "prompts": len(texts)}
     if config.arch == "encoder":
         t0 = time.perf_counter()
-        for chunk in _batches(texts, cfg.batch_size):
-            rows = [tok.encode(t, add_special=True, max_length=limit) for t in chunk]
-            ids, mask = _pad(rows, tok.pad_id, left=False)
+        rows = [tok.encode(t, add_special=True) for t in texts]
+        if limit is not None:
+            cut = sum(len(r) > limit for r in rows)
+            if cut:
+                log.warning("%d input(s) longer than the model's %d positions were truncated", cut, limit)
+            rows = [tok.encode(t, add_special=True, max_length=limit) if len(r) > limit else r for t, r in zip(texts, rows)]
+        for batch in _length_batches(rows, cfg.batch_size):
+            ids, mask = _pad([rows[i] for i in batch], tok.pad_id, left=False)
             vectors = embed(model, ids.to(device), mask.to(device), normalize=cfg.normalize).float().cpu()
-            outputs.extend({"text": t, "embedding": v.tolist()} for t, v in zip(chunk, vectors))
+            for i, vector in zip(batch, vectors):
+                outputs[i] = {"text": texts[i], "embedding": vector.tolist()}
         stats["seconds"] = round(time.perf_counter() - t0, 3)
         return {"mode": "embed", "outputs": outputs, "stats": stats}
 
@@ -130,14 +141,14 @@ def run(cfg: InferConfig) -> dict:
     # and start with the model's bos token when it has one (Llama).
     add_eos = config.arch == "encoder-decoder"
     bos = config.bos_token_id if config.arch == "decoder" else None
+    rows = [tok.encode(t, add_eos=add_eos) for t in texts]
+    if bos is not None:
+        rows = [row if row[:1] == [bos] else [bos] + row for row in rows]
     generated_tokens, decode_seconds, first_token = 0, 0.0, None
-    for chunk in _batches(texts, cfg.batch_size):
-        rows = [tok.encode(t, add_eos=add_eos) for t in chunk]
-        if bos is not None:
-            rows = [row if row[:1] == [bos] else [bos] + row for row in rows]
-        ids, mask = _pad(rows, tok.pad_id, left=config.arch == "decoder")
+    for batch in _length_batches(rows, cfg.batch_size):
+        ids, mask = _pad([rows[i] for i in batch], tok.pad_id, left=config.arch == "decoder")
         on_token = None
-        if cfg.stream and len(chunk) == 1:
+        if cfg.stream and len(batch) == 1:
             on_token = _streamer(tok)
         tokens, gen_stats = generate(
             model, ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_new_tokens,
@@ -147,9 +158,9 @@ def run(cfg: InferConfig) -> dict:
         if on_token is not None:
             sys.stdout.write("\n")
             sys.stdout.flush()
-        for text, row in zip(chunk, tokens.tolist()):
+        for i, row in zip(batch, tokens.tolist()):
             row = _until_eos(row, config.eos_token_id)
-            outputs.append({"text": text, "generated": tok.decode(row), "tokens": len(row)})
+            outputs[i] = {"text": texts[i], "generated": tok.decode(row), "tokens": len(row)}
         generated_tokens += gen_stats["generated_tokens"]
         decode_seconds += gen_stats["decode_s"]
         if first_token is None:
