@@ -196,20 +196,256 @@ def infer(
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated (single prompt)."),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise embeddings (encoder-only)."),
     as_json: bool = typer.Option(False, "--json", help="Print outputs and statistics as JSON."),
+    prompt: Optional[Path] = typer.Option(None, "--prompt", help="A prompt adapter from `cpmctl prompt-tune`: classify the inputs (accuracy when they are labelled)."),
+    kernels: str = typer.Option("auto", "--kernels", help="MoE FFN kernels: auto (Triton on CUDA, torch elsewhere), torch or triton."),
 ) -> None:
-    """Generate text (decoder-only, encoder-decoder) or embed sentences (encoder-only)."""
+    """Generate text (decoder-only, encoder-decoder), embed sentences (encoder-only), or classify with --prompt."""
     from cpmctl.stages import infer as infer_stage
 
     cfg = infer_stage.InferConfig(
         checkpoint=checkpoint, texts=[text] if text is not None else None, input_file=input_file,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         batch_size=batch_size, device=device, dtype=dtype, stream=stream and not as_json, normalize=normalize,
+        prompt=prompt, kernels=kernels,
     )
     result = infer_stage.run(cfg)
     if as_json:
         _print_json(result)
     else:
         infer_stage.render(result, streamed=cfg.stream)
+
+
+# -- pretrain --------------------------------------------------------------------------------------
+@app.command()
+@handles_errors
+def pretrain(
+    recipe: Path = typer.Argument(..., help="Recipe file (TOML, see recipes/)."),
+    out: Path = typer.Argument(..., help="Run directory: metrics.jsonl, state/ (for --resume), checkpoint/ (the result)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe option: KEY=VALUE (repeatable; model.d_model=512 for preset fields)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Start from this preset (random init)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Token shards (cpmctl data prepare)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Knowledge inheritance from this checkpoint (same tokenizer)."),
+    ki_steps: Optional[int] = typer.Option(None, "--ki-steps", help="Teacher guidance length N: a_t = max(0, 1 - t/N) (default: max_steps // 2)."),
+    ki_temperature: Optional[float] = typer.Option(None, "--ki-temperature", help="Distillation temperature T (default 2)."),
+    ki_schedule: Optional[str] = typer.Option(None, "--ki-schedule", help="linear, step or constant."),
+    teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="Directory for the teacher's top-K logits (built once, then reused)."),
+    teacher_cache_k: Optional[int] = typer.Option(None, "--teacher-cache-k", help="K of the teacher cache (default 10)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue OUT from its newest training state."),
+    force: bool = typer.Option(False, "--force", help="Delete an existing run in OUT and start over."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help="MoE FFN kernels: auto (Triton on CUDA for forward-only passes), torch or triton."),
+) -> None:
+    """Pre-train a checkpoint or preset (span corruption, MLM or causal LM), optionally with a KI teacher."""
+    from cpmctl.recipes import apply_recipe, load_recipe, parse_override
+    from cpmctl.stages import pretrain as stage
+
+    values = load_recipe(recipe)
+    pairs = dict(parse_override(o) for o in overrides)
+    merged = {**values, **pairs}
+    model_fields = {k[len("model."):]: merged.pop(k) for k in list(merged) if k.startswith("model.")}
+    if model_fields:
+        merged["model"] = {**merged.get("model", {}), **model_fields}
+    cfg = apply_recipe(
+        stage.PretrainConfig, merged, out=out, init=init, preset=preset, data=data, max_steps=max_steps,
+        teacher=teacher, ki_steps=ki_steps, ki_temperature=ki_temperature, ki_schedule=ki_schedule,
+        teacher_cache=teacher_cache, teacher_cache_k=teacher_cache_k, resume=resume or None, force=force or None,
+        kernels=kernels,
+    )
+    summary = stage.run(cfg)
+    _print_json(summary)
+
+
+# -- distill ---------------------------------------------------------------------------------------
+@app.command()
+@handles_errors
+def distill(
+    out: Path = typer.Argument(..., help="Run directory: metrics.jsonl, state/ (for --resume), checkpoint/ (the student)."),
+    teacher: Path = typer.Option(..., "--teacher", help="Teacher: a task model (checkpoint with task.json, e.g. OUT/checkpoint of a fine-tuning run) or a checkpoint."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Classification task: JSONL of {'text', 'text_pair'?, 'label'}."),
+    dev: Optional[Path] = typer.Option(None, "--dev", help="Dev JSONL: accuracy and macro-F1 at each evaluation."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="LM distillation on token shards (cpmctl data prepare) instead of a task."),
+    student: Optional[Path] = typer.Option(None, "--student", help="Start the student from this checkpoint (same tokenizer as the teacher)."),
+    student_layers: Optional[str] = typer.Option(None, "--student-layers", help="N (every other teacher layer, top one kept) or a list like 0,2,4 (default: half)."),
+    student_decoder_layers: Optional[str] = typer.Option(None, "--student-decoder-layers", help="Encoder-decoder: the decoder's layers (default: as --student-layers)."),
+    student_config: Optional[str] = typer.Option(None, "--student-config", help="A freshly initialised student of this preset."),
+    ce_weight: float = typer.Option(1.0, "--ce-weight", help="Student cross-entropy on the originals."),
+    kd_weight: float = typer.Option(1.0, "--kd-weight", help="KD (KL at --temperature) on the originals."),
+    mix_weight: float = typer.Option(1.0, "--mix-weight", help="KD on mixed inputs (needs the teacher online)."),
+    smix_weight: float = typer.Option(0.0, "--smix-weight", help="Student cross-entropy on mixed inputs with mixed labels."),
+    temperature: float = typer.Option(2.0, "--temperature", help="KD temperature T (the KL is scaled by T^2)."),
+    mixup_alpha: float = typer.Option(0.4, "--mixup-alpha", help="lambda ~ Beta(a, a)."),
+    augment: int = typer.Option(0, "--augment", help="Perturbed copies of each training example (token masking/replacement)."),
+    augment_prob: float = typer.Option(0.15, "--augment-prob", help="Share of tokens perturbed in an augmented copy."),
+    teacher_logits_cache: Optional[Path] = typer.Option(None, "--teacher-logits-cache", help="Directory of the teacher's logits on the training set (built once, reused)."),
+    train_fraction: float = typer.Option(1.0, "--train-fraction", help="Train on this seeded share of --train."),
+    max_length: int = typer.Option(128, "--max-length", help="Tokens per task example."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence (--corpus)."),
+    freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="Keep the student's embedding tables fixed (faster steps)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Examples per micro-batch."),
+    epochs: float = typer.Option(3.0, "--epochs", help="Passes over the training set (unless --max-steps)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps."),
+    lr: float = typer.Option(5e-5, "--lr", help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(0.01, "--weight-decay"),
+    warmup_ratio: float = typer.Option(0.06, "--warmup-ratio", help="Share of the steps spent warming up."),
+    schedule: str = typer.Option("linear", "--schedule", help="constant, linear or cosine decay."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, bf16 or fp16."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Steps between dev evaluations (0: at the end)."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Steps between training states (0: at the end)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu forces the CPU (default: a GPU when present)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue OUT from its newest training state."),
+    force: bool = typer.Option(False, "--force", help="Delete an existing run in OUT and start over."),
+) -> None:
+    """MixKD: distil a teacher into a smaller student, with mixup on word embeddings."""
+    from cpmctl.stages import distill as stage
+
+    cfg = stage.DistillConfig(
+        teacher=teacher, out=out, train=train, dev=dev, corpus=corpus, student=student, student_layers=student_layers,
+        student_decoder_layers=student_decoder_layers, student_config=student_config, ce_weight=ce_weight,
+        kd_weight=kd_weight, mix_weight=mix_weight, smix_weight=smix_weight, temperature=temperature,
+        mixup_alpha=mixup_alpha, augment=augment, augment_prob=augment_prob, teacher_logits_cache=teacher_logits_cache,
+        train_fraction=train_fraction, max_length=max_length, seq_len=seq_len, freeze_embeddings=freeze_embeddings,
+        batch_size=batch_size, epochs=epochs,
+        max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, schedule=schedule,
+        grad_accum=grad_accum, mixed_precision=mixed_precision, eval_every=eval_every, checkpoint_every=checkpoint_every,
+        seed=seed, device=device, resume=resume, force=force,
+    )
+    _print_json(stage.run(cfg))
+
+
+# -- prompt-tune -----------------------------------------------------------------------------------
+@app.command("prompt-tune")
+@handles_errors
+def prompt_tune(
+    model: Path = typer.Argument(..., help="A cpmctl checkpoint (kept frozen)."),
+    out: Path = typer.Argument(..., help="Output adapter directory (PEFT layout)."),
+    train: Path = typer.Option(..., "--train", help="Training JSONL: text, optional text_pair, label."),
+    dev: Optional[Path] = typer.Option(None, "--dev", help="Dev JSONL: keep-the-best and early stopping on its accuracy."),
+    test: Optional[Path] = typer.Option(None, "--test", help="Test JSONL, scored once at the end with the best prompt."),
+    prompt_length: int = typer.Option(100, "--prompt-length", help="Prompt vectors."),
+    position: str = typer.Option("front", "--position", help="front, back, middle (between text and text_pair) or front+middle+back."),
+    init: str = typer.Option("vocab", "--init", help='vocab (frequent tokens), labels (label words, then vocab), random, or text:"...".'),
+    reparam: str = typer.Option("none", "--reparam", help="none, or mlp (P-tuning style; folded into plain vectors when saved)."),
+    reparam_hidden: Optional[int] = typer.Option(None, "--reparam-hidden", help="Hidden width of the reparameterisation MLP (default d_model)."),
+    deep: bool = typer.Option(False, "--deep", help="A trainable prompt delta at every layer (P-tuning v2 style)."),
+    verbalizer: Optional[Path] = typer.Option(None, "--verbalizer", help="JSON {label: word} (default: the label strings)."),
+    head: str = typer.Option("lm", "--head", help="lm (score label words with the LM head) or linear (a trained linear head)."),
+    pooling: str = typer.Option("mean", "--pooling", help="Linear head pooling: mean or last."),
+    full: bool = typer.Option(False, "--full", help="Full fine-tuning baseline (every weight trains; no prompt)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adafactor (default) or adamw (default with --full)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Constant learning rate (default 0.3 adafactor, 1e-3 adamw, 3e-5 --full)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Examples per step."),
+    max_steps: int = typer.Option(1000, "--max-steps", help="Optimizer steps."),
+    eval_every: int = typer.Option(100, "--eval-every", help="Steps between dev evaluations."),
+    patience: Optional[int] = typer.Option(5, "--patience", help="Dev evaluations without improvement before stopping."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Cap on input tokens, prompt included (inputs are truncated with a warning)."),
+    max_train_examples: Optional[int] = typer.Option(None, "--max-train-examples", help="Train on a random subset of this size."),
+    max_dev_examples: Optional[int] = typer.Option(None, "--max-dev-examples", help="Evaluate on a random dev subset of this size."),
+    max_test_examples: Optional[int] = typer.Option(None, "--max-test-examples", help="Test on a random subset of this size."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in the backward pass (less memory)."),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, bf16 or fp16 (GPU)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.train/."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT (and an earlier run's state) if they exist."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Prompt-tune a frozen model on a classification task (or --full fine-tune it as the baseline)."""
+    from cpmctl.stages import prompt_tune as stage
+
+    cfg = stage.PromptTuneConfig(
+        model=model, train=train, out=out, dev=dev, test=test, prompt_length=prompt_length, position=position,
+        init=init, reparam=reparam, reparam_hidden=reparam_hidden, deep=deep, verbalizer=verbalizer, head=head,
+        pooling=pooling, full=full, optimizer=optimizer, lr=lr, batch_size=batch_size, max_steps=max_steps,
+        eval_every=eval_every, patience=patience, max_length=max_length, max_train_examples=max_train_examples,
+        max_dev_examples=max_dev_examples, max_test_examples=max_test_examples, gradient_checkpointing=gradient_checkpointing,
+        mixed_precision=mixed_precision, seed=seed, device=device, resume=resume, force=force, progress=not as_json,
+    )
+    result = stage.run(cfg)
+    if as_json:
+        _print_json(result)
+    else:
+        stage.render(result)
+
+
+# -- moefy -----------------------------------------------------------------------------------------
+@app.command()
+@handles_errors
+def moefy(
+    checkpoint: Path = typer.Argument(..., help="A dense cpmctl checkpoint (or, with --restore, a MoEfied one)."),
+    out: Path = typer.Argument(..., help="Output checkpoint directory."),
+    experts: Optional[int] = typer.Option(None, "--experts", help="Experts per FFN (E)."),
+    expert_size: Optional[int] = typer.Option(None, "--expert-size", help="Neurons per expert (32 in the paper)."),
+    split: str = typer.Option("cluster", help="How neurons are grouped: cluster, coactivation or random."),
+    router: str = typer.Option("mlp", help="mlp (trained), center (cluster centres) or oracle (evaluation bound)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Experts per token."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of experts per token (default 0.2)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Text/JSONL corpus or prepared shards: router training, co-activation, report."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out text for the report (default: documents of --data kept out of training)."),
+    field: str = typer.Option("text", help="JSONL field holding the text."),
+    max_docs: int = typer.Option(2000, "--max-docs", help="Documents sampled from --data for statistics and router training."),
+    eval_docs: int = typer.Option(300, "--eval-docs", help="Documents held out for the report."),
+    max_tokens: int = typer.Option(32768, "--max-tokens", help="FFN inputs kept per layer (reservoir sample: bounded memory)."),
+    epochs: int = typer.Option(10, help="Router training epochs (Adam 1e-2, batch 512)."),
+    calibrate: int = typer.Option(0, "--calibrate", help="Steps of calibration with the routers active (tunes the MoE down projections)."),
+    calibrate_lr: float = typer.Option(1e-4, "--calibrate-lr", help="Learning rate of --calibrate."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated FFNs to MoEfy, e.g. encoder.0,encoder.3 (default all)."),
+    allow_uneven: bool = typer.Option(False, "--allow-uneven", help="Allow d_ff not divisible by the expert size (zero-padded experts)."),
+    restore: bool = typer.Option(False, "--restore", help="Turn a MoEfied checkpoint back into its exact dense checkpoint."),
+    seed: int = typer.Option(0, help="Random seed."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    kernels: str = typer.Option("auto", "--kernels", help="MoE FFN kernels: auto (Triton on CUDA, torch elsewhere), torch or triton."),
+) -> None:
+    """Split dense FFNs into experts with routers (MoEfication); only the chosen experts run."""
+    from cpmctl.stages import moefy as moefy_stage
+
+    cfg = moefy_stage.MoefyConfig(
+        checkpoint=checkpoint, out=out, experts=experts, expert_size=expert_size, split=split, router=router,
+        top_k=top_k, ratio=ratio, data=data, eval_data=eval_data, field=field, max_docs=max_docs, eval_docs=eval_docs,
+        max_tokens=max_tokens, epochs=epochs, layers=[s.strip() for s in layers.split(",") if s.strip()] if layers else None,
+        allow_uneven=allow_uneven, restore=restore, seed=seed, overwrite=force, calibrate=calibrate, calibrate_lr=calibrate_lr,
+        kernels=kernels,
+    )
+    report = moefy_stage.run(cfg)
+    if as_json:
+        _print_json(report)
+    else:
+        moefy_stage.render(report)
+    typer.echo(f"wrote {out}")
+
+
+# -- inherit ---------------------------------------------------------------------------------------
+@app.command()
+@handles_errors
+def inherit(
+    src: Path = typer.Argument(..., help="The checkpoint to grow."),
+    out: Path = typer.Argument(..., help="Output checkpoint directory."),
+    to: str = typer.Option(..., "--to", help="Target shape: a preset, a config.json / checkpoint, or KEY=VALUE pairs (d_model=512,n_layers=8)."),
+    method: str = typer.Option("fpi", "--method", help="fpi (function-preserving), aki (new units from the next layer), tile (exact repetition), stack (depth by stacking)."),
+    vocab: Optional[Path] = typer.Option(None, "--vocab", help="Expand to this tokenizer's vocabulary (longest-prefix init)."),
+    to_moe: Optional[int] = typer.Option(None, "--to-moe", help="Upcycle every FFN into this many experts (copies, top-1)."),
+    verify: bool = typer.Option(False, "--verify", help="Print the largest logit difference between SRC and the result on sample text."),
+    seed: int = typer.Option(0, help="Seed of the random unit copies, vocabulary fallbacks and router init."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Grow a checkpoint wider/deeper (bert2BERT FPI/AKI, tiling, stacking), expand its vocabulary, upcycle to MoE."""
+    from cpmctl.stages import inherit as stage
+
+    result = stage.run(stage.InheritConfig(src=src, to=to, out=out, method=method, vocab=vocab, to_moe=to_moe,
+                                           verify=verify, seed=seed, force=force))
+    if as_json:
+        _print_json(result)
+        return
+    typer.echo(f"wrote {out}: {result['parameters_src']:,} -> {result['parameters_out']:,} parameters ({method})")
+    if result.get("vocab"):
+        typer.echo("vocabulary: " + ", ".join(f"{k} {v}" for k, v in result["vocab"].items()))
+    if verify:
+        diff = result.get("max_logit_diff")
+        typer.echo(f"max logit difference: {diff:.3e} (largest logit {result['max_logit']:.3f})" if diff is not None else f"verify: {result['verify']}")
 
 
 # -- demo ------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ NORMS = ("rms", "layer")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("relative", "absolute", "rotary")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+MOE_ROUTERS = ("linear", "center", "mlp", "oracle")
 
 
 @dataclass
@@ -35,12 +36,20 @@ class MoEConfig:
     top_k: int = 1
     router: str = "linear"
     layers: list[str] | None = None
+    # MoEfication: each layer stores the neuron permutation (`perm`) that restores the dense FFN;
+    # `ratio` records the fraction of experts per token that top_k was derived from.
+    permuted: bool = False
+    ratio: float | None = None
+    # Skipped experts contribute their output at typical activations (buffers act_fill, fill_out).
+    fill_skipped: bool = False
 
     def __post_init__(self) -> None:
         if self.experts < 1 or self.expert_size < 1:
             raise UserError(f"MoE needs experts >= 1 and expert_size >= 1, got {self.experts} and {self.expert_size}")
         if not 1 <= self.top_k <= self.experts:
             raise UserError(f"MoE top_k must be in 1..{self.experts}, got {self.top_k}")
+        if self.router not in MOE_ROUTERS:
+            raise UserError(f"unknown MoE router {self.router!r}; expected one of {', '.join(MOE_ROUTERS)}")
 
 
 @dataclass

@@ -303,21 +303,27 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, input_ids: Tensor, position_ids: Tensor | None = None, token_type_ids: Tensor | None = None, *, last_position: int | None = None
+        self, input_ids: Tensor | None, position_ids: Tensor | None = None, token_type_ids: Tensor | None = None, *,
+        last_position: int | None = None, inputs_embeds: Tensor | None = None,
     ) -> Tensor:
-        """`last_position`: the largest position id when the caller knows it (saves a device sync)."""
-        x = self.tokens(input_ids)
+        """`last_position`: the largest position id when the caller knows it (saves a device sync).
+
+        `inputs_embeds` [B, T, d] replaces the token lookup (soft prompts, mixup); positions,
+        token types and the norm are added exactly as for ids.
+        """
+        x = self.tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
         if self.positions is not None:
             if position_ids is None:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-                last_position = input_ids.shape[1] - 1
+                position_ids = torch.arange(t, device=x.device)
+                last_position = t - 1
             if last_position is None:
                 last_position = int(position_ids.max())
             if last_position >= self.positions.num_embeddings:
                 raise ValueError(f"sequence of {last_position + 1} positions exceeds the model's {self.positions.num_embeddings}")
             x = x + self.positions(position_ids)
         if self.token_types is not None:
-            types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            types = torch.zeros((b, t), dtype=torch.long, device=x.device) if token_type_ids is None else token_type_ids
             x = x + self.token_types(types)
         if self.norm is not None:
             x = self.norm(x)
@@ -361,6 +367,11 @@ def _drop_full_mask(attention_mask: Tensor | None) -> Tensor | None:
     if attention_mask is not None and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+def _check_inputs(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> None:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids and inputs_embeds")
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -426,13 +437,22 @@ class Transformer(nn.Module):
         # positions [T] -> [1, 1, T, D]; positions [B, T] -> [B, 1, T, D]
         return (cos[None, None], sin[None, None]) if positions.dim() == 1 else (cos[:, None], sin[:, None])
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
-        """Encoder hidden states [B, T, d] (encoder-decoder and encoder-only models)."""
+    def encode(
+        self, input_ids: Tensor | None, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None, *,
+        inputs_embeds: Tensor | None = None,
+    ) -> Tensor:
+        """Encoder hidden states [B, T, d] (encoder-decoder and encoder-only models).
+
+        `inputs_embeds` [B, T, d], given instead of `input_ids`, are used in place of the token
+        embeddings (positions, masks and token types are handled exactly as for ids).
+        """
         if self.encoder is None:
             raise ValueError(f"a {self.config.arch} model has no encoder")
-        t = input_ids.shape[1]
-        positions = torch.arange(t, device=input_ids.device)
-        x = self.embed(input_ids, positions, token_type_ids, last_position=t - 1)
+        _check_inputs(input_ids, inputs_embeds)
+        source = input_ids if inputs_embeds is None else inputs_embeds
+        t = source.shape[1]
+        positions = torch.arange(t, device=source.device)
+        x = self.embed(input_ids, positions, token_type_ids, last_position=t - 1, inputs_embeds=inputs_embeds)
         attention_mask = _drop_full_mask(attention_mask)
         mask = padding_mask(attention_mask, x.dtype) if attention_mask is not None else None
         if self.encoder.relative_bias is not None:
@@ -448,26 +468,30 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> Tensor:
         """Decoder hidden states [B, T, d].
 
         With a cache, `input_ids` are the next T tokens after the `cache.length` already seen,
         and `attention_mask`, if given, covers all `cache.length + T` positions.
         `position_ids` [B, T] overrides positions (left-padded batches of decoder-only models).
+        `inputs_embeds` [B, T, d] may be given instead of `input_ids` (see `encode`).
         """
         if self.decoder is None:
             raise ValueError(f"a {self.config.arch} model has no decoder")
-        b, t = input_ids.shape
-        device = input_ids.device
+        _check_inputs(input_ids, inputs_embeds)
+        source = input_ids if inputs_embeds is None else inputs_embeds
+        b, t = source.shape[:2]
+        device = source.device
         start = cache.length if cache is not None else 0
         if cache is not None and start + t > cache.max_length:
             raise ValueError(f"KV cache holds {cache.max_length} positions, {start + t} requested")
         query_pos = torch.arange(start, start + t, device=device)
         key_pos = torch.arange(start + t, device=device)
         if position_ids is None:
-            x = self.embed(input_ids, query_pos, last_position=start + t - 1)
+            x = self.embed(input_ids, query_pos, last_position=start + t - 1, inputs_embeds=inputs_embeds)
         else:
-            x = self.embed(input_ids, position_ids)
+            x = self.embed(input_ids, position_ids, inputs_embeds=inputs_embeds)
         dtype = x.dtype
 
         attention_mask = _drop_full_mask(attention_mask)
@@ -498,28 +522,36 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         decoder_input_ids: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        decoder_inputs_embeds: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, T, V] (hidden states for a model without an LM head).
 
         encoder-decoder: `input_ids` feed the encoder, `decoder_input_ids` the decoder.
         `position_ids` [B, T] (decoder-only) places left-padded rows correctly.
+        `inputs_embeds` / `decoder_inputs_embeds` [B, T, d] replace the matching ids' token
+        embeddings (give one of each pair).
         """
         arch = self.config.arch
         if arch == "encoder-decoder":
-            if decoder_input_ids is None:
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
                 raise ValueError("an encoder-decoder forward needs decoder_input_ids")
-            memory = self.encode(input_ids, attention_mask)
-            hidden = self.decode(decoder_input_ids, memory=memory, memory_mask=attention_mask, attention_mask=decoder_attention_mask)
+            memory = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds)
+            hidden = self.decode(
+                decoder_input_ids, memory=memory, memory_mask=attention_mask, attention_mask=decoder_attention_mask,
+                inputs_embeds=decoder_inputs_embeds,
+            )
         elif arch == "encoder":
-            hidden = self.encode(input_ids, attention_mask, token_type_ids)
+            hidden = self.encode(input_ids, attention_mask, token_type_ids, inputs_embeds=inputs_embeds)
         else:
-            hidden = self.decode(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            hidden = self.decode(input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds)
         return self.logits(hidden) if self.lm_head is not None else hidden
 
 

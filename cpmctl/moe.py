@@ -4,21 +4,226 @@ Experts are contiguous blocks of FFN neurons:
     w_in   [E, d_e, d]   (up projection rows of each expert)
     w_gate [E, d_e, d]   (gated FFNs only)
     w_out  [E, d_e, d]   (the down projection stored transposed, so it is a row gather too)
-    router.weight [E, d]
-A token goes to its `top_k` experts by router logit; their outputs are combined with a softmax
-over the selected logits. With top_k = 1 that weight is exactly 1, which keeps an upcycled MoE
-(every expert a copy of the dense FFN) equal to the dense model, but gives the router no gradient
-from the LM loss: routers are trained on their own (MoEfication) or kept frozen (CPM-2). The torch path computes only the selected experts, each on the rows
-routed to it, reading views of the expert blocks (no weight copies).
+    b_in, b_gate [E, d_e], b_out [d]   (models with biases)
+    router.*             (the router's own parameters, see below)
+    perm   [E * d_e]     (MoEfied models only: the dense neuron index at each expert position,
+                          -1 for the zero padding of uneven splits; restores the dense FFN)
+    act_fill [E, d_e], fill_out [E, d]   (MoEfied with data: each neuron's median activation and
+                          each expert's output at it; a skipped expert adds its fill_out, so the
+                          layer is the dense FFN with skipped neurons held at typical values)
+
+Routers (`MoEConfig.router`):
+- `linear`: logits = W x, top-k, softmax over the selected logits. With top_k = 1 that weight is
+  exactly 1, which keeps an upcycled MoE (every expert a copy of the dense FFN) equal to the
+  dense model, but gives the router no gradient from the LM loss: routers are trained on their own
+  (MoEfication) or kept frozen (CPM-2).
+- `center`, `mlp`, `oracle` (MoEfication: the experts are pieces of one dense FFN, so the
+  selected experts' outputs are summed with weight 1 and all experts together give the dense FFN
+  back): `center` scores the L2-normalised input against each expert's centre, `mlp` is
+  Linear(d, E) -> tanh -> Linear(E, E) on the normalised input, `oracle` computes every neuron and
+  picks the experts with the largest activation mass (an upper bound for evaluation; it saves
+  no work).
+
+The torch path (`moe_ffn_reference`) computes only the selected experts, reading views of the
+expert blocks: a few tokens gather just their k blocks and run one batched matmul; many tokens
+are sorted by expert and run one grouped matmul per projection; all experts selected runs the
+flat [E * d_e, d] view as one dense matmul. The Triton kernels (`cpmctl_kernels.moe_ffn`, same
+signature and semantics) plug in behind `MoEFeedForward.kernels = "triton"`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpmctl.config import ModelConfig
 from cpmctl.model import ACTIVATIONS
+
+# Routers whose experts are pieces of one dense FFN (outputs summed with weight 1).
+MOEFIED_ROUTERS = ("center", "mlp", "oracle")
+
+
+# -- the expert computation on raw tensors ------------------------------------------------------
+def _hidden(up: Tensor, gate: Tensor | None, activation: str) -> Tensor:
+    act = ACTIVATIONS[activation]
+    return act(up) if gate is None else act(gate) * up
+
+
+def _all_experts(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation) -> Tensor:
+    """Every token uses every expert: one dense matmul over the flat [E * d_e, d] views."""
+    e, de, d = w_in.shape
+    up = F.linear(x, w_in.reshape(e * de, d), None if b_in is None else b_in.reshape(-1))
+    gate = None if w_gate is None else F.linear(x, w_gate.reshape(e * de, d), None if b_gate is None else b_gate.reshape(-1))
+    hidden = _hidden(up, gate, activation).view(-1, e, de)
+    if not bool((expert_weights == 1).all()):
+        # Each token's weight for each expert, in expert order (a scatter of its k weights).
+        per_expert = torch.zeros(x.shape[0], e, dtype=hidden.dtype, device=x.device).scatter(1, expert_ids, expert_weights.to(hidden.dtype))
+        hidden = hidden * per_expert[:, :, None]
+    return hidden.reshape(-1, e * de) @ w_out.reshape(e * de, d)
+
+
+def _single_token(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation) -> Tensor:
+    """One token (decoding): its k experts one after the other, reading views of their blocks."""
+    out = torch.zeros_like(x)
+    for e, weight in zip(expert_ids[0].tolist(), expert_weights[0].tolist()):
+        up = F.linear(x, w_in[e], None if b_in is None else b_in[e])
+        gate = None if w_gate is None else F.linear(x, w_gate[e], None if b_gate is None else b_gate[e])
+        hidden = _hidden(up, gate, activation)
+        out.addmm_(hidden if weight == 1.0 else hidden * weight, w_out[e])
+    return out
+
+
+def _gathered(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation) -> Tensor:
+    """Few tokens: gather each token's k expert blocks and run batched matmuls."""
+    n, k = expert_ids.shape
+    flat = expert_ids.reshape(-1)
+    rows = x.repeat_interleave(k, dim=0)[:, None, :]  # [n*k, 1, d]
+    up = torch.bmm(rows, w_in.index_select(0, flat).transpose(1, 2))  # [n*k, 1, d_e]
+    if b_in is not None:
+        up = up + b_in.index_select(0, flat)[:, None, :]
+    gate = None
+    if w_gate is not None:
+        gate = torch.bmm(rows, w_gate.index_select(0, flat).transpose(1, 2))
+        if b_gate is not None:
+            gate = gate + b_gate.index_select(0, flat)[:, None, :]
+    hidden = _hidden(up, gate, activation) * expert_weights.reshape(-1, 1, 1).to(up.dtype)
+    out = torch.bmm(hidden, w_out.index_select(0, flat))  # [n*k, 1, d]
+    return out.view(n, k, -1).sum(1)
+
+
+def _grouped_mm_fits(rows: Tensor, weight: Tensor) -> bool:
+    """torch's grouped GEMM takes float32/bf16/fp16 with rows and columns 16-byte aligned."""
+    if rows.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not hasattr(F, "grouped_mm"):
+        return False
+    return all(size * rows.element_size() % 16 == 0 for size in (rows.shape[-1], weight.shape[-1]))
+
+
+def _grouped_matmul(rows: Tensor, weight: Tensor, ends: Tensor, counts: Tensor) -> Tensor:
+    """rows [P, a] sorted by expert, weight [E, a, b] -> [P, b]: each row times its expert's matrix."""
+    if _grouped_mm_fits(rows, weight):
+        return F.grouped_mm(rows, weight, offs=ends.to(torch.int32))
+    out, start = [], 0
+    for e, count in enumerate(counts.tolist()):  # fallback: one matmul per expert that has rows
+        if count:
+            out.append(rows[start : start + count] @ weight[e])
+            start += count
+    return torch.cat(out) if out else rows.new_zeros(0, weight.shape[-1])
+
+
+def _grouped(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation) -> Tensor:
+    """Many tokens: sort the (token, expert) pairs by expert, one grouped matmul per projection."""
+    n, k = expert_ids.shape
+    e = w_in.shape[0]
+    flat = expert_ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    sorted_experts = flat.index_select(0, order)
+    counts = torch.bincount(flat, minlength=e)
+    ends = counts.cumsum(0)
+    token = order // k
+    rows = x.index_select(0, token)
+    up = _grouped_matmul(rows, w_in.transpose(1, 2), ends, counts)
+    if b_in is not None:
+        up = up + b_in.index_select(0, sorted_experts)
+    gate = None
+    if w_gate is not None:
+        gate = _grouped_matmul(rows, w_gate.transpose(1, 2), ends, counts)
+        if b_gate is not None:
+            gate = gate + b_gate.index_select(0, sorted_experts)
+    weights = expert_weights.reshape(-1).index_select(0, order).to(up.dtype)
+    hidden = _hidden(up, gate, activation) * weights[:, None]
+    out = _grouped_matmul(hidden, w_out, ends, counts)
+    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+
+def moe_ffn_reference(
+    x: Tensor,
+    expert_ids: Tensor,
+    expert_weights: Tensor,
+    w_in: Tensor,
+    w_gate: Tensor | None,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_gate: Tensor | None,
+    b_out: Tensor | None,
+    activation: str,
+) -> Tensor:
+    """sum_j weight[n, j] * expert_{ids[n, j]}(x[n]) (+ b_out), computing only the selected experts.
+
+    x [N, d]; expert_ids [N, k] int64 (distinct per row); expert_weights [N, k]; weights in the
+    layout above. Returns [N, d] with b_out added (when given). This is the torch path and the
+    reference the Triton kernel `cpmctl_kernels.moe_ffn` (same signature) is tested against; the
+    fill of skipped experts is added by `MoEFeedForward` outside both.
+    """
+    n, k = expert_ids.shape
+    e = w_in.shape[0]
+    args = (x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation)
+    if n == 0:
+        out = torch.zeros_like(x)
+    elif k == e:
+        out = _all_experts(*args)
+    elif n == 1 and not torch.is_grad_enabled():
+        out = _single_token(*args)
+    elif n * k * 2 <= e and w_in.shape[1] < w_in.shape[2] * 4:
+        # Copying the selected blocks costs at most half the weights and saves the sort; experts
+        # far wider than d (upcycled FFNs) take the grouped path, which reads them in place.
+        out = _gathered(*args)
+    else:
+        out = _grouped(*args)
+    if b_out is not None:
+        out = out + b_out
+    return out
+
+
+def dense_masked_reference(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, b_out, activation) -> Tensor:
+    """The same result the slow way: every expert computed, unselected ones weighted 0 (for tests)."""
+    e = w_in.shape[0]
+    every = torch.arange(e, device=x.device).expand(x.shape[0], e)
+    full = torch.zeros(x.shape[0], e, dtype=expert_weights.dtype, device=x.device).scatter(1, expert_ids, expert_weights)
+    out = _all_experts(x, every, full, w_in, w_gate, w_out, b_in, b_gate, activation)
+    return out + b_out if b_out is not None else out
+
+
+# -- routers ----------------------------------------------------------------------------------------
+class CenterRouter(nn.Module):
+    """Cosine-style score of the L2-normalised input against each expert's centre."""
+
+    def __init__(self, d: int, experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(experts, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.normalize(x, dim=-1), self.weight)
+
+
+class MLPRouter(nn.Module):
+    """MoEfication's router: Linear(d, E) -> tanh -> Linear(E, E) on the L2-normalised input."""
+
+    def __init__(self, d: int, experts: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, experts)
+        self.mix = nn.Linear(experts, experts)
+
+    @torch.no_grad()
+    def init_from_centres(self, centres: Tensor) -> None:
+        """Start as the centre router: proj = centres, mix = identity, biases 0."""
+        self.proj.weight.copy_(centres)
+        self.proj.bias.zero_()
+        self.mix.weight.copy_(torch.eye(self.mix.weight.shape[0]))
+        self.mix.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mix(torch.tanh(self.proj(F.normalize(x, dim=-1))))
+
+
+def make_router(kind: str, d: int, experts: int) -> nn.Module | None:
+    if kind == "linear":
+        return nn.Linear(d, experts, bias=False)
+    if kind == "center":
+        return CenterRouter(d, experts)
+    if kind == "mlp":
+        return MLPRouter(d, experts)
+    return None  # oracle: no parameters
 
 
 class MoEFeedForward(nn.Module):
@@ -27,17 +232,42 @@ class MoEFeedForward(nn.Module):
         moe = config.moe
         e, de, d = moe.experts, moe.expert_size, config.d_model
         self.top_k, self.activation = moe.top_k, config.activation
+        self.router_kind = moe.router
+        self.kernels = "torch"  # or "triton": cpmctl_kernels.moe_ffn, imported on first use
         self.w_in = nn.Parameter(torch.empty(e, de, d))
         self.w_gate = nn.Parameter(torch.empty(e, de, d)) if config.gated else None
         self.w_out = nn.Parameter(torch.empty(e, de, d))
         self.b_in = nn.Parameter(torch.zeros(e, de)) if config.bias else None
         self.b_gate = nn.Parameter(torch.zeros(e, de)) if (config.bias and config.gated) else None
         self.b_out = nn.Parameter(torch.zeros(d)) if config.bias else None
-        self.router = nn.Linear(d, e, bias=False)
+        self.router = make_router(moe.router, d, e)
+        if moe.permuted:
+            self.register_buffer("perm", torch.arange(e * de))
+        else:
+            self.perm = None
+        if moe.fill_skipped:
+            # A typical (median) activation of each neuron, measured on data at MoEfication, and
+            # each expert's output at those values: a skipped expert contributes that output
+            # instead of zero (GELU neurons mostly sit near a small negative value, not at 0).
+            self.register_buffer("act_fill", torch.zeros(e, de))
+            self.register_buffer("fill_out", torch.zeros(e, d))
+        else:
+            self.act_fill = self.fill_out = None
+        # (tokens, token-expert pairs) computed since the last reset: the compute fraction.
+        self.counts = [0, 0]
 
     @property
     def num_experts(self) -> int:
         return self.w_in.shape[0]
+
+    @property
+    def expert_size(self) -> int:
+        return self.w_in.shape[1]
+
+    @property
+    def sums_experts(self) -> bool:
+        """True when experts are pieces of one FFN (MoEfication): selected outputs add with weight 1."""
+        return self.router_kind in MOEFIED_ROUTERS
 
     @torch.no_grad()
     def reset_expert_parameters(self, std: float) -> None:
@@ -47,35 +277,193 @@ class MoEFeedForward(nn.Module):
         for p in (self.b_in, self.b_gate, self.b_out):
             if p is not None:
                 nn.init.zeros_(p)
+        if isinstance(self.router, MLPRouter):
+            nn.init.normal_(self.router.proj.weight, std=std)
+            nn.init.eye_(self.router.mix.weight)
+        elif isinstance(self.router, CenterRouter):
+            nn.init.normal_(self.router.weight, std=std)
+        if self.perm is not None:
+            self.perm.copy_(torch.arange(self.perm.numel()))
+        if self.act_fill is not None:
+            self.act_fill.zero_()
+            self.fill_out.zero_()
+
+    def expert_activations(self, x: Tensor) -> Tensor:
+        """Every neuron's activation [N, E, d_e] (what the oracle and MoEfication statistics use)."""
+        e, de, d = self.w_in.shape
+        up = F.linear(x, self.w_in.reshape(e * de, d), None if self.b_in is None else self.b_in.reshape(-1))
+        gate = None
+        if self.w_gate is not None:
+            gate = F.linear(x, self.w_gate.reshape(e * de, d), None if self.b_gate is None else self.b_gate.reshape(-1))
+        return _hidden(up, gate, self.activation).view(-1, e, de)
+
+    def expert_scores(self, x: Tensor) -> Tensor:
+        """Activation mass of each expert [N, E]: the sum over its neurons of |activation| (minus
+        the fill value when skipped experts are filled) times the norm of the neuron's output
+        weights, i.e. how much the expert's output moves when it is skipped."""
+        hidden = self.expert_activations(x)
+        if self.act_fill is not None:
+            hidden = hidden - self.act_fill
+        return (hidden.abs() * self.w_out.norm(dim=-1)).sum(-1)
+
+    @torch.no_grad()
+    def set_fill(self, act_fill: Tensor) -> None:
+        """Store per-neuron fill activations [E, d_e] and the expert outputs they give."""
+        self.act_fill.copy_(act_fill)
+        self.fill_out.copy_(torch.einsum("ek,ekd->ed", act_fill.to(self.w_out.dtype), self.w_out))
+
+    def skipped_fill(self, experts: Tensor) -> Tensor:
+        """Sum of the fill outputs of the experts each token skips [N, d]."""
+        n, k = experts.shape
+        return self.fill_out.sum(0) - self.fill_out.index_select(0, experts.reshape(-1)).view(n, k, -1).sum(1)
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        if self.router is None:
+            return self.expert_scores(x)
+        return self.router(x)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(experts [N, k], weights [N, k]) for flattened tokens x [N, d]."""
-        logits, experts = self.router(x).topk(self.top_k, dim=-1)
+        logits, experts = self.router_logits(x).topk(self.top_k, dim=-1)
+        if self.sums_experts:
+            return experts, torch.ones_like(logits, dtype=x.dtype)
         return experts, torch.softmax(logits.float(), dim=-1).to(x.dtype)
 
     def expert_forward(self, e: int, x: Tensor) -> Tensor:
-        """Output of expert e on rows x [n, d] -> [n, d]."""
-        act = ACTIVATIONS[self.activation]
+        """Output of expert e on rows x [n, d] -> [n, d] (no b_out)."""
         up = x @ self.w_in[e].T
         if self.b_in is not None:
             up = up + self.b_in[e]
-        if self.w_gate is None:
-            hidden = act(up)
-        else:
+        gate = None
+        if self.w_gate is not None:
             gate = x @ self.w_gate[e].T
             if self.b_gate is not None:
                 gate = gate + self.b_gate[e]
-            hidden = act(gate) * up
-        return hidden @ self.w_out[e]
+        return _hidden(up, gate, self.activation) @ self.w_out[e]
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         experts, weights = self.route(flat)
-        out = torch.zeros_like(flat)
-        for e in experts.unique().tolist():
-            rows, slot = (experts == e).nonzero(as_tuple=True)
-            out.index_add_(0, rows, self.expert_forward(e, flat[rows]) * weights[rows, slot, None])
-        if self.b_out is not None:
-            out = out + self.b_out
+        self.counts[0] += experts.shape[0]
+        self.counts[1] += experts.numel()
+        ffn = moe_ffn_reference
+        # The Triton kernels are forward-only: where autograd needs a backward (training,
+        # calibration) the torch path runs instead.
+        if self.kernels == "triton" and not (torch.is_grad_enabled() and (flat.requires_grad or self.w_in.requires_grad)):
+            from cpmctl_kernels import moe_ffn as ffn
+        out = ffn(flat, experts, weights, self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out, self.activation)
+        if self.fill_out is not None and experts.shape[1] < self.num_experts:
+            out = out + self.skipped_fill(experts).to(out.dtype)
         return out.view(shape)
+
+
+# -- choosing the kernels ----------------------------------------------------------------------------
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def resolve_kernels(choice: str, device) -> str:
+    """`--kernels auto|torch|triton` on a device -> "torch" or "triton".
+
+    auto = Triton on CUDA (when triton imports), the torch path elsewhere. Triton on a CPU needs
+    its interpreter (TRITON_INTERPRET=1, which is slow and meant for tests)."""
+    import os
+
+    from cpmctl.errors import UserError
+
+    if choice not in KERNEL_CHOICES:
+        raise UserError(f"unknown --kernels {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}")
+    device_type = torch.device(device).type if device is not None else "cpu"
+    if choice == "torch":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if choice == "triton":
+            raise UserError("--kernels triton needs the triton package (pip install triton)") from None
+        return "torch"
+    if choice == "auto":
+        return "triton" if device_type == "cuda" else "torch"
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
+    return "triton"
+
+
+def set_kernels(model: nn.Module, kernels: str) -> int:
+    """Point every MoE FFN of this model instance at "torch" or "triton"; returns how many."""
+    if kernels not in ("torch", "triton"):
+        raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    for layer in layers:
+        layer.kernels = kernels
+    return len(layers)
+
+
+# -- dense <-> MoE conversion -----------------------------------------------------------------------
+def _neurons(linear: nn.Linear | None, perm: Tensor, valid: Tensor, shape: tuple[int, int, int], rows: bool = True) -> Tensor | None:
+    """A dense projection's neurons in expert order, zero at padding positions, as [E, d_e, d]."""
+    if linear is None:
+        return None
+    weight = linear.weight.detach()
+    per_neuron = weight if rows else weight.T  # [d_ff, d]
+    picked = per_neuron.index_select(0, perm.clamp(min=0)) * valid[:, None].to(weight.dtype)
+    return picked.reshape(shape).contiguous()
+
+
+@torch.no_grad()
+def moe_from_dense(ffn: nn.Module, config: ModelConfig, perm: Tensor) -> MoEFeedForward:
+    """A MoE FFN holding exactly the dense FFN's neurons, permuted into expert blocks.
+
+    `config.moe` gives E, d_e, router and k; `perm` [E * d_e] names the dense neuron at each
+    expert position (-1: padding, a neuron with zero weights, for uneven splits). The router's
+    parameters are left as initialised: the caller sets them.
+    """
+    moe = MoEFeedForward(config).to(ffn.w_in.weight.dtype)
+    e, de, d = moe.w_in.shape
+    valid = perm >= 0
+    shape = (e, de, d)
+    moe.w_in.copy_(_neurons(ffn.w_in, perm, valid, shape))
+    if ffn.w_gate is not None:
+        moe.w_gate.copy_(_neurons(ffn.w_gate, perm, valid, shape))
+    moe.w_out.copy_(_neurons(ffn.w_out, perm, valid, shape, rows=False))
+    if ffn.w_in.bias is not None:
+        moe.b_in.copy_((ffn.w_in.bias.index_select(0, perm.clamp(min=0)) * valid).view(e, de))
+        if ffn.w_gate is not None:
+            moe.b_gate.copy_((ffn.w_gate.bias.index_select(0, perm.clamp(min=0)) * valid).view(e, de))
+        moe.b_out.copy_(ffn.w_out.bias)
+    moe.perm.copy_(perm)
+    return moe
+
+
+@torch.no_grad()
+def dense_from_moe(moe: MoEFeedForward, config: ModelConfig) -> nn.Module:
+    """The dense FFN back from a MoEfied one: its neurons un-permuted, padding dropped (bit-exact)."""
+    from cpmctl.model import FeedForward
+
+    if moe.perm is None:
+        raise ValueError("this MoE layer stores no neuron permutation; only MoEfied layers can be restored")
+    dense_config = config.replace(moe=None)
+    ffn = FeedForward(dense_config).to(moe.w_in.dtype)
+    e, de, d = moe.w_in.shape
+    perm = moe.perm
+    keep = (perm >= 0).nonzero(as_tuple=True)[0]
+    order = perm.index_select(0, keep)  # dense index of each kept expert position
+    if order.numel() != config.d_ff or not torch.equal(order.sort().values, torch.arange(config.d_ff, device=order.device)):
+        raise ValueError("the stored permutation is not a permutation of the FFN's neurons")
+
+    def place(blocks: Tensor) -> Tensor:
+        flat = blocks.reshape(e * de, -1).index_select(0, keep)
+        out = torch.empty_like(flat)
+        out[order] = flat
+        return out
+
+    ffn.w_in.weight.copy_(place(moe.w_in))
+    if moe.w_gate is not None:
+        ffn.w_gate.weight.copy_(place(moe.w_gate))
+    ffn.w_out.weight.copy_(place(moe.w_out).T)
+    if moe.b_in is not None:
+        ffn.w_in.bias.copy_(place(moe.b_in.reshape(e * de, 1)).view(-1))
+        if moe.b_gate is not None:
+            ffn.w_gate.bias.copy_(place(moe.b_gate.reshape(e * de, 1)).view(-1))
+        ffn.w_out.bias.copy_(moe.b_out)
+    return ffn

@@ -35,6 +35,8 @@ class InferConfig:
     dtype: str | None = None
     stream: bool = False
     normalize: bool = True
+    prompt: Path | None = None  # a prompt-tune adapter: classify instead of generate/embed
+    kernels: str = "auto"  # MoE FFNs: auto (Triton on CUDA) | torch | triton
 
     def validate(self) -> None:
         if (self.texts is None) == (self.input_file is None):
@@ -105,22 +107,29 @@ def run(cfg: InferConfig) -> dict:
     from cpmctl.checkpoint import load_model
     from cpmctl.devices import resolve_device, resolve_dtype
     from cpmctl.generate import embed, generate
+    from cpmctl.moe import resolve_kernels, set_kernels
     from cpmctl.tokenizer import load_tokenizer
 
     texts = cfg.texts if cfg.texts is not None else read_texts(cfg.input_file)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     model, ckpt = load_model(cfg.checkpoint, device=device, dtype=resolve_dtype(cfg.dtype))
+    kernels = resolve_kernels(cfg.kernels, device)
+    set_kernels(model, kernels)
     tokenizer_dir = Path(cfg.checkpoint) / "tokenizer"
     if not tokenizer_dir.is_dir():
         raise UserError(f"checkpoint {cfg.checkpoint} has no tokenizer/ directory; copy the tokenizer it was trained with there")
     tok = load_tokenizer(tokenizer_dir)
     config = model.config
     load_seconds = time.perf_counter() - started
+    if cfg.prompt is not None:
+        return _classify(cfg, model, ckpt, tok, load_seconds)
     limit = config.max_positions if config.position == "absolute" else None
 
     outputs: list[dict | None] = [None] * len(texts)
     stats = {"load_seconds": round(load_seconds, 3), "device": str(device), "prompts": len(texts)}
+    if config.moe is not None:
+        stats["kernels"] = kernels
     if config.arch == "encoder":
         t0 = time.perf_counter()
         rows = [tok.encode(t, add_special=True) for t in texts]
@@ -173,6 +182,20 @@ def run(cfg: InferConfig) -> dict:
     return {"mode": "generate", "outputs": outputs, "stats": stats}
 
 
+def _classify(cfg: InferConfig, model, ckpt, tok, load_seconds: float) -> dict:
+    """Classify TEXT or the --input records (text, optional text_pair and label) with a prompt."""
+    from cpmctl.stages.prompt_tune import classify
+    from cpmctl.tasks import Example, load_examples
+
+    if cfg.texts is not None:
+        examples = [Example(text, None) for text in cfg.texts]
+    else:
+        examples = load_examples(cfg.input_file, require_labels=False)
+    result = classify(model, ckpt, tok, cfg.prompt, examples, batch_size=cfg.batch_size)
+    result["stats"]["load_seconds"] = round(load_seconds, 3)
+    return result
+
+
 def _until_eos(row: list[int], eos: int | None) -> list[int]:
     return row[: row.index(eos)] if eos is not None and eos in row else row
 
@@ -198,6 +221,13 @@ def render(result: dict, *, streamed: bool = False) -> None:
     from rich.markup import escape
 
     console = Console()
+    if result["mode"] == "classify":
+        for o in result["outputs"]:
+            console.print(f"{escape(o['label'])}\t{escape(o['text'][:80])}", highlight=False)
+        s = result["stats"]
+        if "accuracy" in s:
+            console.print(f"accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f} on {s['examples']} examples")
+        return
     if result["mode"] == "embed":
         import torch
 

@@ -3,3 +3,22 @@
 The package lives in the top-level kernels/ folder and imports as `cpmctl_kernels` (the bare
 name `kernels` belongs to a PyPI package).
 """
+
+from cpmctl_kernels._common import ACTIVATION_CODES, INTERPRETER, KernelInputError
+from cpmctl_kernels.ops import DECODE_MAX_TOKENS, decode_moe_ffn, grouped_moe_ffn, moe_ffn
+from cpmctl_kernels.routing import MoEAlignment, moe_align, route
+
+ACTIVATIONS = tuple(ACTIVATION_CODES)
+
+__all__ = [
+    "ACTIVATIONS",
+    "DECODE_MAX_TOKENS",
+    "INTERPRETER",
+    "KernelInputError",
+    "MoEAlignment",
+    "decode_moe_ffn",
+    "grouped_moe_ffn",
+    "moe_align",
+    "moe_ffn",
+    "route",
+]

@@ -1,0 +1,399 @@
+"""Soft prompts: trainable vectors inserted into a frozen model's input, and their PEFT-format files.
+
+    plan = prompt_plan("front+middle+back", 100)     # [("start", 34), ("between", 33), ("end", 33)]
+    row = place_prompt(encoded_row, plan)             # virtual positions 0..99 inserted at the marks
+    prompt = SoftPrompt(initial_vectors(...), reparam="mlp", deep_layers=5)
+    classifier = PromptedClassifier(scorer, prompt)   # forward(batch) -> class logits
+    save_adapter(out, adapter)  /  load_adapter(out)  /  check_base_model(adapter, base_hash)
+
+Positions (CPM-2 found splitting the prompt best): "front" goes before everything, special tokens
+included (what PEFT does, so a front prompt is PEFT-compatible); "back" right after the text;
+"middle" between text and text_pair; "front+middle+back" splits the length in three (front
+gets the remainder). A single-text example places the middle part just before the back part, so
+every example uses every vector, in the same order.
+
+Reparameterisation ("mlp", P-tuning style): the prompt is `E + MLP(E)` with the MLP's last layer
+zero-initialised, so training starts from the chosen initialisation; it is folded into plain
+vectors when saved (`SoftPrompt.folded`).
+
+Deep prompts (`deep_layers = L - 1`, P-tuning v2's idea of a prompt at every layer): each layer
+after the first adds its own trainable vector to the hidden states at the prompt positions
+(initialised to 0, so training starts from the shallow prompt). cpmctl realises them on the
+prompt positions' hidden states rather than as extra attention keys/values, so deep adapters
+load in cpmctl only; PEFT sees their input-layer prompt.
+
+Adapter directory (PEFT's PROMPT_TUNING layout plus cpmctl's fields under "cpmctl"):
+    adapter_config.json        peft_type, task_type, num_virtual_tokens, token_dim,
+                               num_transformer_submodules (1), num_layers, num_attention_heads,
+                               base_model_name_or_path, prompt_tuning_init, ...; "cpmctl": plan,
+                               labels, verbalizer, scoring, head, base model content hash, metrics
+    adapter_model.safetensors  prompt_embeddings [P, d] (the folded prompt, in plan order);
+                               head.proj.weight/bias (linear head); deep_prompt_embeddings [L-1, P, d]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cpmctl.errors import UserError
+from cpmctl.tasks import EncodedExample
+
+POSITIONS = ("front", "back", "middle", "front+middle+back")
+REPARAMS = ("none", "mlp")
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PROMPT_TENSOR = "prompt_embeddings"
+DEEP_TENSOR = "deep_prompt_embeddings"
+HEAD_PREFIX = "head."
+PEFT_TASK_TYPES = {"encoder": "FEATURE_EXTRACTION", "decoder": "CAUSAL_LM", "encoder-decoder": "SEQ_2_SEQ_LM"}
+VOCAB_INIT_TOP = 5000  # Lester et al.: sample from the 5,000 most frequent tokens
+ADAPTER_FORMAT_VERSION = 1
+
+
+# =============================================================================================
+# Where the prompt goes
+# =============================================================================================
+
+
+def prompt_plan(position: str, length: int) -> list[tuple[str, int]]:
+    """[(insertion mark, number of vectors)] in vector order; see the module docstring."""
+    if position not in POSITIONS:
+        raise UserError(f"unknown prompt position {position!r}; expected one of {', '.join(POSITIONS)}")
+    if length < 1:
+        raise UserError(f"--prompt-length must be >= 1, got {length}")
+    if position == "front":
+        return [("start", length)]
+    if position == "back":
+        return [("end", length)]
+    if position == "middle":
+        return [("between", length)]
+    if length < 3:
+        raise UserError(f"front+middle+back needs a prompt of at least 3 tokens, got {length}")
+    third = length // 3
+    return [("start", length - 2 * third), ("between", third), ("end", third)]
+
+
+def place_prompt(row: EncodedExample, plan: Sequence[tuple[str, int]]) -> EncodedExample:
+    """Insert the plan's virtual positions into an encoded example."""
+    first = 0
+    for mark, count in plan:
+        at = mark
+        if mark == "between" and row.marks.get("between") is None:
+            if len(plan) == 1:
+                raise UserError("--position middle needs pair examples (a 'text_pair' field); use front, back or front+middle+back")
+            at = "end"  # a single text: the middle part goes just before the back part
+        row = row.insert(at, count, first)
+        first += count
+    return row
+
+
+def plan_length(plan: Sequence[tuple[str, int]]) -> int:
+    return sum(count for _, count in plan)
+
+
+# =============================================================================================
+# Initialisation
+# =============================================================================================
+
+
+def token_counts(rows: Iterable[EncodedExample], exclude: Iterable[int] = ()) -> Counter:
+    """How often each (non-special) token id occurs in the encoded training texts."""
+    skip = set(exclude)
+    counts: Counter = Counter()
+    for row in rows:
+        counts.update(i for i, t in zip(row.ids, row.text_mask) if t and i not in skip)
+    return counts
+
+
+def initial_vectors(
+    init: str, length: int, embedding: Tensor, *, counts: Counter, label_ids: Sequence[Sequence[int]] | None = None,
+    tokenizer=None, seed: int = 0,
+) -> Tensor:
+    """[length, d] starting vectors.
+
+    "vocab": embeddings of tokens sampled from the VOCAB_INIT_TOP most frequent ones in `counts`
+    (the training texts); "labels": the label words' mean embeddings first, then vocab;
+    "text:SOME WORDS": the embeddings of that text's tokens, repeated to fill the length (as
+    PEFT does); "random": normal with the embedding table's standard deviation.
+    """
+    embedding = embedding.detach().float()
+    gen = random.Random(seed)
+
+    def sampled(n: int) -> Tensor:
+        frequent = [token for token, _ in counts.most_common(VOCAB_INIT_TOP)]
+        if not frequent:
+            raise UserError("--init vocab needs training texts with tokens to sample from")
+        return embedding[[gen.choice(frequent) for _ in range(n)]]
+
+    if init == "vocab":
+        return sampled(length).clone()
+    if init == "labels":
+        if not label_ids:
+            raise UserError("--init labels needs label words (LM scoring); use --init vocab with --head linear")
+        words = torch.stack([embedding[list(ids)].mean(0) for ids in label_ids])[:length]
+        rest = length - words.shape[0]
+        return torch.cat([words, sampled(rest)]) if rest else words.clone()
+    if init.startswith("text:"):
+        text = init[len("text:") :].strip().strip('"')
+        if tokenizer is None or not text:
+            raise UserError('--init text:"..." needs a non-empty text')
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise UserError(f"--init text {text!r} encodes to no tokens")
+        ids = (ids * math.ceil(length / len(ids)))[:length]
+        return embedding[ids].clone()
+    if init == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(length, embedding.shape[1], generator=g) * embedding.std()
+    raise UserError(f'unknown --init {init!r}; expected vocab, labels, random or text:"..."')
+
+
+# =============================================================================================
+# The prompt module
+# =============================================================================================
+
+
+class SoftPrompt(nn.Module):
+    """The trainable prompt: vectors [P, d], an optional MLP reparameterisation, deep deltas."""
+
+    def __init__(self, init: Tensor, *, reparam: str = "none", hidden: int | None = None, deep_layers: int = 0) -> None:
+        super().__init__()
+        if reparam not in REPARAMS:
+            raise UserError(f"unknown --reparam {reparam!r}; expected one of {', '.join(REPARAMS)}")
+        length, d = init.shape
+        self.embedding = nn.Parameter(init.detach().clone().float())
+        self.mlp = None
+        if reparam == "mlp":
+            hidden = hidden or d
+            self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, d))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+        self.deep = nn.Parameter(torch.zeros(deep_layers, length, d)) if deep_layers else None
+        self.virtual: Tensor | None = None  # the current batch's virtual index, for the deep hooks
+
+    @property
+    def length(self) -> int:
+        return self.embedding.shape[0]
+
+    def vectors(self) -> Tensor:
+        if self.mlp is None:
+            return self.embedding
+        return self.embedding + self.mlp(self.embedding)
+
+    @torch.no_grad()
+    def folded(self) -> Tensor:
+        """The prompt as plain vectors (the MLP applied once): what is saved."""
+        return self.vectors().detach().float().clone()
+
+
+def prompted_stack(model: nn.Module) -> nn.Module:
+    """The stack the prompt enters: the encoder (encoder-only, encoder-decoder) or the decoder."""
+    return model.encoder if model.encoder is not None else model.decoder
+
+
+def blend(base: Tensor, vectors: Tensor, virtual: Tensor) -> Tensor:
+    """`base` [B, T, d] with position (b, t) replaced by vectors[virtual[b, t]] where virtual >= 0."""
+    picked = vectors.to(base.dtype)[virtual.clamp(min=0)]
+    return torch.where((virtual >= 0)[..., None], picked, base)
+
+
+class PromptedClassifier(nn.Module):
+    """A `tasks.Scorer` fed the prompt: forward(batch) -> class logits [B, C].
+
+    `prompt=None` is plain classification (full fine-tuning). Deep prompts are added by
+    forward pre-hooks on the prompted stack's blocks of this model instance (`remove_hooks`).
+    """
+
+    def __init__(self, scorer: nn.Module, prompt: SoftPrompt | None) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.prompt = prompt
+        self._hooks = []
+        if prompt is not None and prompt.deep is not None:
+            stack = prompted_stack(scorer.model)
+            if prompt.deep.shape[0] != stack.n_layers - 1:
+                raise UserError(f"deep prompt has {prompt.deep.shape[0]} layers, the model needs {stack.n_layers - 1}")
+            for block in stack.blocks:
+                self._hooks.append(block.register_forward_pre_hook(self._deep_hook, with_kwargs=True))
+
+    def _deep_hook(self, module, args, kwargs):
+        layer = kwargs["layer"]
+        virtual = self.prompt.virtual
+        if layer == 0 or virtual is None:
+            return None
+        x = args[0]
+        delta = self.prompt.deep[layer - 1].to(x.dtype)[virtual.clamp(min=0)] * (virtual >= 0)[..., None].to(x.dtype)
+        return (x + delta, *args[1:]), kwargs
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def inputs_embeds(self, batch: Mapping[str, Tensor]) -> Tensor:
+        tokens = self.scorer.model.embed.tokens(batch["input_ids"])
+        return blend(tokens, self.prompt.vectors(), batch["virtual"])
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        if self.prompt is None:
+            return self.scorer(batch)
+        self.prompt.virtual = batch["virtual"]
+        return self.scorer(batch, self.inputs_embeds(batch))
+
+
+# =============================================================================================
+# Gradient checkpointing (swapped in on a model instance, undone afterwards)
+# =============================================================================================
+
+
+class _CheckpointedBlock(nn.Module):
+    """Recompute a block's activations in the backward pass instead of keeping them."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        if not torch.is_grad_enabled():
+            return self.block(x, **kwargs)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.block, x, use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Wrap every block of `model`'s stacks in activation checkpointing for the duration."""
+    if not enabled:
+        yield
+        return
+    stacks = [s for s in (getattr(model, "encoder", None), getattr(model, "decoder", None)) if s is not None]
+    originals = [list(stack.blocks) for stack in stacks]
+    for stack in stacks:
+        for i, block in enumerate(list(stack.blocks)):
+            stack.blocks[i] = _CheckpointedBlock(block)
+    try:
+        yield
+    finally:
+        for stack, blocks in zip(stacks, originals):
+            for i, block in enumerate(blocks):
+                stack.blocks[i] = block
+
+
+# =============================================================================================
+# Adapter files
+# =============================================================================================
+
+
+@dataclass
+class Adapter:
+    """A trained prompt (folded), its optional head and deep deltas, and cpmctl's fields."""
+
+    prompt: Tensor                                  # [P, d]
+    meta: dict[str, Any]                            # the "cpmctl" block of adapter_config.json
+    head: dict[str, Tensor] = field(default_factory=dict)  # LinearHead state ("proj.weight", ...)
+    deep: Tensor | None = None                      # [L - 1, P, d]
+    peft: dict[str, Any] = field(default_factory=dict)     # PEFT's fields (written/read)
+
+    @property
+    def plan(self) -> list[tuple[str, int]]:
+        return [(mark, int(count)) for mark, count in self.meta["plan"]]
+
+
+def peft_config(adapter: Adapter, model_config, base_model: str | None, init: str) -> dict[str, Any]:
+    """PEFT's PromptTuningConfig fields for this adapter."""
+    stack_layers = model_config.n_layers
+    if init.startswith("text:"):
+        peft_init, init_text = "TEXT", init[len("text:") :]
+    else:
+        peft_init, init_text = ("SAMPLE_VOCAB" if init == "vocab" else "RANDOM"), None
+    return {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": PEFT_TASK_TYPES[model_config.arch],
+        "num_virtual_tokens": int(adapter.prompt.shape[0]),
+        "token_dim": int(adapter.prompt.shape[1]),
+        "num_transformer_submodules": 1,
+        "num_attention_heads": model_config.n_heads,
+        "num_layers": stack_layers,
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "inference_mode": True,
+        "auto_mapping": None,
+        "modules_to_save": None,
+        "prompt_tuning_init": peft_init,
+        "prompt_tuning_init_text": init_text,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+    }
+
+
+def write_adapter(directory: Path, adapter: Adapter) -> None:
+    """Write the adapter's two files into an existing directory (callers make it atomic)."""
+    from cpmctl.checkpoint import write_safetensors
+
+    tensors = {PROMPT_TENSOR: adapter.prompt.detach().float().contiguous()}
+    tensors.update({HEAD_PREFIX + k: v.detach().float().contiguous() for k, v in adapter.head.items()})
+    if adapter.deep is not None:
+        tensors[DEEP_TENSOR] = adapter.deep.detach().float().contiguous()
+    write_safetensors(directory / ADAPTER_WEIGHTS_FILE, tensors)
+    config = {**adapter.peft, "cpmctl": {"format_version": ADAPTER_FORMAT_VERSION, **adapter.meta}}
+    (directory / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_adapter(out: str | Path, adapter: Adapter, *, overwrite: bool = False) -> Path:
+    from cpmctl.fsutil import atomic_directory
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write_adapter(tmp, adapter)
+    return Path(out)
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG_FILE).is_file()
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read an adapter written by `save_adapter` (PEFT's own adapters lack the cpmctl block)."""
+    from cpmctl.checkpoint import SafetensorsFile
+
+    path = Path(path)
+    config_path, weights_path = path / ADAPTER_CONFIG_FILE, path / ADAPTER_WEIGHTS_FILE
+    if not config_path.is_file() or not weights_path.is_file():
+        raise UserError(f"{path} is not a prompt adapter (it needs {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE})")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
+        raise UserError(f"{config_path} is not a PROMPT_TUNING adapter")
+    meta = config.pop("cpmctl", None)
+    if not isinstance(meta, dict) or meta.get("format_version") != ADAPTER_FORMAT_VERSION:
+        raise UserError(f"{path} has no cpmctl fields (labels, positions, base model); it was not written by cpmctl prompt-tune")
+    with SafetensorsFile(weights_path) as st:
+        tensors = {name: st.get(name).clone() for name in st.names()}
+    if PROMPT_TENSOR not in tensors:
+        raise UserError(f"{weights_path} has no {PROMPT_TENSOR} tensor")
+    head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+    adapter = Adapter(prompt=tensors[PROMPT_TENSOR], meta=meta, head=head, deep=tensors.get(DEEP_TENSOR), peft=config)
+    if plan_length(adapter.plan) != adapter.prompt.shape[0]:
+        raise UserError(f"{path}: the prompt has {adapter.prompt.shape[0]} vectors but its plan places {plan_length(adapter.plan)}")
+    return adapter
+
+
+def check_base_model(adapter: Adapter, base_hash: str, base_path: str | Path, adapter_path: str | Path) -> None:
+    """Loading a prompt on a model other than the one it was trained on is a user error."""
+    expected = adapter.meta.get("base_model_hash")
+    if expected != base_hash:
+        raise UserError(f"prompt {adapter_path} was trained on base model {expected}, but {base_path} is {base_hash}; "
+                        "use the model it was trained with")

@@ -1,0 +1,749 @@
+"""`cpmctl distill --teacher T --train train.jsonl --dev dev.jsonl --student-layers 3 OUT`: MixKD.
+
+Knowledge distillation with mixup on word embeddings into a smaller student (the building blocks
+and the objective are in `cpmctl/distill.py`), trained by the shared core (`cpmctl/training.py`:
+accelerate, AdamW, schedule, accumulation, clipping, autocast, atomic training states, exact
+resume, progress, metrics JSON lines).
+
+Two modes:
+- classification (`--train X.jsonl`, tasks as in prompt-tune: {"text", "text_pair"?, "label"}):
+  the student is the backbone plus a linear head (`cpmctl.tasks.LinearHead`); the teacher is a
+  task model (a checkpoint with task.json and head.safetensors, e.g. OUT/checkpoint of an earlier
+  run, or the output of `cpmctl prompt-tune --full --head linear`), or a plain checkpoint when no
+  term needs the teacher (plain fine-tuning: --kd-weight 0 --mix-weight 0; this is how a teacher
+  is fine-tuned in the first place);
+- LM distillation (`--corpus SHARDS` from `cpmctl data prepare`): decoder-only students learn
+  next-token prediction, encoder-decoder ones span corruption, on the corpus, with the same four
+  terms over the vocabulary at every target position (mixed targets: both sequences' labels).
+
+Files:
+    OUT/metrics.jsonl            train/eval records (the shared core's format)
+    OUT/state/step-N/            training states; `--resume` continues exactly where they stop
+    OUT/checkpoint/              the student, written atomically at the end: a regular checkpoint
+                                 (config.json, model.safetensors, tokenizer/, cpmctl.json) plus,
+                                 for tasks, head.safetensors and task.json (labels, pooling)
+
+The teacher-logits cache (`--teacher-logits-cache DIR`, classification) stores the teacher's
+logits on the un-mixed training examples once. Mixed inputs change every step, so with
+--mix-weight > 0 the teacher stays loaded and runs online on them; the cache then saves only the
+teacher's pass over the originals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cpmctl import distill
+from cpmctl.errors import UserError
+
+log = logging.getLogger("cpmctl")
+
+TASK_FILE = "task.json"
+HEAD_FILE = "head.safetensors"
+MODEL_DIR = "checkpoint"
+PROMPT_TUNE_MODEL_DIR = "model"          # cpmctl prompt-tune --full writes OUT/model + an adapter in OUT
+TASK_FORMAT = "cpmctl-task-model"
+
+
+@dataclass
+class DistillConfig:
+    teacher: Path
+    out: Path
+    train: Path | None = None              # classification task (JSONL)
+    dev: Path | None = None
+    corpus: Path | None = None             # LM distillation: token shards from `cpmctl data prepare`
+    # the student: a checkpoint, a layer selection from the teacher, or a preset
+    student: Path | None = None
+    student_layers: str | None = None      # "N" (every other layer) or "0,2,4"; default half
+    student_decoder_layers: str | None = None
+    student_config: str | None = None
+    # the objective
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0
+    mix_weight: float = 1.0
+    smix_weight: float = 0.0
+    temperature: float = 2.0
+    mixup_alpha: float = 0.4
+    augment: int = 0                       # perturbed copies of each training example
+    augment_prob: float = 0.15             # share of tokens perturbed (half masked, half replaced)
+    teacher_logits_cache: Path | None = None
+    # data
+    train_fraction: float = 1.0
+    max_length: int = 128
+    seq_len: int = 128                     # LM mode
+    pooling: str = "mean"
+    freeze_embeddings: bool = False        # keep the token/position/type tables fixed
+    # training (the shared core)
+    batch_size: int = 32
+    epochs: float = 3.0
+    max_steps: int | None = None
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    device: str | None = None              # "cpu" forces the CPU; default: accelerate's choice
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+
+    @property
+    def weights(self) -> distill.LossWeights:
+        return distill.LossWeights(ce=self.ce_weight, kd=self.kd_weight, mix=self.mix_weight, smix=self.smix_weight)
+
+
+# =============================================================================================
+# Task models: backbone checkpoint + linear head + labels
+# =============================================================================================
+
+
+@dataclass
+class TaskModel:
+    path: Path                       # the checkpoint directory
+    model: nn.Module
+    head: nn.Module | None
+    labels: tuple[str, ...] | None
+    words: tuple[str, ...] | None
+    pooling: str
+    tokenizer_hash: str | None
+    identity: str                    # content hash of backbone and head: keys the logits cache
+
+
+def resolve_task_model(path: Path) -> Path:
+    """A task model directory, a run directory holding one (OUT/checkpoint), the output of
+    `cpmctl prompt-tune --full` (OUT/model beside its adapter), or a plain checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"teacher {path} does not exist")
+    for inner in (MODEL_DIR, PROMPT_TUNE_MODEL_DIR):
+        if (path / inner / "config.json").is_file():
+            return path / inner
+    return path
+
+
+def load_task_model(path: Path) -> TaskModel:
+    from cpmctl.checkpoint import SafetensorsFile, content_hash, load_model
+    from cpmctl.tasks import LinearHead
+
+    given = Path(path)
+    path = resolve_task_model(given)
+    model, ckpt = load_model(path)
+    head_state, labels, words, pooling = None, None, None, "mean"
+    task_file = path / TASK_FILE
+    if task_file.is_file():
+        try:
+            task = json.loads(task_file.read_text())
+            labels, words, pooling = tuple(task["labels"]), tuple(task["words"]), task["pooling"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise UserError(f"{task_file} is not a valid task description ({exc})") from None
+        st = SafetensorsFile(path / task.get("head", HEAD_FILE))
+        head_state = {name: st.get(name).clone() for name in st.names()}
+    elif path.name == PROMPT_TUNE_MODEL_DIR and (given / "adapter_config.json").is_file():
+        head_state, labels, words, pooling = _prompt_tune_head(given)
+    head = None
+    if head_state is not None:
+        head = LinearHead(model.config.d_model, len(labels), pooling)
+        try:
+            head.load_state_dict(head_state, strict=True)
+        except RuntimeError as exc:
+            raise UserError(f"the task head of {given} does not fit {len(labels)} labels and d_model {model.config.d_model}: {exc}") from None
+    weights_hash = ckpt.provenance.get("content_hash") or content_hash(ckpt.state_dict())
+    head_hash = content_hash(head.state_dict()) if head is not None else ""
+    identity = f"{weights_hash}:{head_hash}"
+    return TaskModel(path, model, head, labels, words, pooling, _tokenizer_hash(path), identity)
+
+
+def _prompt_tune_head(directory: Path):
+    """(head state, labels, words, pooling) of a `cpmctl prompt-tune --full --head linear` output."""
+    from cpmctl.prompt import load_adapter
+
+    adapter = load_adapter(directory)
+    meta = adapter.meta
+    if not meta.get("full_fine_tuning") or meta.get("scoring") != "linear" or adapter.prompt.shape[0]:
+        raise UserError(f"teacher {directory} is a prompt adapter; distillation takes a fully fine-tuned model with a "
+                        "linear head (cpmctl prompt-tune --full --head linear, or cpmctl distill)")
+    labels = tuple(meta["labels"])
+    return adapter.head, labels, tuple(meta["verbalizer"][label] for label in labels), meta["head"]["pooling"]
+
+
+def _tokenizer_hash(path: Path) -> str | None:
+    from cpmctl.tokenizer import load_tokenizer
+
+    tok_dir = path / "tokenizer"
+    return load_tokenizer(tok_dir).content_hash() if tok_dir.is_dir() else None
+
+
+def save_task_model(out: Path, model: nn.Module, head: nn.Module | None, *, labels=None, words=None, pooling="mean",
+                    tokenizer_dir: Path | None, parents, options: dict, metrics: dict) -> dict:
+    """Write OUT atomically: the checkpoint files, then head.safetensors and task.json beside them."""
+    from cpmctl.checkpoint import save_checkpoint, write_safetensors
+    from cpmctl.fsutil import atomic_directory
+
+    with atomic_directory(out, overwrite=True) as tmp:
+        inner = tmp / ".checkpoint"
+        provenance = save_checkpoint(inner, model.config, model.state_dict(), tokenizer_dir=tokenizer_dir,
+                                     stage="distill", parents=parents, options=options, metrics=metrics)
+        for item in inner.iterdir():
+            os.rename(item, tmp / item.name)
+        inner.rmdir()
+        if head is not None:
+            write_safetensors(tmp / HEAD_FILE, {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
+            task = {"format": TASK_FORMAT, "version": 1, "labels": list(labels), "words": list(words),
+                    "pooling": pooling, "head": HEAD_FILE, "metrics": metrics}
+            (tmp / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
+    return provenance
+
+
+# =============================================================================================
+# Batches the shared core can resume
+# =============================================================================================
+
+
+class TaskBatches:
+    """Training batches of encoded task rows, reshuffled every epoch by (seed, epoch).
+
+    Batch `position` of epoch `epoch` is fixed by those numbers alone, so (epoch, position) is
+    the whole resumable state. Unlike `tasks.TrainBatches`, each batch carries its rows'
+    indices (`index`, for the teacher-logits cache) and its (epoch, position) (`key`, to seed its
+    mixup draws), and the last partial batch of an epoch is kept (small data sets)."""
+
+    def __init__(self, rows, batch_size: int, pad_id: int, seed: int):
+        if not rows:
+            raise UserError("no training examples")
+        self.rows, self.batch_size, self.pad_id, self.seed = rows, batch_size, pad_id, seed
+        self.epoch = self.position = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        batch = self.batch_at(self.epoch, self.position)
+        self.position += 1
+        return batch
+
+    def batch_at(self, epoch: int, position: int) -> dict[str, Any]:
+        from cpmctl.tasks import collate
+
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        picked = order[position * self.batch_size:(position + 1) * self.batch_size]
+        batch = collate([self.rows[int(i)] for i in picked], self.pad_id)
+        batch["index"] = torch.as_tensor(picked, dtype=torch.long)
+        batch["key"] = (epoch, position)
+        return batch
+
+
+# =============================================================================================
+# The models the trainer sees: one forward over originals and mixed inputs together
+# =============================================================================================
+
+
+def mixup_draws(seed: int, key: tuple[int, int], n: int, alpha: float) -> tuple[Tensor, Tensor]:
+    """(perm, lambdas) of one batch, from a generator seeded by (seed, epoch, position)."""
+    rng = np.random.default_rng([seed, int(key[0]), int(key[1]), 0x313])
+    return distill.sample_pairs(rng, n), distill.sample_lambdas(rng, alpha, n)
+
+
+def mixed_task_inputs(scorer, batch: dict[str, Any], perm: Tensor, lam: Tensor, *, originals: bool) -> tuple[dict[str, Tensor], Tensor]:
+    """A task batch and its input embeddings: [originals;] mixed rows, in `scorer`'s own word
+    embeddings. Mixed rows attend to (and pool over) the union of their pair's positions."""
+    embed = scorer.model.embed.tokens
+    ids, mask, text, types = batch["input_ids"], batch["attention_mask"], batch["text_mask"], batch["token_type_ids"]
+    words = embed(ids)
+    pad = embed.weight[scorer.model.config.pad_token_id]
+    mixed, mixed_mask = distill.mix_batch(words, mask, perm, lam, pad)
+    perm = perm.to(ids.device)
+    mix = {"input_ids": ids, "attention_mask": mixed_mask, "text_mask": ((text != 0) | (text[perm] != 0)).long(),
+           "token_type_ids": torch.where(mask != 0, types, types[perm])}
+    if not originals:
+        return mix, mixed
+    both = {k: torch.cat([batch[k], mix[k]]) for k in mix}
+    return both, torch.cat([words, mixed])
+
+
+class MixKDClassifier(nn.Module):
+    """The trained module: a `tasks.Scorer` (backbone + linear head) whose forward returns the
+    logits of the originals and, given a pairing, of the mixed rows, in one pass."""
+
+    def __init__(self, scorer) -> None:
+        super().__init__()
+        self.scorer = scorer
+
+    def forward(self, batch: dict[str, Any], perm: Tensor | None = None, lam: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if perm is None:
+            return self.scorer(batch), None
+        both, embeds = mixed_task_inputs(self.scorer, batch, perm, lam, originals=True)
+        logits = self.scorer(both, embeds)
+        n = batch["input_ids"].shape[0]
+        return logits[:n], logits[n:]
+
+
+@dataclass
+class ClassificationObjective:
+    """`loss_fn(model, batch)` for the shared trainer."""
+
+    weights: distill.LossWeights
+    temperature: float
+    alpha: float
+    seed: int
+    n_classes: int
+    teacher: Any = None                       # tasks.Scorer in eval mode, or None
+    cache: distill.TeacherLogitsCache | None = None
+    teacher_flops_per_token: float = 0.0
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        b = batch
+        perm = lam = None
+        if self.weights.needs_mixup:
+            perm, lam = mixup_draws(self.seed, batch["key"], b["input_ids"].shape[0], self.alpha)
+        student, student_mix = model(b, perm, lam)
+        teacher = teacher_mix = targets_mix = None
+        teacher_tokens = 0
+        with torch.no_grad():
+            if self.weights.kd:
+                if self.cache is not None:
+                    teacher = self.cache.get(batch["index"]).to(student.device)
+                else:
+                    teacher = self.teacher(b).float()
+                    teacher_tokens += int(b["attention_mask"].sum())
+            if self.weights.mix:
+                mix, embeds = mixed_task_inputs(self.teacher, b, perm, lam, originals=False)
+                teacher_mix = self.teacher(mix, embeds).float()
+                teacher_tokens += int(mix["attention_mask"].sum())
+        if self.weights.smix:
+            targets_mix = distill.mixed_labels(b["labels"], perm, lam.to(student.device), self.n_classes)
+        loss, terms = distill.mixkd_loss(self.weights, self.temperature, student=student, labels=b["labels"], teacher=teacher,
+                                         student_mix=student_mix, teacher_mix=teacher_mix, targets_mix=targets_mix)
+        stats: dict[str, float] = {f"loss_{k}": v for k, v in terms.items()}
+        stats["flops"] = self.teacher_flops_per_token * teacher_tokens
+        tokens = float(b["attention_mask"].sum())
+        stats["tokens"] = tokens * (2 if student_mix is not None else 1)
+        return loss, stats
+
+
+# =============================================================================================
+# LM distillation
+# =============================================================================================
+
+
+class MixKDLanguageModel(nn.Module):
+    """A `Transformer` whose forward takes a cpmctl.data batch and, given a pairing, also runs the
+    mixed sequences (encoder and decoder inputs mixed with the same lambda) in the same pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor], perm: Tensor | None = None, lam: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        inputs = lm_inputs(self.model, batch, perm, lam)
+        logits = self.model(**inputs)
+        if perm is None:
+            return logits, None
+        n = batch["input_ids"].shape[0]
+        return logits[:n], logits[n:]
+
+
+def lm_inputs(model: nn.Module, batch: dict[str, Tensor], perm: Tensor | None, lam: Tensor | None) -> dict[str, Tensor]:
+    """Forward arguments for [originals; mixed] (or the originals alone when perm is None)."""
+    config = model.config
+    embed = model.embed.tokens
+    pad = embed.weight[config.pad_token_id]
+    out: dict[str, Tensor] = {}
+    pairs = [("input_ids", "attention_mask", "inputs_embeds")]
+    if config.arch == "encoder-decoder":
+        pairs.append(("decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds"))
+    for ids_key, mask_key, embeds_key in pairs:
+        ids = batch[ids_key]
+        mask = batch.get(mask_key, torch.ones_like(ids))
+        if perm is None:
+            out[ids_key], out[mask_key] = ids, mask
+            continue
+        words = embed(ids)
+        mixed, mixed_mask = distill.mix_batch(words, mask, perm, lam, pad)
+        out[embeds_key] = torch.cat([words, mixed])
+        out[mask_key] = torch.cat([mask, mixed_mask])
+    return out
+
+
+@dataclass
+class LMObjective:
+    weights: distill.LossWeights
+    temperature: float
+    alpha: float
+    seed: int
+    teacher: nn.Module | None = None
+    teacher_flops_per_token: float = 0.0
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        from cpmctl import losses
+
+        labels = batch["labels"]
+        n = labels.shape[0]
+        perm = lam = None
+        if self.weights.needs_mixup:
+            key = batch.get("key", (0, 0))
+            perm, lam = mixup_draws(self.seed, key, n, self.alpha)
+        student, student_mix = model(batch, perm, lam)
+        targets = losses.target_mask(labels)
+        terms: dict[str, Tensor] = {}
+        teacher_tokens = 0
+        if self.weights.ce:
+            terms["ce"] = losses.lm_loss(student, labels)
+        with torch.no_grad():
+            teacher = teacher_mix = None
+            if self.weights.kd:
+                teacher = losses.lm_forward(self.teacher, batch).float()
+                teacher_tokens += int(batch.get("attention_mask", labels).numel())
+            if self.weights.mix:
+                mixed = lm_inputs(self.teacher, batch, perm, lam)
+                teacher_mix = self.teacher(**mixed).float()[n:]
+                teacher_tokens += 2 * int(labels.numel())
+        if self.weights.kd:
+            terms["kd"] = losses.kd_loss(student, teacher, targets, self.temperature)
+        if perm is not None:
+            perm_d = perm.to(labels.device)
+            lam_d = lam.to(student.device)
+            union = targets | targets[perm_d]
+            if self.weights.mix:
+                terms["mix"] = losses.kd_loss(student_mix, teacher_mix, union, self.temperature)
+            if self.weights.smix:
+                terms["smix"] = mixed_lm_cross_entropy(student_mix, labels, labels[perm_d], lam_d)
+        total = sum(getattr(self.weights, k) * v for k, v in terms.items())
+        stats = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
+        stats["flops"] = self.teacher_flops_per_token * teacher_tokens
+        return total, stats
+
+
+def mixed_lm_cross_entropy(logits: Tensor, labels_a: Tensor, labels_b: Tensor, lam: Tensor) -> Tensor:
+    """Mean over positions targeted by either sequence of lam * CE(a) + (1 - lam) * CE(b)."""
+    from cpmctl.losses import IGNORE_INDEX
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+
+    def nll(labels: Tensor) -> Tensor:
+        picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        return -picked * (labels != IGNORE_INDEX)
+
+    lam = lam.reshape(-1, 1)
+    per_position = lam * nll(labels_a) + (1 - lam) * nll(labels_b)
+    union = (labels_a != IGNORE_INDEX) | (labels_b != IGNORE_INDEX)
+    return per_position.sum() / union.sum().clamp(min=1)
+
+
+class KeyedBatches:
+    """cpmctl.data.Batches with each batch's (epoch, position) attached, to seed its mixup draws."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.inner.load_state_dict(state)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.inner.position >= self.inner.batches_per_epoch:
+            key = (self.inner.epoch + 1, 0)
+        else:
+            key = (self.inner.epoch, self.inner.position)
+        batch = dict(next(self.inner))
+        batch["key"] = key
+        return batch
+
+
+# =============================================================================================
+# The stage
+# =============================================================================================
+
+
+def _check_config(cfg: DistillConfig) -> None:
+    if (cfg.train is None) == (cfg.corpus is None):
+        raise UserError("give either --train (a classification task) or --corpus (LM distillation)")
+    sources = [x for x in (cfg.student, cfg.student_layers, cfg.student_config) if x is not None]
+    if len(sources) > 1:
+        raise UserError("give at most one of --student, --student-layers and --student-config")
+    if cfg.student_decoder_layers is not None and cfg.student_layers is None:
+        raise UserError("--student-decoder-layers goes with --student-layers")
+    if cfg.temperature <= 0:
+        raise UserError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.weights.needs_mixup and cfg.mixup_alpha <= 0:
+        raise UserError(f"--mixup-alpha must be > 0, got {cfg.mixup_alpha}")
+    if not 0 < cfg.train_fraction <= 1:
+        raise UserError(f"--train-fraction must be in (0, 1], got {cfg.train_fraction}")
+    if cfg.augment < 0 or not 0 <= cfg.augment_prob <= 1:
+        raise UserError("--augment must be >= 0 and --augment-prob in [0, 1]")
+    if cfg.batch_size < 1 or cfg.epochs <= 0:
+        raise UserError("--batch-size must be >= 1 and --epochs > 0")
+    for path, what in ((cfg.train, "training file"), (cfg.dev, "dev file"), (cfg.corpus, "corpus")):
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{what} {path} does not exist")
+    if cfg.corpus is not None and cfg.teacher_logits_cache is not None:
+        raise UserError("--teacher-logits-cache serves classification tasks (--train); LM distillation runs the teacher online")
+    out = Path(cfg.out)
+    if cfg.resume:
+        if not (out / "state").is_dir():
+            raise UserError(f"--resume: {out} holds no training state; start without --resume")
+    elif out.exists() and not cfg.force:
+        raise UserError(f"output {out} already exists; choose a new path, --resume it or pass --force")
+
+
+def _clear_run(out: Path) -> None:
+    """--force: drop an earlier run's training states and metrics (its checkpoint/ is replaced
+    atomically at the end)."""
+    import shutil
+
+    from cpmctl.training import METRICS_FILE, STATE_DIR
+
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    (out / METRICS_FILE).unlink(missing_ok=True)
+
+
+def build_student(cfg: DistillConfig, teacher: nn.Module, teacher_tokenizer: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The student backbone and a description of where it came from."""
+    from cpmctl.checkpoint import load_model
+
+    config = teacher.config
+    if cfg.student is not None:
+        if _tokenizer_hash(Path(cfg.student)) != teacher_tokenizer:
+            raise UserError(f"student {cfg.student} and the teacher use different tokenizers; distillation needs the same token ids")
+        student_path = resolve_task_model(Path(cfg.student))
+        model, _ = load_model(student_path)
+        model = _owned(model)
+        if model.config.vocab_size != config.vocab_size:
+            raise UserError(f"student vocabulary {model.config.vocab_size} differs from the teacher's {config.vocab_size}")
+        return model, {"student": str(cfg.student)}
+    if cfg.student_config is not None:
+        model = distill.student_from_preset(cfg.student_config, config)
+        if cfg.corpus is None and model.config.arch != config.arch:
+            raise UserError(f"a {model.config.arch} student cannot take a {config.arch} teacher's task inputs; choose a {config.arch} preset")
+        return model, {"student_config": cfg.student_config}
+    n = config.n_layers
+    layers = distill.parse_layers(cfg.student_layers if cfg.student_layers is not None else str(max(1, n // 2)), n)
+    decoder_layers = None
+    if config.arch == "encoder-decoder":
+        nd = config.n_decoder_layers
+        spec = cfg.student_decoder_layers if cfg.student_decoder_layers is not None else (
+            cfg.student_layers if cfg.student_layers is not None else str(max(1, nd // 2)))
+        decoder_layers = distill.parse_layers(spec, nd)
+    student = distill.student_from_teacher(teacher, layers, decoder_layers)
+    info: dict[str, Any] = {"student_layers": layers}
+    if decoder_layers is not None:
+        info["student_decoder_layers"] = decoder_layers
+    return student, info
+
+
+def _owned(model: nn.Module) -> nn.Module:
+    """Parameters copied out of the checkpoint's memory map (a trained model must own them)."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(p.detach().clone().float() if p.is_floating_point() else p.detach().clone()))
+    return model
+
+
+def run(cfg: DistillConfig) -> dict[str, Any]:
+    _check_config(cfg)
+    weights = cfg.weights
+    teacher_tm = load_task_model(Path(cfg.teacher))
+    teacher = teacher_tm.model.float().eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student, student_info = build_student(cfg, teacher, teacher_tm.tokenizer_hash)
+    if cfg.force and not cfg.resume and Path(cfg.out).exists():
+        _clear_run(Path(cfg.out))
+    if cfg.corpus is not None:
+        return _run_lm(cfg, weights, teacher_tm, teacher, student, student_info)
+    return _run_classification(cfg, weights, teacher_tm, teacher, student, student_info)
+
+
+def _train_config(cfg: DistillConfig, steps_per_epoch: int):
+    from cpmctl.training import TrainConfig
+
+    max_steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch / cfg.grad_accum))
+    return TrainConfig(
+        out=Path(cfg.out), max_steps=max_steps, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+        warmup_steps=int(cfg.warmup_ratio * max_steps), grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm or None,
+        mixed_precision=cfg.mixed_precision, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
+        eval_every=cfg.eval_every, log_every=cfg.log_every, resume=cfg.resume, cpu=cfg.device == "cpu",
+        progress=cfg.progress, best_metric=None,
+    )
+
+
+def _trainable(cfg: DistillConfig):
+    """None (everything), or a predicate leaving out the embedding tables (the mixup still
+    interpolates them; they are just not updated). A tied LM head stays fixed with them."""
+    if not cfg.freeze_embeddings:
+        return None
+    tables = (".embed.tokens.", ".embed.positions.", ".embed.token_types.")
+    return lambda name: not any(t in f".{name}" for t in tables)
+
+
+def _options(cfg: DistillConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+
+
+def _run_classification(cfg, weights, teacher_tm: TaskModel, teacher, student, student_info) -> dict[str, Any]:
+    from cpmctl import tasks
+    from cpmctl.tokenizer import load_tokenizer
+    from cpmctl.training import Trainer, forward_flops_per_token
+
+    examples = tasks.load_examples(cfg.train)
+    label_set = tasks.LabelSet.from_examples(examples)
+    if teacher_tm.labels is not None and tuple(teacher_tm.labels) != label_set.labels:
+        raise UserError(f"the teacher was trained on labels {', '.join(teacher_tm.labels)}; {cfg.train} has {', '.join(label_set.labels)}")
+    if teacher_tm.head is None and weights.needs_teacher:
+        raise UserError(f"teacher {cfg.teacher} has no task head ({TASK_FILE}); fine-tune it first "
+                        "(cpmctl distill --teacher CKPT --student-layers ALL --kd-weight 0 --mix-weight 0 ...) "
+                        "or set --kd-weight 0 --mix-weight 0")
+    tok_dir = teacher_tm.path / "tokenizer"
+    if not tok_dir.is_dir():
+        raise UserError(f"teacher {teacher_tm.path} has no tokenizer/; a task needs one to encode its text")
+    tokenizer = load_tokenizer(tok_dir)
+    if tokenizer.pad_id is None:
+        raise UserError("the teacher's tokenizer has no padding token; batches need one")
+    limit = tasks.position_limit(student.config)
+    max_length = min(cfg.max_length, limit) if limit else cfg.max_length
+
+    if cfg.train_fraction < 1:
+        keep = max(1, round(cfg.train_fraction * len(examples)))
+        picked = np.sort(np.random.default_rng([cfg.seed, 0xF0]).permutation(len(examples))[:keep])
+        examples = [examples[int(i)] for i in picked]
+    rows, truncated = tasks.encode_examples(tokenizer, student.config, examples, label_set, mode="linear", max_length=max_length)
+    if truncated:
+        log.info(f"{truncated} training example(s) truncated to {max_length} tokens")
+    if cfg.augment:
+        prob = cfg.augment_prob
+        options = dict(vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special_ids | {tokenizer.unk_id} - {None},
+                       mask_id=tokenizer.mask_id, mask_prob=prob / 2 if tokenizer.mask_id is not None else 0.0,
+                       replace_prob=prob / 2 if tokenizer.mask_id is not None else prob)
+        new_ids, _ = distill.augment_examples([r.ids for r in rows], [r.label for r in rows], cfg.augment, cfg.seed, **options)
+        rows = rows + [replace(rows[i % len(rows)], ids=ids) for i, ids in enumerate(new_ids)]
+    dev_rows = None
+    if cfg.dev is not None:
+        dev_rows, _ = tasks.encode_examples(tokenizer, student.config, tasks.load_examples(cfg.dev), label_set, mode="linear", max_length=max_length)
+
+    # Heads: the student starts from the teacher's head when the widths match.
+    torch.manual_seed(cfg.seed)
+    head = tasks.LinearHead(student.config.d_model, len(label_set), cfg.pooling)
+    if teacher_tm.head is not None and teacher.config.d_model == student.config.d_model and teacher_tm.pooling == cfg.pooling:
+        head.load_state_dict(teacher_tm.head.state_dict())
+    scorer = tasks.Scorer(student, head=head)
+    model = MixKDClassifier(scorer)
+    teacher_scorer = tasks.Scorer(teacher, head=teacher_tm.head.float().eval()) if teacher_tm.head is not None else None
+
+    batches = TaskBatches(rows, cfg.batch_size, tokenizer.pad_id, cfg.seed)
+    trainer = Trainer(_train_config(cfg, batches.batches_per_epoch))
+    if teacher_scorer is not None:
+        teacher_scorer.to(trainer.device)
+    cache = None
+    if weights.kd and cfg.teacher_logits_cache is not None:
+        cache_path = Path(cfg.teacher_logits_cache)
+        if trainer.is_main:
+            cache = _teacher_cache(cache_path, teacher_scorer, teacher_tm, rows, tokenizer.pad_id, cfg.batch_size, trainer.device)
+        trainer.wait()
+        if cache is None:
+            cache = distill.TeacherLogitsCache.open(cache_path, teacher=teacher_tm.identity, examples=distill.examples_hash([r.ids for r in rows]))
+    if cache is not None and weights.mix:
+        log.info("teacher-logits cache: serves the KD term on the original examples; mixed inputs are new every step, "
+                 "so the teacher also runs online on them (--mix-weight 0 trains from the cache alone)")
+    if not (weights.mix > 0 or (weights.kd > 0 and cache is None)):
+        teacher_scorer = None  # nothing calls it any more: let it go
+    objective = ClassificationObjective(weights, cfg.temperature, cfg.mixup_alpha, cfg.seed, len(label_set), teacher_scorer, cache,
+                                        forward_flops_per_token(teacher) if teacher_scorer is not None else 0.0)
+
+    def evaluate(wrapped) -> dict[str, float]:
+        inner = wrapped.module if hasattr(wrapped, "module") else wrapped
+        metrics = tasks.evaluate(inner.scorer, tasks.eval_batches(dev_rows, cfg.batch_size, tokenizer.pad_id), len(label_set), device=trainer.device)
+        return {k: metrics[k] for k in ("accuracy", "macro_f1", "loss")}
+
+    log.info(f"distill: {len(rows):,} training rows ({cfg.augment} augmented copies each), {len(label_set)} labels, "
+             f"student {student_info}, weights {asdict(weights)}, T={cfg.temperature}, alpha={cfg.mixup_alpha}")
+    result = trainer.fit(model, objective, batches, eval_fn=evaluate if dev_rows else None, trainable=_trainable(cfg))
+    if trainer.is_main:
+        metrics = {"steps": result.step, **{f"dev_{k}": v for k, v in result.last_eval.items()}}
+        save_task_model(Path(cfg.out) / MODEL_DIR, scorer.model, scorer.head, labels=label_set.labels, words=label_set.words,
+                        pooling=cfg.pooling, tokenizer_dir=tok_dir, parents=[teacher_tm.path], options=_options(cfg), metrics=metrics)
+    trainer.wait()
+    return {"out": str(cfg.out), "model": str(Path(cfg.out) / MODEL_DIR), "steps": result.step, "train_rows": len(rows),
+            "dev": result.last_eval, "train": result.last_train, "train_seconds": result.train_seconds,
+            "resumed_from": result.resumed_from, "cache": str(cache.path) if cache is not None else None, **student_info}
+
+
+def _teacher_cache(path: Path, teacher_scorer, teacher_tm: TaskModel, rows, pad_id: int, batch_size: int, device) -> distill.TeacherLogitsCache:
+    from cpmctl import tasks
+
+    key = distill.examples_hash([r.ids for r in rows])
+    if path.exists():
+        cache = distill.TeacherLogitsCache.open(path, teacher=teacher_tm.identity, examples=key)
+        log.info(f"teacher-logits cache {path}: {len(cache):,} rows reused")
+        return cache
+    logits = np.zeros((len(rows), len(teacher_tm.labels)), dtype=np.float32)
+    with torch.no_grad():
+        for batch in tasks.eval_batches(rows, batch_size, pad_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits[batch["index"].cpu().numpy()] = teacher_scorer(batch).float().cpu().numpy()
+    log.info(f"teacher-logits cache {path}: {len(rows):,} rows written")
+    return distill.TeacherLogitsCache.build(path, logits, teacher=teacher_tm.identity, examples=key)
+
+
+def _run_lm(cfg, weights, teacher_tm: TaskModel, teacher, student, student_info) -> dict[str, Any]:
+    from cpmctl.data import make_batches
+    from cpmctl.tokenizer import load_tokenizer
+    from cpmctl.training import Trainer, forward_flops_per_token
+
+    config = student.config
+    if config.arch == "encoder" or teacher.config.arch == "encoder":
+        raise UserError("LM distillation needs decoder-only or encoder-decoder models (an encoder has no next-token objective)")
+    if student.lm_head is None or teacher.lm_head is None:
+        raise UserError("LM distillation needs models with an LM head")
+    tok_dir = teacher_tm.path / "tokenizer"
+    if not tok_dir.is_dir():
+        raise UserError(f"teacher {teacher_tm.path} has no tokenizer/; LM distillation needs it to read the corpus")
+    tokenizer = load_tokenizer(tok_dir)
+    objective_name = "span" if config.arch == "encoder-decoder" else "causal"
+    inner = make_batches(cfg.corpus, tokenizer, objective=objective_name, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                         seed=cfg.seed, decoder_start_id=config.start_token_id if config.arch == "encoder-decoder" else None)
+    batches = KeyedBatches(inner)
+    trainer = Trainer(_train_config(cfg, inner.batches_per_epoch))
+    if weights.needs_teacher:
+        teacher.to(trainer.device)
+    objective = LMObjective(weights, cfg.temperature, cfg.mixup_alpha, cfg.seed, teacher if weights.needs_teacher else None,
+                            forward_flops_per_token(teacher))
+    log.info(f"distill (LM, {objective_name}): student {student_info}, weights {asdict(weights)}, T={cfg.temperature}")
+    result = trainer.fit(MixKDLanguageModel(student), objective, batches, trainable=_trainable(cfg))
+    if trainer.is_main:
+        save_task_model(Path(cfg.out) / MODEL_DIR, student, None, tokenizer_dir=tok_dir, parents=[teacher_tm.path],
+                        options=_options(cfg), metrics={"steps": result.step, **result.last_train})
+    trainer.wait()
+    return {"out": str(cfg.out), "model": str(Path(cfg.out) / MODEL_DIR), "steps": result.step, "train": result.last_train,
+            "train_seconds": result.train_seconds, "resumed_from": result.resumed_from, **student_info}

