@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from forward import cpu_model, time_pairs  # noqa: E402
+from forward import time_pairs  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 from cpmctl import tasks  # noqa: E402
 from cpmctl.stages import distill as stage  # noqa: E402

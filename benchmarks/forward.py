@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,15 +34,9 @@ from cpmctl.checkpoint import load_model  # noqa: E402
 from cpmctl.config import ModelConfig  # noqa: E402
 from cpmctl.model import build_model  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_pairs(run_a, run_b, runs: int, warmup: int) -> tuple[list[float], list[float]]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402
 
 CUDA_SIZES = dict(d=4096, d_ff=10240, expert_sizes=(32, 80, 320), fractions=(0.1, 0.2, 0.5), tokens=(1, 8, 64, 2048),
                   dtypes=("float16", "bfloat16"))
@@ -47,16 +48,6 @@ CUDA_QUICK = dict(CUDA_SIZES, expert_sizes=(80,), fractions=(0.2,), dtypes=("flo
 CPU_SIZES = dict(d=128, d_ff=512, expert_sizes=(32, 128), fractions=(0.25, 0.5), tokens=(1, 8, 64),
                  dtypes=("float16", "bfloat16"))
 CPU_QUICK = dict(CPU_SIZES, expert_sizes=(32,), fractions=(0.25,), tokens=(1, 64), dtypes=("float16",))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_graph_timer(device: str):

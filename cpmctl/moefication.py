@@ -198,7 +198,7 @@ def train_mlp_router(router: MLPRouter, inputs: Tensor, targets: Tensor, *, epoc
     dtype = next(router.parameters()).dtype
     router.float()
     optimizer = torch.optim.Adam(router.parameters(), lr=lr)
-    losses, step = [], 0
+    losses: list[float] = []
     threads = torch.get_num_threads()
     # The router's matmuls are tiny: one thread is faster, and far faster on a busy machine.
     torch.set_num_threads(1)

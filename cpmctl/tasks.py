@@ -66,6 +66,7 @@ from torch import Tensor, nn
 
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
+from cpmctl.jsonl import iter_records
 
 SCORING_MODES = ("lm", "linear")
 POOLINGS = ("mean", "last")
@@ -85,36 +86,20 @@ class Example:
 
 def load_examples(path: str | Path, *, require_labels: bool = True) -> list[Example]:
     """Examples from a JSONL file of {"text": str, "text_pair": str (optional), "label": str|int}."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"task file {path} does not exist")
     examples = []
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{number} is not valid UTF-8") from None
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise UserError(f"{path}:{number} has no string field 'text'")
-            pair = record.get("text_pair")
-            if pair is not None and not isinstance(pair, str):
-                raise UserError(f"{path}:{number}: 'text_pair' must be a string")
-            label = record.get("label")
-            if label is None:
-                if require_labels:
-                    raise UserError(f"{path}:{number} has no 'label'")
-            elif isinstance(label, (str, int)) and not isinstance(label, bool):
-                label = str(label)
-            else:
-                raise UserError(f"{path}:{number}: 'label' must be a string or an integer")
-            examples.append(Example(record["text"], label, pair))
+    for number, record in iter_records(path, what="task file"):
+        pair = record.get("text_pair")
+        if pair is not None and not isinstance(pair, str):
+            raise UserError(f"{path}:{number}: 'text_pair' must be a string")
+        label = record.get("label")
+        if label is None:
+            if require_labels:
+                raise UserError(f"{path}:{number} has no 'label'")
+        elif isinstance(label, (str, int)) and not isinstance(label, bool):
+            label = str(label)
+        else:
+            raise UserError(f"{path}:{number}: 'label' must be a string or an integer")
+        examples.append(Example(record["text"], label, pair))
     if not examples:
         raise UserError(f"task file {path} holds no examples")
     return examples

@@ -35,6 +35,18 @@ def sp_tokenizer(tmp_path_factory, stdlib_text):
     return train_sentencepiece(stdlib_text, tmp_path_factory.mktemp("tok") / "sp", 1000)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests with one torch thread (restored afterwards): training loops of tiny
+    models are faster so, and far faster when other jobs share a small machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     """`slow` tests run with CPMCTL_SLOW=1 (or `-m slow`); `gpu` tests only where CUDA exists."""
     import os

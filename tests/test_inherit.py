@@ -20,13 +20,8 @@ from cpmctl.stages.inherit import InheritConfig, run
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a small shared machine two spinning OpenMP threads are far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread: on a small shared machine two spinning OpenMP threads are far slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

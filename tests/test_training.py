@@ -28,13 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CPMCTL = [sys.executable, "-m", "cpmctl.cli"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a small shared machine two spinning OpenMP threads are far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread: on a small shared machine two spinning OpenMP threads are far slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ The offload engine (experts and layers streamed under a memory budget) plugs in 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -54,25 +53,10 @@ class InferConfig:
 
 
 def read_texts(path: Path, field: str = "text") -> list[str]:
-    """Texts from a JSONL file of {"text": ...} records (plain lines are taken as text too)."""
-    if not path.is_file():
-        raise UserError(f"input file {path} does not exist")
-    texts = []
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{number} is not valid UTF-8") from None
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise UserError(f"{path}:{number} has no string field {field!r}")
-            texts.append(record[field])
+    """Texts from a JSONL file of {"text": ...} records."""
+    from cpmctl.jsonl import iter_records
+
+    texts = [record[field] for _, record in iter_records(path, text_field=field)]
     if not texts:
         raise UserError(f"input file {path} holds no records")
     return texts
@@ -102,7 +86,6 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool):
 
 def run(cfg: InferConfig) -> dict:
     cfg.validate()
-    import torch
 
     from cpmctl.checkpoint import load_model
     from cpmctl.devices import resolve_device, resolve_dtype

@@ -116,7 +116,10 @@ def _build_student(cfg: PretrainConfig, tok) -> tuple[torch.nn.Module, list[Path
                 p.data = p.data.clone()
         parents = [Path(cfg.init)]
     else:
-        overrides = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id, **cfg.model}
+        # bos too: a preset's bos id (llama-tiny's 2) is unk in a sentencepiece vocabulary without bos,
+        # and moefy/infer/tasks prepend config.bos_token_id to every decoder row.
+        overrides = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id,
+                     "bos_token_id": tok.bos_id, **cfg.model}
         config = ModelConfig.from_preset(cfg.preset, **overrides)
         torch.manual_seed(cfg.seed)
         model = build_model(config)
