@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--d-ff", type=int, default=1024)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--retrain", action="store_true", help="pre-train again even if WORK holds a model")
     parser.add_argument("--expert-size", type=int, default=32)
@@ -93,7 +93,8 @@ def main() -> None:
     parser.add_argument("--eval-docs", type=int, default=2000)
     parser.add_argument("--calibrate", type=int, default=0, help="also run with N calibration steps (0: uncalibrated only)")
     parser.add_argument("--calibrate-lr", type=float, default=1e-4)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine OpenMP spinning makes 2 threads several times slower)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -277,7 +277,10 @@ def distill(
     mixup_alpha: float = typer.Option(0.4, "--mixup-alpha", help="lambda ~ Beta(a, a)."),
     augment: int = typer.Option(0, "--augment", help="Perturbed copies of each training example (token masking/replacement)."),
     augment_prob: float = typer.Option(0.15, "--augment-prob", help="Share of tokens perturbed in an augmented copy."),
-    teacher_logits_cache: Optional[Path] = typer.Option(None, "--teacher-logits-cache", help="Directory of the teacher's logits on the training set (built once, reused)."),
+    teacher_logits_cache: Optional[Path] = typer.Option(None, "--teacher-logits-cache", help="Directory of the teacher's logits on the training set (built once, reused); --corpus: its top-K per target."),
+    teacher_cache_k: int = typer.Option(10, "--teacher-cache-k", help="--corpus with --teacher-logits-cache: teacher logits kept per target position."),
+    head: str = typer.Option("linear", "--head", help="Classification: linear (pooled hidden state) or lm (label words scored by the LM head, as in prompt-tune)."),
+    verbalizer: Optional[Path] = typer.Option(None, "--verbalizer", help="--head lm: JSON {label: word} (default: the labels, or the teacher's words)."),
     train_fraction: float = typer.Option(1.0, "--train-fraction", help="Train on this seeded share of --train."),
     max_length: int = typer.Option(128, "--max-length", help="Tokens per task example."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence (--corpus)."),
@@ -293,6 +296,7 @@ def distill(
     mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, bf16 or fp16."),
     eval_every: int = typer.Option(0, "--eval-every", help="Steps between dev evaluations (0: at the end)."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Steps between training states (0: at the end)."),
+    log_every: int = typer.Option(10, "--log-every", help="Steps between train records in metrics.jsonl."),
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu forces the CPU (default: a GPU when present)."),
     resume: bool = typer.Option(False, "--resume", help="Continue OUT from its newest training state."),
@@ -306,11 +310,12 @@ def distill(
         student_decoder_layers=student_decoder_layers, student_config=student_config, ce_weight=ce_weight,
         kd_weight=kd_weight, mix_weight=mix_weight, smix_weight=smix_weight, temperature=temperature,
         mixup_alpha=mixup_alpha, augment=augment, augment_prob=augment_prob, teacher_logits_cache=teacher_logits_cache,
+        teacher_cache_k=teacher_cache_k, head=head, verbalizer=verbalizer,
         train_fraction=train_fraction, max_length=max_length, seq_len=seq_len, freeze_embeddings=freeze_embeddings,
         batch_size=batch_size, epochs=epochs,
         max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, schedule=schedule,
         grad_accum=grad_accum, mixed_precision=mixed_precision, eval_every=eval_every, checkpoint_every=checkpoint_every,
-        seed=seed, device=device, resume=resume, force=force,
+        log_every=log_every, seed=seed, device=device, resume=resume, force=force,
     )
     _print_json(stage.run(cfg))
 

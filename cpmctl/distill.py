@@ -29,8 +29,10 @@ Objective (`mixkd_loss`), every weight exposed because the paper does not publis
 
 KD_T is the temperature-T KL divergence scaled by T^2 (`cpmctl.losses`).
 
-The teacher-logits cache holds the teacher's logits for the un-mixed training examples only: a
-mixed input is new every step, so the mixed-KD term always needs the teacher online.
+The teacher-logits cache holds the teacher's class logits (linear-head or label-word scores) for
+the un-mixed training examples only: a mixed input is new every step, so the mixed-KD term always
+needs the teacher online. (LM distillation on a corpus uses pretrain's top-K cache,
+`cpmctl.teacher_cache`.)
 """
 
 from __future__ import annotations

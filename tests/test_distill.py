@@ -399,7 +399,7 @@ def test_cache_gives_the_online_teachers_kd_loss(tmp_path, fine_tuned_teacher, t
     from cpmctl.stages.distill import ClassificationObjective, _teacher_cache
 
     tm, tok, rows, teacher, student, batches = _objective_setup(fine_tuned_teacher, task_files)
-    cache = _teacher_cache(tmp_path / "cache", teacher, tm, rows, tok.pad_id, 16, "cpu")
+    cache = _teacher_cache(tmp_path / "cache", teacher, tm.identity, rows, tok.pad_id, 16, "cpu")
     assert len(cache) == len(rows)
     weights = distill.LossWeights(ce=0.5, kd=1.0, mix=0.0, smix=0.0)
     online = ClassificationObjective(weights, 2.0, 0.4, 0, 3, teacher=teacher, teacher_flops_per_token=1.0)
@@ -413,10 +413,10 @@ def test_cache_gives_the_online_teachers_kd_loss(tmp_path, fine_tuned_teacher, t
             assert stats_cached["loss_kd"] == pytest.approx(stats_online["loss_kd"], rel=1e-6, abs=1e-7)
             assert stats_online["flops"] > 0 and stats_cached["flops"] == 0  # the cache saved the teacher pass
     # A second open reuses it; another teacher or other examples are refused.
-    again = _teacher_cache(tmp_path / "cache", teacher, tm, rows, tok.pad_id, 16, "cpu")
+    again = _teacher_cache(tmp_path / "cache", teacher, tm.identity, rows, tok.pad_id, 16, "cpu")
     assert np.array_equal(np.asarray(again.logits), np.asarray(cache.logits))
     with pytest.raises(UserError, match="other training examples"):
-        _teacher_cache(tmp_path / "cache", teacher, tm, rows[:-1], tok.pad_id, 16, "cpu")
+        _teacher_cache(tmp_path / "cache", teacher, tm.identity, rows[:-1], tok.pad_id, 16, "cpu")
 
 
 def test_mixed_objective_uses_both_models_on_the_same_mixture(fine_tuned_teacher, task_files):
@@ -525,3 +525,253 @@ def test_prompt_tune_full_output_is_a_teacher(tmp_path, base_checkpoint, task_fi
                   "--max-steps", 1, *FAST)
     assert result.exit_code == 0, result.output
     assert load_task_model(out).model.config.n_layers == 1
+
+
+# -- classification with label words (--head lm), as in prompt-tune ---------------------------------
+LABEL_WORDS = {"long": "file", "medium": "value", "short": "name"}
+
+
+@pytest.fixture(scope="module")
+def lm_teachers(tmp_path_factory, sp_tokenizer, task_files):
+    """Plain llama-tiny and t5-tiny checkpoints (2 layers, the session tokenizer) and a verbalizer
+    of single-token words (decoder-only models score one token per class)."""
+    import json
+
+    from cpmctl.checkpoint import save_model
+
+    root = tmp_path_factory.mktemp("lm_teachers")
+    tok_dir = sp_tokenizer.save(root / "tok")
+    (root / "words.json").write_text(json.dumps(LABEL_WORDS))
+    out = {"verbalizer": root / "words.json"}
+    for preset in ("llama-tiny", "t5-tiny"):
+        torch.manual_seed(1)
+        layers = {"n_layers": 2, **({"n_decoder_layers": 2} if preset == "t5-tiny" else {})}
+        model = build_model(ModelConfig.from_preset(preset, vocab_size=sp_tokenizer.vocab_size, **layers))
+        save_model(model, root / preset, tokenizer_dir=tok_dir)
+        out[preset] = root / preset
+    return out
+
+
+def _direct_label_scores(model, row, label_ids):
+    """log p(label word | input) by hand: decoder-only, the next token after the last position;
+    encoder-decoder, the word's tokens teacher-forced from the start token, summed."""
+    ids = torch.tensor([row.ids])
+    if model.config.arch == "decoder":
+        logp = model(ids)[0, -1].log_softmax(-1)
+        return torch.stack([logp[word[0]] for word in label_ids])
+    scores = []
+    for word in label_ids:
+        dec = torch.tensor([[model.config.start_token_id, *word[:-1]]])
+        logp = model(ids, decoder_input_ids=dec)[0].log_softmax(-1)
+        scores.append(sum(logp[j, t] for j, t in enumerate(word)))
+    return torch.stack(scores)
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "t5-tiny"])
+def test_lm_head_distillation_trains_and_scores_label_words(tmp_path, preset, lm_teachers, task_files, one_torch_thread):
+    from cpmctl import tasks
+    from cpmctl.stages.distill import load_task_model
+    from cpmctl.tokenizer import load_tokenizer
+    from cpmctl.training import read_metrics
+
+    out = tmp_path / "student"
+    # One batch holds the whole training set, so every step sees the same originals: their terms must fall.
+    result = _cli("distill", out, "--teacher", lm_teachers[preset], "--train", task_files / "train.jsonl", "--dev",
+                  task_files / "dev.jsonl", "--head", "lm", "--verbalizer", lm_teachers["verbalizer"], "--student-layers", 1,
+                  "--smix-weight", 0.5, "--max-steps", 6, "--batch-size", 96, "--max-length", 32, "--lr", 3e-3,
+                  "--schedule", "constant", "--warmup-ratio", 0, "--log-every", 1)
+    assert result.exit_code == 0, result.output
+    train = [r for r in read_metrics(out) if r["kind"] == "train"]
+    assert len(train) == 6 and all(math.isfinite(train[-1][f"loss_{k}"]) for k in ("ce", "kd", "mix", "smix"))
+    first, last = train[0]["loss_ce"] + train[0]["loss_kd"], train[-1]["loss_ce"] + train[-1]["loss_kd"]
+    assert last < 0.9 * first, (first, last)
+
+    student = load_task_model(out)
+    assert student.scoring == "lm" and student.head is None and student.words == ("file", "value", "name")
+    assert student.model.config.arch == {"llama-tiny": "decoder", "t5-tiny": "encoder-decoder"}[preset]
+    # Its class scores are the LM head's log-probabilities of the label words, computed by hand.
+    tok = load_tokenizer(student.path / "tokenizer")
+    label_ids = tasks.label_token_ids(tok, student.words)
+    assert all(len(w) == 1 for w in label_ids)
+    examples = tasks.load_examples(task_files / "dev.jsonl")
+    labels = tasks.LabelSet(student.labels, student.words)
+    rows, _ = tasks.encode_examples(tok, student.model.config, examples, labels, mode="lm", max_length=32)
+    model = student.model.float().eval()
+    with torch.no_grad():
+        got = tasks.Scorer(model, label_ids=label_ids)(tasks.collate(rows, tok.pad_id))
+        by_hand = torch.stack([_direct_label_scores(model, row, label_ids) for row in rows])
+    assert torch.allclose(got, by_hand, atol=1e-4)
+    # The run's dev evaluation scored the same way: its accuracy is the hand-computed one.
+    accuracy = float((by_hand.argmax(-1) == torch.tensor([r.label for r in rows])).float().mean())
+    final_eval = [r for r in read_metrics(out) if r["kind"] == "eval"][-1]
+    assert final_eval["accuracy"] == pytest.approx(accuracy)
+    # The teacher's words are the default verbalizer of a student distilled from it.
+    again = _cli("distill", tmp_path / "from_student", "--teacher", out, "--train", task_files / "train.jsonl", "--head", "lm",
+                 "--student-layers", 1, "--max-steps", 1, "--batch-size", 32, "--max-length", 32)
+    assert again.exit_code == 0, again.output
+    assert load_task_model(tmp_path / "from_student").words == ("file", "value", "name")
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "t5-tiny"])
+def test_lm_head_cache_gives_the_online_teachers_label_word_kd(tmp_path, preset, lm_teachers, task_files, one_torch_thread):
+    from cpmctl import tasks
+    from cpmctl.stages.distill import (
+        ClassificationObjective,
+        MixKDClassifier,
+        TaskBatches,
+        _teacher_cache,
+        load_task_model,
+        teacher_key,
+    )
+    from cpmctl.tokenizer import load_tokenizer
+
+    tm = load_task_model(lm_teachers[preset])
+    tok = load_tokenizer(tm.path / "tokenizer")
+    examples = tasks.load_examples(task_files / "train.jsonl")
+    labels = tasks.LabelSet.from_examples(examples, LABEL_WORDS)
+    label_ids = tasks.label_token_ids(tok, labels.words)
+    rows, _ = tasks.encode_examples(tok, tm.model.config, examples, labels, mode="lm", max_length=32)
+    teacher = tasks.Scorer(tm.model.float().eval(), label_ids=label_ids)
+    student = MixKDClassifier(tasks.Scorer(distill.student_from_teacher(tm.model, [1], [1] if preset == "t5-tiny" else None),
+                                           label_ids=label_ids)).eval()
+    key = teacher_key(tm, label_ids)
+    cache = _teacher_cache(tmp_path / "cache", teacher, key, rows, tok.pad_id, 16, "cpu")
+    assert np.asarray(cache.logits).shape == (len(rows), 3)
+    batches = TaskBatches(rows, 8, tok.pad_id, seed=0)
+    weights = distill.LossWeights(ce=0.5, kd=1.0, mix=0.0, smix=0.0)
+    online = ClassificationObjective(weights, 2.0, 0.4, 0, 3, teacher=teacher, teacher_flops_per_token=1.0)
+    cached = ClassificationObjective(weights, 2.0, 0.4, 0, 3, cache=cache)
+    with torch.no_grad():
+        for position in range(3):
+            batch = batches.batch_at(1, position)
+            assert torch.allclose(cache.get(batch["index"]), teacher(batch), atol=1e-5)
+            loss_online, stats_online = online(student, batch)
+            loss_cached, stats_cached = cached(student, batch)
+            assert stats_cached["loss_kd"] > 0
+            assert float(loss_cached) == pytest.approx(float(loss_online), rel=1e-5, abs=1e-6)
+            assert stats_online["flops"] > 0 and stats_cached["flops"] == 0
+    # Other label words give other class logits: the cache is keyed on them and refused.
+    other = tasks.label_token_ids(tok, ["value", "file", "name"])
+    assert teacher_key(tm, other) != key
+    with pytest.raises(UserError, match="another teacher"):
+        _teacher_cache(tmp_path / "cache", teacher, teacher_key(tm, other), rows, tok.pad_id, 16, "cpu")
+
+
+def test_lm_head_needs_an_lm_head_and_mixup_needs_no_mask_slot(tmp_path, base_checkpoint, task_files, lm_teachers):
+    train = task_files / "train.jsonl"
+    out = tmp_path / "out"
+    for args, message in [
+        (["--teacher", base_checkpoint, "--head", "lm"], "answers at a [MASK] position"),
+        (["--teacher", lm_teachers["llama-tiny"], "--head", "words"], "unknown --head"),
+        (["--teacher", lm_teachers["llama-tiny"], "--verbalizer", lm_teachers["verbalizer"]], "--verbalizer names"),
+        (["--teacher", lm_teachers["llama-tiny"], "--head", "lm", "--verbalizer", tmp_path / "none.json"], "does not exist"),
+    ]:
+        result = _cli("distill", out, *args, "--train", train, "--max-steps", 1)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert not out.exists(), args
+
+
+# -- LM distillation with pretrain's top-K teacher cache -------------------------------------------
+@pytest.fixture(scope="module")
+def lm_corpus(tmp_path_factory, sp_tokenizer, stdlib_text, lm_teachers):
+    from cpmctl.data import prepare
+
+    root = tmp_path_factory.mktemp("lm_corpus")
+    prepare(stdlib_text, sp_tokenizer, root / "shards", progress=False)
+    return root / "shards"
+
+
+CORPUS_FAST = ["--student-layers", 1, "--seq-len", 32, "--batch-size", 4, "--max-steps", 3, "--teacher-cache-k", 8]
+
+
+def test_corpus_cache_gives_the_online_top_k_kd_and_stale_caches_are_refused(tmp_path, lm_teachers, lm_corpus, sp_tokenizer, one_torch_thread):
+    from cpmctl.checkpoint import save_model
+    from cpmctl.stages.distill import load_task_model
+    from cpmctl.training import read_metrics
+
+    teacher_dir, cache = lm_teachers["llama-tiny"], tmp_path / "cache"
+    # With mixup the cache serves the originals and the teacher still runs online on mixed rows.
+    result = _cli("distill", tmp_path / "run", "--teacher", teacher_dir, "--corpus", lm_corpus, "--teacher-logits-cache", cache,
+                  "--smix-weight", 0.5, *CORPUS_FAST)
+    assert result.exit_code == 0, result.output
+    assert (cache / "meta.json").is_file() and np.load(cache / "ids.npy").shape[1] == 8
+    last = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"][-1]
+    assert all(math.isfinite(last[f"loss_{k}"]) and last[f"loss_{k}"] > 0 for k in ("ce", "kd", "mix", "smix"))
+    assert last["flops"] > 0  # the mixed rows' teacher passes
+
+    # The cached top-K KD equals top-K KD from the online teacher on the same batches.
+    _check_cached_top_k_kd(load_task_model(teacher_dir).model.float().eval(), cache, lm_corpus, sp_tokenizer)
+
+    # A run with --mix-weight 0 reuses the cache as is and never needs the teacher online.
+    before = (cache / "ids.npy").stat().st_mtime_ns
+    reuse = _cli("distill", tmp_path / "reuse", "--teacher", teacher_dir, "--corpus", lm_corpus, "--teacher-logits-cache", cache,
+                 "--mix-weight", 0, *CORPUS_FAST)
+    assert reuse.exit_code == 0, reuse.output
+    assert (cache / "ids.npy").stat().st_mtime_ns == before
+    no_cache = _cli("distill", tmp_path / "online", "--teacher", teacher_dir, "--corpus", lm_corpus, "--mix-weight", 0, *CORPUS_FAST)
+    assert no_cache.exit_code == 0, no_cache.output
+
+    def flops(run):  # the student's passes, plus the teacher's when it runs online
+        return [r for r in read_metrics(tmp_path / run) if r["kind"] == "train"][-1]["flops"]
+
+    assert 0 < flops("reuse") < flops("online")
+
+    # Stale caches are refused: another K, another teacher, a longer run.
+    torch.manual_seed(5)
+    other = build_model(ModelConfig.from_preset("llama-tiny", vocab_size=sp_tokenizer.vocab_size, n_layers=2))
+    save_model(other, tmp_path / "other_teacher", tokenizer_dir=teacher_dir / "tokenizer")
+    for args, message in [
+        (["--teacher", teacher_dir, "--teacher-cache-k", 4], "k differ"),
+        (["--teacher", tmp_path / "other_teacher"], "teacher_content_hash differ"),
+        (["--teacher", teacher_dir, "--max-steps", 5], "covers 3 batches"),
+    ]:
+        out = tmp_path / "stale"
+        result = _cli("distill", out, "--corpus", lm_corpus, "--teacher-logits-cache", cache, *CORPUS_FAST, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert not out.exists(), args
+
+
+def _check_cached_top_k_kd(teacher, cache, corpus, tokenizer, k=8, steps=3):
+    """LMObjective on CachedTeacherBatches (no teacher at hand) == top-K KD of the online teacher."""
+    from cpmctl import losses
+    from cpmctl.data import make_batches
+    from cpmctl.stages.distill import KeyedBatches, LMObjective, MixKDLanguageModel
+    from cpmctl.teacher_cache import CachedTeacherBatches
+
+    config = teacher.config
+    span = config.arch == "encoder-decoder"
+    student = MixKDLanguageModel(distill.student_from_teacher(teacher, [1], [1] if span else None)).eval()
+
+    def stream():
+        return KeyedBatches(make_batches(corpus, tokenizer, objective="span" if span else "causal", batch_size=4, seq_len=32,
+                                         seed=0, decoder_start_id=config.start_token_id if span else None))
+
+    weights = distill.LossWeights(ce=0.5, kd=1.0, mix=0.0, smix=0.0)
+    cached_objective = LMObjective(weights, 2.0, 0.4, 0, teacher=None)  # no teacher: the cache must serve every batch
+    online, cached = stream(), CachedTeacherBatches(stream(), cache)
+    with torch.no_grad():
+        for _ in range(steps):
+            a, b = next(online), next(cached)
+            assert a["key"] == b["key"] and torch.equal(a["labels"], b["labels"])
+            s_logits = student(a)[0]
+            t_logits = losses.lm_forward(teacher, a)
+            ids, values = losses.teacher_topk(t_logits, k, student.model.config.vocab_size)
+            mask = losses.target_mask(a["labels"])
+            want = losses.kd_loss_topk(s_logits, ids, values, mask, 2.0)
+            loss, stats = cached_objective(student, b)
+            assert stats["loss_kd"] == pytest.approx(float(want), rel=1e-6)
+            assert float(loss) == pytest.approx(0.5 * float(losses.lm_loss(s_logits, a["labels"])) + float(want), rel=1e-6)
+            assert stats["flops"] == 0
+            assert not torch.allclose(want, losses.kd_loss(s_logits, t_logits, mask, 2.0))  # top-k, not the full softmax
+
+
+def test_corpus_cache_serves_an_encoder_decoder(tmp_path, lm_teachers, lm_corpus, sp_tokenizer, one_torch_thread):
+    from cpmctl.stages.distill import load_task_model
+
+    result = _cli("distill", tmp_path / "run", "--teacher", lm_teachers["t5-tiny"], "--corpus", lm_corpus,
+                  "--teacher-logits-cache", tmp_path / "cache", "--mix-weight", 0, *CORPUS_FAST)
+    assert result.exit_code == 0, result.output
+    assert '"cache_flops"' in result.output
+    _check_cached_top_k_kd(load_task_model(lm_teachers["t5-tiny"]).model.float().eval(), tmp_path / "cache", lm_corpus, sp_tokenizer)

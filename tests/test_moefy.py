@@ -154,6 +154,28 @@ def test_calibration_lowers_the_moe_perplexity(tmp_path, dense_ckpt, corpus):
     assert tuned["quality"]["dense_perplexity"] == plain["quality"]["dense_perplexity"]
 
 
+def test_pretrained_lm_rows_start_with_the_text_not_the_presets_bos(tmp_path, corpus, sp_tokenizer):
+    """Regression: `pretrain` from llama-tiny kept the preset's bos id 2, which is unk in a
+    SentencePiece vocabulary without bos, so moefy's report prepended unk to every held-out row."""
+    from cpmctl.checkpoint import read_config
+    from cpmctl.data import prepare
+    from cpmctl.stages import pretrain
+    from cpmctl.stages.moefy import load_documents
+
+    tok_dir = sp_tokenizer.save(tmp_path / "tok")
+    prepare(corpus, sp_tokenizer, tmp_path / "shards", progress=False)
+    pretrain.run(pretrain.PretrainConfig(out=tmp_path / "lm", data=tmp_path / "shards", preset="llama-tiny", tokenizer=tok_dir,
+                                         model={"activation": "relu", "gated": False}, seq_len=16, batch_size=2,
+                                         max_steps=1, eval_batches=1, progress=False))
+    dense = tmp_path / "lm" / "checkpoint"
+    config = read_config(dense)
+    assert sp_tokenizer.bos_id is None and config.bos_token_id is None
+    _, held_out, _ = load_documents(_cfg(dense, tmp_path / "moe", corpus), config, dense)
+    texts = [line for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+    first_ids = {tuple(sp_tokenizer.encode(t)[:3]) for t in texts}
+    assert all(tuple(row[:3]) in first_ids for row in held_out)
+
+
 def _cli(args):
     return CliRunner().invoke(app, args)
 

@@ -6,12 +6,20 @@ accelerate, AdamW, schedule, accumulation, clipping, autocast, atomic training s
 resume, progress, metrics JSON lines).
 
 Two modes:
-- classification (`--train X.jsonl`, tasks as in prompt-tune: {"text", "text_pair"?, "label"}):
-  the student is the backbone plus a linear head (`cpmctl.tasks.LinearHead`); the teacher is a
-  task model (a checkpoint with task.json and head.safetensors, e.g. OUT/checkpoint of an earlier
-  run, or the output of `cpmctl prompt-tune --full --head linear`), or a plain checkpoint when no
-  term needs the teacher (plain fine-tuning: --kd-weight 0 --mix-weight 0; this is how a teacher
-  is fine-tuned in the first place);
+- classification (`--train X.jsonl`, tasks as in prompt-tune: {"text", "text_pair"?, "label"}),
+  scored as in prompt-tune (`cpmctl.tasks.Scorer`):
+  `--head linear` (default): the student is the backbone plus a linear head
+  (`cpmctl.tasks.LinearHead`); the teacher is a task model (a checkpoint with task.json and
+  head.safetensors, e.g. OUT/checkpoint of an earlier run, or the output of `cpmctl prompt-tune
+  --full --head linear`), or a plain checkpoint when no term needs the teacher (plain fine-tuning:
+  --kd-weight 0 --mix-weight 0; this is how a teacher is fine-tuned in the first place);
+  `--head lm` (decoder-only and encoder-decoder models; `--verbalizer labels.json`): teacher and
+  student answer with the label word, each class scored by its LM head (log-probability of the
+  word), and every term (CE, KD, mixed KD, mixed CE) works on those class scores. The teacher is
+  any checkpoint with an LM head (a plain one, an earlier `--head lm` run, whose words become the
+  default verbalizer, or `cpmctl prompt-tune --full --head lm`); mixup still interpolates word
+  embeddings. An encoder-only model answers at a [MASK] slot, which a mixed pair does not share,
+  so there `--head lm` runs without the mixup terms;
 - LM distillation (`--corpus SHARDS` from `cpmctl data prepare`): decoder-only students learn
   next-token prediction, encoder-decoder ones span corruption, on the corpus, with the same four
   terms over the vocabulary at every target position (mixed targets: both sequences' labels).
@@ -23,8 +31,13 @@ Files:
                                  (config.json, model.safetensors, tokenizer/, cpmctl.json) plus,
                                  for tasks, head.safetensors and task.json (labels, pooling)
 
-The teacher-logits cache (`--teacher-logits-cache DIR`, classification) stores the teacher's
-logits on the un-mixed training examples once. Mixed inputs change every step, so with
+The teacher-logits cache (`--teacher-logits-cache DIR`) stores the teacher's outputs on the
+un-mixed training examples once: for a task, its class logits [N, C] (`cpmctl.distill.
+TeacherLogitsCache`; linear-head or label-word scores, keyed on the teacher, its head or label
+words, and the examples); for `--corpus`, pretrain's top-K cache (`cpmctl.teacher_cache`, K =
+`--teacher-cache-k`) over every micro-batch of the run, keyed on teacher, data, batch layout, seed
+and K, and the KD term becomes KL against the teacher's top-K renormalised (as in pretrain's
+knowledge inheritance). A stale cache is refused. Mixed inputs change every step, so with
 --mix-weight > 0 the teacher stays loaded and runs online on them; the cache then saves only the
 teacher's pass over the originals.
 """
@@ -43,7 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cpmctl import distill
+from cpmctl import distill, teacher_cache
 from cpmctl.errors import UserError
 
 log = logging.getLogger("cpmctl")
@@ -77,6 +90,10 @@ class DistillConfig:
     augment: int = 0                       # perturbed copies of each training example
     augment_prob: float = 0.15             # share of tokens perturbed (half masked, half replaced)
     teacher_logits_cache: Path | None = None
+    teacher_cache_k: int = 10              # --corpus: the cache keeps the teacher's top-K logits per target
+    # classification scoring (as in prompt-tune)
+    head: str = "linear"                   # linear (pooled hidden state) | lm (label words by the LM head)
+    verbalizer: Path | None = None         # --head lm: JSON {label: word} (default: the label itself)
     # data
     train_fraction: float = 1.0
     max_length: int = 128
@@ -123,6 +140,7 @@ class TaskModel:
     pooling: str
     tokenizer_hash: str | None
     identity: str                    # content hash of backbone and head: keys the logits cache
+    scoring: str = "linear"          # how task.json says its classes are scored: linear | lm
 
 
 def resolve_task_model(path: Path) -> Path:
@@ -144,18 +162,20 @@ def load_task_model(path: Path) -> TaskModel:
     given = Path(path)
     path = resolve_task_model(given)
     model, ckpt = load_model(path)
-    head_state, labels, words, pooling = None, None, None, "mean"
+    head_state, labels, words, pooling, scoring = None, None, None, "mean", "linear"
     task_file = path / TASK_FILE
     if task_file.is_file():
         try:
             task = json.loads(task_file.read_text())
             labels, words, pooling = tuple(task["labels"]), tuple(task["words"]), task["pooling"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            scoring = task.get("scoring", "linear")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise UserError(f"{task_file} is not a valid task description ({exc})") from None
-        st = SafetensorsFile(path / task.get("head", HEAD_FILE))
-        head_state = {name: st.get(name).clone() for name in st.names()}
+        if scoring == "linear":
+            st = SafetensorsFile(path / task.get("head", HEAD_FILE))
+            head_state = {name: st.get(name).clone() for name in st.names()}
     elif path.name == PROMPT_TUNE_MODEL_DIR and (given / "adapter_config.json").is_file():
-        head_state, labels, words, pooling = _prompt_tune_head(given)
+        head_state, labels, words, pooling, scoring = _prompt_tune_head(given)
     head = None
     if head_state is not None:
         head = LinearHead(model.config.d_model, len(labels), pooling)
@@ -166,20 +186,24 @@ def load_task_model(path: Path) -> TaskModel:
     weights_hash = ckpt.provenance.get("content_hash") or content_hash(ckpt.state_dict())
     head_hash = content_hash(head.state_dict()) if head is not None else ""
     identity = f"{weights_hash}:{head_hash}"
-    return TaskModel(path, model, head, labels, words, pooling, _tokenizer_hash(path), identity)
+    return TaskModel(path, model, head, labels, words, pooling, _tokenizer_hash(path), identity, scoring)
 
 
 def _prompt_tune_head(directory: Path):
-    """(head state, labels, words, pooling) of a `cpmctl prompt-tune --full --head linear` output."""
+    """(head state or None, labels, words, pooling, scoring) of a `cpmctl prompt-tune --full`
+    output (--head linear: the head; --head lm: the label words alone)."""
     from cpmctl.prompt import load_adapter
 
     adapter = load_adapter(directory)
     meta = adapter.meta
-    if not meta.get("full_fine_tuning") or meta.get("scoring") != "linear" or adapter.prompt.shape[0]:
-        raise UserError(f"teacher {directory} is a prompt adapter; distillation takes a fully fine-tuned model with a "
-                        "linear head (cpmctl prompt-tune --full --head linear, or cpmctl distill)")
+    if not meta.get("full_fine_tuning") or meta.get("scoring") not in ("linear", "lm") or adapter.prompt.shape[0]:
+        raise UserError(f"teacher {directory} is a prompt adapter; distillation takes a fully fine-tuned model "
+                        "(cpmctl prompt-tune --full, or cpmctl distill)")
     labels = tuple(meta["labels"])
-    return adapter.head, labels, tuple(meta["verbalizer"][label] for label in labels), meta["head"]["pooling"]
+    words = tuple(meta["verbalizer"][label] for label in labels)
+    if meta["scoring"] == "lm":
+        return None, labels, words, "mean", "lm"
+    return adapter.head, labels, words, meta["head"]["pooling"], "linear"
 
 
 def _tokenizer_hash(path: Path) -> str | None:
@@ -191,7 +215,8 @@ def _tokenizer_hash(path: Path) -> str | None:
 
 def save_task_model(out: Path, model: nn.Module, head: nn.Module | None, *, labels=None, words=None, pooling="mean",
                     tokenizer_dir: Path | None, parents, options: dict, metrics: dict) -> dict:
-    """Write OUT atomically: the checkpoint files, then head.safetensors and task.json beside them."""
+    """Write OUT atomically: the checkpoint files, then task.json (labels, words; scoring "linear"
+    with head.safetensors beside it, or "lm" when the LM head scores the label words)."""
     from cpmctl.checkpoint import save_checkpoint, write_safetensors
     from cpmctl.fsutil import atomic_directory
 
@@ -204,8 +229,10 @@ def save_task_model(out: Path, model: nn.Module, head: nn.Module | None, *, labe
         inner.rmdir()
         if head is not None:
             write_safetensors(tmp / HEAD_FILE, {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
+        if labels is not None:
             task = {"format": TASK_FORMAT, "version": 1, "labels": list(labels), "words": list(words),
-                    "pooling": pooling, "head": HEAD_FILE, "metrics": metrics}
+                    "scoring": "linear" if head is not None else "lm", "pooling": pooling,
+                    "head": HEAD_FILE if head is not None else None, "metrics": metrics}
             (tmp / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
     return provenance
 
@@ -418,14 +445,18 @@ class LMObjective:
             terms["ce"] = losses.lm_loss(student, labels)
         with torch.no_grad():
             teacher = teacher_mix = None
-            if self.weights.kd:
+            cached = "teacher_ids" in batch  # top-K from the teacher cache (cpmctl.teacher_cache)
+            if self.weights.kd and not cached:
                 teacher = losses.lm_forward(self.teacher, batch).float()
                 teacher_tokens += int(batch.get("attention_mask", labels).numel())
             if self.weights.mix:
                 mixed = lm_inputs(self.teacher, batch, perm, lam)
                 teacher_mix = self.teacher(**mixed).float()[n:]
                 teacher_tokens += 2 * int(labels.numel())
-        if self.weights.kd:
+        if self.weights.kd and cached:
+            ids, values = batch["teacher_ids"].to(student.device), batch["teacher_logits"].to(student.device)
+            terms["kd"] = losses.kd_loss_topk(student, ids, values, targets, self.temperature)
+        elif self.weights.kd:
             terms["kd"] = losses.kd_loss(student, teacher, targets, self.temperature)
         if perm is not None:
             perm_d = perm.to(labels.device)
@@ -508,8 +539,16 @@ def _check_config(cfg: DistillConfig) -> None:
     for path, what in ((cfg.train, "training file"), (cfg.dev, "dev file"), (cfg.corpus, "corpus")):
         if path is not None and not Path(path).exists():
             raise UserError(f"{what} {path} does not exist")
-    if cfg.corpus is not None and cfg.teacher_logits_cache is not None:
-        raise UserError("--teacher-logits-cache serves classification tasks (--train); LM distillation runs the teacher online")
+    if cfg.head not in ("linear", "lm"):
+        raise UserError(f"unknown --head {cfg.head!r}; expected linear or lm")
+    if cfg.verbalizer is not None and cfg.head != "lm":
+        raise UserError("--verbalizer names the label words of --head lm")
+    if cfg.corpus is not None and (cfg.head != "linear" or cfg.verbalizer is not None):
+        raise UserError("--head and --verbalizer apply to classification tasks (--train), not to --corpus")
+    if cfg.verbalizer is not None and not Path(cfg.verbalizer).is_file():
+        raise UserError(f"verbalizer file {cfg.verbalizer} does not exist")
+    if cfg.teacher_cache_k < 1:
+        raise UserError(f"--teacher-cache-k must be >= 1, got {cfg.teacher_cache_k}")
     out = Path(cfg.out)
     if cfg.resume:
         if not (out / "state").is_dir():
@@ -617,11 +656,17 @@ def _run_classification(cfg, weights, teacher_tm: TaskModel, teacher, student, s
     from cpmctl.tokenizer import load_tokenizer
     from cpmctl.training import Trainer, forward_flops_per_token
 
+    lm_head = cfg.head == "lm"
     examples = tasks.load_examples(cfg.train)
-    label_set = tasks.LabelSet.from_examples(examples)
+    verbalizer = tasks.load_verbalizer(cfg.verbalizer) if cfg.verbalizer is not None else None
+    if lm_head and verbalizer is None and teacher_tm.scoring == "lm" and teacher_tm.labels is not None:
+        verbalizer = dict(zip(teacher_tm.labels, teacher_tm.words))  # the words the teacher was trained to answer with
+    label_set = tasks.LabelSet.from_examples(examples, verbalizer)
     if teacher_tm.labels is not None and tuple(teacher_tm.labels) != label_set.labels:
         raise UserError(f"the teacher was trained on labels {', '.join(teacher_tm.labels)}; {cfg.train} has {', '.join(label_set.labels)}")
-    if teacher_tm.head is None and weights.needs_teacher:
+    if lm_head and teacher_tm.scoring == "lm" and teacher_tm.words is not None and tuple(teacher_tm.words) != label_set.words:
+        raise UserError(f"the teacher answers with the words {', '.join(teacher_tm.words)}; --verbalizer gives {', '.join(label_set.words)}")
+    if not lm_head and teacher_tm.head is None and weights.needs_teacher:
         raise UserError(f"teacher {cfg.teacher} has no task head ({TASK_FILE}); fine-tune it first "
                         "(cpmctl distill --teacher CKPT --student-layers ALL --kd-weight 0 --mix-weight 0 ...) "
                         "or set --kd-weight 0 --mix-weight 0")
@@ -631,6 +676,11 @@ def _run_classification(cfg, weights, teacher_tm: TaskModel, teacher, student, s
     tokenizer = load_tokenizer(tok_dir)
     if tokenizer.pad_id is None:
         raise UserError("the teacher's tokenizer has no padding token; batches need one")
+    mode = "lm" if lm_head else "linear"
+    label_ids = tasks.label_token_ids(tokenizer, label_set.words) if lm_head else None
+    if lm_head and student.config.arch == "encoder" and weights.needs_mixup:
+        raise UserError("--head lm with an encoder-only model answers at a [MASK] position, which differs between the "
+                        "two inputs of a mixed pair; set --mix-weight 0 --smix-weight 0 or use --head linear")
     limit = tasks.position_limit(student.config)
     max_length = min(cfg.max_length, limit) if limit else cfg.max_length
 
@@ -638,7 +688,7 @@ def _run_classification(cfg, weights, teacher_tm: TaskModel, teacher, student, s
         keep = max(1, round(cfg.train_fraction * len(examples)))
         picked = np.sort(np.random.default_rng([cfg.seed, 0xF0]).permutation(len(examples))[:keep])
         examples = [examples[int(i)] for i in picked]
-    rows, truncated = tasks.encode_examples(tokenizer, student.config, examples, label_set, mode="linear", max_length=max_length)
+    rows, truncated = tasks.encode_examples(tokenizer, student.config, examples, label_set, mode=mode, max_length=max_length)
     if truncated:
         log.info(f"{truncated} training example(s) truncated to {max_length} tokens")
     if cfg.augment:
@@ -650,16 +700,22 @@ def _run_classification(cfg, weights, teacher_tm: TaskModel, teacher, student, s
         rows = rows + [replace(rows[i % len(rows)], ids=ids) for i, ids in enumerate(new_ids)]
     dev_rows = None
     if cfg.dev is not None:
-        dev_rows, _ = tasks.encode_examples(tokenizer, student.config, tasks.load_examples(cfg.dev), label_set, mode="linear", max_length=max_length)
+        dev_rows, _ = tasks.encode_examples(tokenizer, student.config, tasks.load_examples(cfg.dev), label_set, mode=mode, max_length=max_length)
 
-    # Heads: the student starts from the teacher's head when the widths match.
-    torch.manual_seed(cfg.seed)
-    head = tasks.LinearHead(student.config.d_model, len(label_set), cfg.pooling)
-    if teacher_tm.head is not None and teacher.config.d_model == student.config.d_model and teacher_tm.pooling == cfg.pooling:
-        head.load_state_dict(teacher_tm.head.state_dict())
-    scorer = tasks.Scorer(student, head=head)
+    # Scorers. --head lm: both models score the label words with their LM heads (KD over those
+    # class scores). Linear: the student starts from the teacher's head when the widths match.
+    if lm_head:
+        head = None
+        scorer = tasks.Scorer(student, label_ids=label_ids)
+        teacher_scorer = tasks.Scorer(teacher, label_ids=label_ids).eval() if weights.needs_teacher else None
+    else:
+        torch.manual_seed(cfg.seed)
+        head = tasks.LinearHead(student.config.d_model, len(label_set), cfg.pooling)
+        if teacher_tm.head is not None and teacher.config.d_model == student.config.d_model and teacher_tm.pooling == cfg.pooling:
+            head.load_state_dict(teacher_tm.head.state_dict())
+        scorer = tasks.Scorer(student, head=head)
+        teacher_scorer = tasks.Scorer(teacher, head=teacher_tm.head.float().eval()) if teacher_tm.head is not None else None
     model = MixKDClassifier(scorer)
-    teacher_scorer = tasks.Scorer(teacher, head=teacher_tm.head.float().eval()) if teacher_tm.head is not None else None
 
     batches = TaskBatches(rows, cfg.batch_size, tokenizer.pad_id, cfg.seed)
     trainer = Trainer(_train_config(cfg, batches.batches_per_epoch))
@@ -668,11 +724,12 @@ def _run_classification(cfg, weights, teacher_tm: TaskModel, teacher, student, s
     cache = None
     if weights.kd and cfg.teacher_logits_cache is not None:
         cache_path = Path(cfg.teacher_logits_cache)
+        key = teacher_key(teacher_tm, label_ids)
         if trainer.is_main:
-            cache = _teacher_cache(cache_path, teacher_scorer, teacher_tm, rows, tokenizer.pad_id, cfg.batch_size, trainer.device)
+            cache = _teacher_cache(cache_path, teacher_scorer, key, rows, tokenizer.pad_id, cfg.batch_size, trainer.device)
         trainer.wait()
         if cache is None:
-            cache = distill.TeacherLogitsCache.open(cache_path, teacher=teacher_tm.identity, examples=distill.examples_hash([r.ids for r in rows]))
+            cache = distill.TeacherLogitsCache.open(cache_path, teacher=key, examples=distill.examples_hash([r.ids for r in rows]))
     if cache is not None and weights.mix:
         log.info("teacher-logits cache: serves the KD term on the original examples; mixed inputs are new every step, "
                  "so the teacher also runs online on them (--mix-weight 0 trains from the cache alone)")
@@ -692,28 +749,44 @@ def _run_classification(cfg, weights, teacher_tm: TaskModel, teacher, student, s
     if trainer.is_main:
         metrics = {"steps": result.step, **{f"dev_{k}": v for k, v in result.last_eval.items()}}
         save_task_model(Path(cfg.out) / MODEL_DIR, scorer.model, scorer.head, labels=label_set.labels, words=label_set.words,
-                        pooling=cfg.pooling, tokenizer_dir=tok_dir, parents=[teacher_tm.path], options=_options(cfg), metrics=metrics)
+                        pooling=cfg.pooling if head is not None else "mean", tokenizer_dir=tok_dir, parents=[teacher_tm.path], options=_options(cfg), metrics=metrics)
     trainer.wait()
     return {"out": str(cfg.out), "model": str(Path(cfg.out) / MODEL_DIR), "steps": result.step, "train_rows": len(rows),
             "dev": result.last_eval, "train": result.last_train, "train_seconds": result.train_seconds,
-            "resumed_from": result.resumed_from, "cache": str(cache.path) if cache is not None else None, **student_info}
+            "resumed_from": result.resumed_from, "cache": str(cache.path) if cache is not None else None, "head": cfg.head,
+            **student_info}
 
 
-def _teacher_cache(path: Path, teacher_scorer, teacher_tm: TaskModel, rows, pad_id: int, batch_size: int, device) -> distill.TeacherLogitsCache:
+def teacher_key(teacher_tm: TaskModel, label_ids: list[list[int]] | None) -> str:
+    """What the cached class logits depend on besides the examples: the teacher's weights and
+    head, and with --head lm the label words' token ids (other words, other scores)."""
+    if label_ids is None:
+        return teacher_tm.identity
+    import hashlib
+
+    return f"{teacher_tm.identity}:lm:{hashlib.sha256(json.dumps(label_ids).encode()).hexdigest()[:16]}"
+
+
+def _teacher_cache(path: Path, teacher_scorer, teacher: str, rows, pad_id: int, batch_size: int, device) -> distill.TeacherLogitsCache:
+    """Open the cache at `path` (built for the teacher keyed `teacher` and these rows), or run
+    `teacher_scorer` over the rows once and write it: class logits [N, C], linear or label-word."""
     from cpmctl import tasks
 
     key = distill.examples_hash([r.ids for r in rows])
     if path.exists():
-        cache = distill.TeacherLogitsCache.open(path, teacher=teacher_tm.identity, examples=key)
+        cache = distill.TeacherLogitsCache.open(path, teacher=teacher, examples=key)
         log.info(f"teacher-logits cache {path}: {len(cache):,} rows reused")
         return cache
-    logits = np.zeros((len(rows), len(teacher_tm.labels)), dtype=np.float32)
+    logits = None
     with torch.no_grad():
         for batch in tasks.eval_batches(rows, batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits[batch["index"].cpu().numpy()] = teacher_scorer(batch).float().cpu().numpy()
+            scores = teacher_scorer(batch).float().cpu().numpy()
+            if logits is None:
+                logits = np.zeros((len(rows), scores.shape[1]), dtype=np.float32)
+            logits[batch["index"].cpu().numpy()] = scores
     log.info(f"teacher-logits cache {path}: {len(rows):,} rows written")
-    return distill.TeacherLogitsCache.build(path, logits, teacher=teacher_tm.identity, examples=key)
+    return distill.TeacherLogitsCache.build(path, logits, teacher=teacher, examples=key)
 
 
 def _run_lm(cfg, weights, teacher_tm: TaskModel, teacher, student, student_info) -> dict[str, Any]:
@@ -731,13 +804,29 @@ def _run_lm(cfg, weights, teacher_tm: TaskModel, teacher, student, student_info)
         raise UserError(f"teacher {teacher_tm.path} has no tokenizer/; LM distillation needs it to read the corpus")
     tokenizer = load_tokenizer(tok_dir)
     objective_name = "span" if config.arch == "encoder-decoder" else "causal"
-    inner = make_batches(cfg.corpus, tokenizer, objective=objective_name, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                         seed=cfg.seed, decoder_start_id=config.start_token_id if config.arch == "encoder-decoder" else None)
+
+    def corpus_batches():
+        return make_batches(cfg.corpus, tokenizer, objective=objective_name, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                            seed=cfg.seed, decoder_start_id=config.start_token_id if config.arch == "encoder-decoder" else None)
+
+    inner = corpus_batches()
     batches = KeyedBatches(inner)
-    trainer = Trainer(_train_config(cfg, inner.batches_per_epoch))
+    tcfg = _train_config(cfg, inner.batches_per_epoch)
+    trainer = Trainer(tcfg)
     if weights.needs_teacher:
         teacher.to(trainer.device)
-    objective = LMObjective(weights, cfg.temperature, cfg.mixup_alpha, cfg.seed, teacher if weights.needs_teacher else None,
+    cache_meta = None
+    if weights.kd and cfg.teacher_logits_cache is not None:
+        # pretrain's top-K cache (cpmctl.teacher_cache), over every micro-batch of this run
+        needed = tcfg.max_steps * cfg.grad_accum
+        cache_meta = lm_teacher_cache(Path(cfg.teacher_logits_cache), teacher, teacher_tm, corpus_batches, cfg, needed,
+                                      config.vocab_size, trainer)
+        batches = teacher_cache.CachedTeacherBatches(batches, Path(cfg.teacher_logits_cache))
+        if weights.mix:
+            log.info("teacher-logits cache: serves the KD term on the original examples; mixed inputs are new every step, "
+                     "so the teacher also runs online on them (--mix-weight 0 trains from the cache alone)")
+    online = weights.mix > 0 or (weights.kd > 0 and cache_meta is None)
+    objective = LMObjective(weights, cfg.temperature, cfg.mixup_alpha, cfg.seed, teacher if online else None,
                             forward_flops_per_token(teacher))
     log.info(f"distill (LM, {objective_name}): student {student_info}, weights {asdict(weights)}, T={cfg.temperature}")
     result = trainer.fit(MixKDLanguageModel(student), objective, batches, trainable=_trainable(cfg))
@@ -746,4 +835,29 @@ def _run_lm(cfg, weights, teacher_tm: TaskModel, teacher, student, student_info)
                         options=_options(cfg), metrics={"steps": result.step, **result.last_train})
     trainer.wait()
     return {"out": str(cfg.out), "model": str(Path(cfg.out) / MODEL_DIR), "steps": result.step, "train": result.last_train,
-            "train_seconds": result.train_seconds, "resumed_from": result.resumed_from, **student_info}
+            "train_seconds": result.train_seconds, "resumed_from": result.resumed_from,
+            "cache": str(cfg.teacher_logits_cache) if cache_meta else None,
+            "cache_flops": cache_meta["flops"] if cache_meta else None, **student_info}
+
+
+def lm_fingerprint(cfg: DistillConfig, teacher_tm: TaskModel, data_batches, student_vocab: int) -> dict[str, Any]:
+    """The shared cache fingerprint with distill's batch layout (the corpus has no valid split)
+    and the student's vocabulary (the teacher's top-K is taken over the ids the student has)."""
+    weights_hash = teacher_tm.identity.rsplit(":", 1)[0]  # identity = "<weights hash>:<head hash>"
+    return teacher_cache.cache_fingerprint(weights_hash, data_batches, cfg.teacher_cache_k, seq_len=cfg.seq_len,
+                                           batch_size=cfg.batch_size, seed=cfg.seed, student_vocab=student_vocab)
+
+
+def lm_teacher_cache(path: Path, teacher, teacher_tm: TaskModel, corpus_batches, cfg: DistillConfig, micro_batches: int,
+                     student_vocab: int, trainer) -> dict[str, Any]:
+    """Open (checking it is this run's: teacher, data, layout, K, length) or build the top-K cache."""
+    fingerprint = lm_fingerprint(cfg, teacher_tm, corpus_batches(), student_vocab)
+    if not path.exists():
+        if trainer.is_main:
+            log.info(f"building the teacher cache ({micro_batches} batches, top-{cfg.teacher_cache_k}) in {path}")
+            teacher_cache.build_teacher_cache(path, teacher, corpus_batches(), micro_batches, cfg.teacher_cache_k, fingerprint,
+                                              trainer.device, student_vocab)
+        trainer.wait()
+    else:
+        log.info(f"teacher cache {path}: reused")
+    return teacher_cache.check_cache(path, fingerprint, micro_batches, flag="--teacher-logits-cache")

@@ -24,7 +24,6 @@ Output directory:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -34,12 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpmctl import teacher_cache as shared_cache
 from cpmctl.errors import UserError
+from cpmctl.teacher_cache import CachedTeacherBatches, build_teacher_cache, check_cache
 
 log = logging.getLogger("cpmctl")
 
 OBJECTIVE_OF_ARCH = {"encoder-decoder": "span", "encoder": "mlm", "decoder": "causal"}
-CACHE_FORMAT = "cpmctl-teacher-cache"
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -160,112 +160,12 @@ def make_data(cfg: PretrainConfig, tok, config, split: str = "train", **extra: A
                         decoder_start_id=config.start_token_id if objective == "span" else None, **extra)
 
 
-# -- teacher cache --------------------------------------------------------------------------------
-class CachedTeacherBatches:
-    """Wraps `Batches`: micro-batch j (counted from the start of the data) gets the cached
-    teacher top-K as `teacher_ids`/`teacher_logits` [B, T, K] (zeros off target positions);
-    past the cache's end batches pass through unchanged. Resumable like the batches it wraps."""
-
-    def __init__(self, batches, cache_dir: Path):
-        self.batches = batches
-        self.ids = np.load(cache_dir / "ids.npy", mmap_mode="r")
-        self.logits = np.load(cache_dir / "logits.npy", mmap_mode="r")
-        self.rows = np.load(cache_dir / "rows.npy", mmap_mode="r")
-        self.meta = json.loads((cache_dir / "meta.json").read_text())
-        self.index = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"inner": self.batches.state_dict(), "index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches.load_state_dict(state["inner"])
-        self.index = int(state["index"])
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        batch = next(self.batches)
-        j, self.index = self.index, self.index + 1
-        if j < self.meta["micro_batches"]:
-            batch.update(cached_topk(batch["labels"], self.ids, self.logits, self.rows, j * self.meta["batch_size"]))
-        return batch
-
-
-def cached_topk(labels: torch.Tensor, ids: np.ndarray, logits: np.ndarray, rows: np.ndarray, first_row: int) -> dict[str, torch.Tensor]:
-    """Scatter the cache entries of rows first_row.. into [B, T, K] tensors aligned with labels."""
-    b, t = labels.shape
-    k = ids.shape[1]
-    start, stop = int(rows[first_row]), int(rows[first_row + b])
-    mask = labels != -100
-    if int(mask.sum()) != stop - start:
-        raise UserError("the teacher cache does not match the data (target counts differ); rebuild it")
-    out_ids = torch.zeros(b, t, k, dtype=torch.long)
-    out_logits = torch.zeros(b, t, k, dtype=torch.float32)
-    out_ids[mask] = torch.from_numpy(np.asarray(ids[start:stop], dtype=np.int64))
-    out_logits[mask] = torch.from_numpy(np.array(logits[start:stop], dtype=np.float32))
-    return {"teacher_ids": out_ids, "teacher_logits": out_logits}
-
-
+# -- teacher cache (shared with `cpmctl distill --corpus`: cpmctl/teacher_cache.py) -----------------
 def cache_fingerprint(cfg: PretrainConfig, teacher_path: Path, data_batches, k: int) -> dict[str, Any]:
     from cpmctl.checkpoint import read_provenance
 
-    prov = read_provenance(teacher_path)
-    shards = data_batches.sequences.shards
-    return {"teacher_content_hash": prov.get("content_hash"), "tokenizer_hash": shards.tokenizer_hash,
-            "data_tokens": shards.num_tokens, "objective": data_batches.objective, "seq_len": cfg.seq_len,
-            "batch_size": cfg.batch_size, "seed": cfg.seed, "valid_fraction": cfg.valid_fraction, "k": k,
-            "temperature_free": True}
-
-
-def build_teacher_cache(out: Path, teacher: torch.nn.Module, batches, micro_batches: int, k: int,
-                        fingerprint: dict[str, Any], device: torch.device, student_vocab: int) -> dict[str, Any]:
-    """Run the teacher over the first `micro_batches` batches and store the top-k logits at
-    every target position: ids.npy int32 [M, k], logits.npy float32 [M, k], rows.npy int64
-    [rows + 1] (entries of global row r are [rows[r], rows[r+1]), row-major targets)."""
-    from cpmctl.fsutil import atomic_directory
-    from cpmctl.losses import lm_forward, teacher_topk
-    from cpmctl.training import default_tokens, forward_flops_per_token
-
-    ids_parts, logit_parts, counts = [], [], []
-    tokens = 0
-    teacher = teacher.to(device)
-    with torch.no_grad():
-        for _ in range(micro_batches):
-            batch = next(batches)
-            tokens += default_tokens(batch)
-            labels = batch["labels"]
-            logits = lm_forward(teacher, {k_: v.to(device) for k_, v in batch.items()}).cpu()
-            mask = labels != -100
-            top_ids, top_logits = teacher_topk(logits[mask], k, student_vocab)
-            ids_parts.append(top_ids.to(torch.int32).numpy())
-            logit_parts.append(top_logits.numpy())
-            counts.extend(mask.sum(1).tolist())
-    rows = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    flops = forward_flops_per_token(teacher) * tokens
-    meta = {"format": CACHE_FORMAT, "version": 1, "micro_batches": micro_batches, "batch_size": int(len(counts) // max(micro_batches, 1)),
-            "entries": int(rows[-1]), "fingerprint": fingerprint, "flops": flops, "tokens": tokens}
-    with atomic_directory(out, overwrite=False) as tmp:
-        np.save(tmp / "ids.npy", np.concatenate(ids_parts))
-        np.save(tmp / "logits.npy", np.concatenate(logit_parts))
-        np.save(tmp / "rows.npy", rows)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
-
-
-def check_cache(path: Path, fingerprint: dict[str, Any], micro_batches: int) -> dict[str, Any]:
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UserError(f"{path} exists but is not a teacher cache; choose another --teacher-cache path") from None
-    if meta.get("format") != CACHE_FORMAT:
-        raise UserError(f"{path} is not a teacher cache; choose another --teacher-cache path")
-    if meta["fingerprint"] != fingerprint:
-        diff = sorted(k for k in fingerprint if meta["fingerprint"].get(k) != fingerprint[k])
-        raise UserError(f"teacher cache {path} was built for other settings ({', '.join(diff)} differ); use a new path")
-    if meta["micro_batches"] < micro_batches:
-        raise UserError(f"teacher cache {path} covers {meta['micro_batches']} batches, this run needs {micro_batches}; use a new path")
-    return meta
+    return shared_cache.cache_fingerprint(read_provenance(teacher_path).get("content_hash"), data_batches, k, seq_len=cfg.seq_len,
+                                          batch_size=cfg.batch_size, seed=cfg.seed, valid_fraction=cfg.valid_fraction)
 
 
 # -- the stage --------------------------------------------------------------------------------------
