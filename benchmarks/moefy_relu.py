@@ -13,8 +13,12 @@
 4. `cpmctl moefy` (the stage function) for each split: experts of --expert-size neurons, --ratio
    of them per token, MLP router trained on --max-docs glosses of train.txt, the report on
    --eval-docs glosses of heldout.txt (dense and MoE perplexity on the same rows), without
-   calibration and, when --calibrate N > 0, with N calibration steps as well.
-Steps 2-3 are reused from WORK when present (--retrain to redo them).
+   calibration and, when --calibrate N > 0, with N calibration steps as well. --router takes a
+   comma list (e.g. mlp,oracle: the oracle router is the upper bound of any router).
+Before step 4 it measures the dense model's ReLU activation sparsity on the held-out glosses
+(MoEfication relies on it: a token's few active neurons must fall in few experts).
+Steps 2-3 are reused from WORK when present (--retrain to redo them). The table also goes to
+WORK/results.json.
 """
 
 from __future__ import annotations
@@ -71,6 +75,53 @@ def pretrain(work: Path, tok_dir: Path, shards: Path, args) -> tuple[Path, dict]
     return out / stage.CHECKPOINT_DIR, stage.run(cfg)
 
 
+def relu_sparsity(checkpoint: Path, held: Path, docs: int, seq_len: int) -> list[float]:
+    """Per FFN layer, the share of neurons at exactly zero over the real tokens of the first
+    `docs` held-out glosses (one batch at a time; bounded memory)."""
+    import torch
+
+    from cpmctl.checkpoint import load_model
+    from cpmctl.tokenizer import load_tokenizer
+
+    model, ckpt = load_model(checkpoint, dtype=torch.float32)
+    model.eval()
+    config = model.config
+    tok = load_tokenizer(checkpoint / "tokenizer")
+    texts = held.read_text(encoding="utf-8").splitlines()[:docs]
+    rows = [r[:seq_len] for r in tok.encode_many(texts, add_eos=True) if len(r) >= 2]
+    if config.bos_token_id is not None:
+        rows = [[config.bos_token_id] + r[: seq_len - 1] for r in rows]
+    ffns = [ffn for _, _, ffn in model.ffn_modules()]
+    zeros, counts = [0] * len(ffns), [0] * len(ffns)
+    keep = {}
+
+    def hook(i):
+        def count(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])[keep["mask"]]
+            h = module.hidden(x)
+            zeros[i] += int((h == 0).sum())
+            counts[i] += h.numel()
+        return count
+
+    handles = [ffn.register_forward_pre_hook(hook(i)) for i, ffn in enumerate(ffns)]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), 64):
+                batch = rows[start : start + 64]
+                width = max(len(r) for r in batch)
+                ids = torch.full((len(batch), width), config.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for j, r in enumerate(batch):
+                    ids[j, : len(r)], mask[j, : len(r)] = torch.tensor(r), 1
+                keep["mask"] = mask.reshape(-1).bool()
+                model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+        ckpt.close()
+    return [z / max(1, c) for z, c in zip(zeros, counts)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
@@ -87,10 +138,12 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true", help="pre-train again even if WORK holds a model")
     parser.add_argument("--expert-size", type=int, default=32)
     parser.add_argument("--ratio", type=float, default=0.2)
-    parser.add_argument("--router", default="mlp")
+    parser.add_argument("--router", default="mlp", help="comma list of routers (mlp, center, oracle)")
     parser.add_argument("--splits", default="cluster")
     parser.add_argument("--max-docs", type=int, default=2000)
     parser.add_argument("--eval-docs", type=int, default=2000)
+    parser.add_argument("--max-tokens", type=int, default=32768, help="reservoir of FFN inputs per layer for the router")
+    parser.add_argument("--router-epochs", type=int, default=10)
     parser.add_argument("--calibrate", type=int, default=0, help="also run with N calibration steps (0: uncalibrated only)")
     parser.add_argument("--calibrate-lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=1,
@@ -120,30 +173,44 @@ def main() -> None:
     print(f"# dense: {args.layers} layers, d {args.d}, d_ff {args.d_ff}, ReLU (non-gated), vocab {args.vocab}, "
           f"seq {args.seq_len}, batch {args.batch}, {args.steps} steps; train {train.name}, held out {held.name} "
           f"(every {args.holdout_every}th gloss)", flush=True)
-    print(f"# moefy: experts of {args.expert_size}, {args.ratio:.0%} per token, router {args.router} trained on "
-          f"{args.max_docs} glosses of {train.name}; perplexity on {args.eval_docs} glosses of {held.name}", flush=True)
-    print("| split | router | ratio | calibration steps | dense ppl | MoE ppl | increase | recall per layer | moefy wall s |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    sparsity = relu_sparsity(dense, held, args.eval_docs, args.seq_len)
+    print("# dense ReLU sparsity on the held-out glosses (share of neurons at 0), per layer: "
+          + " ".join(f"{z:.3f}" for z in sparsity), flush=True)
+    print(f"# moefy: experts of {args.expert_size}, {args.ratio:.0%} per token, routers {args.router} trained on "
+          f"{args.max_docs} glosses of {train.name} (reservoir {args.max_tokens} FFN inputs per layer, "
+          f"{args.router_epochs} epochs); perplexity on {args.eval_docs} glosses of {held.name}", flush=True)
+    print("| split | router | experts per token | calibration steps | dense ppl | MoE ppl | increase | "
+          "recall per layer | compute fraction | moefy wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     results = []
     for split in args.splits.split(","):
-        for steps in [0] + ([args.calibrate] if args.calibrate else []):
-            cfg = MoefyConfig(checkpoint=dense, out=args.work / f"moe-{split}-{args.router}-{args.ratio}-cal{steps}",
-                              expert_size=args.expert_size, ratio=args.ratio, split=split, router=args.router,
-                              data=train, eval_data=held, max_docs=args.max_docs, eval_docs=args.eval_docs,
-                              seq_len=args.seq_len, calibrate=steps, calibrate_lr=args.calibrate_lr, seed=args.seed,
-                              overwrite=True)
-            wall = time.perf_counter()
-            report = run(cfg)
-            wall = time.perf_counter() - wall
-            q = report["quality"]
-            recalls = " ".join(f"{layer['recall']:.3f}" for layer in report["layers"].values())
-            print(f"| {split} | {args.router} | {args.ratio:.0%} (top-{report['top_k']} of {report['experts']}) | {steps} | "
-                  f"{q['dense_perplexity']:.3f} | {q['moe_perplexity']:.3f} | {q['perplexity_increase']:+.2%} | {recalls} | {wall:.1f} |",
-                  flush=True)
-            results.append((split, steps, q["perplexity_increase"]))
-    for split, steps, increase in results:
+        for router in args.router.split(","):
+            for steps in [0] + ([args.calibrate] if args.calibrate else []):
+                cfg = MoefyConfig(checkpoint=dense, out=args.work / f"moe-{split}-{router}-{args.ratio}-cal{steps}",
+                                  expert_size=args.expert_size, ratio=args.ratio, split=split, router=router,
+                                  data=train, eval_data=held, max_docs=args.max_docs, eval_docs=args.eval_docs,
+                                  max_tokens=args.max_tokens, epochs=args.router_epochs, seq_len=args.seq_len,
+                                  calibrate=steps, calibrate_lr=args.calibrate_lr, seed=args.seed, overwrite=True)
+                wall = time.perf_counter()
+                report = run(cfg)
+                wall = time.perf_counter() - wall
+                q = report["quality"]
+                layers = report["layers"].values()
+                recalls = " ".join(f"{layer['recall']:.3f}" for layer in layers)
+                compute = sum(layer["compute_fraction"] for layer in layers) / len(layers)
+                print(f"| {split} | {router} | top-{report['top_k']} of {report['experts']} | {steps} | "
+                      f"{q['dense_perplexity']:.3f} | {q['moe_perplexity']:.3f} | {q['perplexity_increase']:+.2%} | "
+                      f"{recalls} | {compute:.4f} | {wall:.1f} |", flush=True)
+                results.append({"split": split, "router": router, "calibration_steps": steps, "top_k": report["top_k"],
+                                "experts": report["experts"], "quality": q, "layers": report["layers"],
+                                "timings": report.get("timings"), "wall_s": round(wall, 1)})
+    (args.work / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                        "relu_sparsity": sparsity, "runs": results}, indent=1))
+    for r in results:
+        increase = r["quality"]["perplexity_increase"]
         verdict = "met" if increase <= 0.05 else "missed"
-        print(f"target (MoE perplexity within 5% of dense) with {split}, {steps} calibration steps: {verdict} ({increase:+.2%})")
+        print(f"target (MoE perplexity within 5% of dense) with {r['split']}, router {r['router']}, "
+              f"{r['calibration_steps']} calibration steps: {verdict} ({increase:+.2%})")
 
 
 if __name__ == "__main__":

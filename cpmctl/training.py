@@ -37,23 +37,29 @@ Contract of the pieces:
 - `trainer.step` is the 0-based optimizer step being computed (e.g. for a KI weight a_t);
   `trainer.device`, `trainer.is_main`, `trainer.rank`, `trainer.world`, `trainer.wait()` and
   `trainer.to_device(batch)` are there for the caller's own work (teachers, caches, saving);
-  `trainer.unwrapped` is the model without DDP/FSDP wrapping once fit() has started.
+  `trainer.unwrapped` is the model without DDP/FSDP wrapping once fit() has started. Under FSDP
+  its parameters are this process's shards (DTensors), so a stage saves the model through
+  `trainer.full_state_dict()`: the whole state dict on the main process, {} on the others (a
+  collective under FSDP: every process calls it). `on_best` also gets the sharded module there.
 - `eval_fn(model)` runs under no_grad in eval mode on every process (it must be deterministic);
   the metrics are logged and, with `cfg.best_metric`, drive keep-the-best and early stopping
   (`cfg.patience` evaluations without improvement stop the run).
 
-What the trainer does: accelerate `Accelerator` setup (CPU, one GPU, DDP from an `accelerate
-launch` config; gloo for several CPU processes; FSDP/DeepSpeed are refused: their sharded states
-are not written yet), AdamW (fused where torch has the kernel) or torch's Adafactor, warm-up
-then constant/linear/cosine decay (`lr_at`), gradient accumulation (no gradient sync until the last
-micro-batch), clipping, bf16/fp16 autocast, atomic training-state checkpoints every N steps
+What the trainer does: accelerate `Accelerator` setup (CPU, one GPU, DDP or FSDP2 from an
+`accelerate launch` config, e.g. recipes/accelerate-fsdp.yaml; gloo for several CPU processes,
+where accelerate runs an FSDP config as DDP; FSDP1 (fsdp_version 1), DeepSpeed and Megatron-LM are
+refused with a UserError), AdamW (fused where torch has the kernel) or torch's Adafactor, warm-up
+then constant/linear/cosine decay (`lr_at`), gradient accumulation (no gradient sync until the
+last micro-batch), clipping, bf16/fp16 autocast, atomic training-state checkpoints every N steps
 (`out/state/step-XXXXXXXX/`, safetensors and JSON only, never a pickle: trainable weights and
 buffers, optimizer state, every process's RNG states, and `trainer.json` with step, data position,
-counters and the best metric; see "training states" below), `keep_checkpoints` newest kept while
-training and `keep_state` once the run completes (default: the final state only), exact resume
-(`cfg.resume`: the latest state; the learning rate is a pure function of the step), rank-0
-progress (rich on a terminal, plain log lines otherwise) with loss, tokens/s and ETA, metrics as
-JSON lines in `out/metrics.jsonl`, throughput and FLOP accounting.
+counters and the best metric; see "training states" below; under FSDP the shards are gathered into
+whole tensors on save and scattered on resume, so a state resumes under any number of processes,
+with or without FSDP), `keep_checkpoints` newest kept while training and `keep_state` once the run
+completes (default: the final state only), exact resume (`cfg.resume`: the latest state; the
+learning rate is a pure function of the step), rank-0 progress (rich on a terminal, plain log
+lines otherwise) with loss, tokens/s and ETA, metrics as JSON lines in `out/metrics.jsonl`,
+throughput and FLOP accounting.
 """
 
 from __future__ import annotations
@@ -120,6 +126,9 @@ class TrainConfig:
     resume: bool = False               # continue from the newest state in out/state
     cpu: bool = False                  # force the CPU even where CUDA exists
     progress: bool = True              # rank-0 progress display / log lines
+    # FSDP shards the model's parameters; a stage may allow it only if it saves through
+    # trainer.full_state_dict() and never calls submodules of the sharded model directly.
+    allow_fsdp: bool = False
     best_metric: str | None = None     # eval metric driving keep-the-best and early stopping
     best_mode: str = "min"             # min | max
     patience: int | None = None        # evaluations without improvement before stopping
@@ -307,6 +316,11 @@ def latest_state(out: Path) -> Path | None:
 #   rng.json               rank r's numpy and Python `random` states
 #   trainer.json           step, data position, counters, best metric, loss scaler, config
 # Nothing in it is a pickle: loading needs only json and cpmctl.checkpoint's safetensors reader.
+# Tensors are always whole and named by the model's own parameter names (no DDP/FSDP prefixes):
+# they go through torch.distributed.checkpoint's state-dict API, which gathers FSDP shards into
+# full tensors on save and scatters them into each process's shards on load (and is a plain
+# state_dict() on an unsharded model), so a state resumes under any number of processes, with or
+# without FSDP.
 STATE_FORMAT = 1
 MODEL_STATE_FILE = "model.safetensors"
 OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
@@ -316,28 +330,46 @@ RNG_FILE = "rng.json"
 # Param-group entries that say how this process runs the update, not what the update is: the
 # resuming process keeps its own (a state written with fused kernels resumes where there are none).
 _IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+# Name segments that wrappers insert (activation checkpointing, FSDP1, torch.compile); the state
+# names parameters without them, as torch.distributed.checkpoint does.
+_WRAPPER_SEGMENTS = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod"})
 
 
-def model_state_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """What a training state stores of the model: trainable parameters and state-dict buffers."""
-    kept = set(model.state_dict(keep_vars=True))
-    tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    tensors.update({name: b for name, b in model.named_buffers() if name in kept})
-    return {name: t.detach() for name, t in tensors.items()}
+def canonical_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
-def load_model_state(model: nn.Module, tensors: Mapping[str, Tensor], where: Path) -> None:
-    """Copy a state's model tensors into `model`; every name and shape must match."""
-    own = model.state_dict()
+def _state_dict_options(**kw: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kw)
+
+
+def gather_model_state(model: nn.Module, *, frozen: bool) -> dict[str, Tensor]:
+    """The model's state dict as whole CPU tensors on rank 0 ({} on the other ranks; every process
+    must call it under FSDP, whose shards it gathers). `frozen=False` leaves out the parameters
+    without gradients: what a training state stores (trainable parameters and buffers)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    options = _state_dict_options(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen)
+    return {name: t.detach() for name, t in get_model_state_dict(model, options=options).items()}
+
+
+def load_model_state(model: nn.Module, tensors: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]],
+                     trainable: Sequence[str], where: Path) -> None:
+    """Copy a state's whole model tensors into `model` (the prepared module: sharded under FSDP);
+    every name and shape must match `shapes` (the unsharded model's state dict) and every name
+    in `trainable` must be there."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
     for name, tensor in tensors.items():
-        if name not in own:
+        if name not in shapes:
             raise UserError(f"training state {where} has a tensor {name} the model does not have; resume with the same model")
-        if tuple(own[name].shape) != tuple(tensor.shape):
-            raise UserError(f"training state {where}: {name} has shape {list(tensor.shape)}, the model {list(own[name].shape)}")
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    if missing := sorted(trainable - set(tensors)):
+        if tuple(shapes[name]) != tuple(tensor.shape):
+            raise UserError(f"training state {where}: {name} has shape {list(tensor.shape)}, the model {list(shapes[name])}")
+    if missing := sorted(set(trainable) - set(tensors)):
         raise UserError(f"training state {where} lacks the trainable {missing[0]}; resume with the same trainable set")
-    model.load_state_dict(dict(tensors), strict=False)
+    set_model_state_dict(model, dict(tensors), options=_state_dict_options(full_state_dict=True, strict=False))
 
 
 def _group_entry(value: Any) -> Any:
@@ -348,14 +380,19 @@ def _group_entry(value: Any) -> Any:
     return value
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, JSON record) of an optimizer; `names` maps id(parameter) to its name."""
-    sd = optimizer.state_dict()
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict keyed by parameter names, whole CPU tensors, on rank 0 ({} on
+    the others; collective under FSDP). `model` is the module the optimizer's parameters live in."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_state_dict_options(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(named: Mapping[str, Any], class_name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, JSON record) of a name-keyed optimizer state dict (`gather_optimizer_state`)."""
     tensors: dict[str, Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
-    for index, per_param in sd["state"].items():
-        name = order[index]
+    for name, per_param in named["state"].items():
         entries[name] = {}
         for key, value in per_param.items():
             if isinstance(value, Tensor):
@@ -363,30 +400,27 @@ def optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, str]) 
                 entries[name][key] = {"tensor": f"state.{name}.{key}"}
             else:
                 entries[name][key] = {"value": value}
-    groups = [{**{k: _group_entry(v) for k, v in group.items() if k != "params"},
-               "params": [order[i] for i in group["params"]]} for group in sd["param_groups"]]
-    return tensors, {"class": type(optimizer).__name__, "param_groups": groups, "state": entries}
+    groups = [{**{k: _group_entry(v) for k, v in group.items() if k != "params"}, "params": list(group["params"])}
+              for group in named["param_groups"]]
+    return tensors, {"class": class_name, "param_groups": groups, "state": entries}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, str], record: Mapping[str, Any],
-                         tensors: Mapping[str, Tensor], where: Path) -> None:
-    """Rebuild the optimizer's state dict from our record; the parameter groups must hold the same
-    parameters (by name) as when the state was written."""
-    current = optimizer.state_dict()
+def optimizer_state_to_load(optimizer: torch.optim.Optimizer, live_names: Sequence[Sequence[str]], record: Mapping[str, Any],
+                            tensors: Mapping[str, Tensor], where: Path) -> dict[str, Any]:
+    """The name-keyed optimizer state dict of our record, for `set_optimizer_state_dict`; the
+    parameter groups must hold the same parameters (by name, `live_names`) as when it was written."""
     if record.get("class") != type(optimizer).__name__:
         raise UserError(f"training state {where} was written by {record.get('class')}, this run uses "
                         f"{type(optimizer).__name__}; resume with the same optimizer")
     saved_groups = record["param_groups"]
-    live_groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-    if [g["params"] for g in saved_groups] != live_groups:
+    if [g["params"] for g in saved_groups] != [list(names) for names in live_names]:
         raise UserError(f"training state {where} trained other parameters than this run; resume with the same trainable set")
-    index = {name: i for i, name in enumerate(n for group in live_groups for n in group)}
     groups = []
-    for saved, live in zip(saved_groups, current["param_groups"]):
+    for saved, live in zip(saved_groups, optimizer.param_groups):
         group = {}
         for key, value in saved.items():
             if key == "params":
-                group[key] = live["params"]
+                group[key] = list(value)
             elif key in _IMPLEMENTATION_KEYS and key in live:
                 group[key] = live[key]
             elif isinstance(live.get(key), tuple):
@@ -396,12 +430,19 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: Mapping[int, s
             else:
                 group[key] = value
         groups.append(group)
-    state = {}
-    for name, entries in record["state"].items():
-        # A clone, so the optimizer never updates pages of the memory-mapped file in place.
-        state[index[name]] = {key: (tensors[entry["tensor"]].clone() if "tensor" in entry else entry["value"])
-                              for key, entry in entries.items()}
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    # Clones, so the optimizer never updates pages of the memory-mapped file in place.
+    state = {name: {key: (tensors[entry["tensor"]].clone() if "tensor" in entry else entry["value"])
+                    for key, entry in entries.items()}
+             for name, entries in record["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, named: Mapping[str, Any]) -> None:
+    """Load a name-keyed, whole-tensor optimizer state dict (every process passes all of it; under
+    FSDP each keeps its shards)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, dict(named), options=_state_dict_options(full_state_dict=True))
 
 
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -473,6 +514,11 @@ def _all_gather_bytes(data: bytes, world: int, device: torch.device) -> list[byt
     return [g[:n].cpu().numpy().tobytes() for g, n in zip(gathered, sizes)]
 
 
+def _inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
     from cpmctl.checkpoint import SafetensorsFile
 
@@ -541,6 +587,7 @@ class Trainer:
         self.cfg = cfg
         # accelerate picks multi-process CPU (gloo) only when told cpu=True.
         self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+        self._check_distributed_support()
         set_seed(cfg.seed)
         self.unwrapped: nn.Module | None = None
         self.step = 0  # the optimizer step being computed (0-based); loss functions may read it
@@ -584,8 +631,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         if not (hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict")):
             raise TypeError("batches must provide state_dict()/load_state_dict() for exact resume")
-        self._check_state_support()
-        select_trainable(model, trainable)
+        self._trainable = select_trainable(model, trainable)
         if flops_per_token is None:
             flops_per_token = model_flops_per_token(model)
         resume_dir = self._resume_dir()
@@ -593,14 +639,17 @@ class Trainer:
             raise UserError(f"{cfg.out} already holds a training state; resume it (--resume) or choose a new output")
 
         model = model.to(self.device)
-        wrapped = acc.prepare(model)
-        params = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
-        optimizer = acc.prepare(make_optimizer(params, cfg))
+        # The whole (unsharded) shapes, to check a state against before FSDP shards the model.
+        self._shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        # Model and optimizer are prepared together: FSDP2 replaces the parameters by sharded ones
+        # and accelerate then swaps them in the optimizer (DDP keeps the same parameters).
+        optimizer = make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg)
+        wrapped, optimizer = acc.prepare(model, optimizer)
         self.unwrapped = acc.unwrap_model(wrapped)
-        trainable_params = [p for _, p in params]
-        # Names without any DDP prefix, so a state resumes under any number of processes.
-        self._param_names = {id(p): n for n, p in self.unwrapped.named_parameters()}
-        self._optimizer = optimizer
+        self._wrapped, self._optimizer = wrapped, optimizer
+        # All the model's parameters (frozen ones have no gradient): FSDP clips a sharded model
+        # through its own path only when given exactly these.
+        clip_params = list(wrapped.parameters())
 
         state = {"step": 0, "tokens": 0, "flops": 0.0, "train_seconds": 0.0, "best": None, "bad_evals": 0}
         if resume_dir is not None:
@@ -636,7 +685,7 @@ class Trainer:
                 if exhausted:
                     break
                 self.step = state["step"]
-                step_stats = self._step(wrapped, optimizer, trainable_params, loss_fn, micro, count_fn, flops_per_token, state["step"])
+                step_stats = self._step(wrapped, optimizer, clip_params, loss_fn, micro, count_fn, flops_per_token, state["step"])
                 state["step"] += 1
                 state["tokens"] += int(step_stats["tokens"])
                 state["flops"] += step_stats["flops"]
@@ -771,13 +820,39 @@ class Trainer:
             raise UserError(f"--resume: no training state in {self.cfg.out / STATE_DIR}; start without --resume")
         return found
 
-    def _check_state_support(self) -> None:
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's parameters are FSDP shards (so whole tensors need a gather)."""
         from accelerate.utils import DistributedType
 
-        sharded = {getattr(DistributedType, n, None) for n in ("FSDP", "DEEPSPEED", "MEGATRON_LM")} - {None}
-        if self.accelerator.distributed_type in sharded:
-            raise UserError(f"training states of {self.accelerator.distributed_type} runs are not supported yet "
-                            "(cpmctl writes whole, unsharded states); train with DDP or one process")
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _check_distributed_support(self) -> None:
+        """DDP and FSDP2 are supported; other engines are refused before anything is trained."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        engines = {getattr(DistributedType, n, None) for n in ("DEEPSPEED", "MEGATRON_LM")} - {None}
+        if kind in engines:
+            raise UserError(f"{kind.value} runs are not supported: cpmctl's training states are whole tensors gathered "
+                            "through torch.distributed.checkpoint; use DDP or FSDP (fsdp_version: 2) in the accelerate config")
+        if self.sharded and not self.cfg.allow_fsdp:
+            raise UserError("FSDP is supported by `cpmctl pretrain` only; run this stage with DDP or one process "
+                            "(its trainable part is small enough to hold whole on each device)")
+        if self.sharded and not getattr(self.accelerator, "is_fsdp2", False):
+            raise UserError("FSDP1 is not supported (its flattened parameters lose the names and shapes cpmctl's "
+                            "optimizer groups and states use); set fsdp_version: 2 in the accelerate config")
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.sharded and self.is_main:
+            log.warning(f"accelerate applies FSDP on GPUs (accelerators) only: this {kind.value} run keeps "
+                        "the whole model on every process")
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The whole model's state dict (every parameter and persistent buffer, unsharded) on the
+        main process, {} on the others: what a stage saves once fit() has returned. Under FSDP it
+        gathers the shards (to the CPU), so every process must call it."""
+        if self.sharded:
+            return gather_model_state(self._wrapped, frozen=True)
+        return self.unwrapped.state_dict() if self.is_main else {}
 
     def _save_state(self, batches, state: dict) -> None:
         """Write out/state/step-N: every process hands its RNG states to rank 0, which writes the
@@ -786,13 +861,17 @@ class Trainer:
         from cpmctl.fsutil import atomic_directory
 
         rng = _all_gather_bytes(_pack(*rng_state()), self.world, self.device)
+        # Collective under FSDP (the shards are gathered); the tensors land on rank 0 only.
+        model_tensors = gather_model_state(self._wrapped, frozen=False)
+        optimizer = _inner_optimizer(self._optimizer)
+        optim_named = gather_optimizer_state(self._wrapped, optimizer)
         if self.is_main:
             root = self.cfg.out / STATE_DIR
             root.mkdir(parents=True, exist_ok=True)
             for stale in root.iterdir():  # leftovers of a process killed while writing
                 if stale.name.startswith(".") and (".tmp-" in stale.name or ".old-" in stale.name):
                     shutil.rmtree(stale, ignore_errors=True)
-            optim_tensors, optim_record = optimizer_state(self._optimizer, self._param_names)
+            optim_tensors, optim_record = optimizer_state(optim_named, type(optimizer).__name__)
             rng_tensors, rng_records = {}, []
             for rank, data in enumerate(rng):
                 tensors, record = _unpack(data)
@@ -802,7 +881,7 @@ class Trainer:
                       "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
                       "config": _jsonable(asdict(self.cfg))}
             with atomic_directory(root / f"step-{state['step']:08d}", overwrite=True) as tmp:
-                write_safetensors(tmp / MODEL_STATE_FILE, model_state_tensors(self.unwrapped))
+                write_safetensors(tmp / MODEL_STATE_FILE, model_tensors)
                 write_safetensors(tmp / OPTIMIZER_TENSORS_FILE, optim_tensors)
                 (tmp / OPTIMIZER_FILE).write_text(json.dumps(optim_record, indent=1) + "\n")
                 write_safetensors(tmp / RNG_TENSORS_FILE, rng_tensors)
@@ -812,14 +891,19 @@ class Trainer:
 
     def _load_state(self, where: Path) -> dict[str, Any]:
         """Restore model, optimizer, loss scaler and this process's RNG from a state directory
-        (every process reads it); returns trainer.json."""
+        (every process reads the whole tensors and keeps what it holds: all, or its FSDP shards);
+        returns trainer.json."""
         saved = json.loads((where / TRAINER_STATE_FILE).read_text())
         if saved.get("format") != STATE_FORMAT or not (where / MODEL_STATE_FILE).is_file():
             raise UserError(f"training state {where} is not in this cpmctl's format (an older, pickle-based one?); "
                             "start the run over (--force)")
-        load_model_state(self.unwrapped, _read_safetensors(where / MODEL_STATE_FILE), where)
-        load_optimizer_state(self._optimizer, self._param_names, json.loads((where / OPTIMIZER_FILE).read_text()),
-                             _read_safetensors(where / OPTIMIZER_TENSORS_FILE), where)
+        load_model_state(self._wrapped, _read_safetensors(where / MODEL_STATE_FILE), self._shapes, self._trainable, where)
+        optimizer = _inner_optimizer(self._optimizer)
+        names = {id(p): canonical_name(n) for n, p in self.unwrapped.named_parameters()}
+        live = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+        named = optimizer_state_to_load(optimizer, live, json.loads((where / OPTIMIZER_FILE).read_text()),
+                                        _read_safetensors(where / OPTIMIZER_TENSORS_FILE), where)
+        load_optimizer_state(self._wrapped, optimizer, named)
         if self.accelerator.scaler is not None and saved.get("scaler"):
             self.accelerator.scaler.load_state_dict(saved["scaler"])
         ranks = json.loads((where / RNG_FILE).read_text())["ranks"]

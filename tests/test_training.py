@@ -3,6 +3,8 @@ keep-the-best/early stopping, 2 processes == 1 process, and kill + --resume == u
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import random
@@ -260,6 +262,56 @@ def test_two_cpu_processes_equal_one_with_the_same_global_batch(tmp_path, shards
     assert len(losses(tmp_path / "two")) == 8 and losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
 
 
+def _fsdp_launcher(port: int) -> list[str]:
+    """accelerate launch with the FSDP2 config of recipes/, through the test-only entry point that
+    lets accelerate shard on CPU processes (tests/fsdp_on_cpu.py says what it changes)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate-fsdp.yaml"),
+            "--num_processes", "2", "--main_process_port", str(port), str(ROOT / "tests" / "fsdp_on_cpu.py")]
+
+
+def test_fsdp_processes_equal_one_and_their_states_resume_anywhere(tmp_path, shards, tok_dir):
+    """2 FSDP processes (each holding half of every layer) train like 1 process with the same
+    global batch; a killed FSDP run's state resumes in 1 process, and that process's state
+    resumes under FSDP again, ending where the uninterrupted 1-process run ends."""
+    # A constant rate after warm-up, so that the in-between session may stop at any step.
+    recipe = _recipe(tmp_path, shards, tok_dir, max_steps=8, checkpoint_every=2, keep_checkpoints=1, batch_size=4,
+                     grad_accum=2, schedule="constant", eval_every=0, eval_batches=0)
+    _run_in_process(recipe, tmp_path / "one")
+
+    run = tmp_path / "fsdp"
+    proc = subprocess.Popen([*_fsdp_launcher(29741), "pretrain", str(recipe), str(run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.monotonic() + 300
+    while not state_dirs(run) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    # torch's launcher starts each worker in a session of its own: kill the workers by their ids.
+    workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    for pid in [*workers, proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and len(workers) == 2
+    killed_at = int(state_dirs(run)[-1].name.split("-")[1])
+    assert killed_at < 8 and not (run / "checkpoint").exists()
+    shapes = lambda state: {k: tuple(v.shape) for k, v in _tensors(state / "model.safetensors").items()}  # noqa: E731
+    assert shapes(state_dirs(run)[-1]) == shapes(state_dirs(tmp_path / "one")[-1])  # whole tensors, not shards
+
+    # FSDP state -> 1 process (one step more), then that state -> FSDP again (to the end).
+    assert _run_in_process(recipe, run, resume=True, max_steps=killed_at + 1)["resumed_from"] == killed_at
+    resumed = subprocess.run([*_fsdp_launcher(29742), "pretrain", str(recipe), str(run), "--resume"],
+                             capture_output=True, text=True, env=_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [p.name for p in state_dirs(run)] == ["step-00000008"]
+    a, b = _weights(tmp_path / "one"), _weights(run)
+    assert a.keys() == b.keys()
+    for name in a:
+        # fp32 sums in another order; Adam turns such noise in a near-zero gradient into up to
+        # lr-sized steps of a few elements (of 10^5), so atol is lr / 30 rather than 1e-5.
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4)
+    train = lambda r: [(x["step"], x["loss"], x["grad_norm"]) for x in read_metrics(r) if x["kind"] == "train"]  # noqa: E731
+    assert [s for s, _, _ in train(run)] == list(range(1, 9))  # every step once, across three sessions
+    for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(train(tmp_path / "one"), train(run)):
+        assert loss_b == pytest.approx(loss_a, rel=1e-5) and norm_b == pytest.approx(norm_a, rel=1e-4)
+
+
 def test_killed_run_resumes_bit_exactly(tmp_path, shards, tok_dir):
     recipe = _recipe(tmp_path, shards, tok_dir, max_steps=16, checkpoint_every=4, eval_every=2, eval_batches=4, keep_checkpoints=3)
     _run_in_process(recipe, tmp_path / "full")
@@ -294,3 +346,21 @@ def test_resume_without_state_and_restart_over_a_run_are_errors(tmp_path, shards
     _run_in_process(recipe, tmp_path / "done")
     result = CliRunner().invoke(app, ["pretrain", str(recipe), str(tmp_path / "done")])
     assert result.exit_code == 2 and "--resume" in result.stderr and "--force" in result.stderr
+
+
+@pytest.mark.parametrize("kind, fsdp2, allow_fsdp, message", [
+    ("DEEPSPEED", False, True, "use DDP or FSDP"), ("MEGATRON_LM", False, True, "use DDP or FSDP"),
+    ("FSDP", False, True, "fsdp_version: 2"), ("FSDP", True, False, "pretrain` only")])
+def test_deepspeed_megatron_and_fsdp1_are_refused(monkeypatch, tmp_path, kind, fsdp2, allow_fsdp, message):
+    """Engines whose states cpmctl cannot gather into whole tensors, and FSDP in a stage that does not
+    save through full_state_dict(): one-line UserError (exit 2)."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    class Engine:  # what Trainer reads of an Accelerator set up for `kind` (this machine has neither engine)
+        def __init__(self, **kwargs):
+            self.distributed_type, self.is_fsdp2, self.is_main_process = DistributedType[kind], fsdp2, True
+
+    monkeypatch.setattr(accelerate, "Accelerator", Engine)
+    with pytest.raises(UserError, match=message):
+        Trainer(dataclasses.replace(_cfg(tmp_path / "run"), allow_fsdp=allow_fsdp))

@@ -204,7 +204,7 @@ def _validate(cfg: PretrainConfig) -> None:
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
-    from cpmctl.checkpoint import save_model
+    from cpmctl.checkpoint import save_checkpoint
     from cpmctl.losses import ki_loss, ki_weight, lm_forward, lm_loss
     from cpmctl.moe import resolve_kernels, set_kernels
     from cpmctl.tokenizer import load_tokenizer
@@ -220,6 +220,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     ki_steps = (cfg.max_steps // 2 if cfg.ki_steps is None else cfg.ki_steps) if teacher is not None else 0
 
     tcfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(cfg, f.name)})
+    tcfg.allow_fsdp = True  # the model is saved through trainer.full_state_dict()
     if cfg.force and not cfg.resume and Path(cfg.out).exists():
         shutil.rmtree(cfg.out)
     trainer = Trainer(tcfg)
@@ -282,10 +283,11 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         "ki_steps": ki_steps, "teacher_cache_flops": cache_meta["flops"] if cache_meta else None,
         "resumed_from": result.resumed_from,
     }
+    weights = trainer.full_state_dict()  # every process takes part: under FSDP it gathers the shards
     if trainer.is_main:
         options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-        save_model(trainer.unwrapped, Path(cfg.out) / CHECKPOINT_DIR, tokenizer_dir=tok_dir, stage="pretrain",
-                   parents=[p for p in [*parents, cfg.teacher] if p is not None], options=options,
-                   metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))}, overwrite=True)
+        save_checkpoint(Path(cfg.out) / CHECKPOINT_DIR, trainer.unwrapped.config, weights, tokenizer_dir=tok_dir,
+                        stage="pretrain", parents=[p for p in [*parents, cfg.teacher] if p is not None], options=options,
+                        metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))}, overwrite=True)
     trainer.wait()
     return summary
