@@ -130,6 +130,40 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert type(model.decoder.blocks[0]).__name__ == "Block"  # unwrapped afterwards
 
 
+def _kept_for_backward_bytes(classifier, batch) -> int:
+    """Bytes autograd keeps from one forward pass for the backward pass, parameters not counted
+    (each storage once). Inside checkpointed blocks torch's own hooks keep nothing."""
+    params = {p.untyped_storage().data_ptr() for p in classifier.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        classification_loss(classifier(batch), batch["labels"])
+    return sum(kept.values())
+
+
+def test_frozen_backbone_keeps_no_weight_gradient_inputs_and_checkpointing_keeps_less():
+    model = _tiny("bert-tiny")
+    classifier = PromptedClassifier(Scorer(model, head=LinearHead(64, 2)), SoftPrompt(torch.randn(4, 64))).train()
+    batch = _batch([place_prompt(_row(12), [("start", 4)]), place_prompt(_row(9), [("start", 4)])])
+    batch["labels"] = torch.tensor([0, 1])
+    trainable = _kept_for_backward_bytes(classifier, batch)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    frozen = _kept_for_backward_bytes(classifier, batch)
+    with gradient_checkpointing(model):
+        checkpointed = _kept_for_backward_bytes(classifier, batch)
+    # Frozen linear layers need no inputs kept (those only serve weight gradients); checkpointed
+    # blocks keep none of their activations (only their inputs, which autograd holds elsewhere).
+    assert checkpointed < frozen < trainable
+    tokens, d, d_ff = batch["input_ids"].numel(), model.config.d_model, model.config.d_ff
+    assert trainable - frozen >= model.config.n_layers * tokens * (d + d_ff) * 4  # the FFN's inputs at least
+
+
 # -- PEFT loads our adapter and computes the same thing ------------------------------------------
 def _save_prompt_adapter(out: Path, vectors: torch.Tensor, config, base: str) -> None:
     adapter = Adapter(prompt=vectors, meta={"plan": [["start", vectors.shape[0]]], "labels": ["a", "b"],
