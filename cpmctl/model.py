@@ -293,12 +293,26 @@ def make_ffn(config: ModelConfig, stack: str, index: int) -> nn.Module:
     return FeedForward(config)
 
 
+def building_on_meta() -> bool:
+    """True while modules are constructed under `torch.device("meta")` (build_model(device="meta")):
+    shapes only, for weights that are assigned afterwards, so there is nothing to initialise."""
+    return torch.get_default_device().type == "meta"
+
+
+def make_embedding(num: int, dim: int) -> nn.Embedding:
+    if building_on_meta():
+        # nn.Embedding's own init is normal_, and torch's meta normal_ imports torch._dynamo
+        # (~170 MiB resident, 1-2 s) in processes that only load weights (e.g. `cpmctl infer`).
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.positions = nn.Embedding(config.max_positions, config.d_model) if config.position == "absolute" else None
-        self.token_types = nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
+        self.tokens = make_embedding(config.vocab_size, config.d_model)
+        self.positions = make_embedding(config.max_positions, config.d_model) if config.position == "absolute" else None
+        self.token_types = make_embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
         self.norm = make_norm(config) if config.norm_position == "post" else None
         self.dropout = nn.Dropout(config.dropout)
 
@@ -393,7 +407,8 @@ class Transformer(nn.Module):
         else:
             self.decoder = None
         self.lm_head = LMHead(config) if config.lm_head else None
-        self.reset_parameters()
+        if not building_on_meta():  # meta: shapes only, the weights are loaded afterwards (no init)
+            self.reset_parameters()
 
     # -- construction ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -556,7 +571,8 @@ class Transformer(nn.Module):
 
 
 def build_model(config: ModelConfig, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
-    """A freshly initialised model; `device="meta"` builds shapes only (no memory, no init cost)."""
+    """A freshly initialised model; `device="meta"` builds shapes only (no memory, no init: no
+    random numbers are drawn and torch._dynamo is not imported), for weights assigned afterwards."""
     with torch.device(device or "cpu"):
         model = Transformer(config)
     return model.to(dtype) if dtype is not None else model

@@ -377,6 +377,54 @@ def test_parameter_counts_on_meta(preset, low, high):
     assert counts["ffn"] > counts["attention"] > counts["embedding"] > 0
 
 
+# A process that only loads weights and runs them: building on meta must not initialise (torch's
+# meta normal_, e.g. nn.Embedding's init, imports torch._dynamo: ~170 MiB resident, 1-2 s).
+LOAD_AND_RUN = """
+import json, sys
+import torch
+from cpmctl.checkpoint import load_model
+model, ckpt = load_model(sys.argv[1])
+with torch.no_grad():
+    out = model(torch.tensor(json.loads(sys.argv[2])))
+print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, "out": out.flatten().tolist()}))
+"""
+
+
+def test_meta_build_draws_no_random_numbers():
+    config = ModelConfig.from_preset("bert-tiny", vocab_size=300)
+    before = torch.random.get_rng_state()
+    model = build_model(config, device="meta")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(p.is_meta for p in model.parameters())
+    torch.manual_seed(0)
+    first = build_model(config).state_dict()
+    torch.manual_seed(0)
+    second = build_model(config).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # random init off meta: seeded
+    assert first["embed.tokens.weight"].std().item() == pytest.approx(config.init_std, rel=0.1)
+
+
+def test_load_model_and_forward_do_not_import_dynamo(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from cpmctl.checkpoint import save_checkpoint
+
+    config = ModelConfig.from_preset("bert-tiny", vocab_size=300, init_std=STD)  # token, position and type embeddings
+    model = build_model(config).eval()
+    save_checkpoint(tmp_path / "ck", config, model.state_dict())
+    x = ids(2, 7, config.vocab_size)
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(tmp_path / "ck"), json.dumps(x.tolist())],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["dynamo"] is False
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(torch.tensor(result["out"]).view_as(expected), expected, atol=1e-6, rtol=0)
+
+
 # -- training ------------------------------------------------------------------------------------
 TRAINABLE = ["llama-tiny", "gpt2-like", "t5-tiny", "bert-tiny", "cpm2-small", "moe"]
 
