@@ -9,16 +9,25 @@ dense `FeedForward` by `moe_from_dense` with a random neuron permutation; every 
 of experts per token) and batch size (tokens) is timed against the dense layer in the same run,
 alternating the two, and the ratio of the best times is printed (the machine is shared: the
 fastest call is the one other jobs did not slow down). With an untrained router, tokens
-spread over the experts about uniformly: the hardest case for grouping tokens by expert.
+spread over the experts about uniformly: the hardest case for grouping tokens by expert. At
+100% of experts a MoEfied layer skips its router (every expert runs anyway): that row is the
+cost of running the dense FFN from the expert-block layout. The load average before and after
+the run is printed with the figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import os
+import sys
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402
 
 from cpmctl.config import ModelConfig
 from cpmctl.model import FeedForward
@@ -72,7 +81,8 @@ def main() -> None:
                          activation=args.activation, gated=False, bias=False)
     dense = FeedForward(config).eval()
     experts = args.d_ff // args.expert_size
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, load average {os.getloadavg()[0]:.2f}")
     print(f"# FFN d {args.d_model}, d_ff {args.d_ff}, {args.activation}, fp32; {experts} experts of {args.expert_size} neurons, MLP router")
     print("| experts per token | k | batch | dense ms | MoE ms | speed-up |")
     print("|---|---|---|---|---|---|")
@@ -92,6 +102,7 @@ def main() -> None:
                     moe_ms.append(best_ms(moe, x, args.reps // 5 or 1))
                 d, m = min(dense_ms), min(moe_ms)
                 print(f"| {ratio:.0%} | {k} | {batch} | {d:.3f} | {m:.3f} | {d / m:.2f}x |", flush=True)
+    print(f"# load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

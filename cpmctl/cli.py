@@ -403,6 +403,9 @@ def moefy(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     kernels: str = typer.Option("auto", "--kernels", help="MoE FFN kernels: auto (Triton on CUDA, torch elsewhere), torch or triton."),
+    task: Optional[Path] = typer.Option(None, "--task", help="JSONL task file ({text, text_pair?, label}): dense vs MoE accuracy in the report."),
+    verbalizer: Optional[Path] = typer.Option(None, "--verbalizer", help="JSON {label: word} for scoring --task by label words with the LM head."),
+    max_task_examples: Optional[int] = typer.Option(None, "--max-task-examples", help="Score a random subset of --task of this size."),
 ) -> None:
     """Split dense FFNs into experts with routers (MoEfication); only the chosen experts run."""
     from cpmctl.stages import moefy as moefy_stage
@@ -412,7 +415,7 @@ def moefy(
         top_k=top_k, ratio=ratio, data=data, eval_data=eval_data, field=field, max_docs=max_docs, eval_docs=eval_docs,
         max_tokens=max_tokens, epochs=epochs, layers=[s.strip() for s in layers.split(",") if s.strip()] if layers else None,
         allow_uneven=allow_uneven, restore=restore, seed=seed, overwrite=force, calibrate=calibrate, calibrate_lr=calibrate_lr,
-        kernels=kernels,
+        kernels=kernels, task=task, verbalizer=verbalizer, max_task_examples=max_task_examples,
     )
     report = moefy_stage.run(cfg)
     if as_json:

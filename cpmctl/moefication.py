@@ -11,8 +11,9 @@ activation statistics in bounded memory, build and train routers, measure router
 - `Reservoir`: a fixed-size uniform sample of FFN inputs per layer (Vitter's algorithm R in
   chunks); every statistic (activation masses, co-activations, router targets) is recomputed from
   the sampled inputs, so memory is bounded by the reservoir, not by the data.
-- `train_mlp_router`: BCE of the router's logits against each expert's activation mass scaled by
-  the token's largest mass (Adam, batch 512 as in the paper).
+- `train_mlp_router(s)`: BCE of the router's logits against each expert's activation mass scaled
+  by the token's largest mass (Adam, batch 512 as in the paper); all layers' routers train
+  together as one stacked model.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def balanced_assign(scores: Tensor, capacity: int) -> Tensor:
 def balanced_kmeans(points: Tensor, clusters: int, size: int, *, iterations: int = 15, seed: int = 0) -> Tensor:
     """Labels [n] of spherical k-means with `size` points per cluster at most (exactly `size`
     when n == clusters * size). Points are L2-normalised here."""
-    x = F.normalize(points.float(), dim=-1)
+    # Contiguous rows: co-activation profiles arrive transposed, and the centroid sums below
+    # gather whole rows (strided rows made them ten times slower).
+    x = F.normalize(points.float(), dim=-1).contiguous()
     n = x.shape[0]
     g = torch.Generator().manual_seed(seed)
     centres = x[torch.randperm(n, generator=g)[:clusters]].clone()
@@ -194,40 +197,96 @@ def router_targets(mass: Tensor) -> Tensor:
 def train_mlp_router(router: MLPRouter, inputs: Tensor, targets: Tensor, *, epochs: int = 10, batch_size: int = 512,
                      lr: float = 1e-2, seed: int = 0, max_steps: int | None = None) -> list[float]:
     """Fit the router with BCE-with-logits; returns the mean loss of each epoch."""
-    g = torch.Generator().manual_seed(seed)
-    dtype = next(router.parameters()).dtype
-    router.float()
-    optimizer = torch.optim.Adam(router.parameters(), lr=lr)
-    losses: list[float] = []
+    return train_mlp_routers([router], [inputs], [targets], epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                             max_steps=max_steps)[0]
+
+
+def train_mlp_routers(routers: list[MLPRouter], inputs: list[Tensor], targets: list[Tensor], *, epochs: int = 10,
+                      batch_size: int = 512, lr: float = 1e-2, seed: int = 0, max_steps: int | None = None) -> list[list[float]]:
+    """Fit several layers' routers at once; returns each router's mean loss per epoch.
+
+    Routers with the same number of examples train as one stacked model (batched matmuls over
+    the layers), so a step costs one optimiser update for all of them instead of one per layer.
+    Each layer's loss is its own mean BCE and Adam works element by element, so this is the same
+    training as fitting each router alone with the same seed (every router sees its examples in
+    the same shuffled order). Inputs are L2-normalised once here, not at every step.
+    """
+    losses: list[list[float]] = [[] for _ in routers]
+    groups: dict[tuple, list[int]] = {}
+    for i, (router, x) in enumerate(zip(routers, inputs)):
+        groups.setdefault((x.shape[0], router.proj.in_features, router.proj.out_features), []).append(i)
     threads = torch.get_num_threads()
-    # The router's matmuls are tiny: one thread is faster, and far faster on a busy machine.
+    # The router's matmuls are small: one thread avoids OpenMP barrier stalls, which dominate
+    # on a busy machine.
     torch.set_num_threads(1)
     try:
-        _fit(router, optimizer, inputs, targets, epochs, batch_size, g, max_steps, losses)
+        for members in groups.values():
+            stacked = _StackedRouters([routers[i] for i in members])
+            # [N, L, d]: a batch is one gather of whole rows, viewed as [L, B, d] for the matmuls.
+            x = torch.stack([F.normalize(inputs[i].float(), dim=-1) for i in members], dim=1)
+            t = torch.stack([targets[i].float() for i in members], dim=1)
+            for i, curve in zip(members, _fit_stacked(stacked, x, t, epochs, batch_size, lr, seed, max_steps)):
+                losses[i] = curve
+            stacked.write_back()
     finally:
         torch.set_num_threads(threads)
-    router.to(dtype)
     return losses
 
 
-def _fit(router, optimizer, inputs, targets, epochs, batch_size, g, max_steps, losses) -> None:
+class _StackedRouters(nn.Module):
+    """L MLP routers as stacked tensors: logits = tanh(x W1 + b1) W2 + b2, batched over layers."""
+
+    def __init__(self, routers: list[MLPRouter]) -> None:
+        super().__init__()
+        self.routers = routers  # a plain list: their own parameters are not trained here
+
+        def stack(get) -> nn.Parameter:
+            return nn.Parameter(torch.stack([get(r).detach().float() for r in routers]).contiguous())
+
+        self.w1 = stack(lambda r: r.proj.weight.T)  # [L, d, E]
+        self.b1 = stack(lambda r: r.proj.bias[None])  # [L, 1, E]
+        self.w2 = stack(lambda r: r.mix.weight.T)  # [L, E, E]
+        self.b2 = stack(lambda r: r.mix.bias[None])  # [L, 1, E]
+
+    def forward(self, x: Tensor) -> Tensor:  # x [L, B, d] (any strides), already normalised
+        return torch.baddbmm(self.b2, torch.tanh(torch.baddbmm(self.b1, x, self.w1)), self.w2)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        for i, r in enumerate(self.routers):
+            r.proj.weight.copy_(self.w1[i].T)
+            r.proj.bias.copy_(self.b1[i, 0])
+            r.mix.weight.copy_(self.w2[i].T)
+            r.mix.bias.copy_(self.b2[i, 0])
+
+
+def _fit_stacked(model: _StackedRouters, x: Tensor, t: Tensor, epochs: int, batch_size: int, lr: float, seed: int,
+                 max_steps: int | None) -> list[list[float]]:
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    n, layers = x.shape[:2]
+    curves: list[list[float]] = [[] for _ in range(layers)]
     step = 0
     with torch.enable_grad():
         for _ in range(epochs):
-            order = torch.randperm(inputs.shape[0], generator=g)
-            total, batches = 0.0, 0
-            for start in range(0, inputs.shape[0], batch_size):
+            order = torch.randperm(n, generator=g)
+            total, batches = torch.zeros(layers), 0
+            for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
-                loss = F.binary_cross_entropy_with_logits(router(inputs[idx]), targets[idx])
+                logits = model(x.index_select(0, idx).transpose(0, 1))
+                per_layer = F.binary_cross_entropy_with_logits(logits, t.index_select(0, idx).transpose(0, 1), reduction="none").mean(dim=(1, 2))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                per_layer.sum().backward()
                 optimizer.step()
-                total, batches, step = total + loss.item(), batches + 1, step + 1
+                total += per_layer.detach()
+                batches, step = batches + 1, step + 1
                 if max_steps is not None and step >= max_steps:
                     break
-            losses.append(total / max(1, batches))
+            for curve, value in zip(curves, (total / max(1, batches)).tolist()):
+                curve.append(value)
             if max_steps is not None and step >= max_steps:
                 break
+    return curves
 
 
 def recall(mass: Tensor, selected: Tensor) -> Tensor:

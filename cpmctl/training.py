@@ -442,7 +442,9 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, nam
     FSDP each keeps its shards)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, dict(named), options=_state_dict_options(full_state_dict=True))
+    # strict=False: a trainable parameter that never got a gradient (e.g. an unused head) has no
+    # optimizer state yet, exactly as in the run that wrote it; the groups were checked by name.
+    set_optimizer_state_dict(model, optimizer, dict(named), options=_state_dict_options(full_state_dict=True, strict=False))
 
 
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -155,6 +155,41 @@ def test_oracle_router_selects_the_largest_activation_mass(activation, gated):
     torch.testing.assert_close(moe(x), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("one_group", [False, True])  # True: the GPU layout (one matmul per projection)
+@pytest.mark.parametrize("activation,gated,bias", [("relu", False, True), ("gelu", False, False), ("silu", True, True)])
+def test_all_experts_skip_the_router_and_equal_the_dense_ffn(activation, gated, bias, one_group, monkeypatch):
+    import cpmctl.moe as moe_module
+
+    if one_group:
+        monkeypatch.setattr(moe_module, "expert_groups", lambda experts, device: 1)
+    dense, moe = _layer(activation, gated, bias, experts=8, top_k=8, router="mlp")
+
+    class NoRouter(nn.Module):
+        def forward(self, x):
+            raise AssertionError("the router ran although every expert is selected")
+
+    moe.router = NoRouter()
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), dense(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe(x[0, :1]), dense(x[0, :1]), atol=1e-5, rtol=1e-5)  # one token, with autograd
+    assert moe.counts == [22, 22 * 8]
+
+
+def test_expert_groups_give_every_cpu_thread_two_groups_of_whole_experts():
+    from cpmctl.moe import expert_groups
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert [expert_groups(e, torch.device("cpu")) for e in (1, 3, 7, 12, 48, 64)] == [1, 3, 7, 4, 4, 4]
+        torch.set_num_threads(1)
+        assert [expert_groups(e, torch.device("cpu")) for e in (1, 7, 64)] == [1, 7, 2]
+    finally:
+        torch.set_num_threads(before)
+    assert expert_groups(64, torch.device("meta")) == 1  # not a CPU: one matmul per projection
+
+
 def test_compute_counts_and_triton_dispatch_name():
     _, moe = _layer(top_k=2)
     moe(torch.randn(3, 5, 64))
@@ -182,3 +217,36 @@ def test_moe_config_defaults_keep_old_checkpoints_loading():
     assert old.permuted is False and old.ratio is None
     with pytest.raises(Exception, match="unknown MoE router"):
         MoEConfig(experts=4, expert_size=8, router="magic")
+
+
+def test_skipped_expert_fill_follows_w_out_when_it_changes():
+    """A skipped expert adds its output at the neuron fill values. When w_out is trained (grad on)
+    that output is computed from w_out; under no_grad the stored one is refreshed after any change
+    of w_out, so a trained layer evaluates as it was trained."""
+    config = ModelConfig.from_preset("bert-tiny", activation="gelu", gated=False, bias=True)
+    torch.manual_seed(0)
+    dense = FeedForward(config)
+    moe_config = config.replace(moe=dict(experts=8, expert_size=config.d_ff // 8, top_k=2, router="oracle",
+                                         permuted=True, fill_skipped=True))
+    moe = moe_from_dense(dense, moe_config, torch.randperm(config.d_ff))
+    moe.set_fill(torch.randn(8, config.d_ff // 8) * 0.1)
+    x = torch.randn(5, 64)
+
+    def by_hand():  # selected experts run; each skipped one adds act_fill @ its w_out block
+        experts, _ = moe.route(x)
+        out = moe_ffn_reference(x, experts, torch.ones(experts.shape), moe.w_in, None, moe.w_out, moe.b_in, None, moe.b_out, "gelu")
+        fill = torch.einsum("ek,ekd->ed", moe.act_fill, moe.w_out)
+        skipped = torch.ones(5, 8).scatter(1, experts, 0.0)
+        return out + skipped @ fill
+
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), by_hand(), atol=1e-5, rtol=1e-5)
+        moe.w_out.mul_(1.5)  # an in-place update, as an optimizer step makes
+        torch.testing.assert_close(moe(x), by_hand(), atol=1e-5, rtol=1e-5)
+    out = moe(x)  # grad enabled, w_out trainable: the fill passes w_out's gradient
+    out.sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(out, by_hand(), atol=1e-5, rtol=1e-5)
+    assert moe.w_out.grad is not None
+    skipped_any = torch.ones(5, 8).scatter(1, moe.route(x)[0], 0.0).sum(0) > 0
+    assert skipped_any.any() and torch.all(moe.w_out.grad[skipped_any].abs().sum((1, 2)) > 0)

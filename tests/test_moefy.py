@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -88,6 +89,42 @@ def test_mlp_router_learns_a_separable_routing():
     assert (router(x).argmax(-1) == which).float().mean() > 0.95
 
 
+def test_routers_trained_together_equal_routers_trained_alone():
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(700, 16, generator=g), torch.rand(700, 4, generator=g)) for _ in range(3)]
+    data.append((torch.randn(300, 16, generator=g), torch.rand(300, 4, generator=g)))  # another size: its own group
+    start = []
+    for _ in data:
+        router = MLPRouter(16, 4)
+        router.init_from_centres(torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=-1))
+        start.append(router)
+    alone = [copy.deepcopy(r) for r in start]
+    together = [copy.deepcopy(r) for r in start]
+    curves_alone = [mf.train_mlp_router(r, x, t, epochs=3, batch_size=128, seed=5) for r, (x, t) in zip(alone, data)]
+    curves_together = mf.train_mlp_routers(together, [x for x, _ in data], [t for _, t in data], epochs=3, batch_size=128, seed=5)
+    for a, b, ca, cb in zip(alone, together, curves_alone, curves_together):
+        assert len(ca) == 3 and ca == pytest.approx(cb, abs=1e-6)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(start[0].proj.weight, alone[0].proj.weight)  # they did train
+
+
+def test_sampled_documents_are_uniform(tmp_path):
+    from cpmctl.stages.moefy import _sample_texts
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"doc {i}\n" for i in range(500)))
+    hits = torch.zeros(500)
+    for seed in range(200):
+        picked = [int(t.split()[1]) for t in _sample_texts(corpus, 25, "text", seed)]
+        assert len(set(picked)) == 25
+        hits[picked] += 1
+    # Each document is in a sample with probability 25/500: 10 of 200 samples on average.
+    assert abs(float(hits.mean()) - 10) < 1e-6
+    assert abs(float(hits[:100].mean()) - 10) < 1.5 and abs(float(hits[-100:].mean()) - 10) < 1.5
+    assert len(_sample_texts(corpus, 800, "text", 0)) == 500
+
+
 @pytest.mark.parametrize("d_ff,experts,size,allow,want", [(128, 8, None, False, (8, 16)), (128, None, 32, False, (4, 32)), (100, 8, None, True, (8, 13))])
 def test_expert_layout(d_ff, experts, size, allow, want):
     assert expert_layout(d_ff, experts, size, allow) == want
@@ -111,6 +148,29 @@ def dense_ckpt(tmp_path_factory, sp_tokenizer) -> Path:
     sp_tokenizer.save(tok_dir)
     save_model(model, out, tokenizer_dir=tok_dir, stage="test")
     return out
+
+
+def test_statistics_pass_stops_after_the_last_recorded_ffn(dense_ckpt, corpus):
+    from cpmctl.checkpoint import read_config
+    from cpmctl.stages.moefy import collect_inputs, load_documents
+
+    cfg = _cfg(dense_ckpt, Path("unused"), corpus, max_docs=40, eval_docs=5, max_tokens=100_000)
+    rows, _, _ = load_documents(cfg, read_config(dense_ckpt), dense_ckpt)
+    model, ckpt = load_model(dense_ckpt)
+    head_calls = []
+    handle = model.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
+    full = collect_inputs(model, rows, ["decoder.0", "decoder.1"], cfg, stop_early=False)
+    assert head_calls
+    head_calls.clear()
+    short = collect_inputs(model, rows, ["decoder.0", "decoder.1"], cfg)
+    assert not head_calls  # the LM head over the vocabulary never ran
+    first = collect_inputs(model, rows, ["decoder.0"], cfg)
+    handle.remove()
+    ckpt.close()
+    assert sorted(full) == sorted(short) == ["decoder.0", "decoder.1"]
+    for name in full:
+        assert full[name].shape[0] == sum(len(r) for r in rows) and torch.equal(full[name], short[name])
+    assert torch.equal(first["decoder.0"], full["decoder.0"])
 
 
 def _cfg(dense_ckpt, out, corpus, **kw):
@@ -219,6 +279,156 @@ def test_cli_moefy_uneven_with_allow_uneven_and_restore(tmp_path, dense_ckpt, co
     ck1.close(), ck2.close()
     result = _cli(["moefy", str(tmp_path / "moe"), str(tmp_path / "back"), "--restore"])
     assert result.exit_code == 0, result.output
+
+
+# -- task accuracy (--task) ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory, corpus, sp_tokenizer) -> dict[str, Path]:
+    """A 2-class task (short / long stdlib docstring lines) and a verbalizer of single-token words."""
+    root = tmp_path_factory.mktemp("moefy_task")
+    lines = [" ".join(line.split()[:30]) for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()][:48]
+    with open(root / "task.jsonl", "w", encoding="utf-8") as fh:
+        for text in lines:
+            fh.write(json.dumps({"text": text, "label": "short" if len(text.split()) < 10 else "long"}) + "\n")
+    words = [w for w in ("the", "of", "a", "to", "is", "and", "in") if len(sp_tokenizer.encode(w)) == 1][:2]
+    assert len(words) == 2
+    (root / "words.json").write_text(json.dumps({"short": words[0], "long": words[1]}))
+    return {"task": root / "task.jsonl", "verbalizer": root / "words.json"}
+
+
+def _by_hand_decoder_predictions(checkpoint: Path, task: Path, verbalizer: Path, tok) -> tuple[float, list[str]]:
+    """(accuracy, predicted labels) of a decoder-only LM on the task, computed directly: the
+    label word whose token is likelier right after the text (no bos in this tokenizer) wins."""
+    from cpmctl import tasks
+
+    words = json.loads(verbalizer.read_text())
+    labels = sorted(words)
+    word_ids = [tok.encode(words[label])[0] for label in labels]
+    model, ckpt = load_model(checkpoint)
+    examples = tasks.load_examples(task)
+    with torch.no_grad():
+        predicted = [labels[int(model(torch.tensor([tok.encode(ex.text)]))[0, -1][word_ids].argmax())] for ex in examples]
+    ckpt.close()
+    return sum(p == ex.label for p, ex in zip(predicted, examples)) / len(examples), predicted
+
+
+def test_task_accuracy_is_dense_exactly_with_all_experts(tmp_path, dense_ckpt, corpus, task_files, capsys):
+    from cpmctl.stages.moefy import render
+
+    report = run(_cfg(dense_ckpt, tmp_path / "moe", corpus, router="center", top_k=8, max_docs=60, eval_docs=10,
+                      task=task_files["task"], verbalizer=task_files["verbalizer"]))
+    task = report["task"]
+    assert task["examples"] == 48 and task["classes"] == 2 and task["scoring"] == "lm"
+    assert task["moe_accuracy"] == task["dense_accuracy"] and task["agreement"] == 1.0
+    assert json.loads((tmp_path / "moe" / "report.json").read_text())["task"] == task
+    render(report)
+    assert f"accuracy dense {task['dense_accuracy']:.4f}, MoE {task['moe_accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_task_accuracy_values_match_a_direct_computation(tmp_path, dense_ckpt, corpus, task_files, sp_tokenizer):
+    out = tmp_path / "moe"
+    report = run(_cfg(dense_ckpt, out, corpus, router="center", top_k=1, max_docs=60, eval_docs=10,
+                      task=task_files["task"], verbalizer=task_files["verbalizer"]))
+    task = report["task"]
+    dense, dense_predicted = _by_hand_decoder_predictions(dense_ckpt, task_files["task"], task_files["verbalizer"], sp_tokenizer)
+    moe, moe_predicted = _by_hand_decoder_predictions(out, task_files["task"], task_files["verbalizer"], sp_tokenizer)
+    assert task["dense_accuracy"] == pytest.approx(dense, abs=1e-12)
+    assert task["moe_accuracy"] == pytest.approx(moe, abs=1e-12)
+    same = sum(a == b for a, b in zip(dense_predicted, moe_predicted)) / len(moe_predicted)
+    assert task["agreement"] == pytest.approx(same, abs=1e-12) and same < 1  # top-1 of 8 experts does change answers
+
+
+@pytest.fixture(scope="module")
+def encoder_ckpts(tmp_path_factory, sp_tokenizer) -> dict[str, Path]:
+    """bert-tiny without an LM head: plain, and as a distill task model with a linear head."""
+    from cpmctl.stages.distill import save_task_model
+    from cpmctl.tasks import LinearHead
+
+    root = tmp_path_factory.mktemp("moefy_enc")
+    tok_dir = sp_tokenizer.save(root / "tok")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("bert-tiny", vocab_size=sp_tokenizer.vocab_size, lm_head=False))
+    save_model(model, root / "plain", tokenizer_dir=tok_dir)
+    head = LinearHead(model.config.d_model, 2)
+    with torch.no_grad():
+        head.proj.weight.mul_(20.0)  # spread the scores: both classes get predicted
+    save_task_model(root / "task_model", model, head, labels=("long", "short"), words=("long", "short"), pooling="mean",
+                    tokenizer_dir=tok_dir, parents=[], options={}, metrics={})
+    return {"plain": root / "plain", "task_model": root / "task_model"}
+
+
+def _by_hand_head_accuracy(checkpoint: Path, task: Path, tok) -> float:
+    """Accuracy of a task model's linear head computed directly: [CLS]-free sentencepiece input,
+    mean of the final hidden states over the text, times the head."""
+    from cpmctl import tasks
+    from cpmctl.checkpoint import SafetensorsFile
+
+    model, ckpt = load_model(checkpoint)
+    with SafetensorsFile(checkpoint / "head.safetensors") as st:
+        weight, bias = st.get("proj.weight"), st.get("proj.bias")
+    labels = json.loads((checkpoint / "task.json").read_text())["labels"]
+    examples = tasks.load_examples(task)
+    correct = 0
+    with torch.no_grad():
+        for ex in examples:
+            ids = tok.encode(ex.text, add_special=True)
+            text = torch.tensor([tok.encode(ex.text)])
+            hidden = model.encode(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+            start = ids.index(int(text[0, 0]))  # the text sits after any prefix specials
+            pooled = hidden[start : start + text.shape[1]].mean(0)
+            correct += labels[int((weight @ pooled + bias).argmax())] == ex.label
+    ckpt.close()
+    return correct / len(examples)
+
+
+def test_task_accuracy_with_the_task_head_of_a_task_model(tmp_path, encoder_ckpts, task_files, sp_tokenizer):
+    from cpmctl.stages.distill import load_task_model
+
+    every = run(MoefyConfig(checkpoint=encoder_ckpts["task_model"], out=tmp_path / "all", experts=4, top_k=4,
+                            router="center", task=task_files["task"]))
+    assert every["task"]["scoring"] == "linear" and every["task"]["moe_accuracy"] == every["task"]["dense_accuracy"]
+    out = tmp_path / "moe"
+    report = run(MoefyConfig(checkpoint=encoder_ckpts["task_model"], out=out, experts=4, top_k=1, router="center",
+                             task=task_files["task"]))
+    task = report["task"]
+    assert task["dense_accuracy"] == pytest.approx(_by_hand_head_accuracy(encoder_ckpts["task_model"], task_files["task"], sp_tokenizer), abs=1e-12)
+    assert task["moe_accuracy"] == pytest.approx(_by_hand_head_accuracy(out, task_files["task"], sp_tokenizer), abs=1e-12)
+    # OUT is a task model too (MoE backbone + the same head); restore gives the dense one back.
+    tm = load_task_model(out)
+    assert tm.labels == ("long", "short") and tm.head is not None
+    assert any(isinstance(f, MoEFeedForward) for _, _, f in tm.model.ffn_modules())
+    run(MoefyConfig(checkpoint=out, out=tmp_path / "dense", restore=True))
+    assert (tmp_path / "dense" / "task.json").read_text() == (encoder_ckpts["task_model"] / "task.json").read_text()
+
+
+@pytest.mark.parametrize("content,extra,message", [
+    (None, [], "does not exist"),
+    ('{"text": "a b c", "label": "x"}\nnot json\n', [], "is not valid JSON"),
+    ('{"text": "a b c"}\n', [], "has no 'label'"),
+    ('{"text": "a b c", "label": "x"}\n{"text": "d e", "label": "x"}\n', [], "at least 2 labels"),
+    ('{"text": "a b c", "label": "qxzjvw"}\n{"text": "d e", "label": "vzqkxj"}\n', [], "single-token label words"),
+    ('{"text": "a b c", "label": "short"}\n{"text": "d e", "label": "odd"}\n', ["verbalizer"], "no word for label"),
+])
+def test_bad_task_exits_2_and_writes_nothing(tmp_path_factory, tmp_path, dense_ckpt, task_files, content, extra, message):
+    task = tmp_path_factory.mktemp("bad_task") / "task.jsonl"
+    if content is not None:
+        task.write_text(content)
+    args = ["--verbalizer", str(task_files["verbalizer"])] if extra else []
+    result = _cli(["moefy", str(dense_ckpt), str(tmp_path / "out"), "--experts", "8", "--router", "center", "--task", str(task), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert os.listdir(tmp_path) == []
+
+
+def test_task_on_an_encoder_without_any_head_exits_2(tmp_path, encoder_ckpts, task_files):
+    result = _cli(["moefy", str(encoder_ckpts["plain"]), str(tmp_path / "out"), "--experts", "4", "--router", "center",
+                   "--task", str(task_files["task"])])
+    assert result.exit_code == 2 and "neither an LM head" in result.output
+    assert os.listdir(tmp_path) == []
+    result = _cli(["moefy", str(encoder_ckpts["task_model"]), str(tmp_path / "out"), "--experts", "4", "--router", "center",
+                   "--task", str(task_files["task"]), "--verbalizer", str(task_files["verbalizer"])])
+    assert result.exit_code == 2 and "linear head" in result.output
+    assert os.listdir(tmp_path) == []
 
 
 # -- MiniLM (real model) -------------------------------------------------------------------------

@@ -10,6 +10,17 @@ contiguous blocks, build the router (center / mlp trained on the reservoir / ora
 MoE checkpoint with the permutation, so `--restore` gives the exact dense checkpoint back. The
 report (rich table, report.json in OUT, and the checkpoint's metrics) gives per-layer router
 recall and executed FFN compute fraction, and dense-vs-MoE quality on the held-out documents.
+
+    cpmctl moefy ./lm ./lm-moe --expert-size 32 --data corpus.txt --task dev.jsonl --verbalizer words.json
+    cpmctl moefy ./distilled ./distilled-moe --experts 48 --data corpus.txt --task dev.jsonl
+
+`--task FILE.jsonl` (cpmctl.tasks format: text, optional text_pair, label) adds dense vs MoE
+accuracy and macro-F1 at the chosen ratio. Classes are scored as the checkpoint was trained to:
+with its linear task head when it is a task model (`cpmctl distill` OUT or OUT/checkpoint, whose
+task.json and head.safetensors the MoE checkpoint carries along; or `cpmctl prompt-tune --full`
+OUT), otherwise by each label word's log-probability under the LM head (--verbalizer, as in
+prompt-tune). An encoder with neither head is refused (exit 2): mean-pooled embeddings are not
+class scores.
 """
 
 from __future__ import annotations
@@ -57,6 +68,9 @@ class MoefyConfig:
     calibrate: int = 0  # optimiser steps of calibration with the routers active (0: none)
     calibrate_lr: float = 1e-4
     kernels: str = "auto"  # MoE FFNs in the report's evaluation: auto | torch | triton
+    task: Path | None = None  # JSONL task file (tasks.py format): dense vs MoE accuracy in the report
+    verbalizer: Path | None = None  # JSON {label: word} for label-word scoring of --task
+    max_task_examples: int | None = None  # a random subset of --task (all by default)
     layers: list[str] | None = None
     allow_uneven: bool = False
     restore: bool = False
@@ -91,6 +105,10 @@ class MoefyConfig:
         for name in ("max_docs", "max_tokens", "seq_len", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.verbalizer is not None and self.task is None:
+            raise UserError("--verbalizer names the label words of --task: give --task FILE.jsonl")
+        if self.max_task_examples is not None and self.max_task_examples < 1:
+            raise UserError(f"--max-task-examples must be >= 1, got {self.max_task_examples}")
 
 
 # -- layout decisions ---------------------------------------------------------------------------------
@@ -138,18 +156,33 @@ def choose_layers(config, layers: list[str] | None) -> list[str]:
 
 # -- data ----------------------------------------------------------------------------------------------
 def _sample_texts(path: Path, count: int, field: str, seed: int) -> list[str]:
-    """A uniform sample of `count` documents of a text/JSONL corpus (reservoir: bounded memory)."""
+    """A uniform sample of `count` documents of a text/JSONL corpus (reservoir: bounded memory).
+
+    Li's algorithm L: instead of a random draw per document, it draws how many documents to
+    skip before the next replacement, so a corpus of n documents costs O(count log(n/count))
+    draws, not n."""
+    import math
+
     from cpmctl.corpus import read_documents
 
+    if count < 1:
+        return []
     rng = random.Random(seed)
+
+    def unit() -> float:  # uniform in (0, 1): logarithms need it above 0
+        u = rng.random()
+        return u if u > 0 else unit()
+
     sample: list[str] = []
+    w = math.exp(math.log(unit()) / count)
+    replace_at = count + int(math.log(unit()) / math.log1p(-w))
     for seen, text in enumerate(read_documents(path, field=field)):
-        if len(sample) < count:
+        if seen < count:
             sample.append(text)
-        else:
-            slot = rng.randint(0, seen)
-            if slot < count:
-                sample[slot] = text
+        elif seen == replace_at:
+            sample[rng.randrange(count)] = text
+            w *= math.exp(math.log(unit()) / count)
+            replace_at += 1 + int(math.log(unit()) / math.log1p(-w))
     rng.shuffle(sample)
     return sample
 
@@ -236,8 +269,16 @@ def _real_tokens(stack: str, inputs: dict[str, Any]):
     return inputs["decoder_attention_mask" if stack == "decoder" and "decoder_attention_mask" in inputs else "attention_mask"].bool()
 
 
-def collect_inputs(model, rows: list[list[int]], layers: list[str], cfg: MoefyConfig) -> dict[str, Any]:
-    """Run the dense model over `rows`; returns a reservoir sample of each layer's FFN inputs."""
+class _AllRecorded(Exception):
+    """Every recorded FFN has seen the batch: the rest of the forward pass is not needed."""
+
+
+def collect_inputs(model, rows: list[list[int]], layers: list[str], cfg: MoefyConfig, *, stop_early: bool = True) -> dict[str, Any]:
+    """Run the dense model over `rows`; returns a reservoir sample of each layer's FFN inputs.
+
+    The forward pass stops once the last recorded FFN has its input: later layers and, for
+    LMs, the LM head over the whole vocabulary would be computed for nothing. (With shared
+    layers one FFN runs several times per pass, so there the pass runs to the end.)"""
     import torch
 
     from cpmctl.moefication import FFNInputRecorder
@@ -247,21 +288,52 @@ def collect_inputs(model, rows: list[list[int]], layers: list[str], cfg: MoefyCo
     for name, ffn in ffns.items():
         by_stack.setdefault(name.split(".")[0], {})[name] = ffn
     recorders = {stack: FFNInputRecorder(group, cfg.max_tokens, seed=cfg.seed) for stack, group in by_stack.items()}
+    seen = [0]
+
+    def stop_when_all_recorded(module, args):  # registered after the recorders' hooks: runs after them
+        seen[0] += 1
+        if seen[0] == len(ffns):
+            raise _AllRecorded
+
+    stoppers = [] if model.config.share_layers or not stop_early else [f.register_forward_pre_hook(stop_when_all_recorded) for f in ffns.values()]
     try:
         with torch.no_grad():
             for batch in _batches(rows, cfg.batch_size):
                 inputs = _model_inputs(model.config, batch)
                 for stack, recorder in recorders.items():
                     recorder.keep = _real_tokens(stack, inputs)
-                model(**inputs)
+                seen[0] = 0
+                try:
+                    model(**inputs)
+                except _AllRecorded:
+                    pass
     finally:
+        for handle in stoppers:
+            handle.remove()
         for recorder in recorders.values():
             recorder.close()
     return {name: rec.reservoirs[name].sample() for rec in recorders.values() for name in rec.reservoirs}
 
 
 # -- building the MoE layers ---------------------------------------------------------------------------
-def split_layer(ffn, inputs, experts: int, size: int, split: str, seed: int, profile_tokens: int = 4096):
+@dataclass
+class NeuronSample:
+    """One FFN's neuron activations on the first sampled inputs (dense neuron order), computed
+    once for both the co-activation split and the fill of skipped experts."""
+
+    hidden: Any  # [rows, d_ff]
+    median: Any  # [d_ff]: each neuron's median activation, robust to the few huge ones
+
+
+def neuron_sample(ffn, inputs, rows: int = 8192) -> NeuronSample:
+    import torch
+
+    with torch.no_grad():
+        hidden = ffn.hidden(inputs[:rows])
+        return NeuronSample(hidden, hidden.median(dim=0).values)
+
+
+def split_layer(ffn, sample: NeuronSample | None, experts: int, size: int, split: str, seed: int, profile_tokens: int = 4096):
     """The permutation [E * d_e] of one FFN's neurons into experts."""
     import torch
 
@@ -275,35 +347,44 @@ def split_layer(ffn, inputs, experts: int, size: int, split: str, seed: int, pro
         labels = mf.balanced_kmeans(rows, experts, size, seed=seed)
     else:
         with torch.no_grad():
-            hidden = ffn.hidden(inputs[:profile_tokens])
-            profiles = mf.activation_profiles(hidden, hidden.median(dim=0).values, ffn.w_out.weight.norm(dim=0))
+            profiles = mf.activation_profiles(sample.hidden[:profile_tokens], sample.median, ffn.w_out.weight.norm(dim=0))
         labels = mf.coactivation_partition(profiles, experts, size, seed=seed)
     return mf.perm_from_labels(labels, experts, size)
 
 
-def typical_activations(moe, inputs, rows: int = 8192):
-    """Median activation of every neuron [E, d_e] over (up to `rows` of) the sampled FFN inputs:
-    robust to the few tokens with huge activations that would drag a mean."""
-    import torch
-
-    with torch.no_grad():
-        return moe.expert_activations(inputs[:rows]).median(dim=0).values
+def typical_activations(sample: NeuronSample, moe):
+    """Median activation of every expert neuron [E, d_e] from the dense-order sample, through
+    the layer's permutation (0 for the zero padding of uneven splits: its activation is 0)."""
+    perm = moe.perm
+    return (sample.median.index_select(0, perm.clamp(min=0)) * (perm >= 0)).view(moe.num_experts, moe.expert_size)
 
 
-def build_router(moe, router: str, inputs, cfg: MoefyConfig) -> dict[str, Any]:
-    """Set the router's parameters; returns training statistics."""
+def init_router(moe, router: str, inputs):
+    """Set the router's parameters from the expert centres; for the MLP router, returns its
+    training targets (each expert's activation mass on the sampled inputs), else None."""
     from cpmctl import moefication as mf
 
     if router == "oracle":
-        return {}
+        return None
     centres = mf.expert_centres(moe).to(moe.w_in.dtype)
     if router == "center":
         moe.router.weight.data.copy_(centres)
-        return {}
+        return None
     moe.router.init_from_centres(centres)
-    targets = mf.router_targets(mf.expert_mass(moe, inputs))
-    losses = mf.train_mlp_router(moe.router, inputs, targets, epochs=cfg.epochs, seed=cfg.seed, max_steps=cfg.router_steps)
-    return {"router_loss_first": round(losses[0], 5), "router_loss_last": round(losses[-1], 5), "router_examples": int(inputs.shape[0])}
+    return mf.router_targets(mf.expert_mass(moe, inputs))
+
+
+def train_routers(moes: dict[str, Any], inputs: dict[str, Any], targets: dict[str, Any], cfg: MoefyConfig) -> dict[str, dict[str, Any]]:
+    """Train every layer's MLP router together (see `train_mlp_routers`); per-layer statistics."""
+    from cpmctl import moefication as mf
+
+    names = list(targets)
+    if not names:
+        return {}
+    curves = mf.train_mlp_routers([moes[n].router for n in names], [inputs[n] for n in names], [targets[n] for n in names],
+                                  epochs=cfg.epochs, seed=cfg.seed, max_steps=cfg.router_steps)
+    return {n: {"router_loss_first": round(c[0], 5), "router_loss_last": round(c[-1], 5), "router_examples": int(inputs[n].shape[0])}
+            for n, c in zip(names, curves)}
 
 
 # -- calibration ---------------------------------------------------------------------------------------
@@ -481,6 +562,93 @@ def quality(dense: dict[str, Any], moe: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# -- task accuracy (--task) ----------------------------------------------------------------------------
+@dataclass
+class TaskSet:
+    """A --task file encoded for this model, and how its classes are scored."""
+
+    path: Path
+    rows: list          # tasks.EncodedExample, one per example
+    labels: Any         # tasks.LabelSet
+    scoring: str        # "lm": label words by the LM head; "linear": the checkpoint's own task head
+    label_ids: list[list[int]] | None
+    head: Any           # tasks.LinearHead (linear scoring) or None
+    pad_id: int
+
+
+def resolve_checkpoint(given: Path) -> Path:
+    """The checkpoint directory inside what the user named: itself, a distill run directory
+    (OUT/checkpoint) or a `prompt-tune --full` output (OUT/model)."""
+    from cpmctl.stages.distill import resolve_task_model
+
+    return resolve_task_model(given) if given.is_dir() else given
+
+
+def _task_model(given: Path, checkpoint: Path):
+    """The task model (head, labels, words, scoring) when the checkpoint carries a task head or
+    label words (distill's task.json, or a `prompt-tune --full` output), else None."""
+    from cpmctl.stages.distill import TASK_FILE, load_task_model
+
+    if not (checkpoint / TASK_FILE).is_file() and checkpoint == given:
+        return None
+    return load_task_model(given)
+
+
+def prepare_task(cfg: MoefyConfig, model, given: Path, checkpoint: Path, tok) -> TaskSet:
+    """Read, label and encode --task before any work, so a bad file costs nothing.
+
+    Classes are scored as the checkpoint was trained to: by its linear task head when it carries
+    one; otherwise by the log-probability of each label word (--verbalizer, else the task
+    model's words, else the label itself) under the LM head. An encoder-only model with neither
+    has nothing that could answer the task (its pooled embeddings are not class scores)."""
+    from cpmctl import tasks
+    from cpmctl.stages.prompt_tune import encode_for, subsample
+
+    if tok is None:
+        raise UserError(f"checkpoint {checkpoint} has no tokenizer/ to read --task {cfg.task}")
+    examples = subsample(tasks.load_examples(cfg.task), cfg.max_task_examples, cfg.seed)
+    verbalizer = tasks.load_verbalizer(cfg.verbalizer) if cfg.verbalizer else None
+    found = _task_model(given, checkpoint)
+    head = None
+    if found is not None and found.head is not None:
+        if verbalizer is not None:
+            raise UserError(f"--verbalizer names label words for LM scoring, but {given} scores its task with a linear head")
+        labels = tasks.LabelSet(tuple(found.labels), tuple(found.words))
+        head = found.head.float().eval()
+        scoring = "linear"
+    else:
+        if model.lm_head is None:
+            raise UserError(
+                f"--task needs class scores, and {given} has neither an LM head (to score label words) nor a task head: "
+                "give a task model (cpmctl distill OUT, or cpmctl prompt-tune --full --head linear OUT) fine-tuned on this task"
+            )
+        if verbalizer is None and found is not None and found.labels is not None:
+            verbalizer = dict(zip(found.labels, found.words))
+        labels = tasks.LabelSet.from_examples(examples, verbalizer)
+        scoring = "lm"
+    label_ids = tasks.label_token_ids(tok, labels.words) if scoring == "lm" else None
+    rows = encode_for(tok, model.config, examples, labels, scoring=scoring, plan=None, max_length=None, what="task")
+    tasks.Scorer(model, label_ids=label_ids, head=head)  # refuses label words it cannot score, now
+    return TaskSet(Path(cfg.task), rows, labels, scoring, label_ids, head, tok.pad_id)
+
+
+def evaluate_task(model, task: TaskSet, batch_size: int) -> dict[str, Any]:
+    """Accuracy, macro-F1 and predictions of `model` on the task (tasks.evaluate)."""
+    from cpmctl import tasks
+
+    scorer = tasks.Scorer(model, label_ids=task.label_ids, head=task.head).eval()
+    return tasks.evaluate(scorer, tasks.eval_batches(task.rows, batch_size, task.pad_id), len(task.labels))
+
+
+def task_quality(task: TaskSet, dense: dict[str, Any], moe: dict[str, Any]) -> dict[str, Any]:
+    agree = sum(a == b for a, b in zip(dense["predictions"], moe["predictions"])) / max(1, len(dense["predictions"]))
+    return {
+        "file": str(task.path), "examples": dense["examples"], "classes": len(task.labels), "scoring": task.scoring,
+        "dense_accuracy": dense["accuracy"], "moe_accuracy": moe["accuracy"],
+        "dense_macro_f1": dense["macro_f1"], "moe_macro_f1": moe["macro_f1"], "agreement": agree,
+    }
+
+
 # -- the stage -----------------------------------------------------------------------------------------
 def run(cfg: MoefyConfig) -> dict[str, Any]:
     cfg.validate()
@@ -489,11 +657,12 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     import torch
 
     from cpmctl import moefication as mf
-    from cpmctl.checkpoint import load_model, read_config, save_model
-    from cpmctl.moe import moe_from_dense
+    from cpmctl.checkpoint import load_model, read_config
+    from cpmctl.moe import moe_from_dense, resolve_kernels, set_kernels
 
     started = time.perf_counter()
-    checkpoint = Path(cfg.checkpoint)
+    given = Path(cfg.checkpoint)
+    checkpoint = resolve_checkpoint(given)
     config = read_config(checkpoint)
     if config.moe is not None:
         raise UserError(f"{checkpoint} is already a MoE model; MoEfy its dense parent, or restore it with --restore")
@@ -510,11 +679,16 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model, ckpt = load_model(checkpoint, dtype=torch.float32)
     stored_dtype = _dominant(ckpt.dtype_summary())
+    kernels = resolve_kernels(cfg.kernels, next(model.parameters()).device)  # refused now, not after the work
+    task = prepare_task(cfg, model, given, checkpoint, tok) if cfg.task is not None else None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     inputs = collect_inputs(model, train_rows, layers, cfg) if train_rows else {}
     timings["statistics_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
     dense_eval = evaluate(model, eval_rows, cfg, tok) if eval_rows else None
+    dense_task = evaluate_task(model, task, cfg.batch_size) if task is not None else None
+    timings["dense_eval_s"] = round(time.perf_counter() - t0, 2)
 
     moe_config = config.replace(moe=dict(
         experts=experts, expert_size=size, top_k=top_k, router=cfg.router,
@@ -522,6 +696,7 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
         fill_skipped=bool(inputs),
     ))
     per_layer: dict[str, dict[str, Any]] = {}
+    moes, targets = {}, {}
     t0 = time.perf_counter()
     for stack, index, ffn in model.ffn_modules():
         name = f"{stack}.{index}"
@@ -529,14 +704,23 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
             continue
         tl = time.perf_counter()
         layer_inputs = inputs.get(name)
-        perm = split_layer(ffn, layer_inputs, experts, size, cfg.split, cfg.seed)
-        moe = moe_from_dense(ffn, moe_config, perm)
+        sample = neuron_sample(ffn, layer_inputs) if layer_inputs is not None else None
+        perm = split_layer(ffn, sample, experts, size, cfg.split, cfg.seed)
+        moe = moes[name] = moe_from_dense(ffn, moe_config, perm)
         if moe_config.moe.fill_skipped:
-            moe.set_fill(typical_activations(moe, layer_inputs))
-        per_layer[name] = build_router(moe, cfg.router, layer_inputs, cfg)
+            moe.set_fill(typical_activations(sample, moe))
+        del sample
+        layer_targets = init_router(moe, cfg.router, layer_inputs)
+        if layer_targets is not None:
+            targets[name] = layer_targets
+        per_layer[name] = {}
         model.replace_ffn(stack, index, moe)
-        log.info("moefy %s: %d experts of %d neurons, top-%d, %.1f s", name, experts, size, top_k, time.perf_counter() - tl)
-    timings["split_and_routers_s"] = round(time.perf_counter() - t0, 2)
+        log.info("moefy %s: %d experts of %d neurons, top-%d, split in %.1f s", name, experts, size, top_k, time.perf_counter() - tl)
+    timings["split_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    for name, stats in train_routers(moes, inputs, targets, cfg).items():
+        per_layer[name].update(stats)
+    timings["routers_s"] = round(time.perf_counter() - t0, 2)
     model.config = moe_config
     calibration = None
     if cfg.calibrate:
@@ -556,10 +740,9 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     }
     if calibration is not None:
         report["calibration"] = calibration
+    set_kernels(model, kernels)
+    t0 = time.perf_counter()
     if eval_rows:
-        from cpmctl.moe import resolve_kernels, set_kernels
-
-        set_kernels(model, resolve_kernels(cfg.kernels, next(model.parameters()).device))
         moes = {f"{s}.{i}": f for s, i, f in model.ffn_modules() if f"{s}.{i}" in layers}
         meter = RecallMeter(moes, config.d_ff)
         try:
@@ -572,17 +755,17 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     else:
         for name in per_layer:
             per_layer[name].update(experts=experts, top_k=top_k, compute_fraction=round(top_k * size / config.d_ff, 4))
+    if task is not None:
+        report["task"] = task_quality(task, dense_task, evaluate_task(model, task, cfg.batch_size))
+    timings["moe_eval_s"] = round(time.perf_counter() - t0, 2)
     timings["total_s"] = round(time.perf_counter() - started, 2)
     report["timings"] = timings
 
     if stored_dtype is not None and stored_dtype != torch.float32:
         model.to(stored_dtype)
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("out", "overwrite")}
-    tokenizer_dir = checkpoint / "tokenizer"
-    save_model(model, cfg.out, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None, stage="moefy",
-               parents=[checkpoint], options=options, metrics=report, overwrite=cfg.overwrite)
+    write_output(model, cfg, checkpoint, stage="moefy", options=options, metrics=report, report=report)
     ckpt.close()
-    _write_json(Path(cfg.out) / REPORT_FILE, report)
     return report
 
 
@@ -595,22 +778,39 @@ def _dominant(summary: dict[str, int]):
     return getattr(torch, name, None)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Write a small JSON file atomically (temporary sibling + rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def write_output(model, cfg: MoefyConfig, checkpoint: Path, *, stage: str, options: dict[str, Any],
+                 metrics: dict[str, Any] | None, report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OUT in one atomic step: the checkpoint, report.json, and the task head a task model
+    carries (distill's task.json + head.safetensors, copied as they are: the head reads the
+    final hidden states, which MoEfication approximates and restore gives back exactly)."""
+    import shutil
+
+    from cpmctl.checkpoint import save_model
+    from cpmctl.fsutil import atomic_directory
+    from cpmctl.stages.distill import HEAD_FILE, TASK_FILE
+
+    tokenizer_dir = checkpoint / "tokenizer"
+    with atomic_directory(cfg.out, overwrite=cfg.overwrite) as tmp:
+        inner = tmp / ".checkpoint"
+        provenance = save_model(model, inner, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None, stage=stage,
+                                parents=[checkpoint], options=options, metrics=metrics)
+        for item in inner.iterdir():
+            os.rename(item, tmp / item.name)
+        inner.rmdir()
+        for name in (TASK_FILE, HEAD_FILE):
+            if (checkpoint / name).is_file():
+                shutil.copyfile(checkpoint / name, tmp / name)
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return provenance
 
 
 def restore(cfg: MoefyConfig) -> dict[str, Any]:
     """The dense checkpoint back from a MoEfied one: neurons un-permuted, routers dropped."""
-    from cpmctl.checkpoint import load_model, read_config, save_model
+    from cpmctl.checkpoint import load_model, read_config
     from cpmctl.moe import MoEFeedForward, dense_from_moe
 
-    checkpoint = Path(cfg.checkpoint)
+    checkpoint = resolve_checkpoint(Path(cfg.checkpoint))
     config = read_config(checkpoint)
     if config.moe is None:
         raise UserError(f"{checkpoint} is not a MoE model; nothing to restore")
@@ -625,10 +825,7 @@ def restore(cfg: MoefyConfig) -> dict[str, Any]:
             model.replace_ffn(stack, index, dense_from_moe(ffn, config))
             restored += 1
     model.config = config.replace(moe=None)
-    tokenizer_dir = checkpoint / "tokenizer"
-    provenance = save_model(model, cfg.out, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
-                            stage="moefy-restore", parents=[checkpoint], options={"restore": True},
-                            overwrite=cfg.overwrite)
+    provenance = write_output(model, cfg, checkpoint, stage="moefy-restore", options={"restore": True}, metrics=None)
     ckpt.close()
     return {"restored_layers": restored, "content_hash": provenance["content_hash"]}
 
@@ -655,4 +852,9 @@ def render(report: dict[str, Any]) -> None:
             console.print(f"held-out embeddings, dense vs MoE: mean cosine {q['mean_cosine']}, min {q['min_cosine']}")
         else:
             console.print(f"held-out perplexity: dense {q['dense_perplexity']}, MoE {q['moe_perplexity']} ({100 * q['perplexity_increase']:+.2f}%)")
+    t = report.get("task")
+    if t:
+        console.print(f"task {t['file']} ({t['examples']} examples, {t['classes']} classes, {t['scoring']} scoring): accuracy "
+                      f"dense {t['dense_accuracy']:.4f}, MoE {t['moe_accuracy']:.4f}; macro-F1 dense {t['dense_macro_f1']:.4f}, "
+                      f"MoE {t['moe_macro_f1']:.4f}; same prediction on {t['agreement']:.1%}", soft_wrap=True)
     console.print(f"[dim]{report['timings']}[/dim]")
