@@ -29,7 +29,7 @@ import mmap
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -360,6 +360,21 @@ def save_checkpoint(
         provenance["content_hash"] = _combine_content_hash(records)
         provenance["files"] = dict(sorted(files.items()))
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    return provenance
+
+
+def save_checkpoint_with(out: str | os.PathLike, write_extra: "Callable[[Path], None]", *args: Any,
+                         overwrite: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """`save_checkpoint` plus the files `write_extra(directory)` puts beside it (a task head, a
+    report), all appearing at `out` in one atomic step; the extra files are outside the
+    checkpoint's provenance. Arguments after `write_extra` are save_checkpoint's."""
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        inner = tmp / ".checkpoint"
+        provenance = save_checkpoint(inner, *args, **kwargs)
+        for item in inner.iterdir():
+            os.rename(item, tmp / item.name)
+        inner.rmdir()
+        write_extra(tmp)
     return provenance
 
 

@@ -360,7 +360,12 @@ class MoEFeedForward(nn.Module):
         """Store per-neuron fill activations [E, d_e] and the expert outputs they give."""
         self.act_fill.copy_(act_fill)
         self.fill_out.copy_(self._fill_outputs())
-        self._fill_key = (self.w_out._version, self.w_out.data_ptr(), self.act_fill._version)
+        self._fill_key = self._fill_state()
+
+    def _fill_state(self) -> tuple[int, int, int]:
+        """What the stored fill_out depends on: w_out's and act_fill's versions (bumped by every
+        in-place update) and w_out's storage (replaced when weights are loaded by assignment)."""
+        return (self.w_out._version, self.w_out.data_ptr(), self.act_fill._version)
 
     def _fill_outputs(self) -> Tensor:
         """[E, d]: each expert's output at its fill activations."""
@@ -378,11 +383,11 @@ class MoEFeedForward(nn.Module):
         else:
             # w_out may have changed since fill_out was stored (pretrain or calibration of a MoEfied
             # checkpoint updates it in place): refresh once per change of the weights
-            key = (self.w_out._version, self.w_out.data_ptr(), self.act_fill._version)
+            key = self._fill_state()
             if key != self._fill_key:
                 with torch.no_grad():
                     self.fill_out.copy_(self._fill_outputs())
-                self._fill_key = (self.w_out._version, self.w_out.data_ptr(), self.act_fill._version)
+                self._fill_key = key  # the copy changed neither w_out nor act_fill
             fill_out = self.fill_out
         return fill_out.sum(0) - fill_out.index_select(0, experts.reshape(-1)).view(n, k, -1).sum(1)
 

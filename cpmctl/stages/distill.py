@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -217,16 +216,9 @@ def save_task_model(out: Path, model: nn.Module, head: nn.Module | None, *, labe
                     tokenizer_dir: Path | None, parents, options: dict, metrics: dict) -> dict:
     """Write OUT atomically: the checkpoint files, then task.json (labels, words; scoring "linear"
     with head.safetensors beside it, or "lm" when the LM head scores the label words)."""
-    from cpmctl.checkpoint import save_checkpoint, write_safetensors
-    from cpmctl.fsutil import atomic_directory
+    from cpmctl.checkpoint import save_checkpoint_with, write_safetensors
 
-    with atomic_directory(out, overwrite=True) as tmp:
-        inner = tmp / ".checkpoint"
-        provenance = save_checkpoint(inner, model.config, model.state_dict(), tokenizer_dir=tokenizer_dir,
-                                     stage="distill", parents=parents, options=options, metrics=metrics)
-        for item in inner.iterdir():
-            os.rename(item, tmp / item.name)
-        inner.rmdir()
+    def write_task(tmp: Path) -> None:
         if head is not None:
             write_safetensors(tmp / HEAD_FILE, {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
         if labels is not None:
@@ -234,7 +226,9 @@ def save_task_model(out: Path, model: nn.Module, head: nn.Module | None, *, labe
                     "scoring": "linear" if head is not None else "lm", "pooling": pooling,
                     "head": HEAD_FILE if head is not None else None, "metrics": metrics}
             (tmp / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
-    return provenance
+
+    return save_checkpoint_with(out, write_task, model.config, model.state_dict(), overwrite=True, tokenizer_dir=tokenizer_dir,
+                                stage="distill", parents=parents, options=options, metrics=metrics)
 
 
 # =============================================================================================

@@ -785,24 +785,20 @@ def write_output(model, cfg: MoefyConfig, checkpoint: Path, *, stage: str, optio
     final hidden states, which MoEfication approximates and restore gives back exactly)."""
     import shutil
 
-    from cpmctl.checkpoint import save_model
-    from cpmctl.fsutil import atomic_directory
+    from cpmctl.checkpoint import save_checkpoint_with
     from cpmctl.stages.distill import HEAD_FILE, TASK_FILE
 
-    tokenizer_dir = checkpoint / "tokenizer"
-    with atomic_directory(cfg.out, overwrite=cfg.overwrite) as tmp:
-        inner = tmp / ".checkpoint"
-        provenance = save_model(model, inner, tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None, stage=stage,
-                                parents=[checkpoint], options=options, metrics=metrics)
-        for item in inner.iterdir():
-            os.rename(item, tmp / item.name)
-        inner.rmdir()
+    def write_extra(tmp: Path) -> None:
         for name in (TASK_FILE, HEAD_FILE):
             if (checkpoint / name).is_file():
                 shutil.copyfile(checkpoint / name, tmp / name)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return provenance
+
+    tokenizer_dir = checkpoint / "tokenizer"
+    return save_checkpoint_with(cfg.out, write_extra, model.config, model.state_dict(), overwrite=cfg.overwrite,
+                                tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None, stage=stage,
+                                parents=[checkpoint], options=options, metrics=metrics)
 
 
 def restore(cfg: MoefyConfig) -> dict[str, Any]:
