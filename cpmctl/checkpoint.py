@@ -29,6 +29,7 @@ import mmap
 import os
 import shutil
 import sys
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -165,11 +166,43 @@ def content_hash(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 class WrittenFile(NamedTuple):
-    """What `write_safetensors` wrote: the file's sha256 and, per tensor, its bytes' sha256."""
+    """What `write_safetensors` wrote: the file's sha256, per tensor its bytes' sha256 and its
+    block CRC-32s (`BlockCRC`)."""
 
     sha256: str
     size: int
     tensor_digests: dict[str, tuple[str, tuple[int, ...], bytes]]
+    block_crc32: dict[str, list[int]]
+
+
+def crc_block_count(shape: tuple[int, ...]) -> int:
+    """How many CRC-32 blocks a tensor of `shape` is checked in: a 3-D tensor (the expert blocks
+    of a MoE layer, [E, d_e, d]) one per index of its first dimension, so a reader that loads one
+    expert can check just those bytes; anything else as a whole."""
+    return shape[0] if len(shape) == 3 and shape[0] > 0 else 1
+
+
+class BlockCRC:
+    """CRC-32 of equal consecutive blocks of a byte stream fed in arbitrary chunks."""
+
+    def __init__(self, nbytes: int, blocks: int) -> None:
+        self.block_bytes = nbytes // blocks if blocks else 0
+        self.values: list[int] = []
+        self._crc, self._filled = 0, 0
+
+    def feed(self, data: memoryview) -> None:
+        data = memoryview(data).cast("B")
+        while len(data):
+            take = min(len(data), self.block_bytes - self._filled) if self.block_bytes else len(data)
+            self._crc = zlib.crc32(data[:take], self._crc)
+            self._filled += take
+            data = data[take:]
+            if self.block_bytes and self._filled == self.block_bytes:
+                self.values.append(self._crc)
+                self._crc, self._filled = 0, 0
+
+    def result(self) -> list[int]:
+        return self.values if self.block_bytes else [self._crc]
 
 
 def _file_order(planned: Iterable[_PlannedTensor]) -> list[_PlannedTensor]:
@@ -195,22 +228,26 @@ def _write_planned(path: Path, planned: list[_PlannedTensor], metadata: Mapping[
     header = _header_bytes(ordered, metadata)
     file_digest = hashlib.sha256()
     tensor_digests: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    block_crc32: dict[str, list[int]] = {}
     with open(path, "wb") as fh:
         size = _write_hashed(fh, file_digest, len(header).to_bytes(8, "little"))
         size += _write_hashed(fh, file_digest, header)
         for p in ordered:
             tensor_digest = hashlib.sha256()
+            crc = BlockCRC(p.nbytes, crc_block_count(p.shape))
             written = 0
             for chunk in _byte_chunks(p.tensor):
                 tensor_digest.update(chunk)
+                crc.feed(chunk)
                 written += _write_hashed(fh, file_digest, chunk)
             if written != p.nbytes:  # the header already promised p.nbytes
                 raise RuntimeError(f"{p.name} produced {written} bytes, expected {p.nbytes}")
             size += written
             tensor_digests[p.name] = (p.code, p.shape, tensor_digest.digest())
+            block_crc32[p.name] = crc.result()
         fh.flush()
         os.fsync(fh.fileno())
-    return WrittenFile(file_digest.hexdigest(), size, tensor_digests)
+    return WrittenFile(file_digest.hexdigest(), size, tensor_digests, block_crc32)
 
 
 def _write_hashed(fh: BinaryIO, digest: Any, data: bytes | memoryview) -> int:
@@ -320,6 +357,9 @@ def save_checkpoint(
         "metrics": dict(metrics or {}),
         "content_hash": None,
         "files": {},
+        # CRC-32 per tensor (per expert block for 3-D tensors, see crc_block_count): readers that
+        # load pieces of the weights on demand (the offload engine) check what they read.
+        "tensor_crc32": {},
         "dtype": _dominant_dtype(dtype_counts),
         "num_parameters": sum(dtype_counts.values()),
     }
@@ -333,11 +373,13 @@ def save_checkpoint(
 
         files: dict[str, str] = {}
         records: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+        crcs: dict[str, list[int]] = {}
         shards = _shard_plan(planned, max_shard_bytes)
         if len(shards) == 1:
             written = _write_planned(tmp / WEIGHTS_FILE, shards[0], {"format": "pt"})
             files[WEIGHTS_FILE] = written.sha256
             records.update(written.tensor_digests)
+            crcs.update(written.block_crc32)
         else:
             weight_map: dict[str, str] = {}
             for i, shard in enumerate(shards, start=1):
@@ -345,6 +387,7 @@ def save_checkpoint(
                 written = _write_planned(tmp / filename, shard, {"format": "pt"})
                 files[filename] = written.sha256
                 records.update(written.tensor_digests)
+                crcs.update(written.block_crc32)
                 weight_map.update({p.name: filename for p in shard})
             index = {
                 "metadata": {"total_size": sum(p.nbytes for p in planned)},
@@ -359,6 +402,7 @@ def save_checkpoint(
                 files[rel] = _sha256_file(path)
         provenance["content_hash"] = _combine_content_hash(records)
         provenance["files"] = dict(sorted(files.items()))
+        provenance["tensor_crc32"] = dict(sorted(crcs.items()))
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return provenance
 

@@ -198,6 +198,11 @@ def infer(
     as_json: bool = typer.Option(False, "--json", help="Print outputs and statistics as JSON."),
     prompt: Optional[Path] = typer.Option(None, "--prompt", help="A prompt adapter from `cpmctl prompt-tune`: classify the inputs (accuracy when they are labelled)."),
     kernels: str = typer.Option("auto", "--kernels", help="MoE FFN kernels: auto (Triton on CUDA, torch elsewhere), torch or triton."),
+    offload: str = typer.Option("none", "--offload", help="none; disk: weights beyond --memory-budget are read from the checkpoint as needed; cpu: they wait in host memory (GPU runs)."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="With --offload: memory for weights on the device (GPU) or in RAM (CPU), e.g. 2GiB, 512MB or 25% of the weights."),
+    prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="With --offload: load the next layer's weights while the current one computes."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Parameter-shared models: apply the shared blocks this many times (fewer = faster)."),
+    step_size: Optional[float] = typer.Option(None, "--step-size", help="Parameter-shared models: residual step size (default: trained iterations / --iterations)."),
 ) -> None:
     """Generate text (decoder-only, encoder-decoder), embed sentences (encoder-only), or classify with --prompt."""
     from cpmctl.stages import infer as infer_stage
@@ -206,7 +211,8 @@ def infer(
         checkpoint=checkpoint, texts=[text] if text is not None else None, input_file=input_file,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         batch_size=batch_size, device=device, dtype=dtype, stream=stream and not as_json, normalize=normalize,
-        prompt=prompt, kernels=kernels,
+        prompt=prompt, kernels=kernels, offload=offload, memory_budget=memory_budget, prefetch=prefetch,
+        iterations=iterations, step_size=step_size,
     )
     result = infer_stage.run(cfg)
     if as_json:
@@ -235,6 +241,11 @@ def pretrain(
     resume: bool = typer.Option(False, "--resume", help="Continue OUT from its newest training state."),
     force: bool = typer.Option(False, "--force", help="Delete an existing run in OUT and start over."),
     kernels: Optional[str] = typer.Option(None, "--kernels", help="MoE FFN kernels: auto (Triton on CUDA for forward-only passes), torch or triton."),
+    share_layers: bool = typer.Option(False, "--share-layers", help="Preset: one block per stack applied n_layers times (ALBERT-style)."),
+    share_groups: Optional[int] = typer.Option(None, "--share-groups", help="Preset: G distinct blocks per stack, each applied n_layers / G times."),
+    step_robust: bool = typer.Option(False, "--step-robust", help="Shared model: sample the iterations n per batch with residual step n_layers / n."),
+    robust_iterations: Optional[str] = typer.Option(None, "--robust-iterations", help="--step-robust: the n to sample from, e.g. 12,9,6 (default L, 3L/4, L/2)."),
+    eval_iterations: Optional[str] = typer.Option(None, "--eval-iterations", help="Also evaluate at these iteration counts (step L / n), e.g. 12,6."),
 ) -> None:
     """Pre-train a checkpoint or preset (span corruption, MLM or causal LM), optionally with a KI teacher."""
     from cpmctl.recipes import apply_recipe, load_recipe, parse_override
@@ -250,7 +261,8 @@ def pretrain(
         stage.PretrainConfig, merged, out=out, init=init, preset=preset, data=data, max_steps=max_steps,
         teacher=teacher, ki_steps=ki_steps, ki_temperature=ki_temperature, ki_schedule=ki_schedule,
         teacher_cache=teacher_cache, teacher_cache_k=teacher_cache_k, resume=resume or None, force=force or None,
-        kernels=kernels,
+        kernels=kernels, share_layers=share_layers or None, share_groups=share_groups, step_robust=step_robust or None,
+        robust_iterations=robust_iterations, eval_iterations=eval_iterations,
     )
     summary = stage.run(cfg)
     _print_json(summary)

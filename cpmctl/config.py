@@ -90,7 +90,11 @@ class ModelConfig:
     lm_head_transform: bool = False
     lm_head_bias: bool = False
     dropout: float = 0.0
+    # Parameter sharing (ALBERT-style): share_layers=True runs one block per stack n_layers times;
+    # share_groups=G keeps G distinct blocks, block g applied n_layers/G consecutive times (G = 1 is
+    # share_layers). Giving share_groups implies share_layers.
     share_layers: bool = False
+    share_groups: int | None = None
     moe: MoEConfig | None = None
     pad_token_id: int = 0
     eos_token_id: int | None = 1
@@ -109,6 +113,8 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.arch == "encoder-decoder" and self.n_decoder_layers is None:
             self.n_decoder_layers = self.n_layers
+        if self.share_groups is not None:
+            self.share_layers = True
         self.validate()
 
     def validate(self) -> None:
@@ -130,6 +136,13 @@ class ModelConfig:
             raise UserError(f"rotary positions need an even d_head, got {self.d_head}")
         if self.arch != "encoder-decoder" and self.n_decoder_layers not in (None, 0):
             raise UserError(f"n_decoder_layers applies only to encoder-decoder models, not {self.arch}")
+        if self.share_groups is not None:
+            if self.share_groups < 1:
+                raise UserError(f"share_groups must be >= 1, got {self.share_groups}")
+            for stack, depth in self.stack_depths().items():
+                if depth % self.share_groups:
+                    raise UserError(f"{stack} depth {depth} is not a multiple of share_groups {self.share_groups} "
+                                    "(each shared block is repeated depth / share_groups times)")
 
     # -- derived properties -------------------------------------------------------------------
     @property
@@ -148,6 +161,26 @@ class ModelConfig:
     def start_token_id(self) -> int:
         """First decoder input of an encoder-decoder (T5 uses the pad id)."""
         return self.pad_token_id if self.decoder_start_token_id is None else self.decoder_start_token_id
+
+    def stack_depths(self) -> dict[str, int]:
+        """Layer applications of each stack the model has: {"encoder": L, "decoder": L'}."""
+        depths = {}
+        if self.has_encoder:
+            depths["encoder"] = self.n_layers
+        if self.has_decoder:
+            depths["decoder"] = self.n_decoder_layers if self.arch == "encoder-decoder" else self.n_layers
+        return depths
+
+    @property
+    def shared_blocks(self) -> int | None:
+        """Distinct blocks per stack of a parameter-shared model (G), None without sharing."""
+        if not self.share_layers:
+            return None
+        return 1 if self.share_groups is None else self.share_groups
+
+    def blocks_in_stack(self, stack: str) -> int:
+        """How many distinct blocks (and block.{i} checkpoint prefixes) `stack` has."""
+        return self.shared_blocks or self.stack_depths()[stack]
 
     def is_moe_layer(self, stack: str, index: int) -> bool:
         return self.moe is not None and (self.moe.layers is None or f"{stack}.{index}" in self.moe.layers)

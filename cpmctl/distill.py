@@ -112,12 +112,15 @@ def student_layer_map(config: ModelConfig, layers: Sequence[int], decoder_layers
     return {"encoder": list(layers), "decoder": list(decoder_layers if decoder_layers is not None else layers)}
 
 
-def student_config(teacher: ModelConfig, maps: dict[str, list[int]]) -> ModelConfig:
+def student_config(teacher: ModelConfig, maps: dict[str, list[int]], *, unshare: bool = False) -> ModelConfig:
+    """`unshare`: the student has one block per layer even if the teacher shares them."""
     changes: dict[str, Any] = {}
     if teacher.arch == "encoder-decoder":
         changes = {"n_layers": len(maps["encoder"]), "n_decoder_layers": len(maps["decoder"])}
     else:
         changes = {"n_layers": len(next(iter(maps.values())))}
+    if unshare:
+        changes.update(share_layers=False, share_groups=None)
     if teacher.moe is not None and teacher.moe.layers is not None:
         moe = teacher.to_dict()["moe"]
         moe["layers"] = _remap_moe_layers(teacher, maps)
@@ -153,8 +156,14 @@ def student_from_teacher(teacher: torch.nn.Module, layers: Sequence[int], decode
     for stack, picked in stacks.items():
         n = config.n_decoder_layers if (stack == "decoder" and config.arch == "encoder-decoder") else config.n_layers
         parse_layers(picked, n)  # range and order checks with the user-facing message
-    student = build_model(student_config(config, stacks), device="meta")
-    state = student_state_dict(teacher.state_dict(), stacks, config.share_layers)
+    grouped = (config.shared_blocks or 1) > 1
+    if grouped:
+        # Teacher blocks are shared in G groups; picked layers need not keep equal runs per group,
+        # so the student gets its own copy of the block the teacher applies at each picked layer.
+        depths = config.stack_depths()
+        stacks = {s: [t * config.shared_blocks // depths[s] for t in picked] for s, picked in stacks.items()}
+    student = build_model(student_config(config, stacks, unshare=grouped), device="meta")
+    state = student_state_dict(teacher.state_dict(), stacks, config.share_layers and not grouped)
     student.load_state_dict(state, assign=True, strict=True)
     return student
 

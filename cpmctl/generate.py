@@ -191,7 +191,7 @@ def generate(
         start = time.perf_counter()
         if config.arch == "encoder-decoder":
             memory = model.encode(input_ids, mask)
-            cache = KVCache.allocate(config, batch, 1 + max_new_tokens, device=device, dtype=dtype)
+            cache = KVCache.for_model(model, batch, 1 + max_new_tokens, device=device, dtype=dtype)
             step_kwargs = dict(memory=memory, memory_mask=mask)
             first = torch.full((batch, 1), config.start_token_id, dtype=torch.long, device=device)
             logits = prefill(model, first, cache, **step_kwargs)
@@ -199,7 +199,7 @@ def generate(
             def next_kwargs(length: int) -> dict:
                 return step_kwargs
         else:
-            cache = KVCache.allocate(config, batch, prompt_width + max_new_tokens, device=device, dtype=dtype)
+            cache = KVCache.for_model(model, batch, prompt_width + max_new_tokens, device=device, dtype=dtype)
             if mask is None:
                 logits = prefill(model, input_ids, cache)
 

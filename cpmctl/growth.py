@@ -56,7 +56,7 @@ def grown_config(src: ModelConfig, target: ModelConfig) -> tuple[ModelConfig, li
         raise UserError("growing an MoE model is not supported; grow the dense model, then upcycle it (--to-moe)")
     changes = {f: getattr(target, f) for f in GROWTH_FIELDS}
     kept = sorted(f for f in ("norm", "norm_position", "position", "activation", "gated", "bias", "tie_embeddings",
-                              "lm_head_transform", "share_layers", "max_positions", "norm_eps", "init_std")
+                              "lm_head_transform", "share_layers", "share_groups", "max_positions", "norm_eps", "init_std")
                   if getattr(target, f) != getattr(src, f))
     new = src.replace(**changes)
     shrink = [f for f in GROWTH_FIELDS if getattr(new, f) is not None and getattr(src, f) is not None and getattr(new, f) < getattr(src, f)]

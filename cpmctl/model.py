@@ -19,6 +19,16 @@ given model instance (`Transformer.replace_ffn`).
 Decoding uses `KVCache`: preallocated key/value buffers per layer application (so a shared
 block applied L times has L cache slots) plus the cross-attention keys/values of the encoder
 output, computed once.
+
+Parameter-shared stacks as ODE steps (cpmctl's own reading of Chen, Xu et al. 2023, whose exact
+method is not public): a pre-norm residual branch `h <- h + f(h)` is an explicit Euler step of
+size 1, so a stack of G shared blocks trained with L applications can run n applications (a
+multiple of G) with every residual branch scaled by beta = L / n, `h <- h + beta * f(h)`, which
+follows the same trajectory with fewer, larger steps. `set_iterations(model, n, beta)` switches
+a model instance; the defaults (n = L, beta = 1) compute exactly the plain forward. Since every
+pre-norm branch reads a normalised input, n steps of size beta from embeddings e equal n unit
+steps from e / beta (but for the norms' eps): beta only reweights the embeddings, and what makes
+fewer iterations work is training at them (`cpmctl pretrain --step-robust`).
 """
 
 from __future__ import annotations
@@ -156,8 +166,10 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def allocate(cls, config: ModelConfig, batch: int, max_length: int, *, device=None, dtype=torch.float32) -> "KVCache":
-        n = config.n_decoder_layers if config.arch == "encoder-decoder" else config.n_layers
+    def allocate(cls, config: ModelConfig, batch: int, max_length: int, *, device=None, dtype=torch.float32,
+                 layers: int | None = None) -> "KVCache":
+        """`layers`: cache slots (layer applications; default the config's decoder depth)."""
+        n = config.stack_depths()["decoder"] if layers is None else layers
         shape = (batch, config.n_kv_heads, max_length, config.d_head)
         return cls(
             keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
@@ -165,9 +177,31 @@ class KVCache:
             cross=[None] * n,
         )
 
+    @classmethod
+    def for_model(cls, model: "Transformer", batch: int, max_length: int, *, device=None, dtype=torch.float32) -> "KVCache":
+        """A cache with one slot per decoder block application as `model` runs now (see set_iterations)."""
+        return cls.allocate(model.config, batch, max_length, device=device, dtype=dtype, layers=model.decoder.applications)
+
     @property
     def max_length(self) -> int:
         return self.keys[0].shape[2]
+
+    def match_applications(self, n: int) -> None:
+        """Make the slots follow a stack that runs n block applications: an empty cache is resized
+        (so a cache allocated for the trained depth serves a model switched to fewer or more
+        iterations); a filled one must already match, since its keys belong to other steps."""
+        if len(self.keys) == n:
+            return
+        if self.length:
+            raise ValueError(f"the KV cache was filled by {len(self.keys)} block applications but the model now runs {n}; "
+                             "set the iterations before generating")
+        if len(self.keys) > n:
+            del self.keys[n:], self.values[n:], self.cross[n:]
+            return
+        extra = n - len(self.keys)
+        self.keys.extend(torch.zeros_like(self.keys[0]) for _ in range(extra))
+        self.values.extend(torch.zeros_like(self.values[0]) for _ in range(extra))
+        self.cross.extend([None] * extra)
 
 
 class Attention(nn.Module):
@@ -252,36 +286,63 @@ class Block(nn.Module):
         self.ffn = ffn
         self.dropout = nn.Dropout(config.dropout)
 
-    def _residual(self, x: Tensor, norm: nn.Module, sublayer) -> Tensor:
+    def _residual(self, x: Tensor, norm: nn.Module, sublayer, step: float | None) -> Tensor:
         branch = self.dropout(sublayer(norm(x) if self.pre_norm else x))
+        grad = torch.is_grad_enabled()
+        if step is not None:  # an Euler step of size `step`: h + step * f(h) (None: exactly h + f(h))
+            branch = branch * step if grad else branch.mul_(step)
         # Without autograd, add into the branch's fresh output instead of allocating a third tensor.
-        out = branch.add_(x) if not torch.is_grad_enabled() else x + branch
+        out = x + branch if grad else branch.add_(x)
         return out if self.pre_norm else norm(out)
 
-    def forward(self, x: Tensor, *, layer: int, self_mask, causal, rotary, cache, memory, cross_mask) -> Tensor:
-        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask=self_mask, causal=causal, rotary=rotary, cache=cache, layer=layer))
+    def forward(self, x: Tensor, *, layer: int, self_mask, causal, rotary, cache, memory, cross_mask,
+                step: float | None = None) -> Tensor:
+        """`layer`: the application index (KV-cache slot); `step`: the residual step size (None: 1)."""
+        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask=self_mask, causal=causal, rotary=rotary, cache=cache, layer=layer), step)
         if self.cross_attn is not None:
-            x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, mask=cross_mask, cache=cache, layer=layer, memory=memory))
-        return self._residual(x, self.ffn_norm, self.ffn)
+            x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, mask=cross_mask, cache=cache, layer=layer, memory=memory), step)
+        return self._residual(x, self.ffn_norm, self.ffn, step)
 
 
 class Stack(nn.Module):
-    """The encoder or the decoder: blocks (one shared block with share_layers), bias, final norm."""
+    """The encoder or the decoder: blocks, bias, final norm.
+
+    A parameter-shared stack has G distinct blocks (1 with share_layers, G with share_groups), run
+    as `applications` consecutive applications, block g for the g-th 1/G of them. `iterations`
+    and `step_size` are the inference schedule (set by `set_iterations`; None: n_layers
+    applications with exactly unit residual steps).
+    """
 
     def __init__(self, config: ModelConfig, name: str, n_layers: int, causal: bool, cross: bool) -> None:
         super().__init__()
         self.name, self.n_layers, self.causal = name, n_layers, causal
-        unique = 1 if config.share_layers else n_layers
+        unique = config.blocks_in_stack(name)
         self.blocks = nn.ModuleList(Block(config, cross, make_ffn(config, name, i)) for i in range(unique))
         self.relative_bias = RelativePositionBias(config, bidirectional=not causal) if config.position == "relative" else None
         self.final_norm = make_norm(config) if config.norm_position == "pre" else None
+        self.iterations: int | None = None
+        self.step_size: float | None = None
 
     def block(self, i: int) -> Block:
+        """The i-th distinct block (the single one of a stack sharing one block)."""
         return self.blocks[0 if len(self.blocks) == 1 else i]
 
+    @property
+    def applications(self) -> int:
+        """Block applications per forward pass under the current schedule."""
+        return self.n_layers if self.iterations is None else self.iterations
+
+    def block_at(self, application: int) -> Block:
+        """The block run at 0-based `application`: consecutive equal runs of each distinct block."""
+        return self.blocks[application * len(self.blocks) // self.applications]
+
     def forward(self, x: Tensor, *, self_mask, causal, rotary, cache, memory=None, cross_mask=None) -> Tensor:
-        for i in range(self.n_layers):
-            x = self.block(i)(x, layer=i, self_mask=self_mask, causal=causal, rotary=rotary, cache=cache, memory=memory, cross_mask=cross_mask)
+        n = self.applications
+        if cache is not None:
+            cache.match_applications(n)
+        for i in range(n):
+            x = self.block_at(i)(x, layer=i, self_mask=self_mask, causal=causal, rotary=rotary, cache=cache, memory=memory,
+                                 cross_mask=cross_mask, step=self.step_size)
         return self.final_norm(x) if self.final_norm is not None else x
 
 
@@ -594,3 +655,82 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         else:
             counts["other"] += n
     return counts
+
+
+# -- parameter-shared stacks: fewer, larger ODE steps ---------------------------------------------
+def _stacks(model: Transformer) -> list[Stack]:
+    return [s for s in (model.encoder, model.decoder) if s is not None]
+
+
+def set_iterations(model: Transformer, iterations: int | None, step_size: float | None = None) -> None:
+    """Run every stack of `model` with `iterations` block applications (None: the trained depth L)
+    and residual step `step_size` (None: L / iterations). Changes this instance only, never its
+    weights or config; `set_iterations(model, None)` restores the plain forward exactly.
+
+    UserError for: iterations < 1; iterations != L or a step other than 1 on a model without
+    shared layers; iterations not a multiple of share_groups; different encoder and decoder
+    depths with iterations given; step_size <= 0; a step other than 1 on a post-norm model
+    (its norm after the residual makes a block no Euler step)."""
+    from cpmctl.errors import UserError
+
+    config = model.config
+    stacks = _stacks(model)
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
+        raise UserError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if step_size is not None and not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
+        raise UserError(f"step size must be a finite number > 0, got {step_size!r}")
+    groups = config.shared_blocks
+    depths = sorted({s.n_layers for s in stacks})
+    if groups is None:
+        if iterations is not None and len(depths) == 1 and iterations != depths[0]:
+            raise UserError(f"iterations {iterations} != the model's {depths[0]} layers: fewer or more block applications "
+                            "need a parameter-shared model (share_layers / share_groups)")
+        if step_size is not None and step_size != 1:
+            raise UserError("a step size other than 1 needs a parameter-shared model (share_layers / share_groups)")
+    if iterations is not None:
+        if len(depths) > 1:
+            raise UserError(f"the encoder and decoder were trained with different depths ({', '.join(map(str, depths))}); "
+                            "iterations apply only to equal depths")
+        if groups is not None and iterations % groups:
+            raise UserError(f"iterations {iterations} is not a multiple of share_groups {groups} "
+                            "(every shared block runs the same number of times)")
+    for stack in stacks:
+        n = stack.n_layers if iterations is None else iterations
+        beta = float(step_size) if step_size is not None else stack.n_layers / n
+        if beta != 1.0 and config.norm_position == "post":
+            raise UserError("a step size other than 1 needs a pre-norm model: a post-norm block normalises after the "
+                            "residual, so it is no Euler step (run fewer iterations with step size 1 instead)")
+    for stack in stacks:
+        n = stack.n_layers if iterations is None else iterations
+        beta = float(step_size) if step_size is not None else stack.n_layers / n
+        stack.iterations = None if n == stack.n_layers else n
+        stack.step_size = None if beta == 1.0 else beta
+
+
+def iteration_info(model: Transformer) -> dict:
+    """The current schedule: {"trained_iterations": L, "iterations": n, "step_size": beta,
+    "speedup": L / n, "shared_blocks": G or None, "stacks": {name: {...}}}; the top-level numbers
+    are the decoder's (the encoder's for an encoder-only model)."""
+    per_stack = {
+        s.name: {"trained_iterations": s.n_layers, "iterations": s.applications,
+                 "step_size": 1.0 if s.step_size is None else s.step_size}
+        for s in _stacks(model)
+    }
+    main = per_stack.get("decoder") or per_stack["encoder"]
+    return {**main, "speedup": main["trained_iterations"] / main["iterations"],
+            "shared_blocks": model.config.shared_blocks, "stacks": per_stack}
+
+
+def applied_block_parameters(model: Transformer) -> int:
+    """Block parameters summed over every block application of the current schedule: what a
+    forward pass multiplies per token in the stacks (a shared block counts once per application)."""
+    total = 0
+    for stack in _stacks(model):
+        sizes = [sum(p.numel() for p in block.parameters()) for block in stack.blocks]
+        total += sum(sizes[i * len(sizes) // stack.applications] for i in range(stack.applications))
+    return total
+
+
+def distinct_block_parameters(model: Transformer) -> int:
+    """Block parameters counted once each (what a parameter count sees)."""
+    return sum(p.numel() for stack in _stacks(model) for p in stack.blocks.parameters())

@@ -25,15 +25,19 @@ Routers (`MoEConfig.router`):
   no work).
 
 The torch path (`moe_ffn_reference`) computes only the selected experts, reading views of the
-expert blocks: a few tokens gather just their k blocks and run one batched matmul; many tokens
-are sorted by expert and run one grouped matmul per projection; all experts selected runs the
-flat [E * d_e, d] view as one dense matmul. A MoEfied layer at 100% of experts skips its router
+expert blocks: the (token, expert) pairs are sorted by expert, each expert runs once on its rows
+(`expert_output`; one grouped matmul per projection on a GPU) and each token's k outputs are
+summed in choice order (`combine_pairs`), so the result does not depend on the order in which
+experts were computed: the offload engine computes them as they arrive and matches it bit for
+bit. All experts selected runs the flat [E * d_e, d] view as one dense matmul. A MoEfied layer at 100% of experts skips its router
 as well and runs `all_experts_ffn` (on a CPU: groups of whole experts in batched matmuls). The
 Triton kernels (`cpmctl_kernels.moe_ffn`, same signature and semantics) plug in behind
 `MoEFeedForward.kernels = "triton"`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -105,33 +109,76 @@ def all_experts_ffn(x, w_in, w_gate, w_out, b_in, b_gate, b_out, activation) -> 
     return out if b_out is None else out + b_out
 
 
-def _single_token(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation) -> Tensor:
-    """One token (decoding): its k experts one after the other, reading views of their blocks."""
-    out = torch.zeros_like(x)
-    for e, weight in zip(expert_ids[0].tolist(), expert_weights[0].tolist()):
-        up = F.linear(x, w_in[e], None if b_in is None else b_in[e])
-        gate = None if w_gate is None else F.linear(x, w_gate[e], None if b_gate is None else b_gate[e])
-        hidden = _hidden(up, gate, activation)
-        out.addmm_(hidden if weight == 1.0 else hidden * weight, w_out[e])
-    return out
+class PairPlan(NamedTuple):
+    """The (token, expert) pairs of a routing, grouped by expert.
+
+    Pair p = token * k + j is token's j-th choice. `tokens` lists the pairs' tokens sorted by
+    expert (stable), expert `experts[i]` owning sorted pairs `starts[i]:ends[i]`; `inverse[p]`
+    is pair p's place in that order, so `combine_pairs` can sum each token's k outputs in
+    choice order whatever order the experts were computed in."""
+
+    order: Tensor  # [P] pair index at each sorted position
+    tokens: Tensor  # [P] token of each sorted pair
+    inverse: Tensor  # [P] sorted position of each pair
+    experts: list[int]  # experts with at least one pair, ascending
+    starts: list[int]
+    ends: list[int]
 
 
-def _gathered(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation) -> Tensor:
-    """Few tokens: gather each token's k expert blocks and run batched matmuls."""
+def plan_pairs(expert_ids: Tensor) -> PairPlan:
     n, k = expert_ids.shape
+    if n * k <= 512 and expert_ids.device.type == "cpu":
+        # Decoding: a few dozen pairs sort faster in Python than through a dozen tensor ops.
+        flat = expert_ids.reshape(-1).tolist()
+        order = sorted(range(len(flat)), key=flat.__getitem__)
+        inverse = [0] * len(order)
+        experts, starts, ends = [], [], []
+        for place, pair in enumerate(order):
+            inverse[pair] = place
+            if not experts or flat[pair] != experts[-1]:
+                experts.append(flat[pair])
+                starts.append(place)
+                ends.append(place)
+            ends[-1] = place + 1
+        order_t = torch.tensor(order)
+        return PairPlan(order_t, order_t // k, torch.tensor(inverse), experts, starts, ends)
     flat = expert_ids.reshape(-1)
-    rows = x.repeat_interleave(k, dim=0)[:, None, :]  # [n*k, 1, d]
-    up = torch.bmm(rows, w_in.index_select(0, flat).transpose(1, 2))  # [n*k, 1, d_e]
-    if b_in is not None:
-        up = up + b_in.index_select(0, flat)[:, None, :]
-    gate = None
-    if w_gate is not None:
-        gate = torch.bmm(rows, w_gate.index_select(0, flat).transpose(1, 2))
-        if b_gate is not None:
-            gate = gate + b_gate.index_select(0, flat)[:, None, :]
-    hidden = _hidden(up, gate, activation) * expert_weights.reshape(-1, 1, 1).to(up.dtype)
-    out = torch.bmm(hidden, w_out.index_select(0, flat))  # [n*k, 1, d]
-    return out.view(n, k, -1).sum(1)
+    order = flat.argsort(stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.bincount(flat, minlength=1)
+    present = torch.nonzero(counts).flatten()
+    ends = counts.cumsum(0).index_select(0, present)
+    starts = ends - counts.index_select(0, present)
+    return PairPlan(order, order // k, inverse, present.tolist(), starts.tolist(), ends.tolist())
+
+
+def expert_output(rows: Tensor, w_in: Tensor, w_gate: Tensor | None, w_out: Tensor, b_in: Tensor | None,
+                  b_gate: Tensor | None, activation: str, weights: Tensor | None = None) -> Tensor:
+    """One expert on its rows [m, d] -> [m, d] (no b_out), each row scaled by `weights` [m].
+
+    The single definition of an expert's arithmetic: the resident torch path and the offload
+    engine (cpmctl/offload.py, experts in cache slots) both call it on the same rows, so their
+    outputs agree bit for bit."""
+    up = F.linear(rows, w_in, b_in)
+    gate = None if w_gate is None else F.linear(rows, w_gate, b_gate)
+    hidden = _hidden(up, gate, activation)
+    if weights is not None:
+        hidden = hidden * weights[:, None].to(hidden.dtype)
+    return hidden @ w_out
+
+
+def pair_weights(expert_weights: Tensor, plan: PairPlan) -> Tensor | None:
+    """The routing weights in sorted pair order, or None when all are 1 (MoEfied experts are
+    summed), which saves a multiply per expert and changes no bit (x * 1 == x)."""
+    if bool((expert_weights == 1).all()):
+        return None
+    return expert_weights.reshape(-1).index_select(0, plan.order)
+
+
+def combine_pairs(sorted_out: Tensor, plan: PairPlan, n: int, k: int) -> Tensor:
+    """[P, d] outputs in sorted pair order -> [n, d]: each token's k outputs summed in choice order."""
+    return sorted_out.index_select(0, plan.inverse).view(n, k, -1).sum(1)
 
 
 def _grouped_mm_fits(rows: Tensor, weight: Tensor) -> bool:
@@ -141,41 +188,36 @@ def _grouped_mm_fits(rows: Tensor, weight: Tensor) -> bool:
     return all(size * rows.element_size() % 16 == 0 for size in (rows.shape[-1], weight.shape[-1]))
 
 
-def _grouped_matmul(rows: Tensor, weight: Tensor, ends: Tensor, counts: Tensor) -> Tensor:
-    """rows [P, a] sorted by expert, weight [E, a, b] -> [P, b]: each row times its expert's matrix."""
-    if _grouped_mm_fits(rows, weight):
-        return F.grouped_mm(rows, weight, offs=ends.to(torch.int32))
-    out, start = [], 0
-    for e, count in enumerate(counts.tolist()):  # fallback: one matmul per expert that has rows
-        if count:
-            out.append(rows[start : start + count] @ weight[e])
-            start += count
-    return torch.cat(out) if out else rows.new_zeros(0, weight.shape[-1])
-
-
-def _grouped(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation) -> Tensor:
-    """Many tokens: sort the (token, expert) pairs by expert, one grouped matmul per projection."""
+def _by_expert(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation) -> Tensor:
+    """The (token, expert) pairs sorted by expert, each expert run on its rows, outputs summed per
+    token. On a CPU one `expert_output` per expert that has rows (what torch's grouped GEMM does
+    there too); on a GPU without autograd one grouped GEMM per projection over all experts."""
     n, k = expert_ids.shape
-    e = w_in.shape[0]
-    flat = expert_ids.reshape(-1)
-    order = flat.argsort(stable=True)
-    sorted_experts = flat.index_select(0, order)
-    counts = torch.bincount(flat, minlength=e)
-    ends = counts.cumsum(0)
-    token = order // k
-    rows = x.index_select(0, token)
-    up = _grouped_matmul(rows, w_in.transpose(1, 2), ends, counts)
-    if b_in is not None:
-        up = up + b_in.index_select(0, sorted_experts)
-    gate = None
-    if w_gate is not None:
-        gate = _grouped_matmul(rows, w_gate.transpose(1, 2), ends, counts)
-        if b_gate is not None:
-            gate = gate + b_gate.index_select(0, sorted_experts)
-    weights = expert_weights.reshape(-1).index_select(0, order).to(up.dtype)
-    hidden = _hidden(up, gate, activation) * weights[:, None]
-    out = _grouped_matmul(hidden, w_out, ends, counts)
-    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+    plan = plan_pairs(expert_ids)
+    weights = pair_weights(expert_weights, plan)
+    rows = x.index_select(0, plan.tokens)
+    if x.device.type != "cpu" and _grouped_mm_fits(rows, w_in.transpose(1, 2)):
+        counts = torch.bincount(expert_ids.reshape(-1), minlength=w_in.shape[0])
+        offs = counts.cumsum(0).to(torch.int32)
+        experts_sorted = expert_ids.reshape(-1).index_select(0, plan.order)
+        up = F.grouped_mm(rows, w_in.transpose(1, 2), offs=offs)
+        if b_in is not None:
+            up = up + b_in.index_select(0, experts_sorted)
+        gate = None
+        if w_gate is not None:
+            gate = F.grouped_mm(rows, w_gate.transpose(1, 2), offs=offs)
+            if b_gate is not None:
+                gate = gate + b_gate.index_select(0, experts_sorted)
+        hidden = _hidden(up, gate, activation)
+        if weights is not None:
+            hidden = hidden * weights[:, None].to(up.dtype)
+        return combine_pairs(F.grouped_mm(hidden, w_out, offs=offs), plan, n, k)
+    outs = []
+    for e, start, end in zip(plan.experts, plan.starts, plan.ends):
+        outs.append(expert_output(rows[start:end], w_in[e], None if w_gate is None else w_gate[e], w_out[e],
+                                  None if b_in is None else b_in[e], None if b_gate is None else b_gate[e],
+                                  activation, None if weights is None else weights[start:end]))
+    return combine_pairs(torch.cat(outs), plan, n, k)
 
 
 def moe_ffn_reference(
@@ -204,14 +246,8 @@ def moe_ffn_reference(
         out = torch.zeros_like(x)
     elif k == e:
         out = _all_experts(*args)
-    elif n == 1 and not torch.is_grad_enabled():
-        out = _single_token(*args)
-    elif n * k * 2 <= e and w_in.shape[1] < w_in.shape[2] * 4:
-        # Copying the selected blocks costs at most half the weights and saves the sort; experts
-        # far wider than d (upcycled FFNs) take the grouped path, which reads them in place.
-        out = _gathered(*args)
     else:
-        out = _grouped(*args)
+        out = _by_expert(*args)
     if b_out is not None:
         out = out + b_out
     return out
@@ -224,6 +260,12 @@ def dense_masked_reference(x, expert_ids, expert_weights, w_in, w_gate, w_out, b
     full = torch.zeros(x.shape[0], e, dtype=expert_weights.dtype, device=x.device).scatter(1, expert_ids, expert_weights)
     out = _all_experts(x, every, full, w_in, w_gate, w_out, b_in, b_gate, activation)
     return out + b_out if b_out is not None else out
+
+
+def fill_for_skipped(fill_out: Tensor, experts: Tensor) -> Tensor:
+    """[N, d]: the sum of the fill outputs fill_out [E, d] of the experts each token skips."""
+    n, k = experts.shape
+    return fill_out.sum(0) - fill_out.index_select(0, experts.reshape(-1)).view(n, k, -1).sum(1)
 
 
 # -- routers ----------------------------------------------------------------------------------------
@@ -377,7 +419,6 @@ class MoEFeedForward(nn.Module):
         While w_out trains (calibration), the fill outputs are computed from it, so they follow
         the weights and pass their gradient; otherwise the stored `fill_out` (refreshed by
         `set_fill` once training is over) saves that [E, d_e] x [E, d_e, d] product per call."""
-        n, k = experts.shape
         if torch.is_grad_enabled() and self.w_out.requires_grad:
             fill_out = self._fill_outputs()
         else:
@@ -389,7 +430,7 @@ class MoEFeedForward(nn.Module):
                     self.fill_out.copy_(self._fill_outputs())
                 self._fill_key = key  # the copy changed neither w_out nor act_fill
             fill_out = self.fill_out
-        return fill_out.sum(0) - fill_out.index_select(0, experts.reshape(-1)).view(n, k, -1).sum(1)
+        return fill_for_skipped(fill_out, experts)
 
     def router_logits(self, x: Tensor) -> Tensor:
         if self.router is None:
@@ -402,18 +443,6 @@ class MoEFeedForward(nn.Module):
         if self.sums_experts:
             return experts, torch.ones_like(logits, dtype=x.dtype)
         return experts, torch.softmax(logits.float(), dim=-1).to(x.dtype)
-
-    def expert_forward(self, e: int, x: Tensor) -> Tensor:
-        """Output of expert e on rows x [n, d] -> [n, d] (no b_out)."""
-        up = x @ self.w_in[e].T
-        if self.b_in is not None:
-            up = up + self.b_in[e]
-        gate = None
-        if self.w_gate is not None:
-            gate = x @ self.w_gate[e].T
-            if self.b_gate is not None:
-                gate = gate + self.b_gate[e]
-        return _hidden(up, gate, self.activation) @ self.w_out[e]
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape

@@ -67,7 +67,7 @@ def human_bytes(n: float) -> str:
 
 _CONFIG_KEYS = (
     "arch", "vocab_size", "d_model", "n_heads", "d_head", "n_kv_heads", "d_ff", "n_layers", "n_decoder_layers",
-    "norm", "norm_position", "position", "activation", "gated", "bias", "tie_embeddings", "share_layers", "moe",
+    "norm", "norm_position", "position", "activation", "gated", "bias", "tie_embeddings", "share_layers", "share_groups", "moe",
 )
 
 

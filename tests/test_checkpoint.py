@@ -539,3 +539,24 @@ def test_empty_state_dict_is_a_valid_checkpoint(tmp_path, config):
     assert load_file(tmp_path / "ck" / WEIGHTS_FILE) == {}
     with open_checkpoint(tmp_path / "ck") as ck:
         assert ck.tensor_names() == [] and ck.dtype_summary() == {}
+
+
+def test_writer_records_a_crc32_per_tensor_and_per_expert_block(tmp_path):
+    import zlib
+
+    from cpmctl.checkpoint import BlockCRC, save_checkpoint
+
+    experts = torch.randn(5, 3, 7)
+    plain = torch.randn(4, 6)
+    config = ModelConfig.from_preset("llama-tiny")
+    provenance = save_checkpoint(tmp_path / "c", config, {"a.w_in": experts, "b.weight": plain, "c.empty": torch.empty(0)})
+    crcs = provenance["tensor_crc32"]
+    assert crcs["a.w_in"] == [zlib.crc32(experts[i].numpy().tobytes()) for i in range(5)]
+    assert crcs["b.weight"] == [zlib.crc32(plain.numpy().tobytes())]
+    assert crcs["c.empty"] == [0]
+    # Chunks that straddle block boundaries give the same blocks.
+    data = experts.numpy().tobytes()
+    crc = BlockCRC(len(data), 5)
+    for start in range(0, len(data), 37):
+        crc.feed(memoryview(data)[start : start + 37])
+    assert crc.result() == crcs["a.w_in"]

@@ -2,8 +2,10 @@
 
     cpmctl infer ./ckpt "The capital of France is" --max-new-tokens 20
     cpmctl infer ./minilm --input sentences.jsonl --json
+    cpmctl infer ./moe-ckpt --input prompts.jsonl --offload disk --memory-budget 25% --json
 
-The offload engine (experts and layers streamed under a memory budget) plugs in here later.
+With --offload the weights that do not fit --memory-budget stay on disk (or in host memory, for a
+GPU) and are streamed in as needed (cpmctl/offload.py); the output is the same, token for token.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class InferConfig:
     normalize: bool = True
     prompt: Path | None = None  # a prompt-tune adapter: classify instead of generate/embed
     kernels: str = "auto"  # MoE FFNs: auto (Triton on CUDA) | torch | triton
+    offload: str = "none"  # none | cpu (host memory, for a GPU) | disk
+    memory_budget: str | None = None  # with --offload: bytes for weights on the device, e.g. 2GiB or 25%
+    prefetch: bool = True  # with --offload: load the next layer's weights while this one computes
+    iterations: int | None = None  # parameter-shared models: block applications (default: as trained)
+    step_size: float | None = None  # and the residual step (default: trained iterations / iterations)
 
     def validate(self) -> None:
         if (self.texts is None) == (self.input_file is None):
@@ -50,6 +57,16 @@ class InferConfig:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.prompt is not None and (self.iterations is not None or self.step_size is not None):
+            raise UserError("--iterations/--step-size cannot be combined with --prompt: a prompt is trained for the model's own depth")
+        from cpmctl.offload import OFFLOAD_MODES
+
+        if self.offload not in OFFLOAD_MODES:
+            raise UserError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}")
+        if self.offload == "none" and self.memory_budget is not None:
+            raise UserError("--memory-budget needs --offload cpu or --offload disk")
+        if self.offload != "none" and self.memory_budget is None:
+            raise UserError(f"--offload {self.offload} needs --memory-budget (e.g. 2GiB, or 25% of the weights)")
 
 
 def read_texts(path: Path, field: str = "text") -> list[str]:
@@ -89,16 +106,42 @@ def run(cfg: InferConfig) -> dict:
 
     from cpmctl.checkpoint import load_model
     from cpmctl.devices import resolve_device, resolve_dtype
-    from cpmctl.generate import embed, generate
-    from cpmctl.moe import resolve_kernels, set_kernels
-    from cpmctl.tokenizer import load_tokenizer
 
     texts = cfg.texts if cfg.texts is not None else read_texts(cfg.input_file)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
-    model, ckpt = load_model(cfg.checkpoint, device=device, dtype=resolve_dtype(cfg.dtype))
+    engine = None
+    if cfg.offload == "none":
+        model, ckpt = load_model(cfg.checkpoint, device=device, dtype=resolve_dtype(cfg.dtype))
+    else:
+        from cpmctl.offload import load_offloaded
+
+        model, ckpt, engine = load_offloaded(cfg.checkpoint, mode=cfg.offload, budget=cfg.memory_budget, device=device,
+                                             dtype=resolve_dtype(cfg.dtype), prefetch=cfg.prefetch)
+    try:
+        result = _run_loaded(cfg, model, ckpt, texts, device, started)
+    finally:
+        if engine is not None:
+            engine.close()
+    if engine is not None:
+        from cpmctl.offload import peak_memory_bytes
+
+        result["stats"]["offload"] = engine.stats()
+        result["stats"]["peak_memory_bytes"] = peak_memory_bytes(device)
+    return result
+
+
+def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started: float) -> dict:
+    from cpmctl.generate import embed, generate
+    from cpmctl.moe import resolve_kernels, set_kernels
+    from cpmctl.tokenizer import load_tokenizer
+
     kernels = resolve_kernels(cfg.kernels, device)
     set_kernels(model, kernels)
+    if cfg.iterations is not None or cfg.step_size is not None:
+        from cpmctl.model import set_iterations
+
+        set_iterations(model, cfg.iterations, cfg.step_size)
     tokenizer_dir = Path(cfg.checkpoint) / "tokenizer"
     if not tokenizer_dir.is_dir():
         raise UserError(f"checkpoint {cfg.checkpoint} has no tokenizer/ directory; copy the tokenizer it was trained with there")
@@ -113,6 +156,12 @@ def run(cfg: InferConfig) -> dict:
     stats = {"load_seconds": round(load_seconds, 3), "device": str(device), "prompts": len(texts)}
     if config.moe is not None:
         stats["kernels"] = kernels
+    if cfg.iterations is not None or cfg.step_size is not None:
+        from cpmctl.model import iteration_info
+
+        info = iteration_info(model)
+        stats["iterations"] = info
+        stats["layer_speedup"] = round(info["trained_iterations"] / info["iterations"], 3)
     if config.arch == "encoder":
         t0 = time.perf_counter()
         rows = [tok.encode(t, add_special=True) for t in texts]
@@ -210,6 +259,7 @@ def render(result: dict, *, streamed: bool = False) -> None:
         s = result["stats"]
         if "accuracy" in s:
             console.print(f"accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f} on {s['examples']} examples")
+        render_offload(console, s)
         return
     if result["mode"] == "embed":
         import torch
@@ -222,9 +272,29 @@ def render(result: dict, *, streamed: bool = False) -> None:
             for i, o in enumerate(result["outputs"]):
                 best = max((j for j in range(len(vectors)) if j != i), key=lambda j: sims[i, j])
                 console.print(f"[bold]{escape(repr(o['text'][:60]))}[/] nearest: {escape(repr(result['outputs'][best]['text'][:60]))} (cosine {sims[i, best]:.3f})")
+        render_offload(console, result["stats"])
         return
     if not streamed:
         for o in result["outputs"]:
             console.print(f"[bold]{escape(o['text'])}[/bold] -> {escape(o['generated'])}", highlight=False)
     s = result["stats"]
     console.print(f"[dim]{s['generated_tokens']} tokens, {s['tokens_per_second']} tokens/s, first token after {s['time_to_first_token']} s[/dim]")
+    if "iterations" in s:
+        it = s["iterations"]
+        console.print(f"[dim]{it['iterations']} of {it['trained_iterations']} block applications, step {it['step_size']:g}: "
+                      f"{s['layer_speedup']}x fewer layer evaluations[/dim]")
+    render_offload(console, s)
+
+
+def render_offload(console, stats: dict) -> None:
+    """One line on what offloading moved and kept (embed and classify runs print it too)."""
+    o = stats.get("offload")
+    if not o:
+        return
+    from cpmctl.offload import human_bytes
+
+    hit = "n/a" if o["hit_rate"] is None else f"{100 * o['hit_rate']:.1f}%"
+    console.print(f"[dim]offload {o['mode']}: {o['slots']} of {o['units']} {o['unit']}s fit beside "
+                  f"{human_bytes(o['resident_bytes'])} resident (budget {human_bytes(o['budget_bytes'])}, weights peak "
+                  f"{human_bytes(o['weights_peak_bytes'])}); moved {human_bytes(o['bytes_moved'])}, cache hits {hit}, "
+                  f"peak memory {human_bytes(stats['peak_memory_bytes'])}[/dim]")

@@ -137,10 +137,9 @@ def expert_layout(d_ff: int, experts: int | None, expert_size: int | None, allow
 def ffn_names(config) -> list[str]:
     names = []
     if config.has_encoder:
-        names += [f"encoder.{i}" for i in range(1 if config.share_layers else config.n_layers)]
+        names += [f"encoder.{i}" for i in range(config.blocks_in_stack("encoder"))]
     if config.has_decoder:
-        n = config.n_decoder_layers if config.arch == "encoder-decoder" else config.n_layers
-        names += [f"decoder.{i}" for i in range(1 if config.share_layers else n)]
+        names += [f"decoder.{i}" for i in range(config.blocks_in_stack("decoder"))]
     return names
 
 

@@ -15,6 +15,14 @@ top-K logits at the target positions of the first ki_steps * grad_accum batches 
 FLOPs in the run log include the teacher's forward passes (and the result reports the cache's
 one-off cost separately).
 
+Parameter sharing (`share_layers`, `share_groups` G: G distinct blocks per stack, each applied
+n_layers / G consecutive times) and step-robust pre-training (`step_robust`): every micro-batch
+runs n block applications, n drawn from `robust_iterations` (default L, 3L/4, L/2 rounded to
+multiples of G) by a generator seeded with (seed, step, micro-batch), with every residual branch
+scaled by beta = L / n (`h <- h + beta * f(h)`, cpmctl.model.set_iterations), so the model learns
+to take fewer, larger steps. `eval_iterations` adds validation losses at other iteration counts
+(`loss_iter{n}` in the eval records). FLOPs count every block application.
+
 Output directory:
     OUT/metrics.jsonl   train and eval records (JSON lines)
     OUT/state/          training states for --resume
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +96,12 @@ class PretrainConfig:
     kernels: str = "auto"                   # MoE FFNs: auto (Triton on CUDA) | torch | triton; the
                                             # Triton kernels are forward-only, so they serve the
                                             # teacher and evaluation, the torch path the training
+    # parameter sharing and ODE steps (cpmctl.model.set_iterations)
+    share_layers: bool = False              # preset: one block per stack, applied n_layers times
+    share_groups: int | None = None         # preset: G blocks per stack, each applied n_layers / G times
+    step_robust: bool = False               # sample n per micro-batch, residual step L / n
+    robust_iterations: Any = None           # the n to sample from: list or "12,9,6" (default L, 3L/4, L/2)
+    eval_iterations: Any = None             # also evaluate at these n (step L / n): list or "12,6"
 
 
 # -- setup pieces ---------------------------------------------------------------------------------
@@ -106,9 +121,10 @@ def _build_student(cfg: PretrainConfig, tok) -> tuple[torch.nn.Module, list[Path
 
     if (cfg.init is None) == (cfg.preset is None):
         raise UserError("give exactly one of init = CHECKPOINT or preset = NAME")
+    sharing = _sharing_overrides(cfg)
     if cfg.init is not None:
-        if cfg.model:
-            raise UserError("model overrides apply to a preset; an init checkpoint keeps its config")
+        if cfg.model or sharing:
+            raise UserError("model overrides (and share_layers / share_groups) apply to a preset; an init checkpoint keeps its config")
         model, ckpt = load_model(cfg.init)
         ckpt.close()
         with torch.no_grad():
@@ -119,7 +135,7 @@ def _build_student(cfg: PretrainConfig, tok) -> tuple[torch.nn.Module, list[Path
         # bos too: a preset's bos id (llama-tiny's 2) is unk in a sentencepiece vocabulary without bos,
         # and moefy/infer/tasks prepend config.bos_token_id to every decoder row.
         overrides = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id,
-                     "bos_token_id": tok.bos_id, **cfg.model}
+                     "bos_token_id": tok.bos_id, **cfg.model, **sharing}
         config = ModelConfig.from_preset(cfg.preset, **overrides)
         torch.manual_seed(cfg.seed)
         model = build_model(config)
@@ -127,6 +143,99 @@ def _build_student(cfg: PretrainConfig, tok) -> tuple[torch.nn.Module, list[Path
     if model.config.vocab_size < tok.vocab_size:
         raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({tok.vocab_size})")
     return model.float().train(), parents
+
+
+def _sharing_overrides(cfg: PretrainConfig) -> dict[str, Any]:
+    """ModelConfig fields from share_layers / share_groups; UserError if `model` says otherwise."""
+    out: dict[str, Any] = {}
+    if cfg.share_layers:
+        out["share_layers"] = True
+    if cfg.share_groups is not None:
+        out["share_groups"] = cfg.share_groups
+    for key, value in out.items():
+        if key in cfg.model and cfg.model[key] != value:
+            raise UserError(f"{key} = {value} contradicts model.{key} = {cfg.model[key]}")
+    return out
+
+
+def _iteration_list(value: Any, what: str) -> list[int] | None:
+    """None, an int, a list of ints or "12,9,6" -> a list of distinct ints (order kept)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value])
+    out: list[int] = []
+    for item in items:
+        try:
+            n = int(item.strip()) if isinstance(item, str) else item
+        except ValueError:
+            n = None
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise UserError(f"{what} must be integers (e.g. 12,9,6), got {value!r}")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise UserError(f"{what} is empty")
+    return out
+
+
+def default_robust_iterations(depth: int, groups: int) -> list[int]:
+    """L, 3L/4 and L/2, each rounded (half up) to a multiple of G and at least G, distinct."""
+    out: list[int] = []
+    for fraction in (1.0, 0.75, 0.5):
+        n = max(groups, groups * int(depth * fraction / groups + 0.5))
+        if n not in out:
+            out.append(n)
+    return out
+
+
+@dataclass
+class IterationPlan:
+    """What a run does with iterations: the set step-robust training samples from (None: plain
+    training) and the extra iteration counts evaluated."""
+
+    robust: list[int] | None
+    evaluate: list[int]
+
+
+def iteration_plan(cfg: PretrainConfig, model) -> IterationPlan:
+    """Check the sharing / step-robust / evaluation options against the built model (every
+    iteration count goes through set_iterations, which raises UserError on a bad one)."""
+    from cpmctl.model import set_iterations
+
+    config = model.config
+    robust = _iteration_list(cfg.robust_iterations, "robust_iterations")
+    evaluate = _iteration_list(cfg.eval_iterations, "eval_iterations") or []
+    if robust is not None and not cfg.step_robust:
+        raise UserError("robust_iterations needs step_robust (--step-robust)")
+    if cfg.step_robust:
+        if config.shared_blocks is None:
+            raise UserError("--step-robust needs a parameter-shared model (--share-layers or --share-groups G)")
+        depths = sorted(set(config.stack_depths().values()))
+        if len(depths) > 1:
+            raise UserError(f"--step-robust needs equal encoder and decoder depths, got {', '.join(map(str, depths))}")
+        if robust is None:
+            robust = default_robust_iterations(depths[0], config.shared_blocks)
+    try:
+        for n in [*(robust or []), *evaluate]:
+            set_iterations(model, n)
+    finally:
+        set_iterations(model, None)
+    return IterationPlan(robust=robust, evaluate=evaluate)
+
+
+def sampled_iterations(choices: list[int], seed: int, step: int, micro: int) -> int:
+    """The iteration count of one micro-batch: uniform over `choices`, a pure function of
+    (seed, step, micro-batch index) so that --resume replays exactly the same schedule."""
+    return choices[random.Random(f"step-robust:{seed}:{step}:{micro}").randrange(len(choices))]
+
+
+def flops_per_token(model) -> float:
+    """Training FLOPs per token (6 x multiplied parameters) with every block application counted:
+    a shared block applied L times costs L times its parameters."""
+    from cpmctl.model import applied_block_parameters, distinct_block_parameters
+    from cpmctl.training import model_flops_per_token
+
+    return model_flops_per_token(model) + 6.0 * (applied_block_parameters(model) - distinct_block_parameters(model))
 
 
 def load_teacher(path: Path, tok, student_config) -> torch.nn.Module:
@@ -208,12 +317,14 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     from cpmctl.losses import ki_loss, ki_weight, lm_forward, lm_loss
     from cpmctl.moe import resolve_kernels, set_kernels
     from cpmctl.tokenizer import load_tokenizer
-    from cpmctl.training import TrainConfig, Trainer, default_tokens, forward_flops_per_token
+    from cpmctl.model import applied_block_parameters, set_iterations
+    from cpmctl.training import TrainConfig, Trainer, default_tokens
 
     _validate(cfg)
     tok_dir = _tokenizer_dir(cfg)
     tok = load_tokenizer(tok_dir)
     model, parents = _build_student(cfg, tok)
+    plan = iteration_plan(cfg, model)
     train_data = make_data(cfg, tok, model.config, "train")
     valid_data = make_data(cfg, tok, model.config, "valid", shuffle=False, drop_last=False, epochs=1)
     teacher = load_teacher(cfg.teacher, tok, model.config) if cfg.teacher is not None else None
@@ -248,22 +359,49 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                 trainer.wait()
                 cache_meta = check_cache(cache, fingerprint, needed)
             data = CachedTeacherBatches(train_data, cache)
-    teacher_fwd = forward_flops_per_token(teacher) if teacher is not None else 0.0
+    teacher_fwd = flops_per_token(teacher) / 3.0 if teacher is not None else 0.0
+    student_flops = flops_per_token(model)
+    # Multiplied block parameters per token at each sampled n, relative to the trained depth.
+    trained_applied = applied_block_parameters(model)
+    robust_extra: dict[int, int] = {}
+    for n in plan.robust or []:
+        set_iterations(model, n)
+        robust_extra[n] = applied_block_parameters(model) - trained_applied
+    set_iterations(model, None)
+    micro_of_step = {"step": -1, "micro": 0}
+
+    def next_micro() -> int:
+        """0, 1, ... over the micro-batches of the current optimizer step (restarts each step)."""
+        if micro_of_step["step"] != trainer.step:
+            micro_of_step.update(step=trainer.step, micro=0)
+        else:
+            micro_of_step["micro"] += 1
+        return micro_of_step["micro"]
 
     def loss_fn(wrapped, batch):
+        extra_flops = 0.0
+        if plan.robust is not None:
+            n = sampled_iterations(plan.robust, cfg.seed, trainer.step, next_micro())
+            set_iterations(trainer.unwrapped, n)
+            extra_flops = 6.0 * robust_extra[n] * default_tokens(batch)
         logits = lm_forward(wrapped, batch)
         a_t = ki_weight(trainer.step, ki_steps, cfg.ki_schedule, cfg.ki_alpha)
         if a_t <= 0.0:
-            return ki_loss(logits, batch["labels"], None, 0.0, cfg.ki_temperature)
-        if "teacher_ids" in batch:
-            return ki_loss(logits, batch["labels"], (batch["teacher_ids"], batch["teacher_logits"]), a_t, cfg.ki_temperature)
-        with torch.no_grad():
-            teacher_logits = lm_forward(teacher, batch)
-        loss, stats = ki_loss(logits, batch["labels"], teacher_logits, a_t, cfg.ki_temperature)
-        stats["flops"] = teacher_fwd * default_tokens(batch)
+            loss, stats = ki_loss(logits, batch["labels"], None, 0.0, cfg.ki_temperature)
+        elif "teacher_ids" in batch:
+            loss, stats = ki_loss(logits, batch["labels"], (batch["teacher_ids"], batch["teacher_logits"]), a_t, cfg.ki_temperature)
+        else:
+            with torch.no_grad():
+                teacher_logits = lm_forward(teacher, batch)
+            loss, stats = ki_loss(logits, batch["labels"], teacher_logits, a_t, cfg.ki_temperature)
+            extra_flops += teacher_fwd * default_tokens(batch)
+        if plan.robust is not None:
+            stats = {**stats, "iterations": float(n)}
+        if extra_flops:
+            stats = {**stats, "flops": extra_flops}
         return loss, stats
 
-    def eval_fn(wrapped):
+    def validation_loss(wrapped) -> float:
         total, count = 0.0, 0
         valid_data.load_state_dict({"epoch": 0, "position": 0})
         for i, batch in enumerate(valid_data):
@@ -273,9 +411,25 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             n = int((batch["labels"] != -100).sum())
             total += float(lm_loss(lm_forward(wrapped, batch), batch["labels"])) * n
             count += n
-        return {"loss": total / max(count, 1), "ppl": float(np.exp(min(total / max(count, 1), 50.0)))}
+        return total / max(count, 1)
 
-    result = trainer.fit(model, loss_fn, data, eval_fn=eval_fn if cfg.eval_batches > 0 else None)
+    def eval_fn(wrapped):
+        try:
+            set_iterations(trainer.unwrapped, None)
+            loss = validation_loss(wrapped)
+            metrics = {"loss": loss, "ppl": float(np.exp(min(loss, 50.0)))}
+            for n in plan.evaluate:
+                set_iterations(trainer.unwrapped, n)
+                metrics[f"loss_iter{n}"] = validation_loss(wrapped)
+        finally:
+            set_iterations(trainer.unwrapped, None)
+        return metrics
+
+    try:
+        result = trainer.fit(model, loss_fn, data, eval_fn=eval_fn if cfg.eval_batches > 0 else None,
+                             flops_per_token=student_flops)
+    finally:
+        set_iterations(model, None)
     summary = {
         "out": str(cfg.out), "checkpoint": str(Path(cfg.out) / CHECKPOINT_DIR), "steps": result.step,
         "tokens": result.tokens, "flops": result.flops, "train_seconds": result.train_seconds,
@@ -283,6 +437,10 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         "ki_steps": ki_steps, "teacher_cache_flops": cache_meta["flops"] if cache_meta else None,
         "resumed_from": result.resumed_from,
     }
+    if plan.robust is not None:
+        summary["robust_iterations"] = plan.robust
+    if plan.evaluate:
+        summary["final_eval_loss_by_iterations"] = {n: result.last_eval.get(f"loss_iter{n}") for n in plan.evaluate}
     weights = trainer.full_state_dict()  # every process takes part: under FSDP it gathers the shards
     if trainer.is_main:
         options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
