@@ -1,7 +1,8 @@
 """`cpmctl infer --offload` on CPU against accelerate's disk offload, under the same memory budget.
 
     .venv/bin/python benchmarks/offload.py --work /tmp/offload_bench
-    .venv/bin/python benchmarks/offload.py --work /tmp/offload_bench --batches 1 --runs accelerate,resident
+    .venv/bin/python benchmarks/offload.py --work /tmp/offload_bench --repeats 2
+    .venv/bin/python benchmarks/offload.py --work /tmp/offload_bench --batches 1 --repeats 3 --runs accelerate,resident,offload
 
 1. Preparation (once; reused from --work, never written into the repository):
    a unigram sentencepiece tokenizer of --vocab pieces trained on the WordNet glosses; a dense
@@ -26,7 +27,11 @@
    offload     `cpmctl infer MOE --json --offload disk --memory-budget BYTES` (when the CLI has it);
    offload-noprefetch  the same with --no-prefetch (what the next layer's prefetch buys).
    tokens/s is cpmctl's own figure: generated tokens / seconds after the first token.
-4. A markdown table (stdout) and WORK/results.json (or --out).
+   --repeats N runs the whole list N times per batch size, in alternating order; the table gives
+   the median tokens/s (every repeat's figure in brackets) and the largest peak RSS.
+4. A markdown table (stdout), whether the greedy outputs agree (accelerate = dense resident,
+   offload = resident MoE), the issue's targets met or missed, and WORK/results.json (or --out)
+   with every run's command, statistics and a fingerprint of the cpmctl sources it ran.
 
 Every child runs with OMP_NUM_THREADS=--threads and the driver lowers its own priority (nice 5);
 the driver itself never imports torch, so forking it copies nothing into the children's RSS.
@@ -37,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import struct
 import subprocess

@@ -37,6 +37,7 @@ Triton kernels (`cpmctl_kernels.moe_ffn`, same signature and semantics) plug in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -127,7 +128,7 @@ class PairPlan(NamedTuple):
 
 def plan_pairs(expert_ids: Tensor) -> PairPlan:
     n, k = expert_ids.shape
-    if n * k <= 512 and expert_ids.device.type == "cpu":
+    if n * k <= 64 and expert_ids.device.type == "cpu":
         # Decoding: a few dozen pairs sort faster in Python than through a dozen tensor ops.
         flat = expert_ids.reshape(-1).tolist()
         order = sorted(range(len(flat)), key=flat.__getitem__)
@@ -154,26 +155,20 @@ def plan_pairs(expert_ids: Tensor) -> PairPlan:
 
 
 def expert_output(rows: Tensor, w_in: Tensor, w_gate: Tensor | None, w_out: Tensor, b_in: Tensor | None,
-                  b_gate: Tensor | None, activation: str, weights: Tensor | None = None) -> Tensor:
+                  b_gate: Tensor | None, activation: str, weights: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
     """One expert on its rows [m, d] -> [m, d] (no b_out), each row scaled by `weights` [m].
 
-    The single definition of an expert's arithmetic: the resident torch path and the offload
-    engine (cpmctl/offload.py, experts in cache slots) both call it on the same rows, so their
-    outputs agree bit for bit."""
+    With `out` (inference only) the product is written there. The single definition of an
+    expert's arithmetic: the resident torch path and the offload engine (cpmctl/offload.py,
+    experts in cache slots) both call it on the same rows, so their outputs agree bit for bit."""
     up = F.linear(rows, w_in, b_in)
     gate = None if w_gate is None else F.linear(rows, w_gate, b_gate)
     hidden = _hidden(up, gate, activation)
     if weights is not None:
         hidden = hidden * weights[:, None].to(hidden.dtype)
+    if out is not None:  # straight into the caller's buffer (no autograd): one copy fewer
+        return torch.matmul(hidden, w_out, out=out)
     return hidden @ w_out
-
-
-def pair_weights(expert_weights: Tensor, plan: PairPlan) -> Tensor | None:
-    """The routing weights in sorted pair order, or None when all are 1 (MoEfied experts are
-    summed), which saves a multiply per expert and changes no bit (x * 1 == x)."""
-    if bool((expert_weights == 1).all()):
-        return None
-    return expert_weights.reshape(-1).index_select(0, plan.order)
 
 
 def combine_pairs(sorted_out: Tensor, plan: PairPlan, n: int, k: int) -> Tensor:
@@ -188,15 +183,51 @@ def _grouped_mm_fits(rows: Tensor, weight: Tensor) -> bool:
     return all(size * rows.element_size() % 16 == 0 for size in (rows.shape[-1], weight.shape[-1]))
 
 
-def _by_expert(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation) -> Tensor:
-    """The (token, expert) pairs sorted by expert, each expert run on its rows, outputs summed per
-    token. On a CPU one `expert_output` per expert that has rows (what torch's grouped GEMM does
-    there too); on a GPU without autograd one grouped GEMM per projection over all experts."""
+class ExpertJob(NamedTuple):
+    """Expert `expert` computes `rows` (weighted by `weights`) into rows start:end of the output buffer."""
+
+    expert: int
+    start: int
+    end: int
+    rows: Tensor
+    weights: Tensor | None
+
+
+class ExpertWork(NamedTuple):
+    jobs: list[ExpertJob]
+    width: int  # rows of the output buffer
+    finish: "Callable[[Tensor], Tensor]"  # filled buffer -> [n, d]
+
+
+def expert_jobs(x: Tensor, expert_ids: Tensor, expert_weights: Tensor) -> ExpertWork:
+    """The per-expert work of a routing: jobs, the output buffer's row count, and the function that
+    turns the filled buffer into [n, d] by summing each token's k outputs in choice order.
+
+    Jobs may run in any order (the resident torch path runs them by expert; the offload engine as
+    the experts' weights arrive) and give the same bits. Weights all 1 (MoEfied experts are summed)
+    are left out, which saves a multiply and changes nothing (x * 1 == x). One token (decoding)
+    skips the sort: its k experts write rows 0..k-1 of a [k, d] buffer."""
     n, k = expert_ids.shape
+    ones = bool((expert_weights == 1).all())
+    if n == 1:
+        weights = None if ones else expert_weights[0]
+        jobs = [ExpertJob(e, j, j + 1, x, None if ones else weights[j : j + 1]) for j, e in enumerate(expert_ids[0].tolist())]
+        return ExpertWork(jobs, k, lambda out: out.sum(0, keepdim=True))
     plan = plan_pairs(expert_ids)
-    weights = pair_weights(expert_weights, plan)
+    weights = None if ones else expert_weights.reshape(-1).index_select(0, plan.order)
     rows = x.index_select(0, plan.tokens)
-    if x.device.type != "cpu" and _grouped_mm_fits(rows, w_in.transpose(1, 2)):
+    jobs = [ExpertJob(e, s, t, rows[s:t], None if ones else weights[s:t]) for e, s, t in zip(plan.experts, plan.starts, plan.ends)]
+    return ExpertWork(jobs, n * k, lambda out: combine_pairs(out, plan, n, k))
+
+
+def _by_expert(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation) -> Tensor:
+    """Each selected expert once on its rows (`expert_jobs`), outputs summed per token. On a GPU,
+    many tokens run one grouped GEMM per projection over all experts instead (the offload
+    engine's bit-exact match with the resident model is a CPU guarantee)."""
+    n, k = expert_ids.shape
+    if n > 1 and x.device.type != "cpu" and _grouped_mm_fits(x, w_in.transpose(1, 2)):
+        plan = plan_pairs(expert_ids)
+        rows = x.index_select(0, plan.tokens)
         counts = torch.bincount(expert_ids.reshape(-1), minlength=w_in.shape[0])
         offs = counts.cumsum(0).to(torch.int32)
         experts_sorted = expert_ids.reshape(-1).index_select(0, plan.order)
@@ -209,15 +240,19 @@ def _by_expert(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate,
             if b_gate is not None:
                 gate = gate + b_gate.index_select(0, experts_sorted)
         hidden = _hidden(up, gate, activation)
-        if weights is not None:
-            hidden = hidden * weights[:, None].to(up.dtype)
+        hidden = hidden * expert_weights.reshape(-1).index_select(0, plan.order)[:, None].to(up.dtype)
         return combine_pairs(F.grouped_mm(hidden, w_out, offs=offs), plan, n, k)
-    outs = []
-    for e, start, end in zip(plan.experts, plan.starts, plan.ends):
-        outs.append(expert_output(rows[start:end], w_in[e], None if w_gate is None else w_gate[e], w_out[e],
-                                  None if b_in is None else b_in[e], None if b_gate is None else b_gate[e],
-                                  activation, None if weights is None else weights[start:end]))
-    return combine_pairs(torch.cat(outs), plan, n, k)
+    jobs, width, finish = expert_jobs(x, expert_ids, expert_weights)
+    out = x.new_empty(width, x.shape[-1])
+    in_place = not torch.is_grad_enabled()
+    for job in jobs:
+        e = job.expert
+        result = expert_output(job.rows, w_in[e], None if w_gate is None else w_gate[e], w_out[e],
+                               None if b_in is None else b_in[e], None if b_gate is None else b_gate[e],
+                               activation, job.weights, out=out[job.start : job.end] if in_place else None)
+        if not in_place:
+            out[job.start : job.end] = result
+    return finish(out)
 
 
 def moe_ffn_reference(
