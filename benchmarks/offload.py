@@ -161,18 +161,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def call_head_projection_as_module(model) -> None:
-    """accelerate brings offloaded weights in through hooks on the modules that own them, so a weight
-    is only there while its own module's forward runs. cpmctl's LMHead reads `proj.weight` and calls
-    F.linear itself (it also serves tied heads), so with the head on "disk" accelerate hands it the
-    meta placeholder and the logits are garbage, silently. For the untied, bias-free head without
-    transform used here, calling `proj` as a module is the same computation and lets the hook work."""
-    head, config = model.lm_head, model.config
-    if head is None or head.proj is None or head.transform is not None or head.bias is not None or head.logit_scale != 1.0:
-        raise SystemExit("the accelerate baseline expects an untied LM head without transform, bias or scale")
-    head.forward = lambda x, tied_weight: head.proj(x)
-
-
 def run_accelerate(args) -> None:
     import torch
     from accelerate import infer_auto_device_map, load_checkpoint_and_dispatch
@@ -189,7 +177,6 @@ def run_accelerate(args) -> None:
     started = time.perf_counter()
     config = read_config(dense)
     model = build_model(config, device="meta").eval()
-    call_head_projection_as_module(model)
     device_map = infer_auto_device_map(model, max_memory={"cpu": args.budget}, no_split_module_classes=["Block"])
     model = load_checkpoint_and_dispatch(model, str(dense), device_map=device_map, offload_folder=str(offload_dir),
                                          no_split_module_classes=["Block"])

@@ -422,6 +422,10 @@ class LMHead(nn.Module):
             x = self.transform_norm(ACTIVATIONS[self.activation](self.transform(x)))
         if self.logit_scale != 1.0:
             x = x * self.logit_scale
+        if self.proj is not None and self.bias is None:
+            # Through the module, not its weight: hook-based offloaders (accelerate's cpu_offload /
+            # disk offload) bring a module's weights in only when that module's forward runs.
+            return self.proj(x)
         weight = tied_weight if self.proj is None else self.proj.weight
         return F.linear(x, weight, self.bias)
 

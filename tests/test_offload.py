@@ -291,3 +291,17 @@ def test_checkpoints_without_recorded_crcs_still_run_and_say_so(tmp_path):
     finally:
         engine.close()
     assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_hook_based_offloaders_see_the_untied_head_weight():
+    """accelerate's cpu_offload brings a weight in only while its own module runs: the LM head
+    must call its projection module, or an offloaded model computes garbage without a warning."""
+    from accelerate import cpu_offload
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("llama-tiny", init_std=0.2)).eval()
+    with torch.no_grad():
+        want = model(PROMPTS)
+        cpu_offload(model, execution_device=torch.device("cpu"))
+        got = model(PROMPTS)
+    assert torch.equal(want, got)
