@@ -698,15 +698,15 @@ def set_iterations(model: Transformer, iterations: int | None, step_size: float 
         if groups is not None and iterations % groups:
             raise UserError(f"iterations {iterations} is not a multiple of share_groups {groups} "
                             "(every shared block runs the same number of times)")
+    schedule = []  # (stack, n, beta), all checked before any stack changes
     for stack in stacks:
         n = stack.n_layers if iterations is None else iterations
         beta = float(step_size) if step_size is not None else stack.n_layers / n
         if beta != 1.0 and config.norm_position == "post":
             raise UserError("a step size other than 1 needs a pre-norm model: a post-norm block normalises after the "
                             "residual, so it is no Euler step (run fewer iterations with step size 1 instead)")
-    for stack in stacks:
-        n = stack.n_layers if iterations is None else iterations
-        beta = float(step_size) if step_size is not None else stack.n_layers / n
+        schedule.append((stack, n, beta))
+    for stack, n, beta in schedule:
         stack.iterations = None if n == stack.n_layers else n
         stack.step_size = None if beta == 1.0 else beta
 
@@ -728,11 +728,8 @@ def iteration_info(model: Transformer) -> dict:
 def applied_block_parameters(model: Transformer) -> int:
     """Block parameters summed over every block application of the current schedule: what a
     forward pass multiplies per token in the stacks (a shared block counts once per application)."""
-    total = 0
-    for stack in _stacks(model):
-        sizes = [sum(p.numel() for p in block.parameters()) for block in stack.blocks]
-        total += sum(sizes[i * len(sizes) // stack.applications] for i in range(stack.applications))
-    return total
+    return sum(sum(p.numel() for p in stack.block_at(i).parameters()) for stack in _stacks(model)
+               for i in range(stack.applications))
 
 
 def distinct_block_parameters(model: Transformer) -> int:

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from cpmctl.errors import UserError
+from cpmctl.moe import expert_jobs, expert_output, fill_for_skipped
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,6 @@ class UnitCache:
 
     def __init__(self, slots: int, store: "CopySlots") -> None:
         self.device, self.slots, self.store = store.device, slots, store
-        self._unit_of: dict[tuple, Unit] = {}
         self._slot_of: dict[tuple, int] = {}
         self._holder: list[tuple | None] = [None] * slots
         self._pins: dict[tuple, int] = {}
@@ -224,7 +224,6 @@ class UnitCache:
         old = self._holder[slot]
         if old is not None:
             del self._slot_of[old]
-            self.store.evict(self._unit_of[old], slot)
             if old in self._prefetched:
                 self._prefetched.discard(old)
                 self.prefetch_wasted += 1
@@ -281,7 +280,6 @@ class UnitCache:
 
         future = self._loader.submit(task)
         self._loading[unit.key] = future
-        self._unit_of[unit.key] = unit
         return future
 
     # -- the compute side --
@@ -406,12 +404,9 @@ class CopySlots:
         row = self.buffer[slot]
         return [row[o : o + math.prod(p.shape)].view(p.shape) for p, o in zip(unit.parts, unit.offsets)]
 
-    def evict(self, unit: Unit, slot: int) -> None:
-        pass
-
 
 # -- the InfMoE order --------------------------------------------------------------------------------------
-def infmoe_order(resident: dict[int, float], missing: dict[int, float], load_seconds: float, slots: int) -> tuple[list[int], bool]:
+def infmoe_order(resident: dict[int, float], missing: dict[int, float], load_seconds: float) -> tuple[list[int], bool]:
     """Compute order of one layer's experts and whether it hides every load.
 
     `resident` and `missing` map expert -> compute time a_i; the missing ones load one after
@@ -451,8 +446,6 @@ class OffloadedMoE(nn.Module):
         self.__dict__["next_layer"] = layer
 
     def forward(self, x: Tensor) -> Tensor:
-        from cpmctl.moe import expert_jobs, expert_output
-
         moe, engine = self.moe, self.engine
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
@@ -467,7 +460,7 @@ class OffloadedMoE(nn.Module):
         hits = cache.pin_cached([self.units[e].key for e in job_of])
         resident = {e: engine.compute_seconds(j.end - j.start) for e, j in job_of.items() if self.units[e].key in hits}
         missing = {e: engine.compute_seconds(j.end - j.start) for e, j in job_of.items() if e not in resident}
-        order, hidden = infmoe_order(resident, missing, engine.load_seconds(), cache.slots)
+        order, hidden = infmoe_order(resident, missing, engine.load_seconds())
         engine.layer_calls += 1
         engine.hidden_calls += hidden
         for e in order:
@@ -503,8 +496,6 @@ class OffloadedMoE(nn.Module):
         if moe.b_out is not None:
             out = out + moe.b_out
         if moe.fill_out is not None and k < moe.num_experts:
-            from cpmctl.moe import fill_for_skipped
-
             out = out + fill_for_skipped(moe.fill_out, experts).to(out.dtype)
         return out.view(shape)
 
@@ -744,8 +735,6 @@ class OffloadEngine:
     # -- timing model for the order --
     def _measure(self, activation: str) -> None:
         """Time one expert load and its compute on 1 and 16 rows (start-up, before generating)."""
-        from cpmctl.moe import expert_output
-
         unit = self.plan.units[0]
         self.cache.request(unit)
         views = self.cache.acquire(unit)

@@ -237,7 +237,7 @@ def test_infmoe_order_puts_resident_first_and_hides_loads_when_an_order_can():
         missing = set(rng.sample(range(n), rng.randint(0, n)))
         resident = {e: a[e] for e in a if e not in missing}
         b = rng.choice([0.5, 1.0, 2.0])
-        order, hidden = infmoe_order(resident, {e: a[e] for e in missing}, b, slots=n)
+        order, hidden = infmoe_order(resident, {e: a[e] for e in missing}, b)
         assert sorted(order) == list(range(n))
         assert set(order[: len(resident)]) == set(resident)
         assert hidden == _feasible(order, a, missing, b, n)
