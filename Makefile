@@ -23,7 +23,7 @@ test-all: $(STAMP)
 	CPMCTL_SLOW=1 $(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/cpmctl demo
+	$(VENV)/bin/cpmctl run recipes/demo.toml runs/demo --force
 
 bench: $(STAMP)
 	$(PY) benchmarks/forward.py

@@ -81,6 +81,17 @@ def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=False))
 
 
+def _show_plan(plan, as_json: bool = False):
+    """A dry run's output: the plan as a table (JSON with --json); returned to callers."""
+    from cpmctl.plan import plan_to_dict, render_plan
+
+    if as_json:
+        _print_json(plan_to_dict(plan))
+    else:
+        render_plan(plan)
+    return plan
+
+
 # -- convert ---------------------------------------------------------------------------------------
 @convert_app.command("hf")
 @handles_errors
@@ -137,6 +148,7 @@ def tokenizer_train(
 
     tok = train_sentencepiece(corpus, out, vocab_size=vocab_size, model_type=model_type, sentinels=sentinels, overwrite=force)
     typer.echo(f"wrote {out} (vocabulary {tok.vocab_size}, {len(tok.sentinel_ids)} sentinels)")
+    return {"out": str(out), "vocab_size": tok.vocab_size, "sentinels": len(tok.sentinel_ids)}
 
 
 @tokenizer_app.command("encode")
@@ -176,6 +188,28 @@ def data_prepare(
     tok = load_tokenizer(_tokenizer_path(tokenizer))
     summary = prepare(corpus, tok, out, shard_tokens=shard_tokens, field=field, overwrite=force)
     typer.echo(f"wrote {out}: {summary['total_docs']:,} documents, {summary['total_tokens']:,} tokens in {len(summary['shards'])} shard(s)")
+    return summary
+
+
+@data_app.command("stdlib")
+@handles_errors
+def data_stdlib(
+    out: Path = typer.Argument(..., help="Output directory: corpus.txt and task/{train,dev,test}.jsonl, labels.json."),
+    num_classes: int = typer.Option(8, "--num-classes", help="Task classes: the best-populated top-level modules."),
+    min_per_class: int = typer.Option(100, "--min-per-class", help="Fewest documents a class may have."),
+    max_per_class: Optional[int] = typer.Option(None, "--max-per-class", help="Keep at most this many documents per class."),
+    max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Use only the first N documents of the corpus."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """The embedded default data: a corpus of this Python's standard-library docstrings and a
+    module-classification task built from it (no download)."""
+    from cpmctl.corpus import write_stdlib_dataset
+
+    result = write_stdlib_dataset(out, num_classes=num_classes, min_per_class=min_per_class,
+                                  max_per_class=max_per_class, max_docs=max_docs, overwrite=force)
+    splits = ", ".join(f"{k} {v}" for k, v in result["splits"].items())
+    typer.echo(f"wrote {out}: {result['documents']:,} documents; task of {len(result['classes'])} classes ({splits})")
+    return result
 
 
 # -- infer -----------------------------------------------------------------------------------------
@@ -203,7 +237,8 @@ def infer(
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="With --offload: load the next layer's weights while the current one computes."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Parameter-shared models: apply the shared blocks this many times (fewer = faster)."),
     step_size: Optional[float] = typer.Option(None, "--step-size", help="Parameter-shared models: residual step size (default: trained iterations / --iterations)."),
-) -> None:
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run (model size, memory per device, steps, tokens, output); load and write nothing."),
+) -> dict:
     """Generate text (decoder-only, encoder-decoder), embed sentences (encoder-only), or classify with --prompt."""
     from cpmctl.stages import infer as infer_stage
 
@@ -214,11 +249,14 @@ def infer(
         prompt=prompt, kernels=kernels, offload=offload, memory_budget=memory_budget, prefetch=prefetch,
         iterations=iterations, step_size=step_size,
     )
+    if dry_run:
+        return _show_plan(infer_stage.plan(cfg), as_json)
     result = infer_stage.run(cfg)
     if as_json:
         _print_json(result)
     else:
         infer_stage.render(result, streamed=cfg.stream)
+    return result
 
 
 # -- pretrain --------------------------------------------------------------------------------------
@@ -246,7 +284,10 @@ def pretrain(
     step_robust: bool = typer.Option(False, "--step-robust", help="Shared model: sample the iterations n per batch with residual step n_layers / n."),
     robust_iterations: Optional[str] = typer.Option(None, "--robust-iterations", help="--step-robust: the n to sample from, e.g. 12,9,6 (default L, 3L/4, L/2)."),
     eval_iterations: Optional[str] = typer.Option(None, "--eval-iterations", help="Also evaluate at these iteration counts (step L / n), e.g. 12,6."),
-) -> None:
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run (model size, memory per device, steps, tokens, output); load and write nothing."),
+    devices: Optional[int] = typer.Option(None, "--devices", help="--dry-run: processes of the launch (default: WORLD_SIZE, else 1)."),
+    sharding: str = typer.Option("ddp", "--sharding", help="--dry-run: ddp (a full copy per device) or fsdp (weights, gradients, optimizer split over the devices)."),
+) -> dict:
     """Pre-train a checkpoint or preset (span corruption, MLM or causal LM), optionally with a KI teacher."""
     from cpmctl.recipes import apply_recipe, load_recipe, parse_override
     from cpmctl.stages import pretrain as stage
@@ -264,8 +305,13 @@ def pretrain(
         kernels=kernels, share_layers=share_layers or None, share_groups=share_groups, step_robust=step_robust or None,
         robust_iterations=robust_iterations, eval_iterations=eval_iterations,
     )
+    if dry_run:
+        return _show_plan(stage.plan(cfg, devices=devices, sharding=sharding))
+    if devices is not None or sharding != "ddp":
+        raise UserError("--devices and --sharding describe a launch for --dry-run; the launcher (accelerate) sets them for a run")
     summary = stage.run(cfg)
     _print_json(summary)
+    return summary
 
 
 # -- distill ---------------------------------------------------------------------------------------
@@ -313,7 +359,8 @@ def distill(
     device: Optional[str] = typer.Option(None, "--device", help="cpu forces the CPU (default: a GPU when present)."),
     resume: bool = typer.Option(False, "--resume", help="Continue OUT from its newest training state."),
     force: bool = typer.Option(False, "--force", help="Delete an existing run in OUT and start over."),
-) -> None:
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run (model size, memory per device, steps, tokens, output); load and write nothing."),
+) -> dict:
     """MixKD: distil a teacher into a smaller student, with mixup on word embeddings."""
     from cpmctl.stages import distill as stage
 
@@ -329,7 +376,11 @@ def distill(
         grad_accum=grad_accum, mixed_precision=mixed_precision, eval_every=eval_every, checkpoint_every=checkpoint_every,
         log_every=log_every, seed=seed, device=device, resume=resume, force=force,
     )
-    _print_json(stage.run(cfg))
+    if dry_run:
+        return _show_plan(stage.plan(cfg))
+    result = stage.run(cfg)
+    _print_json(result)
+    return result
 
 
 # -- prompt-tune -----------------------------------------------------------------------------------
@@ -368,7 +419,8 @@ def prompt_tune(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.train/."),
     force: bool = typer.Option(False, "--force", help="Replace OUT (and an earlier run's state) if they exist."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run (model size, memory per device, steps, tokens, output); load and write nothing."),
+) -> dict:
     """Prompt-tune a frozen model on a classification task (or --full fine-tune it as the baseline)."""
     from cpmctl.stages import prompt_tune as stage
 
@@ -380,11 +432,14 @@ def prompt_tune(
         max_dev_examples=max_dev_examples, max_test_examples=max_test_examples, gradient_checkpointing=gradient_checkpointing,
         mixed_precision=mixed_precision, seed=seed, device=device, resume=resume, force=force, progress=not as_json,
     )
+    if dry_run:
+        return _show_plan(stage.plan(cfg), as_json)
     result = stage.run(cfg)
     if as_json:
         _print_json(result)
     else:
         stage.render(result)
+    return result
 
 
 # -- moefy -----------------------------------------------------------------------------------------
@@ -418,7 +473,8 @@ def moefy(
     task: Optional[Path] = typer.Option(None, "--task", help="JSONL task file ({text, text_pair?, label}): dense vs MoE accuracy in the report."),
     verbalizer: Optional[Path] = typer.Option(None, "--verbalizer", help="JSON {label: word} for scoring --task by label words with the LM head."),
     max_task_examples: Optional[int] = typer.Option(None, "--max-task-examples", help="Score a random subset of --task of this size."),
-) -> None:
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run (model size, memory per device, steps, tokens, output); load and write nothing."),
+) -> dict:
     """Split dense FFNs into experts with routers (MoEfication); only the chosen experts run."""
     from cpmctl.stages import moefy as moefy_stage
 
@@ -429,12 +485,15 @@ def moefy(
         allow_uneven=allow_uneven, restore=restore, seed=seed, overwrite=force, calibrate=calibrate, calibrate_lr=calibrate_lr,
         kernels=kernels, task=task, verbalizer=verbalizer, max_task_examples=max_task_examples,
     )
+    if dry_run:
+        return _show_plan(moefy_stage.plan(cfg), as_json)
     report = moefy_stage.run(cfg)
     if as_json:
         _print_json(report)
     else:
         moefy_stage.render(report)
     typer.echo(f"wrote {out}")
+    return report
 
 
 # -- inherit ---------------------------------------------------------------------------------------
@@ -451,34 +510,51 @@ def inherit(
     seed: int = typer.Option(0, help="Seed of the random unit copies, vocabulary fallbacks and router init."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-) -> None:
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run (model size, memory per device, steps, tokens, output); load and write nothing."),
+) -> dict:
     """Grow a checkpoint wider/deeper (bert2BERT FPI/AKI, tiling, stacking), expand its vocabulary, upcycle to MoE."""
     from cpmctl.stages import inherit as stage
 
-    result = stage.run(stage.InheritConfig(src=src, to=to, out=out, method=method, vocab=vocab, to_moe=to_moe,
-                                           verify=verify, seed=seed, force=force))
+    cfg = stage.InheritConfig(src=src, to=to, out=out, method=method, vocab=vocab, to_moe=to_moe, verify=verify,
+                              seed=seed, force=force)
+    if dry_run:
+        return _show_plan(stage.plan(cfg), as_json)
+    result = stage.run(cfg)
     if as_json:
         _print_json(result)
-        return
+        return result
     typer.echo(f"wrote {out}: {result['parameters_src']:,} -> {result['parameters_out']:,} parameters ({method})")
     if result.get("vocab"):
         typer.echo("vocabulary: " + ", ".join(f"{k} {v}" for k, v in result["vocab"].items()))
     if verify:
         diff = result.get("max_logit_diff")
         typer.echo(f"max logit difference: {diff:.3e} (largest logit {result['max_logit']:.3f})" if diff is not None else f"verify: {result['verify']}")
+    return result
 
 
-# -- demo ------------------------------------------------------------------------------------------
-@app.command()
+# -- run -------------------------------------------------------------------------------------------
+@app.command("run")
 @handles_errors
-def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Working directory for the demo's outputs."),
-    force: bool = typer.Option(True, "--force/--no-force", help="Replace earlier demo outputs."),
+def run_recipe(
+    recipe: Path = typer.Argument(..., help="A pipeline recipe (TOML with [[step]] tables), e.g. recipes/demo.toml."),
+    out: Path = typer.Argument(..., help="Output directory: every step's output, recipes/ and pipeline.json."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print each step's command and plan (sizes, memory, steps, tokens); read and write no weights."),
+    force: bool = typer.Option(False, "--force", help="Pass --force to every step that has it (replace earlier outputs)."),
+    start: Optional[str] = typer.Option(None, "--from", help="Start at this step (earlier steps' outputs must exist)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run just this step."),
 ) -> None:
-    """Run the foundation walk-through on the embedded stdlib corpus (no download)."""
-    from cpmctl import demo as demo_module
+    """Run a pipeline recipe: each step is a cpmctl command; ends with a summary table."""
+    from cpmctl import pipeline
 
-    demo_module.run(out, overwrite=force)
+    loaded = pipeline.load_pipeline(recipe, out)
+    try:
+        if dry_run:
+            if start or only:
+                raise UserError("--dry-run plans the whole pipeline; --from/--only apply to real runs")
+            return pipeline.dry_run_pipeline(loaded, out, force=force)
+        return pipeline.run_pipeline(loaded, out, force=force, start=start, only=only)
+    except pipeline.PipelineStopped as exc:
+        _fail(f"{exc}; outputs of the earlier steps are in {out} (rerun from this step with --from {exc.step})", exc.code)
 
 
 def main() -> None:

@@ -226,6 +226,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpm2-11b": _CPM2,
     # CPM-2's MoE stage: every FFN upcycled into 32 copies of the dense FFN, top-1 routing.
     "cpm2-moe-198b": {**_CPM2, "moe": dict(experts=32, expert_size=10240, top_k=1, router="linear")},
+    # Not a released model: CPM-2 at half width (~2.8B), the teacher shape of recipes/cpm2-11b-ki.toml.
+    "cpm2-2.8b": dict(_CPM2, d_model=2048, n_heads=32, d_ff=5120),
+    # Llama-2-7B's shape, what `cpmctl convert hf` makes of meta-llama/Llama-2-7b-hf
+    # (recipes/moefy-llama2-7b.toml).
+    "llama2-7b": dict(
+        arch="decoder", vocab_size=32000, d_model=4096, n_heads=32, n_kv_heads=32, d_ff=11008, n_layers=32,
+        norm="rms", norm_eps=1e-5, position="rotary", max_positions=4096, activation="silu",
+        gated=True, bias=False, tie_embeddings=False, eos_token_id=2, bos_token_id=1, pad_token_id=0,
+    ),
     # Small models for tests and the demo: same families, a few hundred thousand parameters.
     "t5-tiny": dict(
         arch="encoder-decoder", vocab_size=512, d_model=64, n_heads=4, d_ff=128, n_layers=2,

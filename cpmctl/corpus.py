@@ -279,3 +279,21 @@ def write_task_jsonl(out_dir: str | os.PathLike, *, num_classes: int = 8, min_pe
         "splits": {s: len(rows[s]) for s in SPLITS},
         "per_class": {c: kept[c] for c in classes},
     }
+
+
+def write_stdlib_dataset(out_dir: str | os.PathLike, *, num_classes: int = 8, min_per_class: int = 100,
+                         max_per_class: int | None = None, max_docs: int | None = None,
+                         overwrite: bool = False) -> dict[str, Any]:
+    """The embedded default data set: `OUT/corpus.txt` (the stdlib corpus, one document per line)
+    and `OUT/task/` (its module-classification task, see write_task_jsonl), written atomically."""
+    records = stdlib_corpus(max_docs)
+    if not records:
+        raise UserError("no documents to write")
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        corpus = write_corpus_text(tmp / "corpus.txt", records=records)
+        task = write_task_jsonl(tmp / "task", num_classes=num_classes, min_per_class=min_per_class,
+                                max_per_class=max_per_class, records=records)
+    out = Path(out_dir)
+    return {"path": str(out), "corpus": str(out / "corpus.txt"), "documents": corpus["docs"],
+            "corpus_bytes": corpus["bytes"], "task": str(out / "task"), "classes": task["classes"],
+            "splits": task["splits"]}

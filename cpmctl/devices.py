@@ -23,6 +23,17 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def planned_device(name: str | None) -> torch.device:
+    """The device a dry run plans for: as resolve_device, but a named device need not be here
+    (planning a GPU run on a laptop is the point of a dry run)."""
+    if name is None:
+        return resolve_device(None)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None
+
+
 def resolve_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None

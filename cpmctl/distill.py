@@ -168,15 +168,20 @@ def student_from_teacher(teacher: torch.nn.Module, layers: Sequence[int], decode
     return student
 
 
-def student_from_preset(preset: str, teacher_config: ModelConfig) -> torch.nn.Module:
-    """A freshly initialised student of a named preset, on the teacher's vocabulary and ids."""
-    from cpmctl.model import build_model
-
+def preset_student_config(preset: str, teacher_config: ModelConfig) -> ModelConfig:
+    """A named preset on the teacher's vocabulary and ids (and positions, when both are absolute)."""
     base = ModelConfig.from_preset(preset)
     same = {k: getattr(teacher_config, k) for k in ("vocab_size", "pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id")}
     if base.position == "absolute" and teacher_config.position == "absolute":
         same["max_positions"] = max(base.max_positions, teacher_config.max_positions)
-    return build_model(base.replace(**same))
+    return base.replace(**same)
+
+
+def student_from_preset(preset: str, teacher_config: ModelConfig) -> torch.nn.Module:
+    """A freshly initialised student of a named preset (preset_student_config)."""
+    from cpmctl.model import build_model
+
+    return build_model(preset_student_config(preset, teacher_config))
 
 
 # =============================================================================================

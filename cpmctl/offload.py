@@ -567,65 +567,122 @@ class OffloadPlan:
     minimum: int  # resident_bytes (staging included) + one slot
 
 
-def plan_offload(model: nn.Module, ckpt, *, mode: str, budget: int, dtype: torch.dtype, device: torch.device) -> OffloadPlan:
-    """Which weights stay resident, which are streamed, and how many slots the budget buys.
-
-    On a CPU the budget also covers the staging buffer that converts a stored dtype to the run
-    dtype (on a GPU that buffer is in host memory, outside the device budget)."""
-    itemsize = dtype.itemsize
-
-    names = list(model.state_dict())
-
-    units: list[Unit] = []
+def offload_units(model: nn.Module) -> tuple[str, list[tuple[tuple, list[tuple[str, int | None]]]]]:
+    """What streams: ("expert", one unit per expert of every routed MoE layer) or ("block", one
+    unit per transformer block), each unit as [(tensor name, expert index or None for the whole
+    tensor)]. Shapes only: works on a model built on the meta device (dry runs)."""
+    units: list[tuple[tuple, list[tuple[str, int | None]]]] = []
     routed = [(stack, i, ffn) for stack, i, ffn in model.ffn_modules()
               if hasattr(ffn, "route") and not ffn.selects_all]
     if routed:
-        kind = "expert"
         for stack, i, ffn in routed:
             prefix = f"{stack}.blocks.{i}.ffn."
             tensors = [prefix + w for w in ("w_in", "w_gate", "w_out") if getattr(ffn, w) is not None]
             for e in range(ffn.num_experts):
-                units.append(Unit((stack, i, e), [make_part(ckpt, t, e) for t in tensors]))
-        streamed = {p.name for u in units for p in u.parts}
-    else:
-        kind = "block"
-        for stack_name in ("encoder", "decoder"):
-            stack = getattr(model, stack_name, None)
-            if stack is None or len(stack.blocks) < 2:  # a shared block is applied every step: keep it
-                continue
-            for i, block in enumerate(stack.blocks):
-                prefix = f"{stack_name}.blocks.{i}."
-                own = [prefix + n for n in block.state_dict()]
-                units.append(Unit((stack_name, i), [make_part(ckpt, n, None) for n in own]))
-        streamed = {p.name for u in units for p in u.parts}
-    resident_names = [n for n in names if n not in streamed]
-    resident_bytes = sum(math.prod(ckpt.tensor_info(n).shape) * itemsize for n in resident_names)
-    # Each piece sits in its slot at the address alignment (mod 64 bytes) its resident copy would
-    # have: zero-copy views of the file on a CPU keep the file's, converted copies are aligned.
-    # BLAS takes different paths for differently aligned operands (a one-row product differs in
-    # the last bit), and the offloaded model must compute exactly what the resident one does.
+                units.append(((stack, i, e), [(t, e) for t in tensors]))
+        return "expert", units
+    for stack_name in ("encoder", "decoder"):
+        stack = getattr(model, stack_name, None)
+        if stack is None or len(stack.blocks) < 2:  # a shared block is applied every step: keep it
+            continue
+        for i, block in enumerate(stack.blocks):
+            prefix = f"{stack_name}.blocks.{i}."
+            units.append(((stack_name, i), [(prefix + n, None) for n in block.state_dict()]))
+    return "block", units
+
+
+def part_alignment(*, device: torch.device, stored_dtype: torch.dtype, dtype: torch.dtype, byte_offset: int) -> int:
+    """Element offset (mod a 64-byte line) a piece must have in its slot: the alignment its
+    resident copy would have. Zero-copy views of the file on a CPU keep the file's, converted
+    copies are aligned. BLAS takes different paths for differently aligned operands (a one-row
+    product differs in the last bit), and the offloaded model must compute what the resident one does."""
+    itemsize = dtype.itemsize
+    zero_copy = device.type == "cpu" and stored_dtype == dtype and byte_offset % itemsize == 0
+    return (byte_offset % _ALIGN_BYTES) // itemsize if zero_copy else 0
+
+
+def staging_bytes(*, device: torch.device, mode: str, pieces: list[tuple[int, torch.dtype]], dtype: torch.dtype) -> int:
+    """On a CPU the budget also covers the staging buffer that converts a stored dtype to the run
+    dtype (on a GPU that buffer is in host memory, outside the device budget). `pieces`: (stored
+    bytes, stored dtype) of every streamed piece."""
+    if device.type != "cpu" or mode != "disk":
+        return 0
+    return max((nbytes for nbytes, stored in pieces if stored != dtype), default=0)
+
+
+@dataclass(frozen=True)
+class SlotArithmetic:
+    """The budget arithmetic of an offloaded model (pure numbers, shared with the dry run)."""
+
+    resident_bytes: int  # resident weights, staging buffer included
+    slot_bytes: int      # one slot: the largest unit packed at its alignments, whole 64-byte lines
+    units: int
+    minimum: int         # resident_bytes + one slot
+    offsets: tuple[tuple[int, ...], ...]  # element offset of each part in its unit's slot
+
+    def slots(self, budget: int, unit_kind: str) -> int:
+        """Slots the budget buys (at most one per unit); UserError below the minimum."""
+        if budget < self.minimum:
+            what = "one expert slot" if unit_kind == "expert" else "one layer"
+            raise UserError(f"--memory-budget {human_bytes(budget)} is below this model's minimum of {human_bytes(self.minimum)} "
+                            f"(resident weights {human_bytes(self.resident_bytes)} + {what} {human_bytes(self.slot_bytes)}); raise it")
+        return min(self.units, (budget - self.resident_bytes) // self.slot_bytes) if self.units else 0
+
+
+def slot_arithmetic(*, resident_numel: int, unit_parts: list[list[tuple[int, int]]], itemsize: int,
+                    staging: int = 0) -> SlotArithmetic:
+    """Resident bytes, slot bytes and the minimum budget from element counts: `unit_parts` holds,
+    per unit, (numel, wanted element offset mod a 64-byte line) of each part (part_alignment)."""
     per_line = _ALIGN_BYTES // itemsize
     slot_numel = 0
-    for unit in units:
-        offset = 0
-        for p in unit.parts:
-            zero_copy = device.type == "cpu" and p.stored_dtype == dtype and p.byte_offset % itemsize == 0
-            want = (p.byte_offset % _ALIGN_BYTES) // itemsize if zero_copy else 0
+    offsets = []
+    for parts in unit_parts:
+        offset, placed = 0, []
+        for numel, want in parts:
             offset += (want - offset) % per_line
-            unit.offsets.append(offset)
-            offset += math.prod(p.shape)
+            placed.append(offset)
+            offset += numel
+        offsets.append(tuple(placed))
         slot_numel = max(slot_numel, offset)
     slot_numel += -slot_numel % per_line  # every slot starts on a 64-byte line
     slot_bytes = slot_numel * itemsize
-    if device.type == "cpu" and mode == "disk":
-        resident_bytes += max((p.nbytes for u in units for p in u.parts if p.stored_dtype != dtype), default=0)
-    minimum = resident_bytes + slot_bytes
-    if budget < minimum:
-        what = "one expert slot" if kind == "expert" else "one layer"
-        raise UserError(f"--memory-budget {human_bytes(budget)} is below this model's minimum of {human_bytes(minimum)} "
-                        f"(resident weights {human_bytes(resident_bytes)} + {what} {human_bytes(slot_bytes)}); raise it")
-    slots = min(len(units), (budget - resident_bytes) // slot_bytes) if units else 0
-    return OffloadPlan(mode, budget, resident_names, resident_bytes, units, kind, slots, slot_bytes, minimum)
+    resident_bytes = resident_numel * itemsize + staging
+    return SlotArithmetic(resident_bytes, slot_bytes, len(unit_parts), resident_bytes + slot_bytes, tuple(offsets))
+
+
+def check_offload_device(mode: str, device: torch.device) -> None:
+    if mode not in ("cpu", "disk"):
+        raise UserError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
+    if mode == "cpu" and device.type != "cuda":
+        raise UserError("--offload cpu keeps weights in host memory for a GPU; on a CPU use --offload disk")
+
+
+def offload_run_dtype(stored: set, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype offloaded weights run in: the requested one, else the stored one if there is
+    a single one, else float32."""
+    return dtype or (next(iter(stored)) if len(stored) == 1 else torch.float32)
+
+
+def plan_offload(model: nn.Module, ckpt, *, mode: str, budget: int, dtype: torch.dtype, device: torch.device) -> OffloadPlan:
+    """Which weights stay resident, which are streamed, and how many slots the budget buys
+    (the numbers: `slot_arithmetic`)."""
+    kind, layout = offload_units(model)
+    units = [Unit(key, [make_part(ckpt, name, block) for name, block in parts]) for key, parts in layout]
+    streamed = {p.name for u in units for p in u.parts}
+    resident_names = [n for n in model.state_dict() if n not in streamed]
+    arithmetic = slot_arithmetic(
+        resident_numel=sum(math.prod(ckpt.tensor_info(n).shape) for n in resident_names),
+        unit_parts=[[(math.prod(p.shape), part_alignment(device=device, stored_dtype=p.stored_dtype, dtype=dtype,
+                                                          byte_offset=p.byte_offset)) for p in u.parts] for u in units],
+        itemsize=dtype.itemsize,
+        staging=staging_bytes(device=device, mode=mode, pieces=[(p.nbytes, p.stored_dtype) for u in units for p in u.parts],
+                              dtype=dtype),
+    )
+    for unit, offsets in zip(units, arithmetic.offsets):
+        unit.offsets.extend(offsets)
+    slots = arithmetic.slots(budget, kind)
+    return OffloadPlan(mode, budget, resident_names, arithmetic.resident_bytes, units, kind, slots, arithmetic.slot_bytes,
+                       arithmetic.minimum)
 
 
 class OffloadEngine:
@@ -844,10 +901,7 @@ def load_offloaded(path, *, mode: str, budget: str, device: torch.device, dtype:
     from cpmctl.checkpoint import check_state_dict_matches, open_checkpoint
     from cpmctl.model import build_model
 
-    if mode not in ("cpu", "disk"):
-        raise UserError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
-    if mode == "cpu" and device.type != "cuda":
-        raise UserError("--offload cpu keeps weights in host memory for a GPU; on a CPU use --offload disk")
+    check_offload_device(mode, device)
     ckpt = open_checkpoint(path)
     source = DiskSource()
     try:
@@ -855,7 +909,7 @@ def load_offloaded(path, *, mode: str, budget: str, device: torch.device, dtype:
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         check_state_dict_matches(expected, ckpt.shapes())
         stored = {ckpt.tensor_info(n).dtype for n in expected}
-        run_dtype = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
+        run_dtype = offload_run_dtype(stored, dtype)
         weight_bytes = sum(math.prod(s) for s in expected.values()) * run_dtype.itemsize
         plan = plan_offload(model, ckpt, mode=mode, budget=parse_size(budget, total=weight_bytes), dtype=run_dtype,
                             device=device)

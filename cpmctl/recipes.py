@@ -35,17 +35,21 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe file's TOML document (stage and pipeline recipes alike)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist")
     if path.suffix not in (".toml",):
         raise UserError(f"recipe {path} is not a .toml file (recipes are TOML)")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"recipe {path} is not valid TOML: {exc}") from None
-    return _flatten(data)
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    return _flatten(read_toml(path))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

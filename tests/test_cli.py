@@ -37,7 +37,7 @@ def test_help_is_instant_and_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     out = subprocess.run([sys.executable, "-m", "cpmctl.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("convert", "info", "tokenizer", "data", "infer", "demo"):
+    for command in ("convert", "info", "tokenizer", "data", "infer", "run"):
         assert command in out.stdout
 
 

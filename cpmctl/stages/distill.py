@@ -512,7 +512,9 @@ class KeyedBatches:
 # =============================================================================================
 
 
-def _check_config(cfg: DistillConfig) -> None:
+def _check_config(cfg: DistillConfig, *, inputs: bool = True) -> None:
+    """Options and output checks; `inputs=False` (dry run) leaves out the checks that the task,
+    corpus and verbalizer files exist (a pipeline's earlier step may write them)."""
     if (cfg.train is None) == (cfg.corpus is None):
         raise UserError("give either --train (a classification task) or --corpus (LM distillation)")
     sources = [x for x in (cfg.student, cfg.student_layers, cfg.student_config) if x is not None]
@@ -531,7 +533,7 @@ def _check_config(cfg: DistillConfig) -> None:
     if cfg.batch_size < 1 or cfg.epochs <= 0:
         raise UserError("--batch-size must be >= 1 and --epochs > 0")
     for path, what in ((cfg.train, "training file"), (cfg.dev, "dev file"), (cfg.corpus, "corpus")):
-        if path is not None and not Path(path).exists():
+        if inputs and path is not None and not Path(path).exists():
             raise UserError(f"{what} {path} does not exist")
     if cfg.head not in ("linear", "lm"):
         raise UserError(f"unknown --head {cfg.head!r}; expected linear or lm")
@@ -539,7 +541,7 @@ def _check_config(cfg: DistillConfig) -> None:
         raise UserError("--verbalizer names the label words of --head lm")
     if cfg.corpus is not None and (cfg.head != "linear" or cfg.verbalizer is not None):
         raise UserError("--head and --verbalizer apply to classification tasks (--train), not to --corpus")
-    if cfg.verbalizer is not None and not Path(cfg.verbalizer).is_file():
+    if inputs and cfg.verbalizer is not None and not Path(cfg.verbalizer).is_file():
         raise UserError(f"verbalizer file {cfg.verbalizer} does not exist")
     if cfg.teacher_cache_k < 1:
         raise UserError(f"--teacher-cache-k must be >= 1, got {cfg.teacher_cache_k}")
@@ -578,9 +580,18 @@ def build_student(cfg: DistillConfig, teacher: nn.Module, teacher_tokenizer: str
         return model, {"student": str(cfg.student)}
     if cfg.student_config is not None:
         model = distill.student_from_preset(cfg.student_config, config)
-        if cfg.corpus is None and model.config.arch != config.arch:
-            raise UserError(f"a {model.config.arch} student cannot take a {config.arch} teacher's task inputs; choose a {config.arch} preset")
+        _check_preset_student(cfg, model.config, config)
         return model, {"student_config": cfg.student_config}
+    layers, decoder_layers = student_layers(cfg, config)
+    student = distill.student_from_teacher(teacher, layers, decoder_layers)
+    info: dict[str, Any] = {"student_layers": layers}
+    if decoder_layers is not None:
+        info["student_decoder_layers"] = decoder_layers
+    return student, info
+
+
+def student_layers(cfg: DistillConfig, config) -> tuple[list[int], list[int] | None]:
+    """The teacher layers the student keeps (encoder or only stack; decoder of an encoder-decoder)."""
     n = config.n_layers
     layers = distill.parse_layers(cfg.student_layers if cfg.student_layers is not None else str(max(1, n // 2)), n)
     decoder_layers = None
@@ -589,11 +600,80 @@ def build_student(cfg: DistillConfig, teacher: nn.Module, teacher_tokenizer: str
         spec = cfg.student_decoder_layers if cfg.student_decoder_layers is not None else (
             cfg.student_layers if cfg.student_layers is not None else str(max(1, nd // 2)))
         decoder_layers = distill.parse_layers(spec, nd)
-    student = distill.student_from_teacher(teacher, layers, decoder_layers)
-    info: dict[str, Any] = {"student_layers": layers}
-    if decoder_layers is not None:
-        info["student_decoder_layers"] = decoder_layers
-    return student, info
+    return layers, decoder_layers
+
+
+def _check_preset_student(cfg: DistillConfig, student_config, teacher_config) -> None:
+    if cfg.corpus is None and student_config.arch != teacher_config.arch:
+        raise UserError(f"a {student_config.arch} student cannot take a {teacher_config.arch} teacher's task inputs; "
+                        f"choose a {teacher_config.arch} preset")
+
+
+def planned_model_dir(path: Path) -> Path:
+    """resolve_task_model for a dry run: for a path not there yet, a stand-in for the run
+    directory's OUT/checkpoint (what an earlier pipeline step's plan gives), else the path."""
+    from cpmctl.plan import is_assumed
+
+    path = Path(path)
+    if path.exists():
+        return resolve_task_model(path)
+    return path / MODEL_DIR if is_assumed(path / MODEL_DIR) else path
+
+
+def plan(cfg: DistillConfig):
+    """What `run(cfg)` would train, from the teacher's (and student's) config alone."""
+    from cpmctl.plan import (ACTIVATION_FORMULA, activation_bytes, checkpoint_config, logits_bytes, make_plan, meta_model,
+                             parameter_count, parameter_shapes, source_note, training_memory)
+
+    _check_config(cfg, inputs=False)
+    teacher_dir = planned_model_dir(Path(cfg.teacher))
+    teacher_config = checkpoint_config(teacher_dir)
+    notes: list[str | None] = [source_note(teacher_dir, "teacher")]
+    for path, what in ((cfg.train, "--train"), (cfg.dev, "--dev"), (cfg.corpus, "--corpus")):
+        if path is not None and not Path(path).exists():
+            notes.append(f"{what} {path}: not there yet")
+    if cfg.student is not None:
+        student_dir = planned_model_dir(Path(cfg.student))
+        config = checkpoint_config(student_dir)
+        notes.append(source_note(student_dir, "student"))
+        if Path(cfg.student).exists() and Path(cfg.teacher).exists() and _tokenizer_hash(Path(cfg.student)) != _tokenizer_hash(teacher_dir):
+            raise UserError(f"student {cfg.student} and the teacher use different tokenizers; distillation needs the same token ids")
+        if config.vocab_size != teacher_config.vocab_size:
+            raise UserError(f"student vocabulary {config.vocab_size} differs from the teacher's {teacher_config.vocab_size}")
+        student = meta_model(config)
+    elif cfg.student_config is not None:
+        config = distill.preset_student_config(cfg.student_config, teacher_config)
+        _check_preset_student(cfg, config, teacher_config)
+        student = meta_model(config)
+    else:
+        layers, decoder_layers = student_layers(cfg, teacher_config)
+        student = distill.student_from_teacher(meta_model(teacher_config), layers, decoder_layers)
+        config = student.config
+    trainable = _trainable(cfg)
+    trainable_shapes = parameter_shapes(student, trainable)
+    parameters = parameter_count(student)
+    seq = cfg.seq_len if cfg.corpus is not None else cfg.max_length
+    student_forwards = 2 if (cfg.mix_weight or cfg.smix_weight) else 1  # originals, and mixed inputs
+    bytes_per_value = 2 if cfg.mixed_precision in ("bf16", "fp16") else 4
+    lengths = {"encoder": seq, "decoder": seq if (cfg.corpus is not None or config.arch == "decoder") else 1}
+    activations = student_forwards * activation_bytes(config, cfg.batch_size, lengths, bytes_per_value)
+    logits = 0
+    if cfg.corpus is not None:  # the student's and the teacher's logits over the vocabulary
+        logits = 2 * student_forwards * logits_bytes(cfg.batch_size, seq, config.vocab_size)
+    breakdown = training_memory(weights=4 * parameters, trainable_shapes=trainable_shapes, optimizer="adamw",
+                                activations=activations, logits=logits,
+                                teacher=4 * parameter_count(meta_model(teacher_config)))
+    notes.append(f"activations: {ACTIVATION_FORMULA}, {cfg.batch_size} rows of {seq} tokens, "
+                 f"{student_forwards} student forward pass(es) per step")
+    steps = cfg.max_steps
+    if steps is None:
+        notes.append("steps: epochs x batches per epoch, known once the data is read (give --max-steps to fix them)")
+    tokens = None if steps is None else steps * cfg.grad_accum * cfg.batch_size * seq
+    return make_plan("distill", output=Path(cfg.out) / MODEL_DIR, output_config=config, parameters=parameters,
+                     trainable=sum(math.prod(s) for s in trainable_shapes), parameter_bytes=4 * parameters, devices=1,
+                     breakdown=breakdown, steps=steps, tokens=tokens, notes=notes,
+                     details={"student": f"{config.arch}, d_model {config.d_model}, layers {config.stack_depths()}",
+                              "mode": "LM (--corpus)" if cfg.corpus is not None else "classification (--train)"})
 
 
 def _owned(model: nn.Module) -> nn.Module:

@@ -131,6 +131,187 @@ def run(cfg: InferConfig) -> dict:
     return result
 
 
+# -- dry run ----------------------------------------------------------------------------------------
+def _weight_headers(path: Path):
+    """The checkpoint opened for its headers (tensor shapes, dtypes, offsets: no tensor data),
+    or None when its weight files are not there (a dry run may precede them)."""
+    from cpmctl.checkpoint import INDEX_FILE, WEIGHTS_FILE, open_checkpoint
+
+    path = Path(path)
+    if not ((path / WEIGHTS_FILE).is_file() or (path / INDEX_FILE).is_file()):
+        return None
+    return open_checkpoint(path)
+
+
+def _prompt_rows(cfg: InferConfig, config, notes: list[str]) -> list[list[int]] | None:
+    """The token rows the run would feed (as `_run_loaded` encodes them), or None when the
+    texts or the tokenizer are not there yet."""
+    from cpmctl.tokenizer import load_tokenizer
+
+    texts = cfg.texts
+    if texts is None:
+        if not Path(cfg.input_file).is_file():
+            notes.append(f"input {cfg.input_file}: not there yet (prompt count unknown; KV cache sized for --batch-size rows)")
+            return None
+        texts = read_texts(cfg.input_file)
+    tokenizer_dir = Path(cfg.checkpoint) / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        notes.append(f"{len(texts)} prompt(s), lengths unknown without the tokenizer: each counted as {config.max_positions} tokens")
+        return [[0] * config.max_positions for _ in texts]
+    tok = load_tokenizer(tokenizer_dir)
+    if config.arch == "encoder":
+        return [tok.encode(t, add_special=True) for t in texts]
+    rows = [tok.encode(t, add_eos=config.arch == "encoder-decoder") for t in texts]
+    bos = config.bos_token_id if config.arch == "decoder" else None
+    return [row if bos is None or row[:1] == [bos] else [bos] + row for row in rows]
+
+
+def kv_cache_bytes(config, applications: int, batch: int, prompt: int, new_tokens: int, itemsize: int) -> int:
+    """The cache `generate` allocates: self-attention keys and values per decoder layer application
+    for prompt + new tokens (decoder-only) or 1 + new tokens, plus the cross-attention keys and
+    values of the prompt (encoder-decoder)."""
+    if config.arch == "encoder" or new_tokens == 0:
+        return 0
+    per_position = 2 * config.n_kv_heads * config.d_head * itemsize * batch * applications
+    if config.arch == "encoder-decoder":
+        return per_position * (1 + new_tokens + prompt)
+    return per_position * (prompt + new_tokens)
+
+
+def plan(cfg: InferConfig):
+    """What `run(cfg)` would do, from the checkpoint's config (and weight headers, when there)."""
+    import math
+
+    import torch
+
+    from cpmctl.devices import planned_device, resolve_dtype
+    from cpmctl.moe import resolve_kernels
+    from cpmctl.plan import checkpoint_config, is_assumed, make_plan, meta_model, source_note, stored_dtype
+
+    cfg.validate()
+    device = planned_device(cfg.device)
+    requested = resolve_dtype(cfg.dtype)
+    config = checkpoint_config(cfg.checkpoint)
+    notes: list[str] = [source_note(cfg.checkpoint, "checkpoint")]
+    model = meta_model(config)
+    resolve_kernels(cfg.kernels, device)
+    if cfg.iterations is not None or cfg.step_size is not None:
+        from cpmctl.model import set_iterations
+
+        set_iterations(model, cfg.iterations, cfg.step_size)
+    if not is_assumed(cfg.checkpoint) and not (Path(cfg.checkpoint) / "tokenizer").is_dir():
+        raise UserError(f"checkpoint {cfg.checkpoint} has no tokenizer/ directory; copy the tokenizer it was trained with there")
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    headers = _weight_headers(cfg.checkpoint) if not is_assumed(cfg.checkpoint) else None
+    try:
+        if headers is not None:
+            from cpmctl.checkpoint import check_state_dict_matches
+
+            check_state_dict_matches(shapes, headers.shapes())
+            stored = {name: headers.tensor_info(name).dtype for name in shapes}
+        else:
+            recorded = stored_dtype(cfg.checkpoint)
+            if recorded is None:
+                notes.append("stored dtype unknown (no weights or cpmctl.json): float32 assumed")
+            stored = {name: getattr(torch, recorded or "float32") for name in shapes}
+            notes.append("weights not read: sizes from config.json")
+        parameters = sum(p.numel() for p in model.parameters())
+        details: dict = {}
+        breakdown: dict[str, int] = {}
+        if cfg.offload == "none":
+            run_dtype = requested
+            breakdown["weights"] = sum(math.prod(shapes[n]) * (requested or stored[n]).itemsize for n in shapes)
+            by_dtype: dict = {}
+            for name, d in stored.items():  # the KV cache follows the weights' (dominant) dtype
+                by_dtype[d] = by_dtype.get(d, 0) + math.prod(shapes[name])
+            itemsize = (requested or max(by_dtype, key=by_dtype.get)).itemsize
+        else:
+            from cpmctl.offload import check_offload_device, offload_run_dtype, parse_size
+
+            check_offload_device(cfg.offload, device)
+            run_dtype = offload_run_dtype(set(stored.values()), requested)
+            itemsize = run_dtype.itemsize
+            weight_bytes = sum(math.prod(s) for s in shapes.values()) * itemsize
+            budget = parse_size(cfg.memory_budget, total=weight_bytes)
+            breakdown, details = _offload_rows(model, shapes, stored, headers, cfg.offload, budget, run_dtype, device)
+            if headers is None and device.type == "cpu":
+                notes.append("slot alignment assumed (no weight headers): slots may be a few 64-byte lines larger")
+    finally:
+        if headers is not None:
+            headers.close()
+    parameter_bytes = parameters * itemsize
+
+    rows = _prompt_rows(cfg, config, notes)
+    prompts = None if rows is None else len(rows)
+    batch = cfg.batch_size if prompts is None else min(cfg.batch_size, prompts)
+    longest = config.max_positions if rows is None else max((len(r) for r in rows), default=1)
+    tokens = None
+    if cfg.prompt is not None:
+        notes.append(f"classification with the prompt adapter {cfg.prompt}: no tokens generated")
+    elif config.arch == "encoder":
+        tokens = None if rows is None else sum(len(r) for r in rows)
+    else:
+        applications = model.decoder.applications
+        breakdown["kv_cache"] = kv_cache_bytes(config, applications, batch, longest, cfg.max_new_tokens, itemsize)
+        tokens = None if prompts is None else prompts * cfg.max_new_tokens
+        details["kv cache"] = f"{batch} rows x ({longest} prompt + {cfg.max_new_tokens} new tokens) x {applications} layer applications"
+    return make_plan("infer", output=None, output_config=None, parameters=parameters, trainable=0,
+                     parameter_bytes=parameter_bytes, devices=1, breakdown=breakdown, steps=None, tokens=tokens,
+                     notes=notes, details={"device": str(device), "dtype": str(run_dtype or "as stored").replace("torch.", ""),
+                                           **details})
+
+
+def _offload_rows(model, shapes, stored, headers, mode, budget, dtype, device) -> tuple[dict[str, int], dict]:
+    """The offload engine's arithmetic from shapes (offload.slot_arithmetic, as plan_offload):
+    memory rows and the table's explanation rows."""
+    import math
+
+    from cpmctl.offload import human_bytes, offload_units, part_alignment, slot_arithmetic, staging_bytes
+
+    kind, layout = offload_units(model)
+    unit_parts, pieces = [], []
+    for _, parts in layout:
+        placed = []
+        for name, block in parts:
+            shape = shapes[name][1:] if block is not None else shapes[name]
+            numel = math.prod(shape)
+            want = 0
+            if headers is not None:
+                info = headers.tensor_info(name)
+                offset = info.byte_offset + (block * (info.nbytes // info.shape[0]) if block is not None else 0)
+                want = part_alignment(device=device, stored_dtype=stored[name], dtype=dtype, byte_offset=offset)
+            placed.append((numel, want))
+            pieces.append((numel * stored[name].itemsize, stored[name]))
+        unit_parts.append(placed)
+    streamed = {name for _, parts in layout for name, _ in parts}
+    arithmetic = slot_arithmetic(
+        resident_numel=sum(math.prod(s) for n, s in shapes.items() if n not in streamed), unit_parts=unit_parts,
+        itemsize=dtype.itemsize, staging=staging_bytes(device=device, mode=mode, pieces=pieces, dtype=dtype))
+    slots = arithmetic.slots(budget, kind)
+    breakdown = {"resident": arithmetic.resident_bytes, "offload slots": slots * arithmetic.slot_bytes}
+    details = {
+        "offload": f"{mode}, budget {human_bytes(budget)} ({budget:,} B)",
+        "resident weights": f"{human_bytes(arithmetic.resident_bytes)} ({arithmetic.resident_bytes:,} B)",
+        f"bytes per {kind} (slot)": f"{human_bytes(arithmetic.slot_bytes)} ({arithmetic.slot_bytes:,} B)",
+        "slots": f"{slots} of {arithmetic.units} {kind}s fit ({slots} x {human_bytes(arithmetic.slot_bytes)} = "
+                 f"{human_bytes(slots * arithmetic.slot_bytes)})",
+        "minimum budget": f"{human_bytes(arithmetic.minimum)} ({arithmetic.minimum:,} B) = resident + one slot",
+        "slot_arithmetic": {"resident_bytes": arithmetic.resident_bytes, "slot_bytes": arithmetic.slot_bytes,
+                            "slots": slots, "units": arithmetic.units, "minimum": arithmetic.minimum, "unit": kind},
+    }
+    if kind == "expert":
+        config = model.config
+        layers = len({key[:2] for key, _ in layout})
+        moved = config.moe.top_k * arithmetic.slot_bytes * layers
+        details["bytes per token moved (top-k)"] = (
+            f"at most {config.moe.top_k} expert(s) x {human_bytes(arithmetic.slot_bytes)} x {layers} MoE layers = "
+            f"{human_bytes(moved)} per generated token when none is cached")
+    else:
+        moved = (arithmetic.units - slots) * arithmetic.slot_bytes
+        details["bytes per token moved"] = f"{arithmetic.units - slots} streamed blocks x {human_bytes(arithmetic.slot_bytes)} = {human_bytes(moved)} per forward pass"
+    return breakdown, details
+
+
 def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started: float) -> dict:
     from cpmctl.generate import embed, generate
     from cpmctl.moe import resolve_kernels, set_kernels

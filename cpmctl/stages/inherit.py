@@ -81,16 +81,82 @@ def _sample_inputs(config, tok, seed: int) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def _check_options(cfg: InheritConfig) -> None:
+    from cpmctl import growth
+
+    if cfg.method not in growth.METHODS:
+        raise UserError(f"unknown method {cfg.method!r}; expected one of {', '.join(growth.METHODS)}")
+    if Path(cfg.out).exists() and not cfg.force:
+        raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
+    if cfg.to_moe is not None and cfg.to_moe < 1:
+        raise UserError(f"--to-moe needs at least 1 expert, got {cfg.to_moe}")
+
+
+def vocab_dir(cfg: InheritConfig) -> Path:
+    """--vocab: a tokenizer directory, or a checkpoint holding one."""
+    return Path(cfg.vocab) / "tokenizer" if (Path(cfg.vocab) / "tokenizer").is_dir() else Path(cfg.vocab)
+
+
+def grown_config(cfg: InheritConfig, src_config):
+    """SRC's config with the --to target's widths and depths (before --vocab and --to-moe)."""
+    from cpmctl import growth
+
+    new_config, kept = growth.grown_config(src_config, target_config(cfg.to, src_config))
+    if kept:
+        log.info(f"kept from the source (the target differs): {', '.join(kept)}")
+    return new_config
+
+
+def output_config(cfg: InheritConfig, src_config, vocab_size: int | None):
+    """The config the run writes: grown, with the new vocabulary (`vocab_size`, None: unchanged)
+    and upcycled to --to-moe experts (growth.upcycle_moe's config, given no tensors)."""
+    from cpmctl import growth
+
+    config = grown_config(cfg, src_config)
+    if vocab_size is not None:
+        config = config.replace(vocab_size=vocab_size)
+    if cfg.to_moe is not None:
+        _, config = growth.upcycle_moe({}, config, cfg.to_moe, torch.Generator())
+    return config
+
+
+def plan(cfg: InheritConfig):
+    """What `run(cfg)` would write, from SRC's config alone (nothing loaded or written)."""
+    from cpmctl.plan import checkpoint_config, dtype_bytes, is_assumed, make_plan, meta_model, parameter_count, source_note, stored_dtype
+    from cpmctl.tokenizer import load_tokenizer
+
+    _check_options(cfg)
+    src_config = checkpoint_config(cfg.src)
+    notes: list[str | None] = [source_note(cfg.src, "source")]
+    vocab_size = None
+    if cfg.vocab is not None:
+        if not is_assumed(cfg.src) and not (Path(cfg.src) / "tokenizer").is_dir():
+            raise UserError(f"--vocab needs the source's tokenizer, and {cfg.src} has no tokenizer/ directory")
+        if vocab_dir(cfg).is_dir():
+            vocab_size = load_tokenizer(vocab_dir(cfg)).vocab_size
+        else:
+            notes.append(f"--vocab {cfg.vocab}: not there yet (vocabulary size unknown: kept at {src_config.vocab_size})")
+    config = output_config(cfg, src_config, vocab_size)
+    dtype = stored_dtype(cfg.src)
+    if dtype is None:
+        notes.append("stored dtype unknown: float32 assumed")
+    itemsize = dtype_bytes(dtype)
+    src_params = parameter_count(meta_model(src_config))
+    out_params = parameter_count(meta_model(config))
+    return make_plan("inherit", output=Path(cfg.out), output_config=config, parameters=out_params, trainable=0,
+                     parameter_bytes=out_params * itemsize, devices=1,
+                     breakdown={"source weights": src_params * itemsize, "output weights": out_params * itemsize},
+                     steps=None, tokens=None, notes=notes,
+                     details={"method": cfg.method, "parameters": f"{src_params:,} -> {out_params:,}", "dtype": dtype or "float32"})
+
+
 def run(cfg: InheritConfig) -> dict[str, Any]:
     from cpmctl import growth
     from cpmctl.checkpoint import load_model, save_checkpoint
     from cpmctl.model import build_model
     from cpmctl.tokenizer import load_tokenizer
 
-    if cfg.method not in growth.METHODS:
-        raise UserError(f"unknown method {cfg.method!r}; expected one of {', '.join(growth.METHODS)}")
-    if Path(cfg.out).exists() and not cfg.force:
-        raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
+    _check_options(cfg)
     if not Path(cfg.src).is_dir():
         raise UserError(f"source {cfg.src} is not a checkpoint directory")
     src_model, ckpt = load_model(cfg.src)
@@ -100,19 +166,14 @@ def run(cfg: InheritConfig) -> dict[str, Any]:
     old_tok = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
     new_tok, new_tok_dir = None, None
     if cfg.vocab is not None:
-        new_tok_dir = Path(cfg.vocab) / "tokenizer" if (Path(cfg.vocab) / "tokenizer").is_dir() else Path(cfg.vocab)
+        new_tok_dir = vocab_dir(cfg)
         if not new_tok_dir.is_dir():
             raise UserError(f"--vocab {cfg.vocab} is not a tokenizer directory")
         if old_tok is None:
             raise UserError(f"--vocab needs the source's tokenizer, and {cfg.src} has no tokenizer/ directory")
         new_tok = load_tokenizer(new_tok_dir)
-    if cfg.to_moe is not None and cfg.to_moe < 1:
-        raise UserError(f"--to-moe needs at least 1 expert, got {cfg.to_moe}")
 
-    target = target_config(cfg.to, src_config)
-    new_config, kept = growth.grown_config(src_config, target)
-    if kept:
-        log.info(f"kept from the source (the target differs): {', '.join(kept)}")
+    new_config = grown_config(cfg, src_config)
     state = growth.grow_state(src_model.state_dict(), src_config, new_config, cfg.method, cfg.seed)
     stats: dict[str, Any] = {}
     generator = torch.Generator().manual_seed(cfg.seed)

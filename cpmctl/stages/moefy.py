@@ -649,20 +649,20 @@ def task_quality(task: TaskSet, dense: dict[str, Any], moe: dict[str, Any]) -> d
 
 
 # -- the stage -----------------------------------------------------------------------------------------
-def run(cfg: MoefyConfig) -> dict[str, Any]:
-    cfg.validate()
-    if cfg.restore:
-        return restore(cfg)
-    import torch
+@dataclass
+class MoeLayout:
+    experts: int
+    expert_size: int
+    top_k: int
+    ratio: float
+    layers: list[str]
 
+
+def moe_layout(cfg: MoefyConfig, config, checkpoint: Path) -> MoeLayout:
+    """Experts, their size, k and the layers to split, checked against the dense config; and
+    OUT must be free (or --force)."""
     from cpmctl import moefication as mf
-    from cpmctl.checkpoint import load_model, read_config
-    from cpmctl.moe import moe_from_dense, resolve_kernels, set_kernels
 
-    started = time.perf_counter()
-    given = Path(cfg.checkpoint)
-    checkpoint = resolve_checkpoint(given)
-    config = read_config(checkpoint)
     if config.moe is not None:
         raise UserError(f"{checkpoint} is already a MoE model; MoEfy its dense parent, or restore it with --restore")
     experts, size = expert_layout(config.d_ff, cfg.experts, cfg.expert_size, cfg.allow_uneven)
@@ -673,6 +673,92 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     layers = choose_layers(config, cfg.layers)
     if os.path.exists(cfg.out) and not cfg.overwrite:
         raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
+    return MoeLayout(experts, size, top_k, ratio, layers)
+
+
+def moe_output_config(cfg: MoefyConfig, config, layout: MoeLayout, *, fill_skipped: bool):
+    """The MoE config the run writes. `fill_skipped`: activation statistics were collected
+    (there is --data), so skipped experts contribute their typical output."""
+    return config.replace(moe=dict(
+        experts=layout.experts, expert_size=layout.expert_size, top_k=layout.top_k, router=cfg.router,
+        layers=None if layout.layers == ffn_names(config) else layout.layers, permuted=True, ratio=layout.ratio,
+        fill_skipped=fill_skipped,
+    ))
+
+
+def _check_restore(cfg: MoefyConfig, checkpoint: Path, config) -> None:
+    if config.moe is None:
+        raise UserError(f"{checkpoint} is not a MoE model; nothing to restore")
+    if not config.moe.permuted:
+        raise UserError(f"{checkpoint} stores no neuron permutation (not made by moefy); it cannot be restored to a dense model")
+    if os.path.exists(cfg.out) and not cfg.overwrite:
+        raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
+
+
+def plan(cfg: MoefyConfig):
+    """What `run(cfg)` would write and hold in memory, from the checkpoint's config alone."""
+    from cpmctl.plan import checkpoint_config, dtype_bytes, make_plan, meta_model, parameter_count, source_note, stored_dtype
+
+    from cpmctl.stages.distill import planned_model_dir
+
+    cfg.validate()
+    checkpoint = planned_model_dir(Path(cfg.checkpoint))
+    config = checkpoint_config(checkpoint)
+    notes: list[str | None] = [source_note(checkpoint, "checkpoint")]
+    dense_params = parameter_count(meta_model(config))
+    if cfg.restore:
+        _check_restore(cfg, checkpoint, config)
+        out_config = config.replace(moe=None)
+        itemsize = dtype_bytes(stored_dtype(checkpoint))
+        out_params = parameter_count(meta_model(out_config))
+        return make_plan("moefy", output=Path(cfg.out), output_config=out_config, parameters=dense_params, trainable=0,
+                         parameter_bytes=dense_params * itemsize, devices=1,
+                         breakdown={"weights": dense_params * itemsize, "output weights": out_params * itemsize},
+                         steps=None, tokens=None, notes=notes, details={"restore": "MoE -> dense, neurons un-permuted"})
+    layout = moe_layout(cfg, config, checkpoint)
+    if cfg.data is not None and not Path(cfg.data).exists():
+        notes.append(f"--data {cfg.data}: not there yet")
+    out_config = moe_output_config(cfg, config, layout, fill_skipped=cfg.data is not None)
+    moe_model = meta_model(out_config)
+    router_params = sum(p.numel() for name, p in moe_model.named_parameters() if ".router." in name)
+    # The run works in fp32: the dense model (its FFNs become the experts in place) and the routers.
+    breakdown = {"weights": 4 * dense_params, "routers": 4 * max(parameter_count(moe_model) - dense_params, 0)}
+    if cfg.data is not None:
+        breakdown["router-training sample"] = cfg.max_tokens * config.d_model * 4 * len(layout.layers)
+    if cfg.calibrate:
+        breakdown["teacher"] = 4 * dense_params
+        notes.append(f"--calibrate {cfg.calibrate}: a dense fp32 teacher copy beside the MoE model")
+    trainable = router_params if cfg.router == "mlp" else 0
+    tokens = None
+    if cfg.data is not None:
+        tokens = min(cfg.max_docs * cfg.seq_len, cfg.max_tokens)
+        notes.append(f"tokens: FFN inputs kept per layer (at most max_docs x seq_len, capped by --max-tokens)")
+    return make_plan(
+        "moefy", output=Path(cfg.out), output_config=out_config, parameters=dense_params, trainable=trainable,
+        parameter_bytes=4 * dense_params, devices=1, breakdown=breakdown,
+        steps=cfg.epochs if cfg.router == "mlp" and cfg.data is not None else None, tokens=tokens, notes=notes,
+        details={"experts": f"{layout.experts} x {layout.expert_size} neurons, top-{layout.top_k} (ratio {layout.ratio})",
+                 "layers": f"all {len(layout.layers)} FFNs" if layout.layers == ffn_names(config) else ", ".join(layout.layers),
+                 "split": cfg.split, "router": cfg.router,
+                 "steps": "router training epochs" if cfg.router == "mlp" and cfg.data is not None else "-"},
+    )
+
+
+def run(cfg: MoefyConfig) -> dict[str, Any]:
+    cfg.validate()
+    if cfg.restore:
+        return restore(cfg)
+    import torch
+
+    from cpmctl.checkpoint import load_model, read_config
+    from cpmctl.moe import moe_from_dense, resolve_kernels, set_kernels
+
+    started = time.perf_counter()
+    given = Path(cfg.checkpoint)
+    checkpoint = resolve_checkpoint(given)
+    config = read_config(checkpoint)
+    layout = moe_layout(cfg, config, checkpoint)
+    experts, size, top_k, ratio, layers = layout.experts, layout.expert_size, layout.top_k, layout.ratio, layout.layers
     train_rows, eval_rows, tok = load_documents(cfg, config, checkpoint)
 
     torch.manual_seed(cfg.seed)
@@ -689,11 +775,7 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     dense_task = evaluate_task(model, task, cfg.batch_size) if task is not None else None
     timings["dense_eval_s"] = round(time.perf_counter() - t0, 2)
 
-    moe_config = config.replace(moe=dict(
-        experts=experts, expert_size=size, top_k=top_k, router=cfg.router,
-        layers=None if layers == ffn_names(config) else layers, permuted=True, ratio=ratio,
-        fill_skipped=bool(inputs),
-    ))
+    moe_config = moe_output_config(cfg, config, layout, fill_skipped=bool(inputs))
     per_layer: dict[str, dict[str, Any]] = {}
     moes, targets = {}, {}
     t0 = time.perf_counter()
@@ -807,12 +889,7 @@ def restore(cfg: MoefyConfig) -> dict[str, Any]:
 
     checkpoint = resolve_checkpoint(Path(cfg.checkpoint))
     config = read_config(checkpoint)
-    if config.moe is None:
-        raise UserError(f"{checkpoint} is not a MoE model; nothing to restore")
-    if not config.moe.permuted:
-        raise UserError(f"{checkpoint} stores no neuron permutation (not made by moefy); it cannot be restored to a dense model")
-    if os.path.exists(cfg.out) and not cfg.overwrite:
-        raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
+    _check_restore(cfg, checkpoint, config)
     model, ckpt = load_model(checkpoint)
     restored = 0
     for stack, index, ffn in model.ffn_modules():

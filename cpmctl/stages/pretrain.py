@@ -114,10 +114,12 @@ def _tokenizer_dir(cfg: PretrainConfig) -> Path:
     raise UserError("no tokenizer: give tokenizer = DIR (or an init checkpoint that holds one)")
 
 
-def _build_student(cfg: PretrainConfig, tok) -> tuple[torch.nn.Module, list[Path]]:
-    from cpmctl.checkpoint import load_model
+def model_config(cfg: PretrainConfig, tok) -> Any:
+    """The ModelConfig the run trains and writes: the init checkpoint's, or the preset's with the
+    tokenizer's vocabulary and ids (`tok` None: a dry run without the tokenizer keeps the
+    preset's), `model` overrides and the sharing options."""
     from cpmctl.config import ModelConfig
-    from cpmctl.model import build_model
+    from cpmctl.plan import checkpoint_config
 
     if (cfg.init is None) == (cfg.preset is None):
         raise UserError("give exactly one of init = CHECKPOINT or preset = NAME")
@@ -125,6 +127,25 @@ def _build_student(cfg: PretrainConfig, tok) -> tuple[torch.nn.Module, list[Path
     if cfg.init is not None:
         if cfg.model or sharing:
             raise UserError("model overrides (and share_layers / share_groups) apply to a preset; an init checkpoint keeps its config")
+        return checkpoint_config(cfg.init)
+    # bos too: a preset's bos id (llama-tiny's 2) is unk in a sentencepiece vocabulary without bos,
+    # and moefy/infer/tasks prepend config.bos_token_id to every decoder row.
+    ids = {} if tok is None else {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id,
+                                  "bos_token_id": tok.bos_id}
+    return ModelConfig.from_preset(cfg.preset, **{**ids, **cfg.model, **sharing})
+
+
+def _check_vocabulary(config, tok) -> None:
+    if config.vocab_size < tok.vocab_size:
+        raise UserError(f"the model's vocabulary ({config.vocab_size}) is smaller than the tokenizer's ({tok.vocab_size})")
+
+
+def _build_student(cfg: PretrainConfig, tok) -> tuple[torch.nn.Module, list[Path]]:
+    from cpmctl.checkpoint import load_model
+    from cpmctl.model import build_model
+
+    config = model_config(cfg, tok)
+    if cfg.init is not None:
         model, ckpt = load_model(cfg.init)
         ckpt.close()
         with torch.no_grad():
@@ -132,16 +153,10 @@ def _build_student(cfg: PretrainConfig, tok) -> tuple[torch.nn.Module, list[Path
                 p.data = p.data.clone()
         parents = [Path(cfg.init)]
     else:
-        # bos too: a preset's bos id (llama-tiny's 2) is unk in a sentencepiece vocabulary without bos,
-        # and moefy/infer/tasks prepend config.bos_token_id to every decoder row.
-        overrides = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id,
-                     "bos_token_id": tok.bos_id, **cfg.model, **sharing}
-        config = ModelConfig.from_preset(cfg.preset, **overrides)
         torch.manual_seed(cfg.seed)
         model = build_model(config)
         parents = []
-    if model.config.vocab_size < tok.vocab_size:
-        raise UserError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's ({tok.vocab_size})")
+    _check_vocabulary(model.config, tok)
     return model.float().train(), parents
 
 
@@ -238,24 +253,34 @@ def flops_per_token(model) -> float:
     return model_flops_per_token(model) + 6.0 * (applied_block_parameters(model) - distinct_block_parameters(model))
 
 
-def load_teacher(path: Path, tok, student_config) -> torch.nn.Module:
-    """The teacher in eval mode without gradients; UserError unless it shares the tokenizer."""
-    from cpmctl.checkpoint import load_model
+def check_teacher_tokenizer(path: Path, tok) -> None:
+    """UserError unless the teacher at `path` has the student's tokenizer."""
     from cpmctl.tokenizer import load_tokenizer
 
-    path = Path(path)
     if not (path / "tokenizer").is_dir():
         raise UserError(f"teacher {path} has no tokenizer/ directory, so it cannot be checked against the student's")
     teacher_tok = load_tokenizer(path / "tokenizer")
     if teacher_tok.content_hash() != tok.content_hash():
         raise UserError(f"teacher {path} uses a different tokenizer than the student; knowledge inheritance "
                         "needs the same tokenizer (grow the vocabulary with `cpmctl inherit --vocab` first)")
+
+
+def check_teacher_config(path: Path, teacher_config, student_config) -> None:
+    if teacher_config.arch != student_config.arch:
+        raise UserError(f"teacher is {teacher_config.arch} but the student is {student_config.arch}; they must share the architecture")
+    if teacher_config.lm_head is False:
+        raise UserError(f"teacher {path} has no LM head")
+
+
+def load_teacher(path: Path, tok, student_config) -> torch.nn.Module:
+    """The teacher in eval mode without gradients; UserError unless it shares the tokenizer."""
+    from cpmctl.checkpoint import load_model
+
+    path = Path(path)
+    check_teacher_tokenizer(path, tok)
     teacher, ckpt = load_model(path)
     ckpt.close()
-    if teacher.config.arch != student_config.arch:
-        raise UserError(f"teacher is {teacher.config.arch} but the student is {student_config.arch}; they must share the architecture")
-    if teacher.config.lm_head is False:
-        raise UserError(f"teacher {path} has no LM head")
+    check_teacher_config(path, teacher.config, student_config)
     teacher.requires_grad_(False)
     return teacher.float().eval()
 
@@ -278,10 +303,13 @@ def cache_fingerprint(cfg: PretrainConfig, teacher_path: Path, data_batches, k: 
 
 
 # -- the stage --------------------------------------------------------------------------------------
-def _validate(cfg: PretrainConfig) -> None:
+def _validate(cfg: PretrainConfig, *, inputs: bool = True) -> None:
+    """Options and output checks; `inputs=False` (dry run) leaves out the checks that the data,
+    teacher and init exist (a pipeline's earlier step may write them; the dry run reads models
+    through cpmctl.plan.checkpoint_config instead)."""
     from cpmctl.losses import KI_SCHEDULES
 
-    if not Path(cfg.data).is_dir():
+    if inputs and not Path(cfg.data).is_dir():
         raise UserError(f"data {cfg.data} is not a directory of token shards (run `cpmctl data prepare`)")
     if cfg.objective is not None and cfg.objective not in OBJECTIVE_OF_ARCH.values():
         raise UserError(f"unknown objective {cfg.objective!r}; expected span, mlm or causal")
@@ -295,9 +323,9 @@ def _validate(cfg: PretrainConfig) -> None:
         raise UserError("--teacher-cache needs --teacher")
     if cfg.teacher_cache_k < 1:
         raise UserError(f"teacher cache K must be >= 1, got {cfg.teacher_cache_k}")
-    if cfg.teacher is not None and not Path(cfg.teacher).is_dir():
+    if inputs and cfg.teacher is not None and not Path(cfg.teacher).is_dir():
         raise UserError(f"teacher {cfg.teacher} is not a checkpoint directory")
-    if cfg.init is not None and not Path(cfg.init).is_dir():
+    if inputs and cfg.init is not None and not Path(cfg.init).is_dir():
         raise UserError(f"init {cfg.init} is not a checkpoint directory")
     out = Path(cfg.out)
     if cfg.resume:
@@ -312,13 +340,22 @@ def _validate(cfg: PretrainConfig) -> None:
             raise UserError(f"--force would delete {out}, which does not look like a pretrain run; remove it yourself")
 
 
+def train_config(cfg: PretrainConfig):
+    """The training core's config (its checks: steps, lr, optimizer, schedule, precision, ...)."""
+    from cpmctl.training import TrainConfig
+
+    tcfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(cfg, f.name)})
+    tcfg.allow_fsdp = True  # the model is saved through trainer.full_state_dict()
+    return tcfg
+
+
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     from cpmctl.checkpoint import save_checkpoint
     from cpmctl.losses import ki_loss, ki_weight, lm_forward, lm_loss
     from cpmctl.moe import resolve_kernels, set_kernels
     from cpmctl.tokenizer import load_tokenizer
     from cpmctl.model import applied_block_parameters, set_iterations
-    from cpmctl.training import TrainConfig, Trainer, default_tokens
+    from cpmctl.training import Trainer, default_tokens
 
     _validate(cfg)
     tok_dir = _tokenizer_dir(cfg)
@@ -330,8 +367,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     teacher = load_teacher(cfg.teacher, tok, model.config) if cfg.teacher is not None else None
     ki_steps = (cfg.max_steps // 2 if cfg.ki_steps is None else cfg.ki_steps) if teacher is not None else 0
 
-    tcfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(cfg, f.name)})
-    tcfg.allow_fsdp = True  # the model is saved through trainer.full_state_dict()
+    tcfg = train_config(cfg)
     if cfg.force and not cfg.resume and Path(cfg.out).exists():
         shutil.rmtree(cfg.out)
     trainer = Trainer(tcfg)
@@ -449,3 +485,101 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
                         metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))}, overwrite=True)
     trainer.wait()
     return summary
+
+
+# -- dry run ----------------------------------------------------------------------------------------
+def default_devices() -> int:
+    """Processes of the launch: WORLD_SIZE when a launcher set it, else 1."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+
+
+def sequence_lengths(objective: str, seq_len: int) -> dict[str, int]:
+    """Tokens per row of each stack for the objective (span: the corrupted input and its target,
+    as cpmctl.data.Batches makes them)."""
+    if objective == "span":
+        from cpmctl.data import random_spans_helper
+
+        return {"encoder": seq_len, "decoder": random_spans_helper(seq_len)[1]}
+    return {"encoder": seq_len, "decoder": seq_len}
+
+
+def _dry_tokenizer(cfg: PretrainConfig, notes: list[str]):
+    """The tokenizer when it is there; None (with a note) when a pipeline step will write it."""
+    from cpmctl.plan import is_assumed
+    from cpmctl.tokenizer import load_tokenizer
+
+    if cfg.tokenizer is None and cfg.init is not None and is_assumed(cfg.init):
+        notes.append(f"tokenizer: from init {cfg.init}, not there yet")
+        return None
+    path = _tokenizer_dir(cfg)
+    if not path.exists():
+        notes.append(f"tokenizer {path}: not there yet (the preset's vocabulary size and ids assumed)")
+        return None
+    return load_tokenizer(path)
+
+
+def plan(cfg: PretrainConfig, *, devices: int | None = None, sharding: str = "ddp"):
+    """What `run(cfg)` would do on `devices` processes (default: WORLD_SIZE, else 1), with
+    sharding "ddp" (a full copy per device) or "fsdp" (weights, gradients and optimizer state
+    split over them). Nothing is loaded or written."""
+    from cpmctl.plan import (ACTIVATION_FORMULA, SHARDINGS, activation_bytes, checkpoint_config, logits_bytes, make_plan,
+                             meta_model, parameter_count, parameter_shapes, source_note, training_memory)
+
+    _validate(cfg, inputs=False)
+    tcfg = train_config(cfg)
+    devices = default_devices() if devices is None else devices
+    if devices < 1:
+        raise UserError(f"--devices must be >= 1, got {devices}")
+    if sharding not in SHARDINGS:
+        raise UserError(f"unknown --sharding {sharding!r}; expected ddp or fsdp")
+    if cfg.batch_size % devices:
+        raise UserError(f"the global batch of {cfg.batch_size} rows does not split over {devices} processes; "
+                        f"use a batch size divisible by {devices}")
+    notes: list[str | None] = [source_note(cfg.init, "init") if cfg.init is not None else None]
+    if not Path(cfg.data).is_dir():
+        notes.append(f"data {cfg.data}: not there yet (tokens counted from the options)")
+    tok = _dry_tokenizer(cfg, notes)
+    config = model_config(cfg, tok)
+    if tok is not None:
+        _check_vocabulary(config, tok)
+    model = meta_model(config)
+    iterations = iteration_plan(cfg, model)
+    objective = cfg.objective or OBJECTIVE_OF_ARCH[config.arch]
+    lengths = sequence_lengths(objective, cfg.seq_len)
+    micro = cfg.batch_size // devices
+    bytes_per_value = 2 if cfg.mixed_precision in ("bf16", "fp16") else 4
+    out_len = lengths["decoder"] if config.arch == "encoder-decoder" else lengths["encoder"]
+
+    teacher_bytes = 0
+    if cfg.teacher is not None:
+        teacher_config = checkpoint_config(cfg.teacher)
+        check_teacher_config(Path(cfg.teacher), teacher_config, config)
+        if tok is not None and (Path(cfg.teacher) / "config.json").is_file():
+            check_teacher_tokenizer(Path(cfg.teacher), tok)
+        teacher_bytes = 4 * parameter_count(meta_model(teacher_config))
+        notes.append(source_note(cfg.teacher, "teacher"))
+        if cfg.teacher_cache is not None:
+            state = "reused" if Path(cfg.teacher_cache).exists() else "built first"
+            notes.append(f"teacher cache {cfg.teacher_cache} ({state}): the teacher's top-{cfg.teacher_cache_k} logits of the "
+                         "first ki_steps x grad_accum batches come from it; the teacher is still loaded")
+    parameters = parameter_count(model)
+    breakdown = training_memory(
+        weights=4 * parameters, trainable_shapes=parameter_shapes(model), optimizer=tcfg.optimizer, devices=devices,
+        sharding=sharding, activations=activation_bytes(config, micro, lengths, bytes_per_value),
+        logits=logits_bytes(micro, out_len, config.vocab_size), teacher=teacher_bytes)
+    rows_tokens = lengths["encoder"] + (lengths["decoder"] if objective == "span" else 0)
+    notes.append(f"activations: {ACTIVATION_FORMULA}, {micro} rows per device, {bytes_per_value}-byte values")
+    if iterations.robust is not None:
+        notes.append(f"step-robust: iterations sampled from {iterations.robust} (activations at the trained depth)")
+    return make_plan(
+        "pretrain", output=Path(cfg.out) / CHECKPOINT_DIR, output_config=config, parameters=parameters, trainable=parameters,
+        parameter_bytes=4 * parameters, devices=devices, breakdown=breakdown, steps=cfg.max_steps,
+        tokens=cfg.max_steps * cfg.grad_accum * cfg.batch_size * rows_tokens, notes=notes,
+        details={"objective": objective, "sharding": sharding, "optimizer": tcfg.optimizer,
+                 "micro-batch per device": f"{micro} rows x {lengths if config.arch == 'encoder-decoder' else lengths['encoder']} tokens"},
+    )

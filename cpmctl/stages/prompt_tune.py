@@ -16,6 +16,7 @@ writes OUT/model (a checkpoint) plus a prompt-free adapter in OUT holding labels
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import shutil
@@ -170,6 +171,102 @@ def current_memory_bytes(device) -> int:
     return peak_memory_bytes(device)
 
 
+def _check_outputs(cfg: PromptTuneConfig) -> None:
+    if cfg.out.exists() and not cfg.force:
+        raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
+    if cfg.run_dir.exists() and not cfg.resume and not cfg.force:
+        raise UserError(f"{cfg.run_dir} holds an earlier run's training state; pass --resume to continue it or --force to start over")
+
+
+def _train_config(cfg: PromptTuneConfig, *, has_dev: bool):
+    from cpmctl.training import TrainConfig
+
+    return TrainConfig(
+        out=cfg.run_dir, max_steps=cfg.max_steps, lr=cfg.resolved_lr(), optimizer=cfg.resolved_optimizer(),
+        weight_decay=cfg.weight_decay, schedule="constant", warmup_steps=0, max_grad_norm=1.0,
+        mixed_precision=cfg.mixed_precision, seed=cfg.seed, eval_every=cfg.eval_every if has_dev else 0,
+        log_every=max(1, min(50, cfg.max_steps // 10 or 1)), resume=cfg.resume, cpu=cfg.device == "cpu",
+        progress=cfg.progress, best_metric="accuracy" if has_dev else None, best_mode="max",
+        patience=cfg.patience if has_dev else None,
+    )
+
+
+def deep_layers(cfg: PromptTuneConfig, config) -> int:
+    """--deep: a prompt delta at every layer of the prompted stack after the first (that one
+    reads the prompt itself)."""
+    stack = "encoder" if config.has_encoder else "decoder"  # cpmctl.prompt.prompted_stack's choice
+    return config.stack_depths()[stack] - 1 if cfg.deep else 0
+
+
+def trainable_modules(cfg: PromptTuneConfig, config, n_classes: int):
+    """The modules the run trains beside (or, with --full, with) the frozen model: the soft prompt
+    (None with --full) and the linear head (None with --head lm), built on the meta device."""
+    import torch
+
+    from cpmctl.prompt import SoftPrompt
+    from cpmctl.tasks import LinearHead
+
+    with torch.device("meta"):
+        prompt = None if cfg.full else SoftPrompt(torch.empty(cfg.prompt_length, config.d_model), reparam=cfg.reparam,
+                                                  hidden=cfg.reparam_hidden, deep_layers=deep_layers(cfg, config))
+        head = LinearHead(config.d_model, n_classes, cfg.pooling) if cfg.head == "linear" else None
+    return prompt, head
+
+
+def plan(cfg: PromptTuneConfig):
+    """What `run(cfg)` would train, from the model's config alone (the task files are read when
+    they are there, for the number of classes and examples)."""
+    from cpmctl.plan import (ACTIVATION_FORMULA, activation_bytes, checkpoint_config, checkpointed_activation_bytes, dtype_bytes, is_assumed, make_plan,
+                             meta_model, parameter_count, parameter_shapes, source_note, stored_dtype, training_memory)
+    from cpmctl.tasks import LabelSet, load_examples, load_verbalizer, position_limit
+
+    cfg.validate()
+    _check_outputs(cfg)
+    config = checkpoint_config(cfg.model)
+    notes: list[str | None] = [source_note(cfg.model, "model")]
+    if not is_assumed(cfg.model) and not (Path(cfg.model) / "tokenizer").is_dir():
+        raise UserError(f"checkpoint {cfg.model} has no tokenizer/ directory")
+    n_classes = 2
+    if Path(cfg.train).is_file():
+        examples = subsample(load_examples(cfg.train), cfg.max_train_examples, cfg.seed)
+        verbalizer = load_verbalizer(cfg.verbalizer) if cfg.verbalizer else None
+        n_classes = len(LabelSet.from_examples(examples, verbalizer))
+    else:
+        notes.append(f"--train {cfg.train}: not there yet (2 classes assumed for the head)")
+    train_cfg = _train_config(cfg, has_dev=cfg.dev is not None)
+    model = meta_model(config)
+    prompt, head = trainable_modules(cfg, config, n_classes)
+    extra = [m for m in (prompt, head) if m is not None]
+    extra_shapes = [tuple(p.shape) for m in extra for p in m.parameters()]
+    trainable_shapes = (parameter_shapes(model) if cfg.full else []) + extra_shapes
+    parameters = parameter_count(model)
+    trainable = sum(math.prod(s) for s in trainable_shapes)
+    dtype = stored_dtype(cfg.model)
+    weight_bytes = parameters * dtype_bytes(dtype) + 4 * sum(math.prod(s) for s in extra_shapes)
+    limit = position_limit(config)
+    seq = cfg.max_length or limit
+    if seq is None:
+        seq = config.max_positions
+        notes.append(f"sequence length: no --max-length and no position table, {seq} tokens (max_positions) assumed per row")
+    seq_by_stack = {"encoder": seq, "decoder": seq if config.arch == "decoder" else 1}
+    bytes_per_value = 2 if cfg.mixed_precision in ("bf16", "fp16") else 4
+    activations = (checkpointed_activation_bytes if cfg.gradient_checkpointing else activation_bytes)(
+        config, cfg.batch_size, seq_by_stack, bytes_per_value)
+    breakdown = training_memory(weights=weight_bytes, trainable_shapes=trainable_shapes, optimizer=train_cfg.optimizer,
+                                activations=activations, logits=0)
+    del breakdown["logits"]
+    notes.append(f"activations: {ACTIVATION_FORMULA}, {cfg.batch_size} rows of {seq} tokens (prompt included)"
+                 + (" (--gradient-checkpointing: each layer keeps its input, one layer at a time is recomputed)"
+                    if cfg.gradient_checkpointing else ""))
+    return make_plan("prompt-tune", output=Path(cfg.out), output_config=None, parameters=parameters, trainable=trainable,
+                     parameter_bytes=weight_bytes, devices=1, breakdown=breakdown, steps=cfg.max_steps,
+                     tokens=cfg.max_steps * cfg.batch_size * seq, notes=notes,
+                     details={"optimizer": train_cfg.optimizer, "classes": n_classes,
+                              "trained": "every weight (--full)" if cfg.full else
+                              f"prompt {cfg.prompt_length} x {config.d_model}" + (" at every layer" if cfg.deep else "")
+                              + (" + linear head" if head is not None else "")})
+
+
 def run(cfg: PromptTuneConfig) -> dict[str, Any]:
     cfg.validate()
     import torch
@@ -177,18 +274,15 @@ def run(cfg: PromptTuneConfig) -> dict[str, Any]:
     from cpmctl.checkpoint import SafetensorsFile, load_model, save_checkpoint, write_safetensors
     from cpmctl.fsutil import atomic_directory
     from cpmctl.prompt import (Adapter, PromptedClassifier, SoftPrompt, gradient_checkpointing, initial_vectors,
-                               peft_config, prompt_plan, prompted_stack, token_counts, write_adapter)
+                               peft_config, prompt_plan, token_counts, write_adapter)
     from cpmctl.tasks import (LabelSet, LinearHead, Scorer, TrainBatches, classification_loss, eval_batches, evaluate,
                               label_token_ids, load_examples, load_verbalizer)
     from cpmctl.tokenizer import load_tokenizer
-    from cpmctl.training import TrainConfig, Trainer
+    from cpmctl.training import Trainer
 
-    if cfg.out.exists() and not cfg.force:
-        raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
+    _check_outputs(cfg)
     if cfg.run_dir.exists() and not cfg.resume:
-        if not cfg.force:
-            raise UserError(f"{cfg.run_dir} holds an earlier run's training state; pass --resume to continue it or --force to start over")
-        shutil.rmtree(cfg.run_dir)
+        shutil.rmtree(cfg.run_dir)  # --force (checked above)
 
     train_examples = subsample(load_examples(cfg.train), cfg.max_train_examples, cfg.seed)
     dev_examples = subsample(load_examples(cfg.dev), cfg.max_dev_examples, cfg.seed) if cfg.dev else None
@@ -223,19 +317,11 @@ def run(cfg: PromptTuneConfig) -> dict[str, Any]:
     if not cfg.full:
         counts = token_counts(train_rows, exclude=tok.special_ids)
         init = initial_vectors(cfg.init, cfg.prompt_length, model.embed.tokens.weight, counts=counts, label_ids=label_ids, tokenizer=tok, seed=cfg.seed)
-        deep_layers = prompted_stack(model).n_layers - 1 if cfg.deep else 0
-        prompt = SoftPrompt(init, reparam=cfg.reparam, hidden=cfg.reparam_hidden, deep_layers=deep_layers)
+        prompt = SoftPrompt(init, reparam=cfg.reparam, hidden=cfg.reparam_hidden, deep_layers=deep_layers(cfg, config))
     classifier = PromptedClassifier(scorer, prompt)
     trainable = None if cfg.full else ["prompt"] + (["scorer.head"] if head is not None else [])
 
-    train_cfg = TrainConfig(
-        out=cfg.run_dir, max_steps=cfg.max_steps, lr=cfg.resolved_lr(), optimizer=cfg.resolved_optimizer(),
-        weight_decay=cfg.weight_decay, schedule="constant", warmup_steps=0, max_grad_norm=1.0,
-        mixed_precision=cfg.mixed_precision, seed=cfg.seed, eval_every=cfg.eval_every if dev_rows else 0,
-        log_every=max(1, min(50, cfg.max_steps // 10 or 1)), resume=cfg.resume, cpu=cfg.device == "cpu",
-        progress=cfg.progress, best_metric="accuracy" if dev_rows else None, best_mode="max",
-        patience=cfg.patience if dev_rows else None,
-    )
+    train_cfg = _train_config(cfg, has_dev=bool(dev_rows))
     trainer = Trainer(train_cfg)
     device = trainer.device
     timing: dict[str, float] = {"eval_seconds": 0.0}
