@@ -539,7 +539,7 @@ def render_plan_summary(rows: list[dict], *, title: str, console) -> None:
     for row in rows:
         plan = row["plan"]
         if plan is None:
-            table.add_row(row["step"], "", "", "", "", "", "", "(no plan: data or tokenizer step)")
+            table.add_row(row["step"], "", "", "", "", "", "", "(this command has no dry run)")
             continue
         table.add_row(row["step"], human_count(plan["parameters"]), human_count(plan["trainable"]), str(plan["devices"]),
                       human_bytes(plan["memory_per_device"]), "-" if plan["steps"] is None else f"{plan['steps']:,}",
