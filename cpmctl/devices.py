@@ -12,12 +12,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def resolve_device(name: str | None) -> torch.device:
     """CUDA when present, else CPU; an explicit name must exist."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu or cuda") from None
+    device = planned_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available")
     return device
@@ -27,7 +22,7 @@ def planned_device(name: str | None) -> torch.device:
     """The device a dry run plans for: as resolve_device, but a named device need not be here
     (planning a GPU run on a laptop is the point of a dry run)."""
     if name is None:
-        return resolve_device(None)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         return torch.device(name)
     except RuntimeError:

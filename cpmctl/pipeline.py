@@ -22,6 +22,7 @@ table), so the pipeline cannot drift from the CLI: no stage logic lives here.
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import tempfile
@@ -92,9 +93,9 @@ def load_pipeline(path: str | Path, out: str | Path) -> Pipeline:
             raise UserError(f"recipe {path}: two steps are named {step.name!r}")
         seen.add(step.name)
         pipeline.steps.append(step)
-    for preset in pipeline.inputs.values():
-        from cpmctl.config import PRESETS
+    from cpmctl.config import PRESETS
 
+    for preset in pipeline.inputs.values():
         if preset not in PRESETS:
             raise UserError(f"recipe {path}: [inputs] names unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
     return pipeline
@@ -143,13 +144,19 @@ def _parse_step(raw: Any, index: int, out: Path, path: Path) -> Step:
                 recipe=recipe, output=raw.get("output"), launch=launch)
 
 
-def find_command(command: tuple[str, ...], where: str = "pipeline"):
-    """The click command behind `cpmctl <command...>`."""
+@functools.cache
+def cli_root():
+    """cpmctl's click command tree, built once (Typer rebuilds it on every call, ~20 ms)."""
     import typer
 
     from cpmctl.cli import app
 
-    node = typer.main.get_command(app)
+    return typer.main.get_command(app)
+
+
+def find_command(command: tuple[str, ...], where: str = "pipeline"):
+    """The click command behind `cpmctl <command...>`."""
+    node = cli_root()
     for part in command:
         sub = getattr(node, "commands", {}).get(part)
         if sub is None:
@@ -247,12 +254,8 @@ def invoke(argv: list[str]) -> Any:
 
     A command that fails prints its own one-line error and exits; that exit code comes back as
     `StepFailed`."""
-    import typer
-
-    from cpmctl.cli import app
-
     try:
-        result = typer.main.get_command(app).main(argv, prog_name="cpmctl", standalone_mode=False)
+        result = cli_root().main(argv, prog_name="cpmctl", standalone_mode=False)
     except SystemExit as exc:  # a command that calls sys.exit itself
         raise StepFailed(int(exc.code or 0)) from None
     except Exception as exc:

@@ -70,7 +70,7 @@ def test_every_recipe_is_headed_by_its_command_and_dry_runs(tmp_path, monkeypatc
         assert commands, f"{recipe.name} does not start with the command that runs it"
         assert str(Path("recipes") / recipe.name) in commands[0], f"{recipe.name}: its first command must run it"
         for argv in commands[1:] + commands[:1]:
-            depth = 2 if argv[0] in ("data", "tokenizer", "convert") else 1
+            depth = 2 if hasattr(pipeline.cli_root().commands[argv[0]], "commands") else 1  # a group: its sub-command
             command = pipeline.find_command(tuple(argv[:depth]))
             if not any(p.name == "dry_run" for p in command.params):
                 command.make_context("cpmctl", argv[depth:])  # parsed and checked by click; no dry run
