@@ -45,6 +45,7 @@ from machine import cpu_model  # noqa: E402
 
 from cpmctl import tasks  # noqa: E402
 from cpmctl.stages import distill as stage  # noqa: E402
+from cpmctl.task_model import TaskModel, load_task_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wordnet"
 
@@ -58,7 +59,7 @@ def subsample(src: Path, dst: Path, n: int | None, seed: int) -> int:
     return len(lines)
 
 
-def encoded(tm: stage.TaskModel, path: Path, max_length: int):
+def encoded(tm: TaskModel, path: Path, max_length: int):
     from cpmctl.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tm.path / "tokenizer")
@@ -68,7 +69,7 @@ def encoded(tm: stage.TaskModel, path: Path, max_length: int):
 
 
 def test_metrics(run_dir: Path, test: Path, max_length: int) -> dict:
-    tm = stage.load_task_model(run_dir)
+    tm = load_task_model(run_dir)
     rows, pad = encoded(tm, test, max_length)
     scorer = tasks.Scorer(tm.model.float().eval(), head=tm.head.eval())
     out = tasks.evaluate(scorer, tasks.eval_batches(rows, 64, pad), len(tm.labels))
@@ -76,7 +77,7 @@ def test_metrics(run_dir: Path, test: Path, max_length: int) -> dict:
 
 
 def speedup(teacher_dir: Path, student_dir: Path, test: Path, max_length: int, runs: int) -> dict:
-    teacher, student = stage.load_task_model(teacher_dir), stage.load_task_model(student_dir)
+    teacher, student = load_task_model(teacher_dir), load_task_model(student_dir)
     rows, pad = encoded(teacher, test, max_length)
     batches = list(tasks.eval_batches(rows, 64, pad))
     scorers = [tasks.Scorer(tm.model.float().eval(), head=tm.head.eval()) for tm in (teacher, student)]

@@ -55,6 +55,38 @@ def prepare_data(work: Path, vocab: int):
     return tok_dir, shards
 
 
+def add_run_arguments(parser, work: Path) -> None:
+    """The options every pre-training benchmark here shares: WORK, the data and the threads."""
+    parser.add_argument("--work", type=Path, default=work)
+    parser.add_argument("--vocab", type=int, default=4000)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine OpenMP spinning makes 2 threads several times slower)")
+
+
+def finish_plot(fig, ax, path: Path, title: str, legend_size: float | None = None) -> None:
+    """Title, legend and grid, then the figure written to `path`."""
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def start_run(args) -> tuple[Path, Path] | None:
+    """One torch thread count, WORK, and the tokenizer and shards prepared in it; None (after an
+    error line) when the corpus is missing."""
+    if not CORPUS.is_file():
+        print(f"error: {CORPUS} not found", file=sys.stderr)
+        return None
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    return prepare_data(args.work, args.vocab)
+
+
 def pretrain(out: Path, shards: Path, tok_dir: Path, args, *, steps: int, lr: float, init=None, model=None, teacher=None):
     from cpmctl.stages import pretrain as stage
 
@@ -97,19 +129,12 @@ def plot(results: dict, target: float, path: Path, title: str) -> None:
     ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="scratch final")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    finish_plot(fig, ax, path, title)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-ki"))
-    parser.add_argument("--vocab", type=int, default=4000)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
+    add_run_arguments(parser, Path("runs/bench-ki"))
     parser.add_argument("--teacher-layers", type=int, default=4)
     parser.add_argument("--teacher-d", type=int, default=64)
     parser.add_argument("--d-head", type=int, default=32)
@@ -118,8 +143,6 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--eval-batches", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on a shared 2-core machine OpenMP spinning makes 2 threads several times slower)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ki-temperature", type=float, default=2.0)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS) + " (scratch is always run)")
@@ -128,20 +151,16 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=None, help="results JSON (default WORK/results.json)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if not CORPUS.is_file():
-        print(f"error: {CORPUS} not found", file=sys.stderr)
+    started = time.monotonic()
+    prepared = start_run(args)
+    if prepared is None:
         return 2
-
     import torch
 
     from cpmctl.stages import inherit
 
-    torch.set_num_threads(args.threads)
-
-    started = time.monotonic()
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    tok_dir, shards = prepare_data(work, args.vocab)
+    tok_dir, shards = prepared
     teacher_shape = model_shape(args.teacher_layers, args.teacher_d, args.d_head)
     student_shape = model_shape(2 * args.teacher_layers, 2 * args.teacher_d, args.d_head)
 

@@ -225,7 +225,8 @@ def run_accelerate(args) -> None:
 
 
 # -- driver -----------------------------------------------------------------------------------------
-SOURCES = ("cpmctl/offload.py", "cpmctl/stages/infer.py", "cpmctl/moe.py", "cpmctl/model.py", "cpmctl/generate.py")
+SOURCES = ("cpmctl/offload/reader.py", "cpmctl/offload/cache.py", "cpmctl/offload/plan.py", "cpmctl/offload/engine.py",
+           "cpmctl/stages/infer.py", "cpmctl/moe.py", "cpmctl/model.py", "cpmctl/generate.py")
 
 
 def source_fingerprint() -> dict[str, str]:

@@ -138,14 +138,12 @@ def main() -> None:
         print(f"# {name}: {seconds:.0f} s wall, {result['steps']} steps, parent's RUSAGE_CHILDREN peak so far {peak_children / 2**20:.0f} MiB")
 
     mib = 2**20
-    print()
-    print("| method | test accuracy | test macro-F1 | trainable params | % of backbone | peak RSS (MiB) | training rise (MiB) | s/step | steps (best) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, label, _ in rows:
-        r = results[name]
-        print(f"| {label} | {r['test']['accuracy']:.4f} | {r['test']['macro_f1']:.4f} | {r['trainable_parameters']:,} | "
-              f"{r['trainable_percent']:.4f}% | {r['peak_memory_bytes'] / mib:.0f} | {training_rise(r) / mib:.0f} | "
-              f"{r['seconds_per_step']:.3f} | {r['steps']} ({r['best']['step']}) |")
+    print_table(["method", "test accuracy", "test macro-F1", "trainable params", "% of backbone", "peak RSS (MiB)",
+                 "training rise (MiB)", "s/step", "steps (best)"],
+                [[label, f"{r['test']['accuracy']:.4f}", f"{r['test']['macro_f1']:.4f}", f"{r['trainable_parameters']:,}",
+                  f"{r['trainable_percent']:.4f}%", f"{r['peak_memory_bytes'] / mib:.0f}", f"{training_rise(r) / mib:.0f}",
+                  f"{r['seconds_per_step']:.3f}", f"{r['steps']} ({r['best']['step']})"]
+                 for name, label, _ in rows for r in [results[name]]])
     p, f = results["prompt"], results["full"]
     print()
     print(f"backbone parameters: {p['backbone_parameters']:,}; test examples: {p['test']['examples']}; "
@@ -192,6 +190,15 @@ CATEGORIES = (("Parameter", "params"), ("Buffer", "buffers"), ("Gradient", "grad
               ("Activation", "activations"), ("Temp", "temp"), ("Other", "other"))
 
 
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table after a blank line (BENCHMARKS.md takes it as printed)."""
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def report_tensor_memory(tm_rows: list[tuple[str, str, list[str]]], args) -> None:
     """Run each row's tensor-memory child, then print the table and the prompt/full ratios."""
     print(f"# peak tensor memory: {args.tensor_steps} steps after {TENSOR_WARMUP_STEPS} (batch {args.batch_size}, "
@@ -207,15 +214,13 @@ def report_tensor_memory(tm_rows: list[tuple[str, str, list[str]]], args) -> Non
             raise SystemExit(f"tensor-memory run {name} failed with exit code {proc.returncode}")
         peaks[name] = json.loads(out_file.read_text())
     mib = 2**20
-    print()
-    print("| method | peak tensor memory (MiB) | params (frozen) | grads | optimizer state | activations | temporaries | buffers + other |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, label, _ in tm_rows:
-        r = peaks[name]
-        peak = r["peak"]
-        print(f"| {label} | {peak['Total'] / mib:.1f} | {peak['Parameter'] / mib:.1f} ({r['frozen_parameter_bytes'] / mib:.1f}) | "
-              f"{peak['Gradient'] / mib:.1f} | {peak['Optstate'] / mib:.1f} | {peak['Activation'] / mib:.1f} | "
-              f"{peak['Temp'] / mib:.1f} | {(peak['Buffer'] + peak['Other']) / mib:.1f} |")
+    print_table(["method", "peak tensor memory (MiB)", "params (frozen)", "grads", "optimizer state", "activations",
+                 "temporaries", "buffers + other"],
+                [[label, f"{peak['Total'] / mib:.1f}",
+                  f"{peak['Parameter'] / mib:.1f} ({peaks[name]['frozen_parameter_bytes'] / mib:.1f})",
+                  f"{peak['Gradient'] / mib:.1f}", f"{peak['Optstate'] / mib:.1f}", f"{peak['Activation'] / mib:.1f}",
+                  f"{peak['Temp'] / mib:.1f}", f"{(peak['Buffer'] + peak['Other']) / mib:.1f}"]
+                 for name, label, _ in tm_rows for peak in [peaks[name]["peak"]]])
     print()
     for name, _, _ in tm_rows:
         check = peaks[name]["check"]

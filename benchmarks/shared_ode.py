@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ki import CORPUS, model_shape, prepare_data  # noqa: E402
+from ki import add_run_arguments, finish_plot, model_shape, start_run  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
 RUNS = ("plain", "robust")
@@ -162,19 +162,12 @@ def plot(runs: dict, path: Path, title: str) -> None:
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_xticks(sorted({r["iterations"] for result in runs.values() for r in result["eval"]["rows"]}))
     ax.invert_xaxis()
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    finish_plot(fig, ax, path, title, legend_size=7)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-ode"))
-    parser.add_argument("--vocab", type=int, default=4000)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
+    add_run_arguments(parser, Path("runs/bench-ode"))
     parser.add_argument("--layers", type=int, default=12, help="L: applications of the shared block")
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--d-head", type=int, default=32)
@@ -185,8 +178,6 @@ def main() -> int:
     parser.add_argument("--final-batches", type=int, default=0, help="held-out batches of the final evaluation (0: all)")
     parser.add_argument("--iterations", default="12,8,6,4", help="n evaluated (L first)")
     parser.add_argument("--speed-repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on a shared 2-core machine OpenMP spinning makes 2 threads several times slower)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--reuse", action="store_true", help="evaluate WORK/{plain,robust}/checkpoint from an earlier run")
@@ -200,19 +191,16 @@ def main() -> int:
         report = json.loads(args.replot.read_text())
         plot(report["runs"], args.plot, report["title"])
         return 0
-    if not CORPUS.is_file():
-        print(f"error: {CORPUS} not found", file=sys.stderr)
+    started = time.monotonic()
+    prepared = start_run(args)
+    if prepared is None:
         return 2
-
     import torch
 
     from cpmctl.checkpoint import read_provenance
 
-    torch.set_num_threads(args.threads)
-    started = time.monotonic()
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    tok_dir, shards = prepare_data(work, args.vocab)
+    tok_dir, shards = prepared
 
     results = {}
     for name in args.runs.split(","):

@@ -1,10 +1,12 @@
 """Checkpoint storage: a directory of config.json, safetensors weights, tokenizer/ and cpmctl.json.
 
-Writing streams one tensor at a time into safetensors files of our own making, so saving a model
-never holds a second copy of its weights; the file hashes and the checkpoint's content hash are
-computed from the same bytes as they go to disk. Reading memory-maps each weights file once and
-hands out zero-copy, copy-on-write tensor views, so a caller (the offload engine in particular)
-pays only for the tensors it touches.
+Writing streams one tensor at a time into safetensors files of our own making: the `safetensors`
+package's writers take the whole state dict at once and cannot stream, so saving a model with them
+would hold a second copy of its weights; ours computes the file hashes, the per-block CRC-32s and
+the checkpoint's content hash from the same bytes as they go to disk. Reading goes through the
+package (`safe_open`), which memory-maps each weights file once and hands out zero-copy,
+copy-on-write tensor views, so a caller (the offload engine in particular) pays only for the
+tensors it touches.
 
 Layout written:
     config.json                      ModelConfig.to_json()
@@ -21,11 +23,9 @@ followed by the sha256 of the tensor's raw little-endian bytes.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
-import mmap
 import os
 import shutil
 import sys
@@ -37,11 +37,13 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 import torch
+from safetensors import safe_open
 
 from cpmctl import __version__
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
 from cpmctl.fsutil import atomic_directory
+from cpmctl.model import build_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -83,7 +85,9 @@ def _shape_str(shape: Iterable[int]) -> str:
 
 
 # =============================================================================================
-# Writing
+# Writing: our own streaming writer. safetensors' save_file / save take every tensor at once
+# (its serializer builds the whole file from the full state dict), so they cannot write one tensor
+# at a time nor hash and checksum the bytes as they go; the files are the standard format either way.
 # =============================================================================================
 
 
@@ -524,11 +528,14 @@ def _parse_header(path: Path, file_size: int, head: bytes) -> tuple[dict[str, Te
 
 
 class SafetensorsFile:
-    """One safetensors file, memory-mapped once; `get` returns zero-copy copy-on-write views.
+    """One safetensors file: its header parsed and checked here, its tensors read with the
+    `safetensors` package (`safe_open`), which memory-maps the file once and hands out zero-copy,
+    copy-on-write views (writing into one changes this process's pages, never the file). Views
+    stay valid after `close()`.
 
-    The map is private (ACCESS_COPY): writing into a returned tensor changes only this process's
-    pages, never the file. Views stay valid after `close()`; the mapping lives on until the last
-    view is gone.
+    The header is parsed here too, not only by the package: its reader exposes no byte offsets
+    (the offload engine preads tensors by offset, `info`), and a file it refuses gets the
+    specific one-line reason below instead of the package's error.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -546,8 +553,7 @@ class SafetensorsFile:
                 head += fh.read(header_len)
         self._infos, self.metadata = _parse_header(self.path, file_size, head)
         self._size = file_size
-        self._mmap: mmap.mmap | None = None
-        self._buffer: memoryview | None = None
+        self._reader = None  # safe_open's handle, opened on the first tensor read
 
     def names(self) -> list[str]:
         return sorted(self._infos)
@@ -558,38 +564,28 @@ class SafetensorsFile:
         except KeyError:
             raise KeyError(f"no tensor {name!r} in {self.path}") from None
 
-    def _mapping(self) -> memoryview:
-        if self._buffer is None:
-            with open(self.path, "rb") as fh:
-                # mmap keeps its own handle on the file, so ours can close right away.
-                mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            if len(mapping) != self._size:
-                mapping.close()
+    def _open(self):
+        if self._reader is None:
+            if self.path.stat().st_size != self._size:
                 raise UserError(f"{self.path} changed size while being opened")
-            # torch.frombuffer keeps a reference to the object it is given but releases the
-            # buffer itself; handing it a memoryview keeps an export on the map, so the map
-            # can never be unmapped (by anyone's close()) under a live view.
-            self._mmap, self._buffer = mapping, memoryview(mapping)
-        return self._buffer
+            self._reader = safe_open(self.path, framework="pt")
+        return self._reader
 
     def mapping_address(self) -> tuple[int, int]:
-        """(start address, length) of this file's memory map, for checking views lie inside it."""
-        buffer = self._mapping()
-        anchor = ctypes.c_char.from_buffer(buffer)
-        try:
-            return ctypes.addressof(anchor), len(buffer)
-        finally:
-            del anchor
+        """(start address, length) of this file's memory map, for checking views lie inside it:
+        every view of the package's one map sits at the map's start + its byte offset."""
+        name = next((n for n, i in self._infos.items() if i.nbytes), None)
+        if name is None:
+            return 0, self._size
+        info = self._infos[name]
+        return self._open().get_tensor(name).data_ptr() - info.byte_offset, self._size
 
     def get(self, name: str) -> torch.Tensor:
         info = self.info(name)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        itemsize = info.dtype.itemsize
-        view = torch.frombuffer(
-            self._mapping(), dtype=info.dtype, count=info.nbytes // itemsize, offset=info.byte_offset
-        ).reshape(info.shape)
-        if info.byte_offset % itemsize:
+        view = self._open().get_tensor(name)
+        if info.byte_offset % info.dtype.itemsize:
             # Files from writers that do not order tensors by element size can leave a tensor
             # misaligned; kernels may assume alignment, so such a tensor is copied instead.
             return view.clone()
@@ -599,10 +595,8 @@ class SafetensorsFile:
         return {name: self.get(name) for name in (self.names() if names is None else names)}
 
     def close(self) -> None:
-        # Only our references go: calling mmap.close() would unmap pages that live views still
-        # point at. Each view holds the memoryview, which pins the map until the last view dies.
-        self._mmap = None
-        self._buffer = None
+        # Only our handle goes: live views keep the package's map alive until the last is gone.
+        self._reader = None
 
     def __enter__(self) -> "SafetensorsFile":
         return self
@@ -842,8 +836,6 @@ def load_model(
     files; a different device or dtype converts tensor by tensor. The model is in eval mode.
     A config that does not match the weights is a UserError naming the first mismatch.
     """
-    from cpmctl.model import build_model
-
     ckpt = open_checkpoint(path)
     try:
         model = build_model(ckpt.config, device="meta")

@@ -18,7 +18,9 @@ import ast
 import functools
 import hashlib
 import json
+import math
 import os
+import random
 import sysconfig
 import tempfile
 import warnings
@@ -297,3 +299,31 @@ def write_stdlib_dataset(out_dir: str | os.PathLike, *, num_classes: int = 8, mi
     return {"path": str(out), "corpus": str(out / "corpus.txt"), "documents": corpus["docs"],
             "corpus_bytes": corpus["bytes"], "task": str(out / "task"), "classes": task["classes"],
             "splits": task["splits"]}
+
+
+def sample_documents(path: Path, count: int, field: str, seed: int) -> list[str]:
+    """A uniform sample of `count` documents of a text/JSONL corpus (reservoir: bounded memory).
+
+    Li's algorithm L: instead of a random draw per document, it draws how many documents to
+    skip before the next replacement, so a corpus of n documents costs O(count log(n/count))
+    draws, not n."""
+    if count < 1:
+        return []
+    rng = random.Random(seed)
+
+    def unit() -> float:  # uniform in (0, 1): logarithms need it above 0
+        u = rng.random()
+        return u if u > 0 else unit()
+
+    sample: list[str] = []
+    w = math.exp(math.log(unit()) / count)
+    replace_at = count + int(math.log(unit()) / math.log1p(-w))
+    for seen, text in enumerate(read_documents(path, field=field)):
+        if seen < count:
+            sample.append(text)
+        elif seen == replace_at:
+            sample[rng.randrange(count)] = text
+            w *= math.exp(math.log(unit()) / count)
+            replace_at += 1 + int(math.log(unit()) / math.log1p(-w))
+    rng.shuffle(sample)
+    return sample

@@ -31,9 +31,10 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cpmctl.corpus import DocumentReader
 from cpmctl.errors import UserError
@@ -67,8 +68,6 @@ class _Progress:
         self._next_report = 0.1
         self._started = time.monotonic()
         if enabled and sys.stdout.isatty():
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                  TimeRemainingColumn(), transient=False)
             self._task = self._bar.add_task(label, total=self.total)
@@ -429,31 +428,27 @@ def causal_lm(tokens: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 # -- collators ----------------------------------------------------------------------------------
-def _pad(rows: Sequence[np.ndarray], value: int) -> "torch.Tensor":
-    import torch
+def pad_rows(rows: Sequence[Sequence[int] | np.ndarray], value: int, *, left: bool = False) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(ids, attention mask) [rows, width] LongTensors of token rows padded with `value` on the
+    right (on the left with `left`, as batched decoding needs); width is at least 1."""
+    import torch  # here, not at the top: `cpmctl data prepare` never needs torch
 
-    width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
+    width = max(1, max((len(r) for r in rows), default=0))
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.as_tensor(np.asarray(row, dtype=np.int64))
-    return out
-
-
-def _mask(rows: Sequence[np.ndarray]) -> "torch.Tensor":
-    import torch
-
-    width = max((len(r) for r in rows), default=0)
-    out = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = 1
-    return out
+        if len(row) == 0:
+            continue
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.as_tensor(np.asarray(row, dtype=np.int64))
+        mask[i, span] = 1
+    return ids, mask
 
 
 def collate_causal(examples: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, "torch.Tensor"]:
     """Right-padded `input_ids`, `attention_mask` and `labels` (-100 under padding)."""
-    inputs = [x for x, _ in examples]
-    return {"input_ids": _pad(inputs, pad_id), "attention_mask": _mask(inputs),
-            "labels": _pad([y for _, y in examples], IGNORE_INDEX)}
+    ids, mask = pad_rows([x for x, _ in examples], pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "labels": pad_rows([y for _, y in examples], IGNORE_INDEX)[0]}
 
 
 def collate_mlm(examples: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, "torch.Tensor"]:
@@ -470,16 +465,57 @@ def collate_span_corruption(examples: Sequence[tuple[np.ndarray, np.ndarray]], p
     inputs = [x for x, _ in examples]
     targets = [y for _, y in examples]
     decoder_inputs = [np.concatenate([[start], y[:-1]]) for y in targets]
-    return {"input_ids": _pad(inputs, pad_id), "attention_mask": _mask(inputs),
-            "labels": _pad(targets, IGNORE_INDEX), "decoder_input_ids": _pad(decoder_inputs, pad_id),
-            "decoder_attention_mask": _mask(targets)}
+    ids, mask = pad_rows(inputs, pad_id)
+    labels, decoder_mask = pad_rows(targets, IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "decoder_input_ids": pad_rows(decoder_inputs, pad_id)[0], "decoder_attention_mask": decoder_mask}
 
 
 # -- batches ------------------------------------------------------------------------------------
+class EpochBatches:
+    """Batches addressed by (epoch, position): batch `position` of epoch `epoch` is fixed by those
+    numbers (and the subclass's seed) alone, so {"epoch", "position"} of the next batch is the
+    whole resumable state (the training core's contract). Subclasses give `batches_per_epoch`
+    and `batch_at(epoch, position)`; `epochs=None` repeats forever."""
+
+    epochs: int | None = None
+    epoch: int = 0
+    position: int = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        raise NotImplementedError
+
+    def batch_at(self, epoch: int, position: int) -> Any:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
+            raise UserError(f"data position {state} is outside this data set "
+                            f"({self.batches_per_epoch} batches per epoch)")
+        self.epoch, self.position = epoch, position
+
+    def __iter__(self) -> "EpochBatches":
+        return self
+
+    def __next__(self) -> Any:
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        if self.epochs is not None and self.epoch >= self.epochs:
+            raise StopIteration
+        batch = self.batch_at(self.epoch, self.position)
+        self.position += 1
+        return batch
+
+
 OBJECTIVES = ("span", "mlm", "causal")
 
 
-class Batches:
+class Batches(EpochBatches):
     """Training batches for one objective, resumable at an exact position.
 
     Each epoch visits the chunks of `split` in an order shuffled by (seed, epoch); batch
@@ -547,33 +583,11 @@ class Batches:
         n = len(self.sequences)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
-            raise UserError(f"data position {state} is outside this data set "
-                            f"({self.batches_per_epoch} batches per epoch)")
-        self.epoch, self.position = epoch, position
-
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.sequences)
         if not self.shuffle:
             return np.arange(n)
         return np.random.default_rng([self.seed, epoch]).permutation(n)
-
-    def __iter__(self) -> "Batches":
-        return self
-
-    def __next__(self) -> dict[str, "torch.Tensor"]:
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        if self.epochs is not None and self.epoch >= self.epochs:
-            raise StopIteration
-        batch = self.batch_at(self.epoch, self.position)
-        self.position += 1
-        return batch
 
     def batch_at(self, epoch: int, position: int) -> dict[str, "torch.Tensor"]:
         """The batch at (epoch, position), independent of the iterator's own state."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import resource
+import sys
+
 import torch
 
 from cpmctl.errors import UserError
@@ -14,7 +17,7 @@ def resolve_device(name: str | None) -> torch.device:
     """CUDA when present, else CPU; an explicit name must exist."""
     device = planned_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available")
+        raise UserError("device cuda was asked for but no CUDA device is available")
     return device
 
 
@@ -30,8 +33,34 @@ def planned_device(name: str | None) -> torch.device:
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a name in DTYPES (None stays None: the stored dtype)."""
     if name is None:
         return None
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
     return DTYPES[name]
+
+
+# -- memory probes --------------------------------------------------------------------------------
+def peak_memory_bytes(device) -> int:
+    """Peak memory of this run: CUDA's allocator peak on a GPU, else the process's peak RSS
+    (ru_maxrss counts bytes on macOS, KiB elsewhere)."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def current_memory_bytes(device) -> int:
+    """Memory in use now: CUDA's allocated bytes on a GPU, else the process's resident set (Linux;
+    the peak elsewhere)."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_memory_bytes(device)

@@ -48,11 +48,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from cpmctl import losses
 from cpmctl.config import ModelConfig
+from cpmctl.data import EpochBatches
 from cpmctl.errors import UserError
 from cpmctl.fsutil import atomic_directory
+from cpmctl.losses import IGNORE_INDEX
+from cpmctl.model import build_model
+from cpmctl.tasks import collate
 
 # =============================================================================================
 # Student construction
@@ -147,10 +152,8 @@ def student_state_dict(teacher_state: dict[str, Tensor], maps: dict[str, list[in
     return out
 
 
-def student_from_teacher(teacher: torch.nn.Module, layers: Sequence[int], decoder_layers: Sequence[int] | None = None) -> torch.nn.Module:
+def student_from_teacher(teacher: nn.Module, layers: Sequence[int], decoder_layers: Sequence[int] | None = None) -> nn.Module:
     """A smaller `Transformer` initialised from `teacher` (encoder, decoder or encoder-decoder)."""
-    from cpmctl.model import build_model
-
     config: ModelConfig = teacher.config
     stacks = student_layer_map(config, layers, decoder_layers)
     for stack, picked in stacks.items():
@@ -177,10 +180,8 @@ def preset_student_config(preset: str, teacher_config: ModelConfig) -> ModelConf
     return base.replace(**same)
 
 
-def student_from_preset(preset: str, teacher_config: ModelConfig) -> torch.nn.Module:
+def student_from_preset(preset: str, teacher_config: ModelConfig) -> nn.Module:
     """A freshly initialised student of a named preset (preset_student_config)."""
-    from cpmctl.model import build_model
-
     return build_model(preset_student_config(preset, teacher_config))
 
 
@@ -411,3 +412,248 @@ class TeacherLogitsCache:
     def get(self, indices: Sequence[int] | Tensor) -> Tensor:
         idx = np.asarray(indices.tolist() if isinstance(indices, Tensor) else indices, dtype=np.int64)
         return torch.from_numpy(np.array(self.logits[idx], dtype=np.float32))
+
+
+# =============================================================================================
+# Objectives for the training core: batches keyed for their mixup draws, the trained modules
+# (one forward over originals and mixed inputs together) and the losses
+# =============================================================================================
+
+
+class TaskBatches(EpochBatches):
+    """Training batches of encoded task rows, reshuffled every epoch by (seed, epoch).
+
+    Batch `position` of epoch `epoch` is fixed by those numbers alone, so (epoch, position) is
+    the whole resumable state. Unlike `tasks.TrainBatches`, each batch carries its rows'
+    indices (`index`, for the teacher-logits cache) and its (epoch, position) (`key`, to seed its
+    mixup draws), and the last partial batch of an epoch is kept (small data sets)."""
+
+    def __init__(self, rows, batch_size: int, pad_id: int, seed: int):
+        if not rows:
+            raise UserError("no training examples")
+        self.rows, self.batch_size, self.pad_id, self.seed = rows, batch_size, pad_id, seed
+        self.epoch = self.position = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def batch_at(self, epoch: int, position: int) -> dict[str, Any]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        picked = order[position * self.batch_size:(position + 1) * self.batch_size]
+        batch = collate([self.rows[int(i)] for i in picked], self.pad_id)
+        batch["index"] = torch.as_tensor(picked, dtype=torch.long)
+        batch["key"] = (epoch, position)
+        return batch
+
+
+def mixup_draws(seed: int, key: tuple[int, int], n: int, alpha: float) -> tuple[Tensor, Tensor]:
+    """(perm, lambdas) of one batch, from a generator seeded by (seed, epoch, position)."""
+    rng = np.random.default_rng([seed, int(key[0]), int(key[1]), 0x313])
+    return sample_pairs(rng, n), sample_lambdas(rng, alpha, n)
+
+
+def mixed_task_inputs(scorer, batch: dict[str, Any], perm: Tensor, lam: Tensor, *, originals: bool) -> tuple[dict[str, Tensor], Tensor]:
+    """A task batch and its input embeddings: [originals;] mixed rows, in `scorer`'s own word
+    embeddings. Mixed rows attend to (and pool over) the union of their pair's positions."""
+    embed = scorer.model.embed.tokens
+    ids, mask, text, types = batch["input_ids"], batch["attention_mask"], batch["text_mask"], batch["token_type_ids"]
+    words = embed(ids)
+    pad = embed.weight[scorer.model.config.pad_token_id]
+    mixed, mixed_mask = mix_batch(words, mask, perm, lam, pad)
+    perm = perm.to(ids.device)
+    mix = {"input_ids": ids, "attention_mask": mixed_mask, "text_mask": ((text != 0) | (text[perm] != 0)).long(),
+           "token_type_ids": torch.where(mask != 0, types, types[perm])}
+    if not originals:
+        return mix, mixed
+    both = {k: torch.cat([batch[k], mix[k]]) for k in mix}
+    return both, torch.cat([words, mixed])
+
+
+class MixKDClassifier(nn.Module):
+    """The trained module: a `tasks.Scorer` (backbone + linear head) whose forward returns the
+    logits of the originals and, given a pairing, of the mixed rows, in one pass."""
+
+    def __init__(self, scorer) -> None:
+        super().__init__()
+        self.scorer = scorer
+
+    def forward(self, batch: dict[str, Any], perm: Tensor | None = None, lam: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if perm is None:
+            return self.scorer(batch), None
+        both, embeds = mixed_task_inputs(self.scorer, batch, perm, lam, originals=True)
+        logits = self.scorer(both, embeds)
+        n = batch["input_ids"].shape[0]
+        return logits[:n], logits[n:]
+
+
+@dataclass
+class ClassificationObjective:
+    """`loss_fn(model, batch)` for the shared trainer."""
+
+    weights: LossWeights
+    temperature: float
+    alpha: float
+    seed: int
+    n_classes: int
+    teacher: Any = None                       # tasks.Scorer in eval mode, or None
+    cache: TeacherLogitsCache | None = None
+    teacher_flops_per_token: float = 0.0
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        b = batch
+        perm = lam = None
+        if self.weights.needs_mixup:
+            perm, lam = mixup_draws(self.seed, batch["key"], b["input_ids"].shape[0], self.alpha)
+        student, student_mix = model(b, perm, lam)
+        teacher = teacher_mix = targets_mix = None
+        teacher_tokens = 0
+        with torch.no_grad():
+            if self.weights.kd:
+                if self.cache is not None:
+                    teacher = self.cache.get(batch["index"]).to(student.device)
+                else:
+                    teacher = self.teacher(b).float()
+                    teacher_tokens += int(b["attention_mask"].sum())
+            if self.weights.mix:
+                mix, embeds = mixed_task_inputs(self.teacher, b, perm, lam, originals=False)
+                teacher_mix = self.teacher(mix, embeds).float()
+                teacher_tokens += int(mix["attention_mask"].sum())
+        if self.weights.smix:
+            targets_mix = mixed_labels(b["labels"], perm, lam.to(student.device), self.n_classes)
+        loss, terms = mixkd_loss(self.weights, self.temperature, student=student, labels=b["labels"], teacher=teacher,
+                                         student_mix=student_mix, teacher_mix=teacher_mix, targets_mix=targets_mix)
+        stats: dict[str, float] = {f"loss_{k}": v for k, v in terms.items()}
+        stats["flops"] = self.teacher_flops_per_token * teacher_tokens
+        tokens = float(b["attention_mask"].sum())
+        stats["tokens"] = tokens * (2 if student_mix is not None else 1)
+        return loss, stats
+
+
+class MixKDLanguageModel(nn.Module):
+    """A `Transformer` whose forward takes a cpmctl.data batch and, given a pairing, also runs the
+    mixed sequences (encoder and decoder inputs mixed with the same lambda) in the same pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor], perm: Tensor | None = None, lam: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        inputs = lm_inputs(self.model, batch, perm, lam)
+        logits = self.model(**inputs)
+        if perm is None:
+            return logits, None
+        n = batch["input_ids"].shape[0]
+        return logits[:n], logits[n:]
+
+
+def lm_inputs(model: nn.Module, batch: dict[str, Tensor], perm: Tensor | None, lam: Tensor | None) -> dict[str, Tensor]:
+    """Forward arguments for [originals; mixed] (or the originals alone when perm is None)."""
+    config = model.config
+    embed = model.embed.tokens
+    pad = embed.weight[config.pad_token_id]
+    out: dict[str, Tensor] = {}
+    pairs = [("input_ids", "attention_mask", "inputs_embeds")]
+    if config.arch == "encoder-decoder":
+        pairs.append(("decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds"))
+    for ids_key, mask_key, embeds_key in pairs:
+        ids = batch[ids_key]
+        mask = batch.get(mask_key, torch.ones_like(ids))
+        if perm is None:
+            out[ids_key], out[mask_key] = ids, mask
+            continue
+        words = embed(ids)
+        mixed, mixed_mask = mix_batch(words, mask, perm, lam, pad)
+        out[embeds_key] = torch.cat([words, mixed])
+        out[mask_key] = torch.cat([mask, mixed_mask])
+    return out
+
+
+@dataclass
+class LMObjective:
+    weights: LossWeights
+    temperature: float
+    alpha: float
+    seed: int
+    teacher: torch.nn.Module | None = None
+    teacher_flops_per_token: float = 0.0
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        labels = batch["labels"]
+        n = labels.shape[0]
+        perm = lam = None
+        if self.weights.needs_mixup:
+            key = batch.get("key", (0, 0))
+            perm, lam = mixup_draws(self.seed, key, n, self.alpha)
+        student, student_mix = model(batch, perm, lam)
+        targets = losses.target_mask(labels)
+        terms: dict[str, Tensor] = {}
+        teacher_tokens = 0
+        if self.weights.ce:
+            terms["ce"] = losses.lm_loss(student, labels)
+        with torch.no_grad():
+            teacher = teacher_mix = None
+            cached = "teacher_ids" in batch  # top-K from the teacher cache (cpmctl.teacher_cache)
+            if self.weights.kd and not cached:
+                teacher = losses.lm_forward(self.teacher, batch).float()
+                teacher_tokens += int(batch.get("attention_mask", labels).numel())
+            if self.weights.mix:
+                mixed = lm_inputs(self.teacher, batch, perm, lam)
+                teacher_mix = self.teacher(**mixed).float()[n:]
+                teacher_tokens += 2 * int(labels.numel())
+        if self.weights.kd and cached:
+            ids, values = batch["teacher_ids"].to(student.device), batch["teacher_logits"].to(student.device)
+            terms["kd"] = losses.kd_loss_topk(student, ids, values, targets, self.temperature)
+        elif self.weights.kd:
+            terms["kd"] = losses.kd_loss(student, teacher, targets, self.temperature)
+        if perm is not None:
+            perm_d = perm.to(labels.device)
+            lam_d = lam.to(student.device)
+            union = targets | targets[perm_d]
+            if self.weights.mix:
+                terms["mix"] = losses.kd_loss(student_mix, teacher_mix, union, self.temperature)
+            if self.weights.smix:
+                terms["smix"] = mixed_lm_cross_entropy(student_mix, labels, labels[perm_d], lam_d)
+        total = sum(getattr(self.weights, k) * v for k, v in terms.items())
+        stats = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
+        stats["flops"] = self.teacher_flops_per_token * teacher_tokens
+        return total, stats
+
+
+def mixed_lm_cross_entropy(logits: Tensor, labels_a: Tensor, labels_b: Tensor, lam: Tensor) -> Tensor:
+    """Mean over positions targeted by either sequence of lam * CE(a) + (1 - lam) * CE(b)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+
+    def nll(labels: Tensor) -> Tensor:
+        picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        return -picked * (labels != IGNORE_INDEX)
+
+    lam = lam.reshape(-1, 1)
+    per_position = lam * nll(labels_a) + (1 - lam) * nll(labels_b)
+    union = (labels_a != IGNORE_INDEX) | (labels_b != IGNORE_INDEX)
+    return per_position.sum() / union.sum().clamp(min=1)
+
+
+class KeyedBatches:
+    """cpmctl.data.Batches with each batch's (epoch, position) attached, to seed its mixup draws."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.inner.load_state_dict(state)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.inner.position >= self.inner.batches_per_epoch:
+            key = (self.inner.epoch + 1, 0)
+        else:
+            key = (self.inner.epoch, self.inner.position)
+        batch = dict(next(self.inner))
+        batch["key"] = key
+        return batch

@@ -35,21 +35,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpmctl.config import ModelConfig
-
-ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": partial(F.gelu, approximate="tanh"),
-    "silu": F.silu,
-}
-
+from cpmctl.ffn import ACTIVATIONS, FeedForward
+from cpmctl.moe import MoEFeedForward
 
 class RMSNorm(nn.Module):
     """T5/Llama RMS norm: no mean subtraction, no bias, statistics in fp32."""
@@ -71,34 +64,6 @@ def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rms":
         return RMSNorm(config.d_model, config.norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps)
-
-
-class FeedForward(nn.Module):
-    """Dense FFN: `w_out(act(w_in x))`, or gated `w_out(act(w_gate x) * w_in x)`.
-
-    Rows of `w_in`/`w_gate` and columns of `w_out` are the FFN's neurons; MoEfication regroups
-    them into experts.
-    """
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.activation = config.activation
-        self.w_in = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
-        self.w_gate = nn.Linear(config.d_model, config.d_ff, bias=config.bias) if config.gated else None
-        self.w_out = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
-
-    def hidden(self, x: Tensor) -> Tensor:
-        """The FFN's neuron activations (what routers and MoEfication statistics look at)."""
-        act = ACTIVATIONS[self.activation]
-        if self.w_gate is None:
-            return act(self.w_in(x))
-        gate = act(self.w_gate(x))
-        # Without autograd the product can reuse the activation's buffer: one large
-        # [tokens, d_ff] allocation less per layer (about 2% of a CPU forward).
-        return gate.mul_(self.w_in(x)) if not torch.is_grad_enabled() else gate * self.w_in(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w_out(self.hidden(x))
 
 
 class RelativePositionBias(nn.Module):
@@ -348,8 +313,6 @@ class Stack(nn.Module):
 
 def make_ffn(config: ModelConfig, stack: str, index: int) -> nn.Module:
     if config.is_moe_layer(stack, index):
-        from cpmctl.moe import MoEFeedForward
-
         return MoEFeedForward(config)
     return FeedForward(config)
 

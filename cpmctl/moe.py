@@ -37,6 +37,7 @@ Triton kernels (`cpmctl_kernels.moe_ffn`, same signature and semantics) plug in 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -45,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpmctl.config import ModelConfig
-from cpmctl.model import ACTIVATIONS
+from cpmctl.errors import UserError
+from cpmctl.ffn import ACTIVATIONS, FeedForward
 
 # Routers whose experts are pieces of one dense FFN (outputs summed with weight 1).
 MOEFIED_ROUTERS = ("center", "mlp", "oracle")
@@ -494,11 +496,21 @@ class MoEFeedForward(nn.Module):
         # The Triton kernels are forward-only: where autograd needs a backward (training,
         # calibration) the torch path runs instead.
         if self.kernels == "triton" and not (torch.is_grad_enabled() and (flat.requires_grad or self.w_in.requires_grad)):
-            from cpmctl_kernels import moe_ffn as ffn
+            ffn = triton_moe_ffn
         out = ffn(flat, experts, weights, self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out, self.activation)
         if self.fill_out is not None and experts.shape[1] < self.num_experts:
             out = out + self.skipped_fill(experts).to(out.dtype)
         return out.view(shape)
+
+
+def triton_moe_ffn(*args):
+    """`cpmctl_kernels.moe_ffn` (same arguments as `moe_ffn_reference`), its input errors as UserError."""
+    from cpmctl_kernels import KernelInputError, moe_ffn  # optional dependency (triton): imported on first use
+
+    try:
+        return moe_ffn(*args)
+    except KernelInputError as exc:
+        raise UserError(str(exc)) from None
 
 
 # -- choosing the kernels ----------------------------------------------------------------------------
@@ -510,10 +522,6 @@ def resolve_kernels(choice: str, device) -> str:
 
     auto = Triton on CUDA (when triton imports), the torch path elsewhere. Triton on a CPU needs
     its interpreter (TRITON_INTERPRET=1, which is slow and meant for tests)."""
-    import os
-
-    from cpmctl.errors import UserError
-
     if choice not in KERNEL_CHOICES:
         raise UserError(f"unknown --kernels {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}")
     device_type = torch.device(device).type if device is not None else "cpu"
@@ -581,8 +589,6 @@ def moe_from_dense(ffn: nn.Module, config: ModelConfig, perm: Tensor) -> MoEFeed
 @torch.no_grad()
 def dense_from_moe(moe: MoEFeedForward, config: ModelConfig) -> nn.Module:
     """The dense FFN back from a MoEfied one: its neurons un-permuted, padding dropped (bit-exact)."""
-    from cpmctl.model import FeedForward
-
     if moe.perm is None:
         raise ValueError("this MoE layer stores no neuron permutation; only MoEfied layers can be restored")
     dense_config = config.replace(moe=None)

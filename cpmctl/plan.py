@@ -39,14 +39,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
+from cpmctl.checkpoint import read_config
 from cpmctl.config import ModelConfig
+from cpmctl.devices import DTYPES
 from cpmctl.errors import UserError
+from cpmctl.model import build_model
+from cpmctl.report import human_bytes, human_count
 
 CONFIG_FILE = "config.json"
 PROVENANCE_FILE = "cpmctl.json"
 OPTIMIZERS = ("adamw", "adafactor")
 SHARDINGS = ("ddp", "fsdp")
-BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
 ACTIVATION_FORMULA = "Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes per layer at 16-bit (x2 at fp32)"
 
 
@@ -95,8 +101,6 @@ def is_assumed(path: Any) -> bool:
 def checkpoint_config(path: Any) -> ModelConfig:
     """The ModelConfig of the checkpoint at `path` from its config.json alone (no weights), or
     the stand-in `assumed_checkpoints` gives for it."""
-    from cpmctl.checkpoint import read_config
-
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         return read_config(path)
@@ -124,18 +128,18 @@ def stored_dtype(path: Any) -> str | None:
         value = json.loads(provenance.read_text(encoding="utf-8")).get("dtype")
     except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
         return None
-    return value if value in BYTES_PER_DTYPE else None
+    return value if value in DTYPES else None
 
 
 def dtype_bytes(name: str | None) -> int:
-    return BYTES_PER_DTYPE.get(name or "float32", 4)
+    """Bytes per value of a dtype name (float32 when unknown or not given)."""
+    dtype = DTYPES.get(name or "float32")
+    return dtype.itemsize if dtype is not None else 4
 
 
 # -- counting on the meta device ----------------------------------------------------------------------
 def meta_model(config: ModelConfig):
     """The model of `config` with shapes only (no memory, no init)."""
-    from cpmctl.model import build_model
-
     return build_model(config, device="meta")
 
 
@@ -237,11 +241,6 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 
 def render_plan(plan: Plan) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from cpmctl.report import human_bytes, human_count
-
     table = Table(title=f"cpmctl {plan.stage} --dry-run (nothing loaded or written)", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")

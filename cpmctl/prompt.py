@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,9 +47,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from cpmctl.checkpoint import SafetensorsFile, content_hash, write_safetensors
 from cpmctl.errors import UserError
-from cpmctl.tasks import EncodedExample
+from cpmctl.fsutil import atomic_directory
+from cpmctl.tasks import (EncodedExample, LabelSet, LinearHead, Scorer, encode_examples, eval_batches, evaluate,
+                          label_token_ids, position_limit)
+from cpmctl.tokenizer import load_tokenizer
+
+log = logging.getLogger("cpmctl")
 
 POSITIONS = ("front", "back", "middle", "front+middle+back")
 REPARAMS = ("none", "mlp")
@@ -267,8 +276,6 @@ class _CheckpointedBlock(nn.Module):
     def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
         if not torch.is_grad_enabled():
             return self.block(x, **kwargs)
-        from torch.utils.checkpoint import checkpoint
-
         return checkpoint(self.block, x, use_reentrant=False, **kwargs)
 
 
@@ -340,8 +347,6 @@ def peft_config(adapter: Adapter, model_config, base_model: str | None, init: st
 
 def write_adapter(directory: Path, adapter: Adapter) -> None:
     """Write the adapter's two files into an existing directory (callers make it atomic)."""
-    from cpmctl.checkpoint import write_safetensors
-
     tensors = {PROMPT_TENSOR: adapter.prompt.detach().float().contiguous()}
     tensors.update({HEAD_PREFIX + k: v.detach().float().contiguous() for k, v in adapter.head.items()})
     if adapter.deep is not None:
@@ -352,8 +357,6 @@ def write_adapter(directory: Path, adapter: Adapter) -> None:
 
 
 def save_adapter(out: str | Path, adapter: Adapter, *, overwrite: bool = False) -> Path:
-    from cpmctl.fsutil import atomic_directory
-
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_adapter(tmp, adapter)
     return Path(out)
@@ -365,8 +368,6 @@ def is_adapter(path: str | Path) -> bool:
 
 def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter written by `save_adapter` (PEFT's own adapters lack the cpmctl block)."""
-    from cpmctl.checkpoint import SafetensorsFile
-
     path = Path(path)
     config_path, weights_path = path / ADAPTER_CONFIG_FILE, path / ADAPTER_WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
@@ -397,3 +398,77 @@ def check_base_model(adapter: Adapter, base_hash: str, base_path: str | Path, ad
     if expected != base_hash:
         raise UserError(f"prompt {adapter_path} was trained on base model {expected}, but {base_path} is {base_hash}; "
                         "use the model it was trained with")
+
+
+# -- using a trained adapter ------------------------------------------------------------------------
+def base_model_hash(ckpt, model) -> str:
+    """The checkpoint's content hash (from cpmctl.json, else computed from the weights)."""
+    recorded = ckpt.provenance.get("content_hash") if ckpt.provenance else None
+    return recorded if isinstance(recorded, str) else content_hash(model.state_dict())
+
+
+def encode_for(tokenizer, config, examples, labels, *, scoring: str, plan, max_length: int | None, what: str):
+    """Encode examples, insert the prompt's virtual positions, warn about truncation."""
+    reserve = plan_length(plan) if plan else 0
+    limit = position_limit(config)
+    if max_length is not None:
+        limit = max_length if limit is None else min(limit, max_length)
+    rows, cut = encode_examples(tokenizer, config, examples, labels, mode=scoring, max_length=limit, reserve=reserve)
+    if cut:
+        log.warning("%d %s input(s) truncated to fit %d positions (%d of them for the prompt)", cut, what, limit, reserve)
+    if plan:
+        rows = [place_prompt(row, plan) for row in rows]
+    return rows
+
+
+def load_classifier(model, ckpt, adapter_path: Path):
+    """A `PromptedClassifier` for the adapter at `adapter_path` on the loaded `model`, with its
+    LabelSet and Adapter; the adapter must have been trained on this very model."""
+    adapter = load_adapter(adapter_path)
+    meta = adapter.meta
+    check_base_model(adapter, base_model_hash(ckpt, model), ckpt.path, adapter_path)
+    if meta.get("d_model") != model.config.d_model:
+        raise UserError(f"prompt {adapter_path} has width {meta.get('d_model')}, the model {model.config.d_model}")
+    labels = LabelSet(tuple(meta["labels"]), tuple(meta["verbalizer"][label] for label in meta["labels"]))
+    device = next(model.parameters()).device
+    head = None
+    label_ids = None
+    if meta["scoring"] == "linear":
+        head = LinearHead(model.config.d_model, len(labels), meta["head"]["pooling"])
+        head.load_state_dict(adapter.head)
+        head.to(device)
+    else:
+        label_ids = label_token_ids(load_tokenizer(Path(ckpt.path) / "tokenizer"), labels.words)
+    prompt = None
+    if adapter.prompt.shape[0]:
+        deep_layers = adapter.deep.shape[0] if adapter.deep is not None else 0
+        prompt = SoftPrompt(adapter.prompt, deep_layers=deep_layers)
+        if adapter.deep is not None:
+            with torch.no_grad():
+                prompt.deep.copy_(adapter.deep)
+        prompt.to(device=device, dtype=next(model.parameters()).dtype)
+    classifier = PromptedClassifier(Scorer(model, label_ids=label_ids, head=head), prompt).eval()
+    return classifier, labels, adapter
+
+
+def classify(model, ckpt, tok, adapter_path: Path, examples, *, batch_size: int) -> dict[str, Any]:
+    """Predictions (and accuracy / macro-F1 when every example is labelled) for `examples`."""
+    classifier, labels, adapter = load_classifier(model, ckpt, adapter_path)
+    labelled = all(ex.label is not None for ex in examples)
+    if not labelled:
+        examples = [type(ex)(ex.text, None, ex.text_pair) for ex in examples]
+    scoring = adapter.meta["scoring"]
+    rows = encode_for(tok, model.config, examples, labels, scoring=scoring, plan=adapter.plan,
+                      max_length=adapter.meta.get("max_length"), what="inference")
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        result = evaluate(classifier, eval_batches(rows, batch_size, tok.pad_id), len(labels), device=device)
+    classifier.remove_hooks()
+    outputs = [{"text": ex.text, **({"text_pair": ex.text_pair} if ex.text_pair is not None else {}),
+                "label": labels.labels[p], **({"gold": ex.label} if ex.label is not None else {})}
+               for ex, p in zip(examples, result["predictions"])]
+    stats = {"examples": len(examples), "seconds": round(time.perf_counter() - started, 3)}
+    if labelled:
+        stats.update(accuracy=result["accuracy"], macro_f1=result["macro_f1"])
+    return {"mode": "classify", "outputs": outputs, "stats": stats}

@@ -9,14 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cpmctl.config import ModelConfig
+from rich.console import Console
+from rich.table import Table
 
-_BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}
+from cpmctl.checkpoint import open_checkpoint
+from cpmctl.config import ModelConfig
+from cpmctl.devices import DTYPES
+from cpmctl.model import build_model, parameter_counts
+from cpmctl.units import human_bytes, human_count
+
+_ESTIMATED_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _counts(config: ModelConfig) -> dict[str, int]:
-    from cpmctl.model import build_model, parameter_counts
-
     return parameter_counts(build_model(config, device="meta"))
 
 
@@ -29,14 +34,12 @@ def describe_preset(name: str) -> dict[str, Any]:
         "parameters": counts,
         "dtype": None,
         "size_on_disk": None,
-        "estimated_bytes": {dtype: counts["total"] * size for dtype, size in _BYTES_PER_PARAM.items()},
+        "estimated_bytes": {dtype: counts["total"] * DTYPES[dtype].itemsize for dtype in _ESTIMATED_DTYPES},
         "provenance": {},
     }
 
 
 def describe_checkpoint(path: Path) -> dict[str, Any]:
-    from cpmctl.checkpoint import open_checkpoint
-
     with open_checkpoint(path) as ckpt:
         counts = _counts(ckpt.config)
         return {
@@ -50,21 +53,6 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         }
 
 
-def human_count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 _CONFIG_KEYS = (
     "arch", "vocab_size", "d_model", "n_heads", "d_head", "n_kv_heads", "d_ff", "n_layers", "n_decoder_layers",
     "norm", "norm_position", "position", "activation", "gated", "bias", "tie_embeddings", "share_layers", "share_groups", "moe",
@@ -72,9 +60,6 @@ _CONFIG_KEYS = (
 
 
 def render(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     config = report["config"]
     table = Table(title=f"cpmctl info: {report['source']}", show_header=False)

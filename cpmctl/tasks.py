@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpmctl.config import ModelConfig
+from cpmctl.data import EpochBatches
 from cpmctl.errors import UserError
 from cpmctl.jsonl import iter_records
 
@@ -365,7 +366,15 @@ def eval_batches(rows: Sequence[EncodedExample], batch_size: int, pad_id: int) -
         yield batch
 
 
-class TrainBatches:
+def subsample(examples: list, limit: int | None, seed: int) -> list:
+    """A reproducible random subset of at most `limit` examples (all of them when None)."""
+    if limit is None or len(examples) <= limit:
+        return examples
+    picked = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in picked]
+
+
+class TrainBatches(EpochBatches):
     """Shuffled training batches over epochs, resumable at an exact position.
 
     Epoch e visits the rows in an order shuffled by (seed, e); `state_dict()` ({"epoch",
@@ -381,30 +390,23 @@ class TrainBatches:
             raise UserError(f"the training set has {len(rows)} examples, fewer than the batch size {batch_size}")
         self.rows, self.batch_size, self.pad_id, self.seed, self.epochs = rows, batch_size, pad_id, seed, epochs
         self.epoch, self.position = 0, 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order: tuple[int, list[int]] | None = None  # (epoch, its order): one shuffle per epoch
 
     def __len__(self) -> int:
         """Batches per epoch."""
         return len(self.rows) // self.batch_size
 
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.rows)))
-        random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        return order
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self)
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        while self.epochs is None or self.epoch < self.epochs:
-            order = self._order(self.epoch)
-            while self.position < len(self):
-                chunk = order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
-                self.position += 1
-                yield collate([self.rows[i] for i in chunk], self.pad_id)
-            self.epoch, self.position = self.epoch + 1, 0
+    def batch_at(self, epoch: int, position: int) -> dict[str, Tensor]:
+        if self._order is None or self._order[0] != epoch:
+            order = list(range(len(self.rows)))
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+            self._order = (epoch, order)
+        chunk = self._order[1][position * self.batch_size : (position + 1) * self.batch_size]
+        return collate([self.rows[i] for i in chunk], self.pad_id)
 
 
 # =============================================================================================

@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 from cpmctl.errors import UserError
+from cpmctl.fsutil import atomic_directory
+from cpmctl.losses import lm_forward, teacher_topk
+from cpmctl.training import default_tokens, forward_flops_per_token
 
 CACHE_FORMAT = "cpmctl-teacher-cache"
 
@@ -88,10 +91,6 @@ def build_teacher_cache(out: Path, teacher: torch.nn.Module, batches, micro_batc
                         fingerprint: dict[str, Any], device: torch.device, student_vocab: int) -> dict[str, Any]:
     """Run the teacher over the first `micro_batches` batches of `batches` (a fresh stream, the
     one training will replay) and write the cache to `out` atomically; returns its meta."""
-    from cpmctl.fsutil import atomic_directory
-    from cpmctl.losses import lm_forward, teacher_topk
-    from cpmctl.training import default_tokens, forward_flops_per_token
-
     ids_parts, logit_parts, counts = [], [], []
     tokens = 0
     teacher = teacher.to(device)

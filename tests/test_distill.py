@@ -254,7 +254,7 @@ def test_cache_round_trip_and_staleness(tmp_path):
 
 
 def test_mixed_lm_cross_entropy_matches_a_hand_computation():
-    from cpmctl.stages.distill import mixed_lm_cross_entropy
+    from cpmctl.distill import mixed_lm_cross_entropy
 
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 5)
@@ -346,7 +346,7 @@ def fine_tuned_teacher(tmp_path_factory, base_checkpoint, task_files):
 
 def test_fine_tuning_writes_a_task_model(fine_tuned_teacher, base_checkpoint):
     from cpmctl.checkpoint import verify_checkpoint
-    from cpmctl.stages.distill import load_task_model
+    from cpmctl.task_model import load_task_model
 
     ckpt = fine_tuned_teacher / "checkpoint"
     provenance = verify_checkpoint(ckpt)
@@ -361,7 +361,7 @@ def test_fine_tuning_writes_a_task_model(fine_tuned_teacher, base_checkpoint):
 
 
 def test_mixkd_run_trains_a_half_depth_student(tmp_path, fine_tuned_teacher, task_files):
-    from cpmctl.stages.distill import load_task_model
+    from cpmctl.task_model import load_task_model
     from cpmctl.training import read_metrics
 
     out = tmp_path / "mixkd"
@@ -382,7 +382,8 @@ def test_mixkd_run_trains_a_half_depth_student(tmp_path, fine_tuned_teacher, tas
 
 def _objective_setup(fine_tuned_teacher, task_files):
     from cpmctl import tasks
-    from cpmctl.stages.distill import MixKDClassifier, TaskBatches, load_task_model
+    from cpmctl.distill import MixKDClassifier, TaskBatches
+    from cpmctl.task_model import load_task_model
     from cpmctl.tokenizer import load_tokenizer
 
     tm = load_task_model(fine_tuned_teacher)
@@ -396,22 +397,15 @@ def _objective_setup(fine_tuned_teacher, task_files):
 
 
 def test_cache_gives_the_online_teachers_kd_loss(tmp_path, fine_tuned_teacher, task_files):
-    from cpmctl.stages.distill import ClassificationObjective, _teacher_cache
+    from cpmctl.stages.distill import _teacher_cache
 
     tm, tok, rows, teacher, student, batches = _objective_setup(fine_tuned_teacher, task_files)
     cache = _teacher_cache(tmp_path / "cache", teacher, tm.identity, rows, tok.pad_id, 16, "cpu")
     assert len(cache) == len(rows)
-    weights = distill.LossWeights(ce=0.5, kd=1.0, mix=0.0, smix=0.0)
-    online = ClassificationObjective(weights, 2.0, 0.4, 0, 3, teacher=teacher, teacher_flops_per_token=1.0)
-    cached = ClassificationObjective(weights, 2.0, 0.4, 0, 3, cache=cache)
-    with torch.no_grad():
-        for position in range(3):
-            batch = batches.batch_at(1, position)
-            loss_online, stats_online = online(student, batch)
-            loss_cached, stats_cached = cached(student, batch)
-            assert float(loss_cached) == pytest.approx(float(loss_online), rel=1e-6, abs=1e-7)
-            assert stats_cached["loss_kd"] == pytest.approx(stats_online["loss_kd"], rel=1e-6, abs=1e-7)
-            assert stats_online["flops"] > 0 and stats_cached["flops"] == 0  # the cache saved the teacher pass
+    for (loss_online, stats_online), (loss_cached, stats_cached) in _online_and_cached(student, teacher, cache, batches):
+        assert float(loss_cached) == pytest.approx(float(loss_online), rel=1e-6, abs=1e-7)
+        assert stats_cached["loss_kd"] == pytest.approx(stats_online["loss_kd"], rel=1e-6, abs=1e-7)
+        assert stats_online["flops"] > 0 and stats_cached["flops"] == 0  # the cache saved the teacher pass
     # A second open reuses it; another teacher or other examples are refused.
     again = _teacher_cache(tmp_path / "cache", teacher, tm.identity, rows, tok.pad_id, 16, "cpu")
     assert np.array_equal(np.asarray(again.logits), np.asarray(cache.logits))
@@ -419,9 +413,20 @@ def test_cache_gives_the_online_teachers_kd_loss(tmp_path, fine_tuned_teacher, t
         _teacher_cache(tmp_path / "cache", teacher, tm.identity, rows[:-1], tok.pad_id, 16, "cpu")
 
 
+
+def _online_and_cached(student, teacher, cache, batches):
+    """(online objective's (loss, stats), cached objective's) on batches 0..2 of epoch 1, CE + KD."""
+    from cpmctl.distill import ClassificationObjective
+
+    weights = distill.LossWeights(ce=0.5, kd=1.0, mix=0.0, smix=0.0)
+    online = ClassificationObjective(weights, 2.0, 0.4, 0, 3, teacher=teacher, teacher_flops_per_token=1.0)
+    cached = ClassificationObjective(weights, 2.0, 0.4, 0, 3, cache=cache)
+    with torch.no_grad():
+        return [(online(student, batches.batch_at(1, p)), cached(student, batches.batch_at(1, p))) for p in range(3)]
+
 def test_mixed_objective_uses_both_models_on_the_same_mixture(fine_tuned_teacher, task_files):
     """The mixed-KD term equals KD between the two models run by hand on the mixed embeddings."""
-    from cpmctl.stages.distill import ClassificationObjective, mixup_draws
+    from cpmctl.distill import ClassificationObjective, mixup_draws
 
     tm, tok, rows, teacher, student, batches = _objective_setup(fine_tuned_teacher, task_files)
     weights = distill.LossWeights(ce=0, kd=0, mix=1.0, smix=0.0)
@@ -491,7 +496,7 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, fine_tuned_teacher, base_
 def test_lm_distillation_on_a_corpus(tmp_path, preset, sp_tokenizer, stdlib_text):
     from cpmctl.checkpoint import save_model
     from cpmctl.data import prepare
-    from cpmctl.stages.distill import load_task_model
+    from cpmctl.task_model import load_task_model
     from cpmctl.training import read_metrics
 
     tok_dir = sp_tokenizer.save(tmp_path / "tok")
@@ -512,7 +517,7 @@ def test_lm_distillation_on_a_corpus(tmp_path, preset, sp_tokenizer, stdlib_text
 
 def test_prompt_tune_full_output_is_a_teacher(tmp_path, base_checkpoint, task_files):
     """`cpmctl prompt-tune --full --head linear` writes OUT/model + an adapter with the head."""
-    from cpmctl.stages.distill import load_task_model
+    from cpmctl.task_model import load_task_model
 
     pt = tmp_path / "pt"
     result = _cli("prompt-tune", base_checkpoint, pt, "--train", task_files / "train.jsonl", "--head", "linear", "--full",
@@ -570,7 +575,7 @@ def _direct_label_scores(model, row, label_ids):
 @pytest.mark.parametrize("preset", ["llama-tiny", "t5-tiny"])
 def test_lm_head_distillation_trains_and_scores_label_words(tmp_path, preset, lm_teachers, task_files, one_torch_thread):
     from cpmctl import tasks
-    from cpmctl.stages.distill import load_task_model
+    from cpmctl.task_model import load_task_model
     from cpmctl.tokenizer import load_tokenizer
     from cpmctl.training import read_metrics
 
@@ -615,14 +620,9 @@ def test_lm_head_distillation_trains_and_scores_label_words(tmp_path, preset, lm
 @pytest.mark.parametrize("preset", ["llama-tiny", "t5-tiny"])
 def test_lm_head_cache_gives_the_online_teachers_label_word_kd(tmp_path, preset, lm_teachers, task_files, one_torch_thread):
     from cpmctl import tasks
-    from cpmctl.stages.distill import (
-        ClassificationObjective,
-        MixKDClassifier,
-        TaskBatches,
-        _teacher_cache,
-        load_task_model,
-        teacher_key,
-    )
+    from cpmctl.distill import MixKDClassifier, TaskBatches
+    from cpmctl.stages.distill import _teacher_cache, teacher_key
+    from cpmctl.task_model import load_task_model
     from cpmctl.tokenizer import load_tokenizer
 
     tm = load_task_model(lm_teachers[preset])
@@ -638,18 +638,14 @@ def test_lm_head_cache_gives_the_online_teachers_label_word_kd(tmp_path, preset,
     cache = _teacher_cache(tmp_path / "cache", teacher, key, rows, tok.pad_id, 16, "cpu")
     assert np.asarray(cache.logits).shape == (len(rows), 3)
     batches = TaskBatches(rows, 8, tok.pad_id, seed=0)
-    weights = distill.LossWeights(ce=0.5, kd=1.0, mix=0.0, smix=0.0)
-    online = ClassificationObjective(weights, 2.0, 0.4, 0, 3, teacher=teacher, teacher_flops_per_token=1.0)
-    cached = ClassificationObjective(weights, 2.0, 0.4, 0, 3, cache=cache)
     with torch.no_grad():
         for position in range(3):
             batch = batches.batch_at(1, position)
             assert torch.allclose(cache.get(batch["index"]), teacher(batch), atol=1e-5)
-            loss_online, stats_online = online(student, batch)
-            loss_cached, stats_cached = cached(student, batch)
-            assert stats_cached["loss_kd"] > 0
-            assert float(loss_cached) == pytest.approx(float(loss_online), rel=1e-5, abs=1e-6)
-            assert stats_online["flops"] > 0 and stats_cached["flops"] == 0
+    for (loss_online, stats_online), (loss_cached, stats_cached) in _online_and_cached(student, teacher, cache, batches):
+        assert stats_cached["loss_kd"] > 0
+        assert float(loss_cached) == pytest.approx(float(loss_online), rel=1e-5, abs=1e-6)
+        assert stats_online["flops"] > 0 and stats_cached["flops"] == 0
     # Other label words give other class logits: the cache is keyed on them and refused.
     other = tasks.label_token_ids(tok, ["value", "file", "name"])
     assert teacher_key(tm, other) != key
@@ -687,7 +683,7 @@ CORPUS_FAST = ["--student-layers", 1, "--seq-len", 32, "--batch-size", 4, "--max
 
 def test_corpus_cache_gives_the_online_top_k_kd_and_stale_caches_are_refused(tmp_path, lm_teachers, lm_corpus, sp_tokenizer, one_torch_thread):
     from cpmctl.checkpoint import save_model
-    from cpmctl.stages.distill import load_task_model
+    from cpmctl.task_model import load_task_model
     from cpmctl.training import read_metrics
 
     teacher_dir, cache = lm_teachers["llama-tiny"], tmp_path / "cache"
@@ -737,7 +733,7 @@ def _check_cached_top_k_kd(teacher, cache, corpus, tokenizer, k=8, steps=3):
     """LMObjective on CachedTeacherBatches (no teacher at hand) == top-K KD of the online teacher."""
     from cpmctl import losses
     from cpmctl.data import make_batches
-    from cpmctl.stages.distill import KeyedBatches, LMObjective, MixKDLanguageModel
+    from cpmctl.distill import KeyedBatches, LMObjective, MixKDLanguageModel
     from cpmctl.teacher_cache import CachedTeacherBatches
 
     config = teacher.config
@@ -768,7 +764,7 @@ def _check_cached_top_k_kd(teacher, cache, corpus, tokenizer, k=8, steps=3):
 
 
 def test_corpus_cache_serves_an_encoder_decoder(tmp_path, lm_teachers, lm_corpus, sp_tokenizer, one_torch_thread):
-    from cpmctl.stages.distill import load_task_model
+    from cpmctl.task_model import load_task_model
 
     result = _cli("distill", tmp_path / "run", "--teacher", lm_teachers["t5-tiny"], "--corpus", lm_corpus,
                   "--teacher-logits-cache", tmp_path / "cache", "--mix-weight", 0, *CORPUS_FAST)

@@ -266,9 +266,7 @@ def test_launchers_reject_bad_inputs(fn, change, message):
     with pytest.raises(ValueError, match="^" + fn.__name__ if fn is not K.moe_ffn else "moe_ffn") as info:
         fn(**args)
     assert message in str(info.value)
-    from cpmctl.errors import UserError
-
-    assert isinstance(info.value, UserError)
+    assert isinstance(info.value, K.KernelInputError)
 
 
 def test_launchers_are_forward_only():

@@ -78,10 +78,15 @@ def incremental_decoder_logits(model, tokens, chunks, *, mask=None):
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-like"])
+
+@pytest.fixture(params=["llama-tiny", "gpt2-like"])
+def decoder_model(request):
+    """A random decoder-only model of each kind: the llama-tiny preset and a GPT-2-like config."""
+    return make(config_for(request.param))
+
 @torch.no_grad()
-def test_decoder_kv_cache_matches_full_recomputation(name):
-    model = make(config_for(name))
+def test_decoder_kv_cache_matches_full_recomputation(decoder_model):
+    model = decoder_model
     tokens = ids(2, 12, model.config.vocab_size)
     full = model(tokens)
     # a 5-token prompt, a chunk of 4 more after the cached prefix, then one token at a time
@@ -117,10 +122,9 @@ def test_encoder_decoder_kv_cache_matches_full_recomputation(name):
     assert (model(enc2, attention_mask=enc_mask, decoder_input_ids=dec) - full).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-like"])
 @torch.no_grad()
-def test_left_padded_batch_matches_rows_alone(name):
-    model = make(config_for(name))
+def test_left_padded_batch_matches_rows_alone(decoder_model):
+    model = decoder_model
     vocab, pad = model.config.vocab_size, model.config.pad_token_id
     lengths = [10, 6, 3]
     rows = [ids(1, n, vocab, seed=10 + i)[0] for i, n in enumerate(lengths)]
@@ -205,10 +209,9 @@ def test_post_norm_encoder_ignores_appended_padding():
     assert (model.encode(padded_tokens)[:, :6] - plain).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-like"])
 @torch.no_grad()
-def test_decoder_is_causal(name):
-    model = make(config_for(name))
+def test_decoder_is_causal(decoder_model):
+    model = decoder_model
     tokens = ids(1, 10, model.config.vocab_size)
     base = model(tokens)
     for t in (0, 4, 8):

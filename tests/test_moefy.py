@@ -52,7 +52,7 @@ def test_recall_and_compute_fraction_on_a_hand_example():
     mass = torch.tensor([[4.0, 3.0, 2.0, 1.0], [0.0, 1.0, 1.0, 2.0]])
     selected = torch.tensor([[0, 2], [3, 0]])
     torch.testing.assert_close(mf.recall(mass, selected), torch.tensor([0.6, 0.5]))
-    from cpmctl.stages.moefy import RecallMeter
+    from cpmctl.moefication import RecallMeter
 
     config = ModelConfig.from_preset("bert-tiny").replace(moe=dict(experts=4, expert_size=32, top_k=1, router="oracle", permuted=True))
     moe = MoEFeedForward(config)
@@ -110,19 +110,19 @@ def test_routers_trained_together_equal_routers_trained_alone():
 
 
 def test_sampled_documents_are_uniform(tmp_path):
-    from cpmctl.stages.moefy import _sample_texts
+    from cpmctl.corpus import sample_documents
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"doc {i}\n" for i in range(500)))
     hits = torch.zeros(500)
     for seed in range(200):
-        picked = [int(t.split()[1]) for t in _sample_texts(corpus, 25, "text", seed)]
+        picked = [int(t.split()[1]) for t in sample_documents(corpus, 25, "text", seed)]
         assert len(set(picked)) == 25
         hits[picked] += 1
     # Each document is in a sample with probability 25/500: 10 of 200 samples on average.
     assert abs(float(hits.mean()) - 10) < 1e-6
     assert abs(float(hits[:100].mean()) - 10) < 1.5 and abs(float(hits[-100:].mean()) - 10) < 1.5
-    assert len(_sample_texts(corpus, 800, "text", 0)) == 500
+    assert len(sample_documents(corpus, 800, "text", 0)) == 500
 
 
 @pytest.mark.parametrize("d_ff,experts,size,allow,want", [(128, 8, None, False, (8, 16)), (128, None, 32, False, (4, 32)), (100, 8, None, True, (8, 13))])
@@ -152,19 +152,21 @@ def dense_ckpt(tmp_path_factory, sp_tokenizer) -> Path:
 
 def test_statistics_pass_stops_after_the_last_recorded_ffn(dense_ckpt, corpus):
     from cpmctl.checkpoint import read_config
-    from cpmctl.stages.moefy import collect_inputs, load_documents
+    from cpmctl.moefication import collect_inputs
+    from cpmctl.stages.moefy import load_documents
 
     cfg = _cfg(dense_ckpt, Path("unused"), corpus, max_docs=40, eval_docs=5, max_tokens=100_000)
     rows, _, _ = load_documents(cfg, read_config(dense_ckpt), dense_ckpt)
     model, ckpt = load_model(dense_ckpt)
     head_calls = []
     handle = model.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
-    full = collect_inputs(model, rows, ["decoder.0", "decoder.1"], cfg, stop_early=False)
+    sizes = dict(max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+    full = collect_inputs(model, rows, ["decoder.0", "decoder.1"], **sizes, stop_early=False)
     assert head_calls
     head_calls.clear()
-    short = collect_inputs(model, rows, ["decoder.0", "decoder.1"], cfg)
+    short = collect_inputs(model, rows, ["decoder.0", "decoder.1"], **sizes)
     assert not head_calls  # the LM head over the vocabulary never ran
-    first = collect_inputs(model, rows, ["decoder.0"], cfg)
+    first = collect_inputs(model, rows, ["decoder.0"], **sizes)
     handle.remove()
     ckpt.close()
     assert sorted(full) == sorted(short) == ["decoder.0", "decoder.1"]
@@ -341,7 +343,7 @@ def test_task_accuracy_values_match_a_direct_computation(tmp_path, dense_ckpt, c
 @pytest.fixture(scope="module")
 def encoder_ckpts(tmp_path_factory, sp_tokenizer) -> dict[str, Path]:
     """bert-tiny without an LM head: plain, and as a distill task model with a linear head."""
-    from cpmctl.stages.distill import save_task_model
+    from cpmctl.task_model import save_task_model
     from cpmctl.tasks import LinearHead
 
     root = tmp_path_factory.mktemp("moefy_enc")
@@ -382,7 +384,7 @@ def _by_hand_head_accuracy(checkpoint: Path, task: Path, tok) -> float:
 
 
 def test_task_accuracy_with_the_task_head_of_a_task_model(tmp_path, encoder_ckpts, task_files, sp_tokenizer):
-    from cpmctl.stages.distill import load_task_model
+    from cpmctl.task_model import load_task_model
 
     every = run(MoefyConfig(checkpoint=encoder_ckpts["task_model"], out=tmp_path / "all", experts=4, top_k=4,
                             router="center", task=task_files["task"]))

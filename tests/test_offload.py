@@ -9,15 +9,23 @@ import random
 import pytest
 import torch
 
-from cpmctl.checkpoint import load_model, save_model
+from cpmctl.checkpoint import load_model, open_checkpoint, save_model
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
 from cpmctl.generate import generate
 from cpmctl.model import build_model
-from cpmctl.offload import OffloadError, infmoe_order, load_offloaded, parse_size
+from cpmctl.offload import OffloadError, infmoe_order, load_offloaded, offload_run_dtype, run_weight_bytes, stored_tensors
+from cpmctl.units import parse_size
 
 MOE = dict(experts=8, expert_size=16, top_k=2)
 
+
+
+def _budget(path, text: str, dtype=None) -> int:
+    """A budget as `cpmctl infer --memory-budget` reads it (a percentage of the weights in the run dtype)."""
+    with open_checkpoint(path) as ckpt:
+        tensors = stored_tensors(ckpt, ckpt.shapes())
+    return parse_size(text, total=run_weight_bytes(tensors, offload_run_dtype({t.dtype for t in tensors.values()}, dtype)))
 
 def config(kind: str, moe: dict | None) -> ModelConfig:
     if kind == "decoder":
@@ -64,12 +72,12 @@ def test_offloaded_equals_resident_bit_for_bit_across_budgets(tmp_path, kind, mo
     model, _ = load_model(ckpt)
     want = outputs(model)
     total = sum(t.nbytes for t in model.state_dict().values())
-    _, _, probe = load_offloaded(ckpt, mode="disk", budget=str(total), device=torch.device("cpu"), dtype=None)
-    minimum, slot = probe.plan.minimum, probe.plan.slot_bytes
+    _, _, probe = load_offloaded(ckpt, mode="disk", budget=total, device=torch.device("cpu"), dtype=None)
+    minimum, slot = probe.plan.arithmetic.minimum, probe.plan.arithmetic.slot_bytes
     probe.close()
     for budget in (minimum, minimum + 2 * slot, minimum + 5 * slot, total):
         for prefetch in (True, False):
-            model, _, engine = load_offloaded(ckpt, mode="disk", budget=str(budget), device=torch.device("cpu"),
+            model, _, engine = load_offloaded(ckpt, mode="disk", budget=budget, device=torch.device("cpu"),
                                               dtype=None, prefetch=prefetch)
             try:
                 got = outputs(model)
@@ -86,20 +94,20 @@ def test_offloaded_equals_resident_bit_for_bit_across_budgets(tmp_path, kind, mo
 
 def test_budget_below_minimum_states_it(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m", "decoder", MOE)
-    _, _, probe = load_offloaded(ckpt, mode="disk", budget="100%", device=torch.device("cpu"), dtype=None)
-    minimum = probe.plan.minimum
+    _, _, probe = load_offloaded(ckpt, mode="disk", budget=_budget(ckpt, "100%"), device=torch.device("cpu"), dtype=None)
+    minimum = probe.plan.arithmetic.minimum
     probe.close()
     with pytest.raises(UserError, match="below this model's minimum"):
-        load_offloaded(ckpt, mode="disk", budget=str(minimum - 1), device=torch.device("cpu"), dtype=None)
+        load_offloaded(ckpt, mode="disk", budget=minimum - 1, device=torch.device("cpu"), dtype=None)
 
 
 def test_the_cache_holds_what_the_budget_buys_and_reuses_it(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m", "decoder", MOE)
-    _, _, probe = load_offloaded(ckpt, mode="disk", budget="100%", device=torch.device("cpu"), dtype=None)
+    _, _, probe = load_offloaded(ckpt, mode="disk", budget=_budget(ckpt, "100%"), device=torch.device("cpu"), dtype=None)
     plan = probe.plan
     probe.close()
     assert plan.unit_kind == "expert" and len(plan.units) == 3 * 8
-    model, _, engine = load_offloaded(ckpt, mode="disk", budget=str(plan.minimum + 3 * plan.slot_bytes),
+    model, _, engine = load_offloaded(ckpt, mode="disk", budget=plan.arithmetic.minimum + 3 * plan.arithmetic.slot_bytes,
                                       device=torch.device("cpu"), dtype=None, prefetch=False)
     with torch.no_grad():
         model(PROMPTS)
@@ -108,7 +116,7 @@ def test_the_cache_holds_what_the_budget_buys_and_reuses_it(tmp_path):
     stats = engine.stats()
     engine.close()
     assert stats["slots"] == 4
-    assert stats["bytes_moved"] == stats["loads"] * plan.units[0].numel * 4  # padding is not moved
+    assert stats["bytes_moved"] == stats["loads"] * probe.units[0].numel * 4  # padding is not moved
     assert moved > 0 and stats["hits"] > 0
 
 
@@ -122,11 +130,11 @@ def _flip_byte(path, offset: int) -> None:
 
 def test_a_corrupt_expert_is_a_checksum_error_not_a_wrong_output(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m", "decoder", MOE)
-    model, _, engine = load_offloaded(ckpt, mode="disk", budget="100%", device=torch.device("cpu"), dtype=None)
-    info = engine.plan.units[5].parts[0]
+    model, _, engine = load_offloaded(ckpt, mode="disk", budget=_budget(ckpt, "100%"), device=torch.device("cpu"), dtype=None)
+    info = engine.units[5].parts[0]
     engine.close()
     _flip_byte(info.file, info.byte_offset + 3)
-    model, _, engine = load_offloaded(ckpt, mode="disk", budget="100%", device=torch.device("cpu"), dtype=None)
+    model, _, engine = load_offloaded(ckpt, mode="disk", budget=_budget(ckpt, "100%"), device=torch.device("cpu"), dtype=None)
     try:
         with pytest.raises(OffloadError, match="checksum mismatch"):
             with torch.no_grad():
@@ -138,20 +146,20 @@ def test_a_corrupt_expert_is_a_checksum_error_not_a_wrong_output(tmp_path):
 
 def test_a_corrupt_resident_weight_is_caught_at_load(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m", "decoder", MOE)
-    _, handle, engine = load_offloaded(ckpt, mode="disk", budget="100%", device=torch.device("cpu"), dtype=None)
+    _, handle, engine = load_offloaded(ckpt, mode="disk", budget=_budget(ckpt, "100%"), device=torch.device("cpu"), dtype=None)
     info = handle.tensor_info("embed.tokens.weight")
     engine.close()
     _flip_byte(info.file, info.byte_offset + 10)
     with pytest.raises(OffloadError, match="checksum mismatch in embed.tokens.weight"):
-        load_offloaded(ckpt, mode="disk", budget="100%", device=torch.device("cpu"), dtype=None)
+        load_offloaded(ckpt, mode="disk", budget=_budget(ckpt, "100%"), device=torch.device("cpu"), dtype=None)
 
 
 def test_a_file_truncated_after_start_is_a_short_read_error(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m", "decoder", MOE)
-    _, _, engine = load_offloaded(ckpt, mode="disk", budget="100%", device=torch.device("cpu"), dtype=None)
-    last = max((p for u in engine.plan.units for p in u.parts), key=lambda p: p.byte_offset)
+    _, _, engine = load_offloaded(ckpt, mode="disk", budget=_budget(ckpt, "100%"), device=torch.device("cpu"), dtype=None)
+    last = max((p for u in engine.units for p in u.parts), key=lambda p: p.byte_offset)
     engine.close()
-    model, _, engine = load_offloaded(ckpt, mode="disk", budget="100%", device=torch.device("cpu"), dtype=None)
+    model, _, engine = load_offloaded(ckpt, mode="disk", budget=_budget(ckpt, "100%"), device=torch.device("cpu"), dtype=None)
     with open(last.file, "r+b") as fh:
         fh.truncate(last.byte_offset + 4)
     try:
@@ -175,15 +183,15 @@ def test_a_missing_or_truncated_shard_is_refused_up_front(tmp_path):
     with open(shards[-1], "r+b") as fh:
         fh.truncate(size - 100)
     with pytest.raises(UserError, match="truncated|shorter|size"):
-        load_offloaded(tmp_path / "m", mode="disk", budget="50%", device=torch.device("cpu"), dtype=None)
+        load_offloaded(tmp_path / "m", mode="disk", budget=_budget(tmp_path / "m", "50%"), device=torch.device("cpu"), dtype=None)
     shards[-1].unlink()
     with pytest.raises(UserError, match="does not exist|missing"):
-        load_offloaded(tmp_path / "m", mode="disk", budget="50%", device=torch.device("cpu"), dtype=None)
+        load_offloaded(tmp_path / "m", mode="disk", budget=_budget(tmp_path / "m", "50%"), device=torch.device("cpu"), dtype=None)
 
 
 def test_a_loader_that_dies_mid_load_is_an_error_not_an_output(tmp_path, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "m", "decoder", MOE)
-    model, _, engine = load_offloaded(ckpt, mode="disk", budget="100%", device=torch.device("cpu"), dtype=None)
+    model, _, engine = load_offloaded(ckpt, mode="disk", budget=_budget(ckpt, "100%"), device=torch.device("cpu"), dtype=None)
     real, calls = engine.source.read_part, []
 
     def dying(part, dest):
@@ -206,8 +214,8 @@ def test_a_loader_that_dies_mid_load_is_an_error_not_an_output(tmp_path, monkeyp
 
 
 def test_cpu_offload_needs_a_gpu_and_budgets_parse():
-    with pytest.raises(UserError, match="on a CPU use --offload disk"):
-        load_offloaded("nowhere", mode="cpu", budget="1GiB", device=torch.device("cpu"), dtype=None)
+    with pytest.raises(UserError, match="on a CPU offload to disk"):
+        load_offloaded("nowhere", mode="cpu", budget=2**30, device=torch.device("cpu"), dtype=None)
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("512MB") == 512 * 10**6
     assert parse_size("1.5k") == 1536
@@ -284,7 +292,7 @@ def test_checkpoints_without_recorded_crcs_still_run_and_say_so(tmp_path):
     del provenance["tensor_crc32"]  # as written before cpmctl recorded them
     provenance_path.write_text(json.dumps(provenance))
     want = outputs(load_model(ckpt)[0])
-    model, _, engine = load_offloaded(ckpt, mode="disk", budget="40%", device=torch.device("cpu"), dtype=None)
+    model, _, engine = load_offloaded(ckpt, mode="disk", budget=_budget(ckpt, "40%"), device=torch.device("cpu"), dtype=None)
     try:
         got = outputs(model)
         assert engine.stats()["checksums"] == "not recorded"

@@ -196,7 +196,7 @@ def test_prompt_tune_trains_the_prompt_and_head_only(tmp_path):
 
 # -- offload arithmetic ----------------------------------------------------------------------------------
 def test_infer_offload_dry_run_equals_plan_offload(tmp_path, tok_dir):
-    from cpmctl.offload import plan_offload
+    from cpmctl.offload import plan_offload, stored_tensors
 
     torch.manual_seed(0)
     save_model(build_model(tiny_moe()), tmp_path / "m", tokenizer_dir=tok_dir)
@@ -205,9 +205,10 @@ def test_infer_offload_dry_run_equals_plan_offload(tmp_path, tok_dir):
         with open_checkpoint(tmp_path / "m") as ckpt:
             model = build_model(ckpt.config, device="meta")
             total = sum(t.numel() for t in model.state_dict().values()) * dtype.itemsize
-            p = plan_offload(model, ckpt, mode="disk", budget=int(total * 0.97), dtype=dtype, device=torch.device("cpu"))
-        return {"resident_bytes": p.resident_bytes, "slot_bytes": p.slot_bytes, "slots": p.slots, "units": len(p.units),
-                "minimum": p.minimum, "unit": p.unit_kind}
+            p = plan_offload(model, stored_tensors(ckpt, model.state_dict()), mode="disk", budget=int(total * 0.97), dtype=dtype, device=torch.device("cpu"))
+        a = p.arithmetic
+        return {"resident_bytes": a.resident_bytes, "slot_bytes": a.slot_bytes, "slots": p.slots, "units": len(p.units),
+                "minimum": a.minimum, "unit": p.unit_kind}
 
     def dry(dtype=None):
         cfg = infer_stage.InferConfig(checkpoint=tmp_path / "m", texts=["x"], offload="disk", memory_budget="97%", dtype=dtype)

@@ -303,7 +303,7 @@ def test_full_fine_tuning_baseline_and_errors(tiny_encoder, tmp_path):
 def test_deep_mlm_adapter_round_trips_through_infer_loading(tiny_encoder, tmp_path, sp_tokenizer):
     """A deep prompt scored by the MLM head at the mask: saved, loaded by `load_classifier` on the
     base checkpoint, same class logits as the in-memory classifier."""
-    from cpmctl.stages.prompt_tune import base_model_hash, load_classifier
+    from cpmctl.prompt import base_model_hash, load_classifier
 
     root = tiny_encoder
     model, ck = load_model(root / "model")

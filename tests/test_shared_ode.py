@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cpmctl import iterations
 from cpmctl.checkpoint import load_model, save_model
 from cpmctl.cli import app
 from cpmctl.config import ModelConfig
@@ -21,7 +22,8 @@ from cpmctl.model import (
     KVCache, applied_block_parameters, build_model, distinct_block_parameters, iteration_info, set_iterations,
 )
 from cpmctl.stages import pretrain as stage
-from cpmctl.training import model_flops_per_token, read_metrics, state_dirs
+from cpmctl.training import model_flops_per_token, read_metrics
+from cpmctl.training_state import state_dirs
 
 RUNNER = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -155,7 +157,7 @@ def test_flops_count_every_block_application():
     model = shared_llama(layers=4)
     block = distinct_block_parameters(model)
     assert applied_block_parameters(model) == 4 * block
-    assert stage.flops_per_token(model) == model_flops_per_token(model) + 6.0 * 3 * block
+    assert iterations.flops_per_token(model) == model_flops_per_token(model) + 6.0 * 3 * block
     set_iterations(model, 2)
     assert applied_block_parameters(model) == 2 * block
     set_iterations(model, None)
@@ -240,15 +242,15 @@ def test_bad_share_groups_are_config_errors():
 
 # -- step-robust pre-training --------------------------------------------------------------------
 def test_robust_schedule_is_a_pure_function_of_seed_step_and_micro_batch():
-    assert stage.default_robust_iterations(12, 1) == [12, 9, 6]
-    assert stage.default_robust_iterations(12, 3) == [12, 9, 6]
-    assert stage.default_robust_iterations(12, 2) == [12, 10, 6]
-    assert stage.default_robust_iterations(4, 4) == [4]
+    assert iterations.default_robust_iterations(12, 1) == [12, 9, 6]
+    assert iterations.default_robust_iterations(12, 3) == [12, 9, 6]
+    assert iterations.default_robust_iterations(12, 2) == [12, 10, 6]
+    assert iterations.default_robust_iterations(4, 4) == [4]
     choices = [12, 9, 6]
-    run = [stage.sampled_iterations(choices, 0, step, micro) for step in range(60) for micro in range(2)]
-    assert run == [stage.sampled_iterations(choices, 0, step, micro) for step in range(60) for micro in range(2)]
+    run = [iterations.sampled_iterations(choices, 0, step, micro) for step in range(60) for micro in range(2)]
+    assert run == [iterations.sampled_iterations(choices, 0, step, micro) for step in range(60) for micro in range(2)]
     assert set(run) == set(choices)
-    assert run != [stage.sampled_iterations(choices, 1, step, micro) for step in range(60) for micro in range(2)]
+    assert run != [iterations.sampled_iterations(choices, 1, step, micro) for step in range(60) for micro in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +274,7 @@ def test_step_robust_pretraining_resumes_exactly_and_evaluates_each_count(work, 
     full = stage.run(_cfg(work, tmp_path / "full", **kw))
     assert full["robust_iterations"] == [4, 3, 2]
     train = [r for r in read_metrics(tmp_path / "full") if r["kind"] == "train"]
-    expected = [sum(stage.sampled_iterations([4, 3, 2], 0, step, m) for m in range(2)) / 2 for step in range(6)]
+    expected = [sum(iterations.sampled_iterations([4, 3, 2], 0, step, m) for m in range(2)) / 2 for step in range(6)]
     assert [r["iterations"] for r in train] == pytest.approx(expected)
     assert len(set(expected)) > 1
     evals = [r for r in read_metrics(tmp_path / "full") if r["kind"] == "eval"]

@@ -24,7 +24,8 @@ from cpmctl.data import make_batches, prepare
 from cpmctl.errors import UserError
 from cpmctl.losses import lm_forward, lm_loss
 from cpmctl.model import build_model
-from cpmctl.training import TrainConfig, Trainer, lr_at, read_metrics, state_dirs
+from cpmctl.training import TrainConfig, Trainer, lr_at, read_metrics
+from cpmctl.training_state import state_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 CPMCTL = [sys.executable, "-m", "cpmctl.cli"]

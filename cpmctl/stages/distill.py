@@ -44,28 +44,30 @@ teacher's pass over the originals.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from cpmctl import distill, teacher_cache
+from cpmctl import distill, task_model, tasks, teacher_cache
+from cpmctl.checkpoint import load_model
+from cpmctl.data import make_batches
 from cpmctl.errors import UserError
+from cpmctl.plan import (ACTIVATION_FORMULA, activation_bytes, checkpoint_config, logits_bytes, make_plan,
+                         meta_model, parameter_count, parameter_shapes, source_note, training_memory)
+from cpmctl.tokenizer import load_tokenizer
+from cpmctl.training import METRICS_FILE, TrainConfig, Trainer, forward_flops_per_token
+from cpmctl.training_state import STATE_DIR
 
 log = logging.getLogger("cpmctl")
-
-TASK_FILE = "task.json"
-HEAD_FILE = "head.safetensors"
-MODEL_DIR = "checkpoint"
-PROMPT_TUNE_MODEL_DIR = "model"          # cpmctl prompt-tune --full writes OUT/model + an adapter in OUT
-TASK_FORMAT = "cpmctl-task-model"
-
 
 @dataclass
 class DistillConfig:
@@ -129,156 +131,9 @@ class DistillConfig:
 # =============================================================================================
 
 
-@dataclass
-class TaskModel:
-    path: Path                       # the checkpoint directory
-    model: nn.Module
-    head: nn.Module | None
-    labels: tuple[str, ...] | None
-    words: tuple[str, ...] | None
-    pooling: str
-    tokenizer_hash: str | None
-    identity: str                    # content hash of backbone and head: keys the logits cache
-    scoring: str = "linear"          # how task.json says its classes are scored: linear | lm
-
-
-def resolve_task_model(path: Path) -> Path:
-    """A task model directory, a run directory holding one (OUT/checkpoint), the output of
-    `cpmctl prompt-tune --full` (OUT/model beside its adapter), or a plain checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"teacher {path} does not exist")
-    for inner in (MODEL_DIR, PROMPT_TUNE_MODEL_DIR):
-        if (path / inner / "config.json").is_file():
-            return path / inner
-    return path
-
-
-def load_task_model(path: Path) -> TaskModel:
-    from cpmctl.checkpoint import SafetensorsFile, content_hash, load_model
-    from cpmctl.tasks import LinearHead
-
-    given = Path(path)
-    path = resolve_task_model(given)
-    model, ckpt = load_model(path)
-    head_state, labels, words, pooling, scoring = None, None, None, "mean", "linear"
-    task_file = path / TASK_FILE
-    if task_file.is_file():
-        try:
-            task = json.loads(task_file.read_text())
-            labels, words, pooling = tuple(task["labels"]), tuple(task["words"]), task["pooling"]
-            scoring = task.get("scoring", "linear")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise UserError(f"{task_file} is not a valid task description ({exc})") from None
-        if scoring == "linear":
-            st = SafetensorsFile(path / task.get("head", HEAD_FILE))
-            head_state = {name: st.get(name).clone() for name in st.names()}
-    elif path.name == PROMPT_TUNE_MODEL_DIR and (given / "adapter_config.json").is_file():
-        head_state, labels, words, pooling, scoring = _prompt_tune_head(given)
-    head = None
-    if head_state is not None:
-        head = LinearHead(model.config.d_model, len(labels), pooling)
-        try:
-            head.load_state_dict(head_state, strict=True)
-        except RuntimeError as exc:
-            raise UserError(f"the task head of {given} does not fit {len(labels)} labels and d_model {model.config.d_model}: {exc}") from None
-    weights_hash = ckpt.provenance.get("content_hash") or content_hash(ckpt.state_dict())
-    head_hash = content_hash(head.state_dict()) if head is not None else ""
-    identity = f"{weights_hash}:{head_hash}"
-    return TaskModel(path, model, head, labels, words, pooling, _tokenizer_hash(path), identity, scoring)
-
-
-def _prompt_tune_head(directory: Path):
-    """(head state or None, labels, words, pooling, scoring) of a `cpmctl prompt-tune --full`
-    output (--head linear: the head; --head lm: the label words alone)."""
-    from cpmctl.prompt import load_adapter
-
-    adapter = load_adapter(directory)
-    meta = adapter.meta
-    if not meta.get("full_fine_tuning") or meta.get("scoring") not in ("linear", "lm") or adapter.prompt.shape[0]:
-        raise UserError(f"teacher {directory} is a prompt adapter; distillation takes a fully fine-tuned model "
-                        "(cpmctl prompt-tune --full, or cpmctl distill)")
-    labels = tuple(meta["labels"])
-    words = tuple(meta["verbalizer"][label] for label in labels)
-    if meta["scoring"] == "lm":
-        return None, labels, words, "mean", "lm"
-    return adapter.head, labels, words, meta["head"]["pooling"], "linear"
-
-
-def _tokenizer_hash(path: Path) -> str | None:
-    from cpmctl.tokenizer import load_tokenizer
-
-    tok_dir = path / "tokenizer"
-    return load_tokenizer(tok_dir).content_hash() if tok_dir.is_dir() else None
-
-
-def save_task_model(out: Path, model: nn.Module, head: nn.Module | None, *, labels=None, words=None, pooling="mean",
-                    tokenizer_dir: Path | None, parents, options: dict, metrics: dict) -> dict:
-    """Write OUT atomically: the checkpoint files, then task.json (labels, words; scoring "linear"
-    with head.safetensors beside it, or "lm" when the LM head scores the label words)."""
-    from cpmctl.checkpoint import save_checkpoint_with, write_safetensors
-
-    def write_task(tmp: Path) -> None:
-        if head is not None:
-            write_safetensors(tmp / HEAD_FILE, {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
-        if labels is not None:
-            task = {"format": TASK_FORMAT, "version": 1, "labels": list(labels), "words": list(words),
-                    "scoring": "linear" if head is not None else "lm", "pooling": pooling,
-                    "head": HEAD_FILE if head is not None else None, "metrics": metrics}
-            (tmp / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
-
-    return save_checkpoint_with(out, write_task, model.config, model.state_dict(), overwrite=True, tokenizer_dir=tokenizer_dir,
-                                stage="distill", parents=parents, options=options, metrics=metrics)
-
-
 # =============================================================================================
 # Batches the shared core can resume
 # =============================================================================================
-
-
-class TaskBatches:
-    """Training batches of encoded task rows, reshuffled every epoch by (seed, epoch).
-
-    Batch `position` of epoch `epoch` is fixed by those numbers alone, so (epoch, position) is
-    the whole resumable state. Unlike `tasks.TrainBatches`, each batch carries its rows'
-    indices (`index`, for the teacher-logits cache) and its (epoch, position) (`key`, to seed its
-    mixup draws), and the last partial batch of an epoch is kept (small data sets)."""
-
-    def __init__(self, rows, batch_size: int, pad_id: int, seed: int):
-        if not rows:
-            raise UserError("no training examples")
-        self.rows, self.batch_size, self.pad_id, self.seed = rows, batch_size, pad_id, seed
-        self.epoch = self.position = 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return -(-len(self.rows) // self.batch_size)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        batch = self.batch_at(self.epoch, self.position)
-        self.position += 1
-        return batch
-
-    def batch_at(self, epoch: int, position: int) -> dict[str, Any]:
-        from cpmctl.tasks import collate
-
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
-        picked = order[position * self.batch_size:(position + 1) * self.batch_size]
-        batch = collate([self.rows[int(i)] for i in picked], self.pad_id)
-        batch["index"] = torch.as_tensor(picked, dtype=torch.long)
-        batch["key"] = (epoch, position)
-        return batch
 
 
 # =============================================================================================
@@ -286,225 +141,9 @@ class TaskBatches:
 # =============================================================================================
 
 
-def mixup_draws(seed: int, key: tuple[int, int], n: int, alpha: float) -> tuple[Tensor, Tensor]:
-    """(perm, lambdas) of one batch, from a generator seeded by (seed, epoch, position)."""
-    rng = np.random.default_rng([seed, int(key[0]), int(key[1]), 0x313])
-    return distill.sample_pairs(rng, n), distill.sample_lambdas(rng, alpha, n)
-
-
-def mixed_task_inputs(scorer, batch: dict[str, Any], perm: Tensor, lam: Tensor, *, originals: bool) -> tuple[dict[str, Tensor], Tensor]:
-    """A task batch and its input embeddings: [originals;] mixed rows, in `scorer`'s own word
-    embeddings. Mixed rows attend to (and pool over) the union of their pair's positions."""
-    embed = scorer.model.embed.tokens
-    ids, mask, text, types = batch["input_ids"], batch["attention_mask"], batch["text_mask"], batch["token_type_ids"]
-    words = embed(ids)
-    pad = embed.weight[scorer.model.config.pad_token_id]
-    mixed, mixed_mask = distill.mix_batch(words, mask, perm, lam, pad)
-    perm = perm.to(ids.device)
-    mix = {"input_ids": ids, "attention_mask": mixed_mask, "text_mask": ((text != 0) | (text[perm] != 0)).long(),
-           "token_type_ids": torch.where(mask != 0, types, types[perm])}
-    if not originals:
-        return mix, mixed
-    both = {k: torch.cat([batch[k], mix[k]]) for k in mix}
-    return both, torch.cat([words, mixed])
-
-
-class MixKDClassifier(nn.Module):
-    """The trained module: a `tasks.Scorer` (backbone + linear head) whose forward returns the
-    logits of the originals and, given a pairing, of the mixed rows, in one pass."""
-
-    def __init__(self, scorer) -> None:
-        super().__init__()
-        self.scorer = scorer
-
-    def forward(self, batch: dict[str, Any], perm: Tensor | None = None, lam: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        if perm is None:
-            return self.scorer(batch), None
-        both, embeds = mixed_task_inputs(self.scorer, batch, perm, lam, originals=True)
-        logits = self.scorer(both, embeds)
-        n = batch["input_ids"].shape[0]
-        return logits[:n], logits[n:]
-
-
-@dataclass
-class ClassificationObjective:
-    """`loss_fn(model, batch)` for the shared trainer."""
-
-    weights: distill.LossWeights
-    temperature: float
-    alpha: float
-    seed: int
-    n_classes: int
-    teacher: Any = None                       # tasks.Scorer in eval mode, or None
-    cache: distill.TeacherLogitsCache | None = None
-    teacher_flops_per_token: float = 0.0
-
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        b = batch
-        perm = lam = None
-        if self.weights.needs_mixup:
-            perm, lam = mixup_draws(self.seed, batch["key"], b["input_ids"].shape[0], self.alpha)
-        student, student_mix = model(b, perm, lam)
-        teacher = teacher_mix = targets_mix = None
-        teacher_tokens = 0
-        with torch.no_grad():
-            if self.weights.kd:
-                if self.cache is not None:
-                    teacher = self.cache.get(batch["index"]).to(student.device)
-                else:
-                    teacher = self.teacher(b).float()
-                    teacher_tokens += int(b["attention_mask"].sum())
-            if self.weights.mix:
-                mix, embeds = mixed_task_inputs(self.teacher, b, perm, lam, originals=False)
-                teacher_mix = self.teacher(mix, embeds).float()
-                teacher_tokens += int(mix["attention_mask"].sum())
-        if self.weights.smix:
-            targets_mix = distill.mixed_labels(b["labels"], perm, lam.to(student.device), self.n_classes)
-        loss, terms = distill.mixkd_loss(self.weights, self.temperature, student=student, labels=b["labels"], teacher=teacher,
-                                         student_mix=student_mix, teacher_mix=teacher_mix, targets_mix=targets_mix)
-        stats: dict[str, float] = {f"loss_{k}": v for k, v in terms.items()}
-        stats["flops"] = self.teacher_flops_per_token * teacher_tokens
-        tokens = float(b["attention_mask"].sum())
-        stats["tokens"] = tokens * (2 if student_mix is not None else 1)
-        return loss, stats
-
-
 # =============================================================================================
 # LM distillation
 # =============================================================================================
-
-
-class MixKDLanguageModel(nn.Module):
-    """A `Transformer` whose forward takes a cpmctl.data batch and, given a pairing, also runs the
-    mixed sequences (encoder and decoder inputs mixed with the same lambda) in the same pass."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, Tensor], perm: Tensor | None = None, lam: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        inputs = lm_inputs(self.model, batch, perm, lam)
-        logits = self.model(**inputs)
-        if perm is None:
-            return logits, None
-        n = batch["input_ids"].shape[0]
-        return logits[:n], logits[n:]
-
-
-def lm_inputs(model: nn.Module, batch: dict[str, Tensor], perm: Tensor | None, lam: Tensor | None) -> dict[str, Tensor]:
-    """Forward arguments for [originals; mixed] (or the originals alone when perm is None)."""
-    config = model.config
-    embed = model.embed.tokens
-    pad = embed.weight[config.pad_token_id]
-    out: dict[str, Tensor] = {}
-    pairs = [("input_ids", "attention_mask", "inputs_embeds")]
-    if config.arch == "encoder-decoder":
-        pairs.append(("decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds"))
-    for ids_key, mask_key, embeds_key in pairs:
-        ids = batch[ids_key]
-        mask = batch.get(mask_key, torch.ones_like(ids))
-        if perm is None:
-            out[ids_key], out[mask_key] = ids, mask
-            continue
-        words = embed(ids)
-        mixed, mixed_mask = distill.mix_batch(words, mask, perm, lam, pad)
-        out[embeds_key] = torch.cat([words, mixed])
-        out[mask_key] = torch.cat([mask, mixed_mask])
-    return out
-
-
-@dataclass
-class LMObjective:
-    weights: distill.LossWeights
-    temperature: float
-    alpha: float
-    seed: int
-    teacher: nn.Module | None = None
-    teacher_flops_per_token: float = 0.0
-
-    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        from cpmctl import losses
-
-        labels = batch["labels"]
-        n = labels.shape[0]
-        perm = lam = None
-        if self.weights.needs_mixup:
-            key = batch.get("key", (0, 0))
-            perm, lam = mixup_draws(self.seed, key, n, self.alpha)
-        student, student_mix = model(batch, perm, lam)
-        targets = losses.target_mask(labels)
-        terms: dict[str, Tensor] = {}
-        teacher_tokens = 0
-        if self.weights.ce:
-            terms["ce"] = losses.lm_loss(student, labels)
-        with torch.no_grad():
-            teacher = teacher_mix = None
-            cached = "teacher_ids" in batch  # top-K from the teacher cache (cpmctl.teacher_cache)
-            if self.weights.kd and not cached:
-                teacher = losses.lm_forward(self.teacher, batch).float()
-                teacher_tokens += int(batch.get("attention_mask", labels).numel())
-            if self.weights.mix:
-                mixed = lm_inputs(self.teacher, batch, perm, lam)
-                teacher_mix = self.teacher(**mixed).float()[n:]
-                teacher_tokens += 2 * int(labels.numel())
-        if self.weights.kd and cached:
-            ids, values = batch["teacher_ids"].to(student.device), batch["teacher_logits"].to(student.device)
-            terms["kd"] = losses.kd_loss_topk(student, ids, values, targets, self.temperature)
-        elif self.weights.kd:
-            terms["kd"] = losses.kd_loss(student, teacher, targets, self.temperature)
-        if perm is not None:
-            perm_d = perm.to(labels.device)
-            lam_d = lam.to(student.device)
-            union = targets | targets[perm_d]
-            if self.weights.mix:
-                terms["mix"] = losses.kd_loss(student_mix, teacher_mix, union, self.temperature)
-            if self.weights.smix:
-                terms["smix"] = mixed_lm_cross_entropy(student_mix, labels, labels[perm_d], lam_d)
-        total = sum(getattr(self.weights, k) * v for k, v in terms.items())
-        stats = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
-        stats["flops"] = self.teacher_flops_per_token * teacher_tokens
-        return total, stats
-
-
-def mixed_lm_cross_entropy(logits: Tensor, labels_a: Tensor, labels_b: Tensor, lam: Tensor) -> Tensor:
-    """Mean over positions targeted by either sequence of lam * CE(a) + (1 - lam) * CE(b)."""
-    from cpmctl.losses import IGNORE_INDEX
-
-    logp = torch.log_softmax(logits.float(), dim=-1)
-
-    def nll(labels: Tensor) -> Tensor:
-        picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-        return -picked * (labels != IGNORE_INDEX)
-
-    lam = lam.reshape(-1, 1)
-    per_position = lam * nll(labels_a) + (1 - lam) * nll(labels_b)
-    union = (labels_a != IGNORE_INDEX) | (labels_b != IGNORE_INDEX)
-    return per_position.sum() / union.sum().clamp(min=1)
-
-
-class KeyedBatches:
-    """cpmctl.data.Batches with each batch's (epoch, position) attached, to seed its mixup draws."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state) -> None:
-        self.inner.load_state_dict(state)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self.inner.position >= self.inner.batches_per_epoch:
-            key = (self.inner.epoch + 1, 0)
-        else:
-            key = (self.inner.epoch, self.inner.position)
-        batch = dict(next(self.inner))
-        batch["key"] = key
-        return batch
 
 
 # =============================================================================================
@@ -556,23 +195,17 @@ def _check_config(cfg: DistillConfig, *, inputs: bool = True) -> None:
 def _clear_run(out: Path) -> None:
     """--force: drop an earlier run's training states and metrics (its checkpoint/ is replaced
     atomically at the end)."""
-    import shutil
-
-    from cpmctl.training import METRICS_FILE, STATE_DIR
-
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     (out / METRICS_FILE).unlink(missing_ok=True)
 
 
 def build_student(cfg: DistillConfig, teacher: nn.Module, teacher_tokenizer: str | None) -> tuple[nn.Module, dict[str, Any]]:
     """The student backbone and a description of where it came from."""
-    from cpmctl.checkpoint import load_model
-
     config = teacher.config
     if cfg.student is not None:
-        if _tokenizer_hash(Path(cfg.student)) != teacher_tokenizer:
+        if task_model.tokenizer_hash(Path(cfg.student)) != teacher_tokenizer:
             raise UserError(f"student {cfg.student} and the teacher use different tokenizers; distillation needs the same token ids")
-        student_path = resolve_task_model(Path(cfg.student))
+        student_path = task_model.resolve_task_model(Path(cfg.student))
         model, _ = load_model(student_path)
         model = _owned(model)
         if model.config.vocab_size != config.vocab_size:
@@ -609,34 +242,20 @@ def _check_preset_student(cfg: DistillConfig, student_config, teacher_config) ->
                         f"choose a {teacher_config.arch} preset")
 
 
-def planned_model_dir(path: Path) -> Path:
-    """resolve_task_model for a dry run: for a path not there yet, a stand-in for the run
-    directory's OUT/checkpoint (what an earlier pipeline step's plan gives), else the path."""
-    from cpmctl.plan import is_assumed
-
-    path = Path(path)
-    if path.exists():
-        return resolve_task_model(path)
-    return path / MODEL_DIR if is_assumed(path / MODEL_DIR) else path
-
-
 def plan(cfg: DistillConfig):
     """What `run(cfg)` would train, from the teacher's (and student's) config alone."""
-    from cpmctl.plan import (ACTIVATION_FORMULA, activation_bytes, checkpoint_config, logits_bytes, make_plan, meta_model,
-                             parameter_count, parameter_shapes, source_note, training_memory)
-
     _check_config(cfg, inputs=False)
-    teacher_dir = planned_model_dir(Path(cfg.teacher))
+    teacher_dir = task_model.planned_model_dir(Path(cfg.teacher))
     teacher_config = checkpoint_config(teacher_dir)
     notes: list[str | None] = [source_note(teacher_dir, "teacher")]
     for path, what in ((cfg.train, "--train"), (cfg.dev, "--dev"), (cfg.corpus, "--corpus")):
         if path is not None and not Path(path).exists():
             notes.append(f"{what} {path}: not there yet")
     if cfg.student is not None:
-        student_dir = planned_model_dir(Path(cfg.student))
+        student_dir = task_model.planned_model_dir(Path(cfg.student))
         config = checkpoint_config(student_dir)
         notes.append(source_note(student_dir, "student"))
-        if Path(cfg.student).exists() and Path(cfg.teacher).exists() and _tokenizer_hash(Path(cfg.student)) != _tokenizer_hash(teacher_dir):
+        if Path(cfg.student).exists() and Path(cfg.teacher).exists() and task_model.tokenizer_hash(Path(cfg.student)) != task_model.tokenizer_hash(teacher_dir):
             raise UserError(f"student {cfg.student} and the teacher use different tokenizers; distillation needs the same token ids")
         if config.vocab_size != teacher_config.vocab_size:
             raise UserError(f"student vocabulary {config.vocab_size} differs from the teacher's {teacher_config.vocab_size}")
@@ -669,7 +288,7 @@ def plan(cfg: DistillConfig):
     if steps is None:
         notes.append("steps: epochs x batches per epoch, known once the data is read (give --max-steps to fix them)")
     tokens = None if steps is None else steps * cfg.grad_accum * cfg.batch_size * seq
-    return make_plan("distill", output=Path(cfg.out) / MODEL_DIR, output_config=config, parameters=parameters,
+    return make_plan("distill", output=Path(cfg.out) / task_model.MODEL_DIR, output_config=config, parameters=parameters,
                      trainable=sum(math.prod(s) for s in trainable_shapes), parameter_bytes=4 * parameters, devices=1,
                      breakdown=breakdown, steps=steps, tokens=tokens, notes=notes,
                      details={"student": f"{config.arch}, d_model {config.d_model}, layers {config.stack_depths()}",
@@ -687,7 +306,7 @@ def _owned(model: nn.Module) -> nn.Module:
 def run(cfg: DistillConfig) -> dict[str, Any]:
     _check_config(cfg)
     weights = cfg.weights
-    teacher_tm = load_task_model(Path(cfg.teacher))
+    teacher_tm = task_model.load_task_model(Path(cfg.teacher))
     teacher = teacher_tm.model.float().eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -700,8 +319,6 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
 
 
 def _train_config(cfg: DistillConfig, steps_per_epoch: int):
-    from cpmctl.training import TrainConfig
-
     max_steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch / cfg.grad_accum))
     return TrainConfig(
         out=Path(cfg.out), max_steps=max_steps, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
@@ -725,11 +342,7 @@ def _options(cfg: DistillConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
 
 
-def _run_classification(cfg, weights, teacher_tm: TaskModel, teacher, student, student_info) -> dict[str, Any]:
-    from cpmctl import tasks
-    from cpmctl.tokenizer import load_tokenizer
-    from cpmctl.training import Trainer, forward_flops_per_token
-
+def _run_classification(cfg, weights, teacher_tm: task_model.TaskModel, teacher, student, student_info) -> dict[str, Any]:
     lm_head = cfg.head == "lm"
     examples = tasks.load_examples(cfg.train)
     verbalizer = tasks.load_verbalizer(cfg.verbalizer) if cfg.verbalizer is not None else None
@@ -741,7 +354,7 @@ def _run_classification(cfg, weights, teacher_tm: TaskModel, teacher, student, s
     if lm_head and teacher_tm.scoring == "lm" and teacher_tm.words is not None and tuple(teacher_tm.words) != label_set.words:
         raise UserError(f"the teacher answers with the words {', '.join(teacher_tm.words)}; --verbalizer gives {', '.join(label_set.words)}")
     if not lm_head and teacher_tm.head is None and weights.needs_teacher:
-        raise UserError(f"teacher {cfg.teacher} has no task head ({TASK_FILE}); fine-tune it first "
+        raise UserError(f"teacher {cfg.teacher} has no task head ({task_model.TASK_FILE}); fine-tune it first "
                         "(cpmctl distill --teacher CKPT --student-layers ALL --kd-weight 0 --mix-weight 0 ...) "
                         "or set --kd-weight 0 --mix-weight 0")
     tok_dir = teacher_tm.path / "tokenizer"
@@ -789,9 +402,9 @@ def _run_classification(cfg, weights, teacher_tm: TaskModel, teacher, student, s
             head.load_state_dict(teacher_tm.head.state_dict())
         scorer = tasks.Scorer(student, head=head)
         teacher_scorer = tasks.Scorer(teacher, head=teacher_tm.head.float().eval()) if teacher_tm.head is not None else None
-    model = MixKDClassifier(scorer)
+    model = distill.MixKDClassifier(scorer)
 
-    batches = TaskBatches(rows, cfg.batch_size, tokenizer.pad_id, cfg.seed)
+    batches = distill.TaskBatches(rows, cfg.batch_size, tokenizer.pad_id, cfg.seed)
     trainer = Trainer(_train_config(cfg, batches.batches_per_epoch))
     if teacher_scorer is not None:
         teacher_scorer.to(trainer.device)
@@ -809,7 +422,7 @@ def _run_classification(cfg, weights, teacher_tm: TaskModel, teacher, student, s
                  "so the teacher also runs online on them (--mix-weight 0 trains from the cache alone)")
     if not (weights.mix > 0 or (weights.kd > 0 and cache is None)):
         teacher_scorer = None  # nothing calls it any more: let it go
-    objective = ClassificationObjective(weights, cfg.temperature, cfg.mixup_alpha, cfg.seed, len(label_set), teacher_scorer, cache,
+    objective = distill.ClassificationObjective(weights, cfg.temperature, cfg.mixup_alpha, cfg.seed, len(label_set), teacher_scorer, cache,
                                         forward_flops_per_token(teacher) if teacher_scorer is not None else 0.0)
 
     def evaluate(wrapped) -> dict[str, float]:
@@ -822,30 +435,26 @@ def _run_classification(cfg, weights, teacher_tm: TaskModel, teacher, student, s
     result = trainer.fit(model, objective, batches, eval_fn=evaluate if dev_rows else None, trainable=_trainable(cfg))
     if trainer.is_main:
         metrics = {"steps": result.step, **{f"dev_{k}": v for k, v in result.last_eval.items()}}
-        save_task_model(Path(cfg.out) / MODEL_DIR, scorer.model, scorer.head, labels=label_set.labels, words=label_set.words,
+        task_model.save_task_model(Path(cfg.out) / task_model.MODEL_DIR, scorer.model, scorer.head, labels=label_set.labels, words=label_set.words,
                         pooling=cfg.pooling if head is not None else "mean", tokenizer_dir=tok_dir, parents=[teacher_tm.path], options=_options(cfg), metrics=metrics)
     trainer.wait()
-    return {"out": str(cfg.out), "model": str(Path(cfg.out) / MODEL_DIR), "steps": result.step, "train_rows": len(rows),
+    return {"out": str(cfg.out), "model": str(Path(cfg.out) / task_model.MODEL_DIR), "steps": result.step, "train_rows": len(rows),
             "dev": result.last_eval, "train": result.last_train, "train_seconds": result.train_seconds,
             "resumed_from": result.resumed_from, "cache": str(cache.path) if cache is not None else None, "head": cfg.head,
             **student_info}
 
 
-def teacher_key(teacher_tm: TaskModel, label_ids: list[list[int]] | None) -> str:
+def teacher_key(teacher_tm: task_model.TaskModel, label_ids: list[list[int]] | None) -> str:
     """What the cached class logits depend on besides the examples: the teacher's weights and
     head, and with --head lm the label words' token ids (other words, other scores)."""
     if label_ids is None:
         return teacher_tm.identity
-    import hashlib
-
     return f"{teacher_tm.identity}:lm:{hashlib.sha256(json.dumps(label_ids).encode()).hexdigest()[:16]}"
 
 
 def _teacher_cache(path: Path, teacher_scorer, teacher: str, rows, pad_id: int, batch_size: int, device) -> distill.TeacherLogitsCache:
     """Open the cache at `path` (built for the teacher keyed `teacher` and these rows), or run
     `teacher_scorer` over the rows once and write it: class logits [N, C], linear or label-word."""
-    from cpmctl import tasks
-
     key = distill.examples_hash([r.ids for r in rows])
     if path.exists():
         cache = distill.TeacherLogitsCache.open(path, teacher=teacher, examples=key)
@@ -863,11 +472,7 @@ def _teacher_cache(path: Path, teacher_scorer, teacher: str, rows, pad_id: int, 
     return distill.TeacherLogitsCache.build(path, logits, teacher=teacher, examples=key)
 
 
-def _run_lm(cfg, weights, teacher_tm: TaskModel, teacher, student, student_info) -> dict[str, Any]:
-    from cpmctl.data import make_batches
-    from cpmctl.tokenizer import load_tokenizer
-    from cpmctl.training import Trainer, forward_flops_per_token
-
+def _run_lm(cfg, weights, teacher_tm: task_model.TaskModel, teacher, student, student_info) -> dict[str, Any]:
     config = student.config
     if config.arch == "encoder" or teacher.config.arch == "encoder":
         raise UserError("LM distillation needs decoder-only or encoder-decoder models (an encoder has no next-token objective)")
@@ -884,7 +489,7 @@ def _run_lm(cfg, weights, teacher_tm: TaskModel, teacher, student, student_info)
                             seed=cfg.seed, decoder_start_id=config.start_token_id if config.arch == "encoder-decoder" else None)
 
     inner = corpus_batches()
-    batches = KeyedBatches(inner)
+    batches = distill.KeyedBatches(inner)
     tcfg = _train_config(cfg, inner.batches_per_epoch)
     trainer = Trainer(tcfg)
     if weights.needs_teacher:
@@ -900,21 +505,21 @@ def _run_lm(cfg, weights, teacher_tm: TaskModel, teacher, student, student_info)
             log.info("teacher-logits cache: serves the KD term on the original examples; mixed inputs are new every step, "
                      "so the teacher also runs online on them (--mix-weight 0 trains from the cache alone)")
     online = weights.mix > 0 or (weights.kd > 0 and cache_meta is None)
-    objective = LMObjective(weights, cfg.temperature, cfg.mixup_alpha, cfg.seed, teacher if online else None,
+    objective = distill.LMObjective(weights, cfg.temperature, cfg.mixup_alpha, cfg.seed, teacher if online else None,
                             forward_flops_per_token(teacher))
     log.info(f"distill (LM, {objective_name}): student {student_info}, weights {asdict(weights)}, T={cfg.temperature}")
-    result = trainer.fit(MixKDLanguageModel(student), objective, batches, trainable=_trainable(cfg))
+    result = trainer.fit(distill.MixKDLanguageModel(student), objective, batches, trainable=_trainable(cfg))
     if trainer.is_main:
-        save_task_model(Path(cfg.out) / MODEL_DIR, student, None, tokenizer_dir=tok_dir, parents=[teacher_tm.path],
+        task_model.save_task_model(Path(cfg.out) / task_model.MODEL_DIR, student, None, tokenizer_dir=tok_dir, parents=[teacher_tm.path],
                         options=_options(cfg), metrics={"steps": result.step, **result.last_train})
     trainer.wait()
-    return {"out": str(cfg.out), "model": str(Path(cfg.out) / MODEL_DIR), "steps": result.step, "train": result.last_train,
+    return {"out": str(cfg.out), "model": str(Path(cfg.out) / task_model.MODEL_DIR), "steps": result.step, "train": result.last_train,
             "train_seconds": result.train_seconds, "resumed_from": result.resumed_from,
             "cache": str(cfg.teacher_logits_cache) if cache_meta else None,
             "cache_flops": cache_meta["flops"] if cache_meta else None, **student_info}
 
 
-def lm_fingerprint(cfg: DistillConfig, teacher_tm: TaskModel, data_batches, student_vocab: int) -> dict[str, Any]:
+def lm_fingerprint(cfg: DistillConfig, teacher_tm: task_model.TaskModel, data_batches, student_vocab: int) -> dict[str, Any]:
     """The shared cache fingerprint with distill's batch layout (the corpus has no valid split)
     and the student's vocabulary (the teacher's top-K is taken over the ids the student has)."""
     weights_hash = teacher_tm.identity.rsplit(":", 1)[0]  # identity = "<weights hash>:<head hash>"
@@ -922,7 +527,7 @@ def lm_fingerprint(cfg: DistillConfig, teacher_tm: TaskModel, data_batches, stud
                                            batch_size=cfg.batch_size, seed=cfg.seed, student_vocab=student_vocab)
 
 
-def lm_teacher_cache(path: Path, teacher, teacher_tm: TaskModel, corpus_batches, cfg: DistillConfig, micro_batches: int,
+def lm_teacher_cache(path: Path, teacher, teacher_tm: task_model.TaskModel, corpus_batches, cfg: DistillConfig, micro_batches: int,
                      student_vocab: int, trainer) -> dict[str, Any]:
     """Open (checking it is this run's: teacher, data, layout, K, length) or build the top-K cache."""
     fingerprint = lm_fingerprint(cfg, teacher_tm, corpus_batches(), student_vocab)

@@ -11,12 +11,31 @@ GPU) and are streamed in as needed (cpmctl/offload.py); the output is the same, 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.markup import escape
+
+from cpmctl.checkpoint import INDEX_FILE, WEIGHTS_FILE, check_state_dict_matches, load_model, open_checkpoint
+from cpmctl.data import pad_rows
+from cpmctl.devices import peak_memory_bytes, planned_device, resolve_device, resolve_dtype
 from cpmctl.errors import UserError
+from cpmctl.generate import embed, generate
+from cpmctl.jsonl import iter_records
+from cpmctl.model import iteration_info, set_iterations
+from cpmctl.moe import resolve_kernels, set_kernels
+from cpmctl.offload import (OFFLOAD_MODES, StoredTensor, load_offloaded, offload_run_dtype, plan_offload, run_weight_bytes,
+                            stored_tensors)
+from cpmctl.plan import checkpoint_config, is_assumed, make_plan, meta_model, source_note, stored_dtype
+from cpmctl.prompt import classify
+from cpmctl.tasks import Example, load_examples
+from cpmctl.tokenizer import load_tokenizer
+from cpmctl.units import human_bytes, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +78,6 @@ class InferConfig:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.prompt is not None and (self.iterations is not None or self.step_size is not None):
             raise UserError("--iterations/--step-size cannot be combined with --prompt: a prompt is trained for the model's own depth")
-        from cpmctl.offload import OFFLOAD_MODES
-
         if self.offload not in OFFLOAD_MODES:
             raise UserError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}")
         if self.offload == "none" and self.memory_budget is not None:
@@ -71,8 +88,6 @@ class InferConfig:
 
 def read_texts(path: Path, field: str = "text") -> list[str]:
     """Texts from a JSONL file of {"text": ...} records."""
-    from cpmctl.jsonl import iter_records
-
     texts = [record[field] for _, record in iter_records(path, text_field=field)]
     if not texts:
         raise UserError(f"input file {path} holds no records")
@@ -86,26 +101,8 @@ def _length_batches(rows: list[list[int]], size: int):
         yield order[start : start + size]
 
 
-def _pad(rows: list[list[int]], pad_id: int, left: bool):
-    import torch
-
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if not row:
-            continue
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
 def run(cfg: InferConfig) -> dict:
     cfg.validate()
-
-    from cpmctl.checkpoint import load_model
-    from cpmctl.devices import resolve_device, resolve_dtype
 
     texts = cfg.texts if cfg.texts is not None else read_texts(cfg.input_file)
     device = resolve_device(cfg.device)
@@ -114,9 +111,11 @@ def run(cfg: InferConfig) -> dict:
     if cfg.offload == "none":
         model, ckpt = load_model(cfg.checkpoint, device=device, dtype=resolve_dtype(cfg.dtype))
     else:
-        from cpmctl.offload import load_offloaded
-
-        model, ckpt, engine = load_offloaded(cfg.checkpoint, mode=cfg.offload, budget=cfg.memory_budget, device=device,
+        _check_offload_device(cfg, device)
+        with open_checkpoint(cfg.checkpoint) as headers:
+            tensors = stored_tensors(headers, headers.shapes())
+        budget = _budget_bytes(cfg, tensors, resolve_dtype(cfg.dtype))
+        model, ckpt, engine = load_offloaded(cfg.checkpoint, mode=cfg.offload, budget=budget, device=device,
                                              dtype=resolve_dtype(cfg.dtype), prefetch=cfg.prefetch)
     try:
         result = _run_loaded(cfg, model, ckpt, texts, device, started)
@@ -124,19 +123,29 @@ def run(cfg: InferConfig) -> dict:
         if engine is not None:
             engine.close()
     if engine is not None:
-        from cpmctl.offload import peak_memory_bytes
-
         result["stats"]["offload"] = engine.stats()
         result["stats"]["peak_memory_bytes"] = peak_memory_bytes(device)
     return result
+
+
+def _check_offload_device(cfg: InferConfig, device) -> None:
+    if cfg.offload == "cpu" and device.type != "cuda":
+        raise UserError("--offload cpu keeps weights in host memory for a GPU; on a CPU use --offload disk")
+
+
+def _budget_bytes(cfg: InferConfig, tensors, requested) -> int:
+    """--memory-budget in bytes (a percentage is of the weights in the dtype the run uses)."""
+    run_dtype = offload_run_dtype({t.dtype for t in tensors.values()}, requested)
+    try:
+        return parse_size(cfg.memory_budget, total=run_weight_bytes(tensors, run_dtype))
+    except UserError as exc:
+        raise UserError(f"--memory-budget {cfg.memory_budget}: {exc}") from None
 
 
 # -- dry run ----------------------------------------------------------------------------------------
 def _weight_headers(path: Path):
     """The checkpoint opened for its headers (tensor shapes, dtypes, offsets: no tensor data),
     or None when its weight files are not there (a dry run may precede them)."""
-    from cpmctl.checkpoint import INDEX_FILE, WEIGHTS_FILE, open_checkpoint
-
     path = Path(path)
     if not ((path / WEIGHTS_FILE).is_file() or (path / INDEX_FILE).is_file()):
         return None
@@ -146,8 +155,6 @@ def _weight_headers(path: Path):
 def _prompt_rows(cfg: InferConfig, config, notes: list[str]) -> list[list[int]] | None:
     """The token rows the run would feed (as `_run_loaded` encodes them), or None when the
     texts or the tokenizer are not there yet."""
-    from cpmctl.tokenizer import load_tokenizer
-
     texts = cfg.texts
     if texts is None:
         if not Path(cfg.input_file).is_file():
@@ -180,14 +187,6 @@ def kv_cache_bytes(config, applications: int, batch: int, prompt: int, new_token
 
 def plan(cfg: InferConfig):
     """What `run(cfg)` would do, from the checkpoint's config (and weight headers, when there)."""
-    import math
-
-    import torch
-
-    from cpmctl.devices import planned_device, resolve_dtype
-    from cpmctl.moe import resolve_kernels
-    from cpmctl.plan import checkpoint_config, is_assumed, make_plan, meta_model, source_note, stored_dtype
-
     cfg.validate()
     device = planned_device(cfg.device)
     requested = resolve_dtype(cfg.dtype)
@@ -196,8 +195,6 @@ def plan(cfg: InferConfig):
     model = meta_model(config)
     resolve_kernels(cfg.kernels, device)
     if cfg.iterations is not None or cfg.step_size is not None:
-        from cpmctl.model import set_iterations
-
         set_iterations(model, cfg.iterations, cfg.step_size)
     if not is_assumed(cfg.checkpoint) and not (Path(cfg.checkpoint) / "tokenizer").is_dir():
         raise UserError(f"checkpoint {cfg.checkpoint} has no tokenizer/ directory; copy the tokenizer it was trained with there")
@@ -205,8 +202,6 @@ def plan(cfg: InferConfig):
     headers = _weight_headers(cfg.checkpoint) if not is_assumed(cfg.checkpoint) else None
     try:
         if headers is not None:
-            from cpmctl.checkpoint import check_state_dict_matches
-
             check_state_dict_matches(shapes, headers.shapes())
             stored = {name: headers.tensor_info(name).dtype for name in shapes}
         else:
@@ -226,14 +221,14 @@ def plan(cfg: InferConfig):
                 by_dtype[d] = by_dtype.get(d, 0) + math.prod(shapes[name])
             itemsize = (requested or max(by_dtype, key=by_dtype.get)).itemsize
         else:
-            from cpmctl.offload import check_offload_device, offload_run_dtype, parse_size
-
-            check_offload_device(cfg.offload, device)
+            _check_offload_device(cfg, device)
+            tensors = (stored_tensors(headers, shapes) if headers is not None
+                       else {name: StoredTensor(shape, stored[name]) for name, shape in shapes.items()})
             run_dtype = offload_run_dtype(set(stored.values()), requested)
             itemsize = run_dtype.itemsize
-            weight_bytes = sum(math.prod(s) for s in shapes.values()) * itemsize
-            budget = parse_size(cfg.memory_budget, total=weight_bytes)
-            breakdown, details = _offload_rows(model, shapes, stored, headers, cfg.offload, budget, run_dtype, device)
+            offload = plan_offload(model, tensors, mode=cfg.offload, budget=_budget_bytes(cfg, tensors, requested),
+                                   dtype=run_dtype, device=device)
+            breakdown, details = _offload_rows(model, offload)
             if headers is None and device.type == "cpu":
                 notes.append("slot alignment assumed (no weight headers): slots may be a few 64-byte lines larger")
     finally:
@@ -261,33 +256,9 @@ def plan(cfg: InferConfig):
                                            **details})
 
 
-def _offload_rows(model, shapes, stored, headers, mode, budget, dtype, device) -> tuple[dict[str, int], dict]:
-    """The offload engine's arithmetic from shapes (offload.slot_arithmetic, as plan_offload):
-    memory rows and the table's explanation rows."""
-    import math
-
-    from cpmctl.offload import human_bytes, offload_units, part_alignment, slot_arithmetic, staging_bytes
-
-    kind, layout = offload_units(model)
-    unit_parts, pieces = [], []
-    for _, parts in layout:
-        placed = []
-        for name, block in parts:
-            shape = shapes[name][1:] if block is not None else shapes[name]
-            numel = math.prod(shape)
-            want = 0
-            if headers is not None:
-                info = headers.tensor_info(name)
-                offset = info.byte_offset + (block * (info.nbytes // info.shape[0]) if block is not None else 0)
-                want = part_alignment(device=device, stored_dtype=stored[name], dtype=dtype, byte_offset=offset)
-            placed.append((numel, want))
-            pieces.append((numel * stored[name].itemsize, stored[name]))
-        unit_parts.append(placed)
-    streamed = {name for _, parts in layout for name, _ in parts}
-    arithmetic = slot_arithmetic(
-        resident_numel=sum(math.prod(s) for n, s in shapes.items() if n not in streamed), unit_parts=unit_parts,
-        itemsize=dtype.itemsize, staging=staging_bytes(device=device, mode=mode, pieces=pieces, dtype=dtype))
-    slots = arithmetic.slots(budget, kind)
+def _offload_rows(model, offload) -> tuple[dict[str, int], dict]:
+    """The dry run's memory rows and explanation rows of the offload engine's plan."""
+    arithmetic, kind, slots, budget, mode = offload.arithmetic, offload.unit_kind, offload.slots, offload.budget, offload.mode
     breakdown = {"resident": arithmetic.resident_bytes, "offload slots": slots * arithmetic.slot_bytes}
     details = {
         "offload": f"{mode}, budget {human_bytes(budget)} ({budget:,} B)",
@@ -301,7 +272,7 @@ def _offload_rows(model, shapes, stored, headers, mode, budget, dtype, device) -
     }
     if kind == "expert":
         config = model.config
-        layers = len({key[:2] for key, _ in layout})
+        layers = len({key[:2] for key, _ in offload.units})
         moved = config.moe.top_k * arithmetic.slot_bytes * layers
         details["bytes per token moved (top-k)"] = (
             f"at most {config.moe.top_k} expert(s) x {human_bytes(arithmetic.slot_bytes)} x {layers} MoE layers = "
@@ -313,15 +284,9 @@ def _offload_rows(model, shapes, stored, headers, mode, budget, dtype, device) -
 
 
 def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started: float) -> dict:
-    from cpmctl.generate import embed, generate
-    from cpmctl.moe import resolve_kernels, set_kernels
-    from cpmctl.tokenizer import load_tokenizer
-
     kernels = resolve_kernels(cfg.kernels, device)
     set_kernels(model, kernels)
     if cfg.iterations is not None or cfg.step_size is not None:
-        from cpmctl.model import set_iterations
-
         set_iterations(model, cfg.iterations, cfg.step_size)
     tokenizer_dir = Path(cfg.checkpoint) / "tokenizer"
     if not tokenizer_dir.is_dir():
@@ -338,8 +303,6 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
     if config.moe is not None:
         stats["kernels"] = kernels
     if cfg.iterations is not None or cfg.step_size is not None:
-        from cpmctl.model import iteration_info
-
         info = iteration_info(model)
         stats["iterations"] = info
         stats["layer_speedup"] = round(info["trained_iterations"] / info["iterations"], 3)
@@ -352,7 +315,7 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
                 log.warning("%d input(s) longer than the model's %d positions were truncated", cut, limit)
             rows = [tok.encode(t, add_special=True, max_length=limit) if len(r) > limit else r for t, r in zip(texts, rows)]
         for batch in _length_batches(rows, cfg.batch_size):
-            ids, mask = _pad([rows[i] for i in batch], tok.pad_id, left=False)
+            ids, mask = pad_rows([rows[i] for i in batch], tok.pad_id)
             vectors = embed(model, ids.to(device), mask.to(device), normalize=cfg.normalize).float().cpu()
             for i, vector in zip(batch, vectors):
                 outputs[i] = {"text": texts[i], "embedding": vector.tolist()}
@@ -368,7 +331,7 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
         rows = [row if row[:1] == [bos] else [bos] + row for row in rows]
     generated_tokens, decode_seconds, first_token = 0, 0.0, None
     for batch in _length_batches(rows, cfg.batch_size):
-        ids, mask = _pad([rows[i] for i in batch], tok.pad_id, left=config.arch == "decoder")
+        ids, mask = pad_rows([rows[i] for i in batch], tok.pad_id, left=config.arch == "decoder")
         on_token = None
         if cfg.stream and len(batch) == 1:
             on_token = _streamer(tok)
@@ -397,9 +360,6 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
 
 def _classify(cfg: InferConfig, model, ckpt, tok, load_seconds: float) -> dict:
     """Classify TEXT or the --input records (text, optional text_pair and label) with a prompt."""
-    from cpmctl.stages.prompt_tune import classify
-    from cpmctl.tasks import Example, load_examples
-
     if cfg.texts is not None:
         examples = [Example(text, None) for text in cfg.texts]
     else:
@@ -430,9 +390,6 @@ def _streamer(tok):
 
 
 def render(result: dict, *, streamed: bool = False) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-
     console = Console()
     if result["mode"] == "classify":
         for o in result["outputs"]:
@@ -443,8 +400,6 @@ def render(result: dict, *, streamed: bool = False) -> None:
         render_offload(console, s)
         return
     if result["mode"] == "embed":
-        import torch
-
         vectors = torch.tensor([o["embedding"] for o in result["outputs"]])
         console.print(f"{len(vectors)} embedding(s) of dimension {vectors.shape[1]}")
         if len(vectors) > 1:
@@ -472,7 +427,6 @@ def render_offload(console, stats: dict) -> None:
     o = stats.get("offload")
     if not o:
         return
-    from cpmctl.offload import human_bytes
 
     hit = "n/a" if o["hit_rate"] is None else f"{100 * o['hit_rate']:.1f}%"
     console.print(f"[dim]offload {o['mode']}: {o['slots']} of {o['units']} {o['unit']}s fit beside "

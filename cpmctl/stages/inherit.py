@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpmctl import growth
+from cpmctl.checkpoint import check_state_dict_matches, load_model, save_checkpoint
+from cpmctl.config import ModelConfig, PRESETS
 from cpmctl.errors import UserError
+from cpmctl.model import build_model
+from cpmctl.plan import (checkpoint_config, dtype_bytes, is_assumed, make_plan, meta_model, parameter_count,
+                         source_note, stored_dtype)
+from cpmctl.tokenizer import load_tokenizer
 
 log = logging.getLogger("cpmctl")
 
@@ -44,8 +51,6 @@ class InheritConfig:
 
 def target_config(spec: str, src_config):
     """--to: preset name, config.json / checkpoint directory, or KEY=VALUE pairs."""
-    from cpmctl.config import PRESETS, ModelConfig
-
     if spec in PRESETS:
         return ModelConfig.from_preset(spec)
     path = Path(spec)
@@ -82,8 +87,6 @@ def _sample_inputs(config, tok, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _check_options(cfg: InheritConfig) -> None:
-    from cpmctl import growth
-
     if cfg.method not in growth.METHODS:
         raise UserError(f"unknown method {cfg.method!r}; expected one of {', '.join(growth.METHODS)}")
     if Path(cfg.out).exists() and not cfg.force:
@@ -99,8 +102,6 @@ def vocab_dir(cfg: InheritConfig) -> Path:
 
 def grown_config(cfg: InheritConfig, src_config):
     """SRC's config with the --to target's widths and depths (before --vocab and --to-moe)."""
-    from cpmctl import growth
-
     new_config, kept = growth.grown_config(src_config, target_config(cfg.to, src_config))
     if kept:
         log.info(f"kept from the source (the target differs): {', '.join(kept)}")
@@ -110,8 +111,6 @@ def grown_config(cfg: InheritConfig, src_config):
 def output_config(cfg: InheritConfig, src_config, vocab_size: int | None):
     """The config the run writes: grown, with the new vocabulary (`vocab_size`, None: unchanged)
     and upcycled to --to-moe experts (growth.upcycle_moe's config, given no tensors)."""
-    from cpmctl import growth
-
     config = grown_config(cfg, src_config)
     if vocab_size is not None:
         config = config.replace(vocab_size=vocab_size)
@@ -122,9 +121,6 @@ def output_config(cfg: InheritConfig, src_config, vocab_size: int | None):
 
 def plan(cfg: InheritConfig):
     """What `run(cfg)` would write, from SRC's config alone (nothing loaded or written)."""
-    from cpmctl.plan import checkpoint_config, dtype_bytes, is_assumed, make_plan, meta_model, parameter_count, source_note, stored_dtype
-    from cpmctl.tokenizer import load_tokenizer
-
     _check_options(cfg)
     src_config = checkpoint_config(cfg.src)
     notes: list[str | None] = [source_note(cfg.src, "source")]
@@ -151,11 +147,6 @@ def plan(cfg: InheritConfig):
 
 
 def run(cfg: InheritConfig) -> dict[str, Any]:
-    from cpmctl import growth
-    from cpmctl.checkpoint import load_model, save_checkpoint
-    from cpmctl.model import build_model
-    from cpmctl.tokenizer import load_tokenizer
-
     _check_options(cfg)
     if not Path(cfg.src).is_dir():
         raise UserError(f"source {cfg.src} is not a checkpoint directory")
@@ -185,8 +176,6 @@ def run(cfg: InheritConfig) -> dict[str, Any]:
         state, new_config = growth.upcycle_moe(state, new_config, cfg.to_moe, generator)
 
     model = build_model(new_config, device="meta")
-    from cpmctl.checkpoint import check_state_dict_matches
-
     check_state_dict_matches({k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in state.items()})
     model.load_state_dict(state, assign=True, strict=True)
     model.eval()

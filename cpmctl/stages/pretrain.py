@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +43,21 @@ import numpy as np
 import torch
 
 from cpmctl import teacher_cache as shared_cache
+from cpmctl.checkpoint import load_model, read_provenance, save_checkpoint
+from cpmctl.config import ModelConfig
+from cpmctl.data import make_batches, random_spans_helper
 from cpmctl.errors import UserError
+from cpmctl.iterations import default_robust_iterations, flops_per_token, sampled_iterations
+from cpmctl.losses import KI_SCHEDULES, ki_loss, ki_weight, lm_forward, lm_loss
+from cpmctl.model import applied_block_parameters, build_model, set_iterations
+from cpmctl.moe import resolve_kernels, set_kernels
+from cpmctl.plan import (ACTIVATION_FORMULA, SHARDINGS, activation_bytes, checkpoint_config, is_assumed,
+                         logits_bytes, make_plan, meta_model, parameter_count, parameter_shapes, source_note,
+                         training_memory)
 from cpmctl.teacher_cache import CachedTeacherBatches, build_teacher_cache, check_cache
+from cpmctl.tokenizer import load_tokenizer
+from cpmctl.training import TrainConfig, Trainer, default_tokens
+from cpmctl.training_state import latest_state
 
 log = logging.getLogger("cpmctl")
 
@@ -118,9 +131,6 @@ def model_config(cfg: PretrainConfig, tok) -> Any:
     """The ModelConfig the run trains and writes: the init checkpoint's, or the preset's with the
     tokenizer's vocabulary and ids (`tok` None: a dry run without the tokenizer keeps the
     preset's), `model` overrides and the sharing options."""
-    from cpmctl.config import ModelConfig
-    from cpmctl.plan import checkpoint_config
-
     if (cfg.init is None) == (cfg.preset is None):
         raise UserError("give exactly one of init = CHECKPOINT or preset = NAME")
     sharing = _sharing_overrides(cfg)
@@ -141,9 +151,6 @@ def _check_vocabulary(config, tok) -> None:
 
 
 def _build_student(cfg: PretrainConfig, tok) -> tuple[torch.nn.Module, list[Path]]:
-    from cpmctl.checkpoint import load_model
-    from cpmctl.model import build_model
-
     config = model_config(cfg, tok)
     if cfg.init is not None:
         model, ckpt = load_model(cfg.init)
@@ -193,16 +200,6 @@ def _iteration_list(value: Any, what: str) -> list[int] | None:
     return out
 
 
-def default_robust_iterations(depth: int, groups: int) -> list[int]:
-    """L, 3L/4 and L/2, each rounded (half up) to a multiple of G and at least G, distinct."""
-    out: list[int] = []
-    for fraction in (1.0, 0.75, 0.5):
-        n = max(groups, groups * int(depth * fraction / groups + 0.5))
-        if n not in out:
-            out.append(n)
-    return out
-
-
 @dataclass
 class IterationPlan:
     """What a run does with iterations: the set step-robust training samples from (None: plain
@@ -215,8 +212,6 @@ class IterationPlan:
 def iteration_plan(cfg: PretrainConfig, model) -> IterationPlan:
     """Check the sharing / step-robust / evaluation options against the built model (every
     iteration count goes through set_iterations, which raises UserError on a bad one)."""
-    from cpmctl.model import set_iterations
-
     config = model.config
     robust = _iteration_list(cfg.robust_iterations, "robust_iterations")
     evaluate = _iteration_list(cfg.eval_iterations, "eval_iterations") or []
@@ -238,25 +233,8 @@ def iteration_plan(cfg: PretrainConfig, model) -> IterationPlan:
     return IterationPlan(robust=robust, evaluate=evaluate)
 
 
-def sampled_iterations(choices: list[int], seed: int, step: int, micro: int) -> int:
-    """The iteration count of one micro-batch: uniform over `choices`, a pure function of
-    (seed, step, micro-batch index) so that --resume replays exactly the same schedule."""
-    return choices[random.Random(f"step-robust:{seed}:{step}:{micro}").randrange(len(choices))]
-
-
-def flops_per_token(model) -> float:
-    """Training FLOPs per token (6 x multiplied parameters) with every block application counted:
-    a shared block applied L times costs L times its parameters."""
-    from cpmctl.model import applied_block_parameters, distinct_block_parameters
-    from cpmctl.training import model_flops_per_token
-
-    return model_flops_per_token(model) + 6.0 * (applied_block_parameters(model) - distinct_block_parameters(model))
-
-
 def check_teacher_tokenizer(path: Path, tok) -> None:
     """UserError unless the teacher at `path` has the student's tokenizer."""
-    from cpmctl.tokenizer import load_tokenizer
-
     if not (path / "tokenizer").is_dir():
         raise UserError(f"teacher {path} has no tokenizer/ directory, so it cannot be checked against the student's")
     teacher_tok = load_tokenizer(path / "tokenizer")
@@ -274,8 +252,6 @@ def check_teacher_config(path: Path, teacher_config, student_config) -> None:
 
 def load_teacher(path: Path, tok, student_config) -> torch.nn.Module:
     """The teacher in eval mode without gradients; UserError unless it shares the tokenizer."""
-    from cpmctl.checkpoint import load_model
-
     path = Path(path)
     check_teacher_tokenizer(path, tok)
     teacher, ckpt = load_model(path)
@@ -286,8 +262,6 @@ def load_teacher(path: Path, tok, student_config) -> torch.nn.Module:
 
 
 def make_data(cfg: PretrainConfig, tok, config, split: str = "train", **extra: Any):
-    from cpmctl.data import make_batches
-
     objective = cfg.objective or OBJECTIVE_OF_ARCH[config.arch]
     return make_batches(cfg.data, tok, objective=objective, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                         split=split, valid_fraction=cfg.valid_fraction, seed=cfg.seed,
@@ -296,8 +270,6 @@ def make_data(cfg: PretrainConfig, tok, config, split: str = "train", **extra: A
 
 # -- teacher cache (shared with `cpmctl distill --corpus`: cpmctl/teacher_cache.py) -----------------
 def cache_fingerprint(cfg: PretrainConfig, teacher_path: Path, data_batches, k: int) -> dict[str, Any]:
-    from cpmctl.checkpoint import read_provenance
-
     return shared_cache.cache_fingerprint(read_provenance(teacher_path).get("content_hash"), data_batches, k, seq_len=cfg.seq_len,
                                           batch_size=cfg.batch_size, seed=cfg.seed, valid_fraction=cfg.valid_fraction)
 
@@ -307,8 +279,6 @@ def _validate(cfg: PretrainConfig, *, inputs: bool = True) -> None:
     """Options and output checks; `inputs=False` (dry run) leaves out the checks that the data,
     teacher and init exist (a pipeline's earlier step may write them; the dry run reads models
     through cpmctl.plan.checkpoint_config instead)."""
-    from cpmctl.losses import KI_SCHEDULES
-
     if inputs and not Path(cfg.data).is_dir():
         raise UserError(f"data {cfg.data} is not a directory of token shards (run `cpmctl data prepare`)")
     if cfg.objective is not None and cfg.objective not in OBJECTIVE_OF_ARCH.values():
@@ -329,8 +299,6 @@ def _validate(cfg: PretrainConfig, *, inputs: bool = True) -> None:
         raise UserError(f"init {cfg.init} is not a checkpoint directory")
     out = Path(cfg.out)
     if cfg.resume:
-        from cpmctl.training import latest_state
-
         if latest_state(out) is None:
             raise UserError(f"--resume: {out} holds no training state to continue; start without --resume")
     if out.exists() and not cfg.resume:
@@ -342,21 +310,12 @@ def _validate(cfg: PretrainConfig, *, inputs: bool = True) -> None:
 
 def train_config(cfg: PretrainConfig):
     """The training core's config (its checks: steps, lr, optimizer, schedule, precision, ...)."""
-    from cpmctl.training import TrainConfig
-
     tcfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(cfg, f.name)})
     tcfg.allow_fsdp = True  # the model is saved through trainer.full_state_dict()
     return tcfg
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
-    from cpmctl.checkpoint import save_checkpoint
-    from cpmctl.losses import ki_loss, ki_weight, lm_forward, lm_loss
-    from cpmctl.moe import resolve_kernels, set_kernels
-    from cpmctl.tokenizer import load_tokenizer
-    from cpmctl.model import applied_block_parameters, set_iterations
-    from cpmctl.training import Trainer, default_tokens
-
     _validate(cfg)
     tok_dir = _tokenizer_dir(cfg)
     tok = load_tokenizer(tok_dir)
@@ -490,8 +449,6 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
 # -- dry run ----------------------------------------------------------------------------------------
 def default_devices() -> int:
     """Processes of the launch: WORLD_SIZE when a launcher set it, else 1."""
-    import os
-
     try:
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError:
@@ -502,17 +459,12 @@ def sequence_lengths(objective: str, seq_len: int) -> dict[str, int]:
     """Tokens per row of each stack for the objective (span: the corrupted input and its target,
     as cpmctl.data.Batches makes them)."""
     if objective == "span":
-        from cpmctl.data import random_spans_helper
-
         return {"encoder": seq_len, "decoder": random_spans_helper(seq_len)[1]}
     return {"encoder": seq_len, "decoder": seq_len}
 
 
 def _dry_tokenizer(cfg: PretrainConfig, notes: list[str]):
     """The tokenizer when it is there; None (with a note) when a pipeline step will write it."""
-    from cpmctl.plan import is_assumed
-    from cpmctl.tokenizer import load_tokenizer
-
     if cfg.tokenizer is None and cfg.init is not None and is_assumed(cfg.init):
         notes.append(f"tokenizer: from init {cfg.init}, not there yet")
         return None
@@ -527,9 +479,6 @@ def plan(cfg: PretrainConfig, *, devices: int | None = None, sharding: str = "dd
     """What `run(cfg)` would do on `devices` processes (default: WORLD_SIZE, else 1), with
     sharding "ddp" (a full copy per device) or "fsdp" (weights, gradients and optimizer state
     split over them). Nothing is loaded or written."""
-    from cpmctl.plan import (ACTIVATION_FORMULA, SHARDINGS, activation_bytes, checkpoint_config, logits_bytes, make_plan,
-                             meta_model, parameter_count, parameter_shapes, source_note, training_memory)
-
     _validate(cfg, inputs=False)
     tcfg = train_config(cfg)
     devices = default_devices() if devices is None else devices

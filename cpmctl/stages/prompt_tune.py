@@ -18,15 +18,28 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from cpmctl.checkpoint import SafetensorsFile, load_model, save_checkpoint, write_safetensors
+from cpmctl.devices import current_memory_bytes, peak_memory_bytes
 from cpmctl.errors import UserError
+from cpmctl.fsutil import atomic_directory
+from cpmctl.plan import (ACTIVATION_FORMULA, activation_bytes, checkpoint_config, checkpointed_activation_bytes,
+                         dtype_bytes, is_assumed, make_plan, meta_model, parameter_count, parameter_shapes,
+                         source_note, stored_dtype, training_memory)
+from cpmctl.prompt import (Adapter, POSITIONS, PromptedClassifier, REPARAMS, SoftPrompt, base_model_hash, encode_for,
+                           gradient_checkpointing, initial_vectors, peft_config, prompt_plan, token_counts,
+                           write_adapter)
+from cpmctl.tasks import (LabelSet, LinearHead, Scorer, TrainBatches, classification_loss, eval_batches, evaluate,
+                          label_token_ids, load_examples, load_verbalizer, position_limit, subsample)
+from cpmctl.tokenizer import load_tokenizer
+from cpmctl.training import TrainConfig, Trainer
 
 log = logging.getLogger("cpmctl")
 
@@ -72,8 +85,6 @@ class PromptTuneConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        from cpmctl.prompt import POSITIONS, REPARAMS
-
         if self.head not in HEADS:
             raise UserError(f"unknown --head {self.head!r}; expected one of {', '.join(HEADS)}")
         if not self.full:
@@ -110,67 +121,6 @@ class PromptTuneConfig:
         return 0.3 if self.resolved_optimizer() == "adafactor" else 1e-3
 
 
-def base_model_hash(ckpt, model) -> str:
-    """The checkpoint's content hash (from cpmctl.json, else computed from the weights)."""
-    from cpmctl.checkpoint import content_hash
-
-    recorded = ckpt.provenance.get("content_hash") if ckpt.provenance else None
-    return recorded if isinstance(recorded, str) else content_hash(model.state_dict())
-
-
-def subsample(examples: list, limit: int | None, seed: int) -> list:
-    """A reproducible random subset of at most `limit` examples (all of them when None)."""
-    import random
-
-    if limit is None or len(examples) <= limit:
-        return examples
-    picked = sorted(random.Random(seed).sample(range(len(examples)), limit))
-    return [examples[i] for i in picked]
-
-
-def encode_for(tokenizer, config, examples, labels, *, scoring: str, plan, max_length: int | None, what: str):
-    """Encode examples, insert the prompt's virtual positions, warn about truncation."""
-    from cpmctl.prompt import place_prompt, plan_length
-    from cpmctl.tasks import encode_examples, position_limit
-
-    reserve = plan_length(plan) if plan else 0
-    limit = position_limit(config)
-    if max_length is not None:
-        limit = max_length if limit is None else min(limit, max_length)
-    rows, cut = encode_examples(tokenizer, config, examples, labels, mode=scoring, max_length=limit, reserve=reserve)
-    if cut:
-        log.warning("%d %s input(s) truncated to fit %d positions (%d of them for the prompt)", cut, what, limit, reserve)
-    if plan:
-        rows = [place_prompt(row, plan) for row in rows]
-    return rows
-
-
-def peak_memory_bytes(device) -> int:
-    """Peak memory of this run: CUDA's allocator peak on a GPU, else the process's peak RSS."""
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def current_memory_bytes(device) -> int:
-    """Memory in use now: CUDA's allocated bytes on a GPU, else the process's resident set (Linux)."""
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_memory_bytes(device)
-
-
 def _check_outputs(cfg: PromptTuneConfig) -> None:
     if cfg.out.exists() and not cfg.force:
         raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
@@ -179,8 +129,6 @@ def _check_outputs(cfg: PromptTuneConfig) -> None:
 
 
 def _train_config(cfg: PromptTuneConfig, *, has_dev: bool):
-    from cpmctl.training import TrainConfig
-
     return TrainConfig(
         out=cfg.run_dir, max_steps=cfg.max_steps, lr=cfg.resolved_lr(), optimizer=cfg.resolved_optimizer(),
         weight_decay=cfg.weight_decay, schedule="constant", warmup_steps=0, max_grad_norm=1.0,
@@ -201,11 +149,6 @@ def deep_layers(cfg: PromptTuneConfig, config) -> int:
 def trainable_modules(cfg: PromptTuneConfig, config, n_classes: int):
     """The modules the run trains beside (or, with --full, with) the frozen model: the soft prompt
     (None with --full) and the linear head (None with --head lm), built on the meta device."""
-    import torch
-
-    from cpmctl.prompt import SoftPrompt
-    from cpmctl.tasks import LinearHead
-
     with torch.device("meta"):
         prompt = None if cfg.full else SoftPrompt(torch.empty(cfg.prompt_length, config.d_model), reparam=cfg.reparam,
                                                   hidden=cfg.reparam_hidden, deep_layers=deep_layers(cfg, config))
@@ -216,10 +159,6 @@ def trainable_modules(cfg: PromptTuneConfig, config, n_classes: int):
 def plan(cfg: PromptTuneConfig):
     """What `run(cfg)` would train, from the model's config alone (the task files are read when
     they are there, for the number of classes and examples)."""
-    from cpmctl.plan import (ACTIVATION_FORMULA, activation_bytes, checkpoint_config, checkpointed_activation_bytes, dtype_bytes, is_assumed, make_plan,
-                             meta_model, parameter_count, parameter_shapes, source_note, stored_dtype, training_memory)
-    from cpmctl.tasks import LabelSet, load_examples, load_verbalizer, position_limit
-
     cfg.validate()
     _check_outputs(cfg)
     config = checkpoint_config(cfg.model)
@@ -269,17 +208,6 @@ def plan(cfg: PromptTuneConfig):
 
 def run(cfg: PromptTuneConfig) -> dict[str, Any]:
     cfg.validate()
-    import torch
-
-    from cpmctl.checkpoint import SafetensorsFile, load_model, save_checkpoint, write_safetensors
-    from cpmctl.fsutil import atomic_directory
-    from cpmctl.prompt import (Adapter, PromptedClassifier, SoftPrompt, gradient_checkpointing, initial_vectors,
-                               peft_config, prompt_plan, token_counts, write_adapter)
-    from cpmctl.tasks import (LabelSet, LinearHead, Scorer, TrainBatches, classification_loss, eval_batches, evaluate,
-                              label_token_ids, load_examples, load_verbalizer)
-    from cpmctl.tokenizer import load_tokenizer
-    from cpmctl.training import Trainer
-
     _check_outputs(cfg)
     if cfg.run_dir.exists() and not cfg.resume:
         shutil.rmtree(cfg.run_dir)  # --force (checked above)
@@ -432,64 +360,3 @@ def render(result: dict[str, Any]) -> None:
 
 
 # -- inference with a trained adapter (`cpmctl infer MODEL --prompt OUT`) ---------------------------
-def load_classifier(model, ckpt, adapter_path: Path):
-    """A `PromptedClassifier` for the adapter at `adapter_path` on the loaded `model`, with its
-    LabelSet and Adapter; the adapter must have been trained on this very model."""
-    import torch
-
-    from cpmctl.prompt import PromptedClassifier, SoftPrompt, check_base_model, load_adapter
-    from cpmctl.tasks import LabelSet, LinearHead, Scorer, label_token_ids
-    from cpmctl.tokenizer import load_tokenizer
-
-    adapter = load_adapter(adapter_path)
-    meta = adapter.meta
-    check_base_model(adapter, base_model_hash(ckpt, model), ckpt.path, adapter_path)
-    if meta.get("d_model") != model.config.d_model:
-        raise UserError(f"prompt {adapter_path} has width {meta.get('d_model')}, the model {model.config.d_model}")
-    labels = LabelSet(tuple(meta["labels"]), tuple(meta["verbalizer"][label] for label in meta["labels"]))
-    device = next(model.parameters()).device
-    head = None
-    label_ids = None
-    if meta["scoring"] == "linear":
-        head = LinearHead(model.config.d_model, len(labels), meta["head"]["pooling"])
-        head.load_state_dict(adapter.head)
-        head.to(device)
-    else:
-        label_ids = label_token_ids(load_tokenizer(Path(ckpt.path) / "tokenizer"), labels.words)
-    prompt = None
-    if adapter.prompt.shape[0]:
-        deep_layers = adapter.deep.shape[0] if adapter.deep is not None else 0
-        prompt = SoftPrompt(adapter.prompt, deep_layers=deep_layers)
-        if adapter.deep is not None:
-            with torch.no_grad():
-                prompt.deep.copy_(adapter.deep)
-        prompt.to(device=device, dtype=next(model.parameters()).dtype)
-    classifier = PromptedClassifier(Scorer(model, label_ids=label_ids, head=head), prompt).eval()
-    return classifier, labels, adapter
-
-
-def classify(model, ckpt, tok, adapter_path: Path, examples, *, batch_size: int) -> dict[str, Any]:
-    """Predictions (and accuracy / macro-F1 when every example is labelled) for `examples`."""
-    import torch
-
-    from cpmctl.tasks import eval_batches, evaluate
-
-    classifier, labels, adapter = load_classifier(model, ckpt, adapter_path)
-    labelled = all(ex.label is not None for ex in examples)
-    if not labelled:
-        examples = [type(ex)(ex.text, None, ex.text_pair) for ex in examples]
-    scoring = adapter.meta["scoring"]
-    rows = encode_for(tok, model.config, examples, labels, scoring=scoring, plan=adapter.plan,
-                      max_length=adapter.meta.get("max_length"), what="inference")
-    started = time.perf_counter()
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        result = evaluate(classifier, eval_batches(rows, batch_size, tok.pad_id), len(labels), device=device)
-    classifier.remove_hooks()
-    outputs = [{"text": ex.text, **({"text_pair": ex.text_pair} if ex.text_pair is not None else {}),
-                "label": labels.labels[p], **({"gold": ex.label} if ex.label is not None else {})}
-               for ex, p in zip(examples, result["predictions"])]
-    stats = {"examples": len(examples), "seconds": round(time.perf_counter() - started, 3)}
-    if labelled:
-        stats.update(accuracy=result["accuracy"], macro_f1=result["macro_f1"])
-    return {"mode": "classify", "outputs": outputs, "stats": stats}

@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from cpmctl.errors import UserError
-
 
 def _interpreter_on() -> bool:
     try:
@@ -30,11 +28,10 @@ ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class KernelInputError(UserError, ValueError):
-    """A launcher was given tensors of the wrong shape, dtype or device.
-
-    A `UserError` (the CLI prints it as one line) and a `ValueError` (what Python code expects
-    from a bad argument)."""
+class KernelInputError(ValueError):
+    """A launcher was given tensors of the wrong shape, dtype or device (a `ValueError`: what
+    Python code expects from a bad argument). The package stands alone and imports nothing of
+    cpmctl; cpmctl.moe turns this error into its own `UserError` where the CLI runs a kernel."""
 
 
 def check(condition: bool, message: str) -> None:

@@ -1,0 +1,127 @@
+"""Measuring a MoEfied model against its dense parent: router recall and executed compute per
+layer, held-out embedding cosine or perplexity, and task accuracy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cpmctl import tasks
+from cpmctl.generate import embed
+from cpmctl.losses import lm_loss
+from cpmctl.moefication.batches import length_sorted, lm_targets, model_inputs, real_tokens
+from cpmctl.moefication.routers import recall
+
+
+class RecallMeter:
+    """Forward hooks on MoE layers: per layer, mean router recall over real tokens and executed
+    compute (token-expert pairs x d_e over tokens x d_ff)."""
+
+    def __init__(self, moes: dict[str, Any], d_ff: int) -> None:
+        self.moes, self.d_ff = moes, d_ff
+        self.sums = {name: [0.0, 0] for name in moes}
+        self.keep = {}
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in moes.items()]
+        for m in moes.values():
+            m.counts = [0, 0]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            keep = self.keep.get(name.split(".")[0])
+            if keep is not None and keep.numel() == x.shape[0]:
+                x = x[keep.reshape(-1)]
+            with torch.no_grad():
+                selected, _ = module.route(x)
+                r = recall(module.expert_scores(x), selected)
+            self.sums[name][0] += float(r.sum())
+            self.sums[name][1] += r.numel()
+
+        return hook
+
+    def results(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, m in self.moes.items():
+            total, count = self.sums[name]
+            tokens, pairs = m.counts
+            out[name] = {
+                "recall": round(total / max(1, count), 4),
+                "compute_fraction": round(pairs * m.expert_size / max(1, tokens * self.d_ff), 4),
+                "experts": m.num_experts, "top_k": m.top_k,
+            }
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def evaluate(model, rows: list[list[int]], batch_size: int, meter: RecallMeter | None = None) -> dict[str, Any]:
+    """Sentence embeddings (encoders) or LM loss (models with an LM head) on held-out rows."""
+    config = model.config
+    embeddings, loss_sum, loss_count = [], 0.0, 0
+    with torch.no_grad():
+        for batch in length_sorted(rows, batch_size):
+            inputs = model_inputs(config, batch)
+            if meter is not None:
+                meter.keep = {stack: real_tokens(stack, inputs) for stack in ("encoder", "decoder")}
+            if config.arch == "encoder":
+                embeddings.append((batch, embed(model, inputs["input_ids"], inputs["attention_mask"])))
+                continue
+            logits, labels = lm_targets(config, model(**inputs), inputs)
+            n = int((labels != -100).sum())
+            loss_sum += float(lm_loss(logits, labels)) * n
+            loss_count += n
+    if config.arch == "encoder":
+        # Back to the original row order so dense and MoE vectors pair up.
+        vectors = {}
+        for batch, vecs in embeddings:
+            for row, vec in zip(batch, vecs):
+                vectors.setdefault(tuple(row), vec)
+        return {"embeddings": torch.stack([vectors[tuple(r)] for r in rows])}
+    return {"loss": loss_sum / max(1, loss_count), "perplexity": math.exp(min(50.0, loss_sum / max(1, loss_count)))}
+
+
+def quality(dense: dict[str, Any], moe: dict[str, Any]) -> dict[str, Any]:
+    """Dense vs MoE on held-out documents: embedding cosine (encoders) or perplexity."""
+    if "embeddings" in dense:
+        cos = F.cosine_similarity(dense["embeddings"], moe["embeddings"], dim=-1)
+        return {"metric": "embedding cosine", "mean_cosine": round(float(cos.mean()), 5), "min_cosine": round(float(cos.min()), 5)}
+    return {
+        "metric": "perplexity", "dense_perplexity": round(dense["perplexity"], 4), "moe_perplexity": round(moe["perplexity"], 4),
+        "perplexity_increase": round(moe["perplexity"] / dense["perplexity"] - 1, 5),
+    }
+
+
+@dataclass
+class TaskSet:
+    """A task file encoded for this model, and how its classes are scored."""
+
+    path: Path
+    rows: list          # tasks.EncodedExample, one per example
+    labels: Any         # tasks.LabelSet
+    scoring: str        # "lm": label words by the LM head; "linear": the checkpoint's own task head
+    label_ids: list[list[int]] | None
+    head: Any           # tasks.LinearHead (linear scoring) or None
+    pad_id: int
+
+
+def evaluate_task(model, task: TaskSet, batch_size: int) -> dict[str, Any]:
+    """Accuracy, macro-F1 and predictions of `model` on the task (tasks.evaluate)."""
+    scorer = tasks.Scorer(model, label_ids=task.label_ids, head=task.head).eval()
+    return tasks.evaluate(scorer, tasks.eval_batches(task.rows, batch_size, task.pad_id), len(task.labels))
+
+
+def task_quality(task: TaskSet, dense: dict[str, Any], moe: dict[str, Any]) -> dict[str, Any]:
+    """Dense vs MoE accuracy and macro-F1 on the task, and how often they predict the same class."""
+    agree = sum(a == b for a, b in zip(dense["predictions"], moe["predictions"])) / max(1, len(dense["predictions"]))
+    return {
+        "file": str(task.path), "examples": dense["examples"], "classes": len(task.labels), "scoring": task.scoring,
+        "dense_accuracy": dense["accuracy"], "moe_accuracy": moe["accuracy"],
+        "dense_macro_f1": dense["macro_f1"], "moe_macro_f1": moe["macro_f1"], "agreement": agree,
+    }
