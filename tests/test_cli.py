@@ -23,6 +23,14 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def json_result(result, command: str):
+    """The result of a `--json` run: stdout is exactly {"command": ..., "result": ...}."""
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == {"command", "result"} and data["command"] == command, data
+    return data["result"]
+
+
 def assert_user_error(result, fragment: str) -> None:
     """Exit code 2, one line on stderr naming the problem, no traceback."""
     assert result.exit_code == 2, (result.exit_code, result.output)
@@ -42,9 +50,7 @@ def test_help_is_instant_and_imports_no_torch():
 
 
 def test_info_preset_cpm2_11b_json():
-    result = invoke("info", "--preset", "cpm2-11b", "--json")
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+    data = json_result(invoke("info", "--preset", "cpm2-11b", "--json"), "info")
     assert 10.8e9 < data["parameters"]["total"] < 11.3e9
     counts = data["parameters"]
     assert counts["total"] == counts["embedding"] + counts["attention"] + counts["ffn"] + counts["other"]
@@ -52,7 +58,7 @@ def test_info_preset_cpm2_11b_json():
 
 
 def test_info_preset_moe_198b():
-    data = json.loads(invoke("info", "--preset", "cpm2-moe-198b", "--json").stdout)
+    data = json_result(invoke("info", "--preset", "cpm2-moe-198b", "--json"), "info")
     assert 190e9 < data["parameters"]["total"] < 205e9
     assert data["config"]["moe"]["experts"] == 32
 
@@ -60,7 +66,7 @@ def test_info_preset_moe_198b():
 def test_info_checkpoint_reports_counts_dtype_and_provenance(tmp_path):
     model = build_model(ModelConfig.from_preset("t5-tiny"))
     save_model(model, tmp_path / "ckpt", stage="test", options={"seed": 3})
-    data = json.loads(invoke("info", tmp_path / "ckpt", "--json").stdout)
+    data = json_result(invoke("info", tmp_path / "ckpt", "--json"), "info")
     assert data["parameters"]["total"] == sum(p.numel() for p in model.parameters())
     assert data["dtype"] == {"float32": data["parameters"]["total"]}
     assert data["provenance"]["stage"] == "test" and data["provenance"]["options"] == {"seed": 3}
@@ -164,9 +170,7 @@ def test_infer_generation_matches_generate(tmp_path, sp_tokenizer, preset):
     model = build_model(config).eval()
     save_model(model, tmp_path / "m", tokenizer_dir=sp_tokenizer.save(tmp_path / "tok"))
     prompt = "Return the number of items"
-    result = invoke("infer", tmp_path / "m", prompt, "--max-new-tokens", "6", "--json")
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+    data = json_result(invoke("infer", tmp_path / "m", prompt, "--max-new-tokens", "6", "--json"), "infer")
     ids = sp_tokenizer.encode(prompt, add_eos=config.arch == "encoder-decoder")
     if config.bos_token_id is not None:
         ids = [config.bos_token_id] + ids
@@ -199,9 +203,8 @@ def test_infer_embeds_like_sentence_transformers(tmp_path):
     sentences = ["A cat sits on the mat.", "Stock markets fell sharply today after the announcement."]
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
-    result = invoke("infer", tmp_path / "minilm", "--input", source, "--json")
-    assert result.exit_code == 0, result.output
-    ours = torch.tensor([o["embedding"] for o in json.loads(result.stdout)["outputs"]])
+    result = json_result(invoke("infer", tmp_path / "minilm", "--input", source, "--json"), "infer")
+    ours = torch.tensor([o["embedding"] for o in result["outputs"]])
 
     tok = transformers.AutoTokenizer.from_pretrained(src)
     ref_model = transformers.BertModel.from_pretrained(src).eval()

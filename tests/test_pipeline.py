@@ -3,6 +3,7 @@ its header gives, the real-scale plans' figures, and a launched (multi-process) 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -16,11 +17,11 @@ from typer.testing import CliRunner
 
 from cpmctl import pipeline
 from cpmctl.checkpoint import save_model
-from cpmctl.cli import app
+from cpmctl.cli import app, parse_command_line
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
 from cpmctl.model import build_model
-from cpmctl.plan import Plan, assumed_checkpoints
+from cpmctl.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -70,13 +71,11 @@ def test_every_recipe_is_headed_by_its_command_and_dry_runs(tmp_path, monkeypatc
         assert commands, f"{recipe.name} does not start with the command that runs it"
         assert str(Path("recipes") / recipe.name) in commands[0], f"{recipe.name}: its first command must run it"
         for argv in commands[1:] + commands[:1]:
-            depth = 2 if hasattr(pipeline.cli_root().commands[argv[0]], "commands") else 1  # a group: its sub-command
-            command = pipeline.find_command(tuple(argv[:depth]))
-            if not any(p.name == "dry_run" for p in command.params):
-                command.make_context("cpmctl", argv[depth:])  # parsed and checked by click; no dry run
+            command, cfg, launch, _ = parse_command_line(argv)  # options parsed and checked as the CLI does
+            if command.plan is None:
                 continue
-            with assumed_checkpoints(stand_ins):
-                result = pipeline.invoke(argv + ["--dry-run"])
+            launch_options = dataclasses.asdict(launch) if launch is not None else {}
+            result = command.plan(cfg, stand_ins=stand_ins, **launch_options)
             plans = [r["plan"] for r in result if r["plan"]] if isinstance(result, list) else [result]
             assert plans and all(plans), f"{recipe.name}: {argv} planned nothing"
             for plan in plans:
@@ -176,7 +175,8 @@ def test_options_become_the_commands_own_argv():
     infer = pipeline.find_command(("infer",))
     assert pipeline.option_argv(infer, {"prefetch": False, "normalize": True}) == ["--no-prefetch", "--normalize"]
     pretrain = pipeline.find_command(("pretrain",))
-    assert pipeline.option_argv(pretrain, {"overrides": ["lr=1", "seed=2"]}) == ["--set", "lr=1", "--set", "seed=2"]
+    assert pipeline.option_argv(pretrain, {"model": {"d_model": 64, "norm": "rms"}, "robust_iterations": [4, 2]}) == \
+        ["--model", '{d_model = 64, norm = "rms"}', "--robust-iterations", "4,2"]
 
 
 def test_option_spellings_and_out_substitution(tmp_path):

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from cpmctl import distill, teacher_cache
+from cpmctl.command_configs import DistillConfig  # the options, declared once
 from cpmctl.errors import UserError
 
 log = logging.getLogger("cpmctl")
@@ -65,63 +66,6 @@ HEAD_FILE = "head.safetensors"
 MODEL_DIR = "checkpoint"
 PROMPT_TUNE_MODEL_DIR = "model"          # cpmctl prompt-tune --full writes OUT/model + an adapter in OUT
 TASK_FORMAT = "cpmctl-task-model"
-
-
-@dataclass
-class DistillConfig:
-    teacher: Path
-    out: Path
-    train: Path | None = None              # classification task (JSONL)
-    dev: Path | None = None
-    corpus: Path | None = None             # LM distillation: token shards from `cpmctl data prepare`
-    # the student: a checkpoint, a layer selection from the teacher, or a preset
-    student: Path | None = None
-    student_layers: str | None = None      # "N" (every other layer) or "0,2,4"; default half
-    student_decoder_layers: str | None = None
-    student_config: str | None = None
-    # the objective
-    ce_weight: float = 1.0
-    kd_weight: float = 1.0
-    mix_weight: float = 1.0
-    smix_weight: float = 0.0
-    temperature: float = 2.0
-    mixup_alpha: float = 0.4
-    augment: int = 0                       # perturbed copies of each training example
-    augment_prob: float = 0.15             # share of tokens perturbed (half masked, half replaced)
-    teacher_logits_cache: Path | None = None
-    teacher_cache_k: int = 10              # --corpus: the cache keeps the teacher's top-K logits per target
-    # classification scoring (as in prompt-tune)
-    head: str = "linear"                   # linear (pooled hidden state) | lm (label words by the LM head)
-    verbalizer: Path | None = None         # --head lm: JSON {label: word} (default: the label itself)
-    # data
-    train_fraction: float = 1.0
-    max_length: int = 128
-    seq_len: int = 128                     # LM mode
-    pooling: str = "mean"
-    freeze_embeddings: bool = False        # keep the token/position/type tables fixed
-    # training (the shared core)
-    batch_size: int = 32
-    epochs: float = 3.0
-    max_steps: int | None = None
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    schedule: str = "linear"
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    log_every: int = 10
-    seed: int = 0
-    device: str | None = None              # "cpu" forces the CPU; default: accelerate's choice
-    resume: bool = False
-    force: bool = False
-    progress: bool = True
-
-    @property
-    def weights(self) -> distill.LossWeights:
-        return distill.LossWeights(ce=self.ce_weight, kd=self.kd_weight, mix=self.mix_weight, smix=self.smix_weight)
 
 
 # =============================================================================================
@@ -609,7 +553,7 @@ def _check_preset_student(cfg: DistillConfig, student_config, teacher_config) ->
                         f"choose a {teacher_config.arch} preset")
 
 
-def planned_model_dir(path: Path) -> Path:
+def planned_model_dir(path: Path, stand_ins=None) -> Path:
     """resolve_task_model for a dry run: for a path not there yet, a stand-in for the run
     directory's OUT/checkpoint (what an earlier pipeline step's plan gives), else the path."""
     from cpmctl.plan import is_assumed
@@ -617,25 +561,25 @@ def planned_model_dir(path: Path) -> Path:
     path = Path(path)
     if path.exists():
         return resolve_task_model(path)
-    return path / MODEL_DIR if is_assumed(path / MODEL_DIR) else path
+    return path / MODEL_DIR if is_assumed(path / MODEL_DIR, stand_ins) else path
 
 
-def plan(cfg: DistillConfig):
+def plan(cfg: DistillConfig, *, stand_ins=None):
     """What `run(cfg)` would train, from the teacher's (and student's) config alone."""
     from cpmctl.plan import (ACTIVATION_FORMULA, activation_bytes, checkpoint_config, logits_bytes, make_plan, meta_model,
                              parameter_count, parameter_shapes, source_note, training_memory)
 
     _check_config(cfg, inputs=False)
-    teacher_dir = planned_model_dir(Path(cfg.teacher))
-    teacher_config = checkpoint_config(teacher_dir)
-    notes: list[str | None] = [source_note(teacher_dir, "teacher")]
+    teacher_dir = planned_model_dir(Path(cfg.teacher), stand_ins)
+    teacher_config = checkpoint_config(teacher_dir, stand_ins)
+    notes: list[str | None] = [source_note(teacher_dir, "teacher", stand_ins)]
     for path, what in ((cfg.train, "--train"), (cfg.dev, "--dev"), (cfg.corpus, "--corpus")):
         if path is not None and not Path(path).exists():
             notes.append(f"{what} {path}: not there yet")
     if cfg.student is not None:
-        student_dir = planned_model_dir(Path(cfg.student))
-        config = checkpoint_config(student_dir)
-        notes.append(source_note(student_dir, "student"))
+        student_dir = planned_model_dir(Path(cfg.student), stand_ins)
+        config = checkpoint_config(student_dir, stand_ins)
+        notes.append(source_note(student_dir, "student", stand_ins))
         if Path(cfg.student).exists() and Path(cfg.teacher).exists() and _tokenizer_hash(Path(cfg.student)) != _tokenizer_hash(teacher_dir):
             raise UserError(f"student {cfg.student} and the teacher use different tokenizers; distillation needs the same token ids")
         if config.vocab_size != teacher_config.vocab_size:
