@@ -233,7 +233,7 @@ def parse_command_line(argv: list[str]):
 
 
 def main() -> None:
-    app()
+    app(prog_name="cpmctl")  # the same name (and completion variable _CPMCTL_COMPLETE) under python -m cpmctl
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ def type_name(typ: Any) -> str:
     origin = typing.get_origin(inner)
     if origin in (list, tuple):
         args = [a for a in typing.get_args(inner) if a is not Ellipsis]
-        name = f"a list of {type_name(args[0])}s" if args else "a list"
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans", Path: "paths"}
+        name = f"a list of {plural[args[0]]}" if args and args[0] in plural else "a list"
     elif origin is dict or inner is dict:
         name = "a table"
     elif inner is Any:
