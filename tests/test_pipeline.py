@@ -8,6 +8,8 @@ import json
 import math
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -161,6 +163,9 @@ def write(tmp_path: Path, text: str) -> Path:
     ('[[step]]\nname = "a"\nrun = "pretrain"\nargs = ["y"]\nlaunch = { config = "nope.yaml", processes = 2 }\n[step.recipe]\nlr = 1\n',
      "accelerate config nope.yaml does not exist"),
     ('[[step\n', "not valid TOML"),
+    ('[[step]]\nname = "a"\nrun = "data stdlib"\nargs = ["x"]\nmax-docs = "many"\n', "expects an integer or nothing, got 'many'"),
+    ('[[step]]\nname = "a"\nrun = "data stdlib"\nargs = ["x", "y"]\n', "takes the arguments OUT; got 2"),
+    ('[[step]]\nname = "a"\nrun = "inherit"\nargs = ["x", "y"]\n', "missing option(s) --to"),
 ])
 def test_bad_pipeline_recipes_are_one_line_and_exit_2(tmp_path, text, needle):
     result = RUNNER.invoke(app, ["run", str(write(tmp_path, text)), str(tmp_path / "out")])
@@ -314,3 +319,26 @@ def test_dry_run_ends_with_a_plan_summary(tmp_path, monkeypatch):
     assert "198.33B" in upcycle and "runs/m/init" in upcycle
     assert "│ 64 " in train and "50,000" in train and "runs/m/run/checkpoint" in train
     assert not (tmp_path / "runs").exists()
+
+
+def test_pipelines_run_through_the_command_table_not_the_command_line():
+    """A dry run of the demo plans every stage through cpmctl.commands: the CLI (and Typer) is
+    never imported, so the pipeline and the CLI do not import each other."""
+    code = ("import io, sys\nfrom pathlib import Path\nfrom rich.console import Console\nfrom cpmctl import pipeline\n"
+            "p = pipeline.load_pipeline('recipes/demo.toml', Path('runs/x'))\n"
+            "rows = pipeline.dry_run_pipeline(p, Path('runs/x'), console=Console(file=io.StringIO()))\n"
+            "print(sum(r['plan'] is not None for r in rows), len(rows), 'cpmctl.cli' in sys.modules, 'typer' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    planned, steps, cli, typer_loaded = done.stdout.split()
+    assert int(planned) == 8 and int(steps) == 11 and cli == "False" and typer_loaded == "False"
+
+
+def test_step_options_are_the_commands_config():
+    loaded = pipeline.load_pipeline(RECIPES / "demo.toml", Path("runs/x"))
+    steps = {s.name: s for s in loaded.steps}
+    moefy = steps["moefy"].config
+    assert type(moefy).__name__ == "MoefyConfig" and moefy.expert_size == 32 and moefy.checkpoint == Path("runs/x/ki/checkpoint")
+    teacher = steps["teacher"].config  # the [step.recipe] table, [model] included
+    assert teacher.preset == "llama-tiny" and teacher.model["d_model"] == 64 and teacher.max_steps == 300
+    assert pipeline.step_config(steps["moefy"], force=True).force is True and steps["moefy"].config.force is False
