@@ -37,6 +37,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[[step]]" and "[model]" are TOML, not markup
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 GROUPS = {
@@ -110,7 +111,7 @@ def field_parameter(spec: OptionSpec) -> inspect.Parameter:
     else:
         annotation = Optional[Path] if kind is Path else Optional[str]
         shown = None if spec.required or kind is dict else spec.default
-        info = typer.Option(shown, *spec.flags, help=spec.help + (" [required]" if spec.required else ""),
+        info = typer.Option(shown, *spec.flags, help=spec.help + (" Required (here, in --config or with --set)." if spec.required else ""),
                             metavar=spec.metavar or (None if kind is Path else METAVARS.get(kind, "VALUE")))
     return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
@@ -181,7 +182,7 @@ def add_command(command: Command) -> None:
     parameters = command_parameters(command)
 
     @handles_errors
-    def callback(cpmctl_context: typer.Context, **values: Any) -> Any:
+    def callback(cpmctl_context: typer.Context, **values: Any) -> None:
         given = {name for name in values if _source(cpmctl_context, name) == "COMMANDLINE"}
         cfg, launch = config_from_command_line(command, values, given)
         as_json, dry_run = bool(values.get("cpmctl_json")), bool(values.get("cpmctl_dry_run"))
@@ -193,7 +194,6 @@ def add_command(command: Command) -> None:
             else:
                 result = command.run(cfg)
         show(command, cfg, result, as_json=as_json, dry_run=dry_run)
-        return result
 
     context = inspect.Parameter("cpmctl_context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     parameters = [context, *parameters]

@@ -10,6 +10,12 @@ is its `--dry-run`.
 
 The tool commands (convert, info, tokenizer, data) have their few lines of glue here; each stage
 has a module in cpmctl.stages.
+
+Adding an option: a field with `option(...)` in the command's config (cpmctl.command_configs);
+the CLI, `--config`, `--set` and recipes take it from there. Adding a command: a config dataclass
+there, a `run(cfg) -> dict` (here for a few lines of glue, else in its own module, named through
+`lazy`), optionally `render(result, cfg)` and `plan(cfg, stand_ins=None)`, and one `Command` entry
+below; a new two-word group also needs its help line in cpmctl.cli.GROUPS.
 """
 
 from __future__ import annotations

@@ -33,18 +33,19 @@ MISSING = dataclasses.MISSING
 
 def option(default: Any = MISSING, *, help: str = "", flag: str | None = None, short: str | None = None,
            argument: bool = False, metavar: str | None = None, default_factory: Any = MISSING,
-           renamed_from: Mapping[str, Callable[[Any], Any] | None] | None = None, off_with_json: bool = False, secondary: str | None = None) -> Any:
+           renamed_from: Mapping[str, Callable[[Any], Any] | None] | None = None, off_with_json: bool = False,
+           secondary: str | None = None) -> Any:
     """A config field that is also an option.
 
     flag: the long flag (default `--field-name`); short: e.g. "-n"; argument: a positional
     argument instead (in field order); renamed_from: earlier names of this option still accepted
-    in config files, `--set` and recipes ({old: convert-old-value or None}); off_with_json: `--json` sets this
-    (boolean) field False, because its output would mix with the JSON; secondary: the negative
-    form of a boolean flag (default `--no-NAME` when the default is True).
+    in config files, `--set` and recipes ({old name: converter of the old value, or None});
+    off_with_json: `--json` sets this boolean field False (progress bars, streamed tokens would
+    mix with the JSON); secondary: the negative form of a boolean flag (default `--no-NAME` when
+    the default is True).
     """
     metadata = {"help": help, "flag": flag, "short": short, "argument": argument, "metavar": metavar,
-                "renamed_from": dict(renamed_from or {}),
-                "off_with_json": off_with_json, "secondary": secondary}
+                "renamed_from": dict(renamed_from or {}), "off_with_json": off_with_json, "secondary": secondary}
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"cpmctl": metadata})
 
 
@@ -286,8 +287,7 @@ def build_config(config_cls: type, *layers: tuple[str, Mapping[str, Any]]):
     values = merge(*resolved)
     missing = [s.name for s in specs(config_cls) if s.required and s.name not in values]
     if missing:
-        spelled = ", ".join(next(iter(s.flags)) if not s.argument else s.name.upper()
-                            for s in specs(config_cls) if s.name in missing)
+        spelled = ", ".join(s.name.upper() if s.argument else s.flags[0] for s in specs(config_cls) if s.name in missing)
         raise UserError(f"missing option(s) {spelled} (give them on the command line, in --config or with --set)")
     return config_cls(**values)
 

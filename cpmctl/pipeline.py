@@ -36,7 +36,7 @@ from typing import Any, Callable
 from cpmctl.command_configs import RunConfig
 from cpmctl.commands import Command, find, show
 from cpmctl.errors import UserError
-from cpmctl.options import OptionSpec, build_config, read_toml, spelling_map, specs
+from cpmctl.options import OptionSpec, base_type, build_config, read_toml, spelling_map, specs
 
 # Keys of a [[step]] table that are not the command's options.
 STEP_KEYS = ("name", "run", "args", "recipe", "output", "launch")
@@ -125,7 +125,7 @@ def positional_values(command: Command, args: list[Any], where: str) -> dict[str
     for spec in arguments:
         if not rest:
             break
-        if spec.type is not None and "list" in str(spec.type):
+        if base_type(spec.type) is list:  # infer's TEXT...
             values[spec.name], rest = rest, []
         else:
             values[spec.name] = rest.pop(0)

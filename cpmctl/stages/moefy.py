@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cpmctl.command_configs import MoefyConfig, ROUTERS, SPLITS  # the options, declared once
+from cpmctl.command_configs import MoefyConfig  # the options, declared once
 from cpmctl.errors import UserError
 
 log = logging.getLogger("cpmctl")

@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cpmctl.command_configs import HEADS, PromptTuneConfig  # the options, declared once
+from cpmctl.command_configs import PromptTuneConfig  # the options, declared once
 from cpmctl.errors import UserError
 
 log = logging.getLogger("cpmctl")
