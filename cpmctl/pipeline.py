@@ -544,10 +544,12 @@ def dry_run_pipeline(pipeline: Pipeline, out: Path, *, force: bool = False, cons
             console.print(f"[dim]would write {step.output or step.args[-1]}[/dim]")
             rows.append({"step": step.name, "command": command, "plan": None})
             continue
+        cfg = step_config(step, force=force)
         try:
-            result = plan_step(step, step_config(step, force=force), stand_ins)
+            result = plan_step(step, cfg, stand_ins)
         except StepFailed as exc:
             raise PipelineStopped(step.name, exc.code, out) from None
+        show(step.command, cfg, result, dry_run=True)  # the plan, as the step's own --dry-run shows it
         if result.output is not None and result.output_config is not None:
             stand_ins[Path(result.output)] = result.output_config
         rows.append({"step": step.name, "command": command, "plan": planning.plan_to_dict(result)})

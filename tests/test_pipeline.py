@@ -330,7 +330,7 @@ def test_pipelines_run_through_the_command_table_not_the_command_line():
             "print(sum(r['plan'] is not None for r in rows), len(rows), 'cpmctl.cli' in sys.modules, 'typer' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    planned, steps, cli, typer_loaded = done.stdout.split()
+    planned, steps, cli, typer_loaded = done.stdout.splitlines()[-1].split()  # after the plans it prints
     assert int(planned) == 8 and int(steps) == 11 and cli == "False" and typer_loaded == "False"
 
 
