@@ -67,7 +67,7 @@ def main() -> None:
             for ratio in [float(r) for r in args.ratios.split(",")]:
                 cfg = MoefyConfig(checkpoint=dense, out=args.work / f"moe-{split}-{router}-{ratio}", experts=args.experts,
                                   ratio=ratio, split=split, router=router, data=args.data, max_docs=args.max_docs,
-                                  eval_docs=args.eval_docs, overwrite=True, calibrate=args.calibrate,
+                                  eval_docs=args.eval_docs, force=True, calibrate=args.calibrate,
                                   calibrate_lr=args.calibrate_lr, **extra)
                 load_before = os.getloadavg()[0]
                 wall, cpu = time.perf_counter(), time.process_time()

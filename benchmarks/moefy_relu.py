@@ -190,7 +190,7 @@ def main() -> None:
                                   expert_size=args.expert_size, ratio=args.ratio, split=split, router=router,
                                   data=train, eval_data=held, max_docs=args.max_docs, eval_docs=args.eval_docs,
                                   max_tokens=args.max_tokens, epochs=args.router_epochs, seq_len=args.seq_len,
-                                  calibrate=steps, calibrate_lr=args.calibrate_lr, seed=args.seed, overwrite=True)
+                                  calibrate=steps, calibrate_lr=args.calibrate_lr, seed=args.seed, force=True)
                 wall = time.perf_counter()
                 report = run(cfg)
                 wall = time.perf_counter() - wall

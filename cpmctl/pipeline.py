@@ -16,22 +16,27 @@ a real run checks each one against its preset before the first step, and a dry r
 preset in (on the meta device) for an input that is not there yet; a later step's input written
 by an earlier step stands in as the config the earlier step's dry run says it would write.
 
-Every step goes through the same Typer command as on the command line (argv built from the
-table), so the pipeline cannot drift from the CLI: no stage logic lives here.
+Steps run through the command table (cpmctl.commands): each step's options become the command's
+config (checked against its fields, as the command line's are) before anything runs, then the
+command's own `run` or `plan`. The command line each step corresponds to is shown, and is what a
+launched (multi-process) step executes.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import shlex
-import tempfile
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from cpmctl.command_configs import RunConfig
+from cpmctl.commands import Command, find, show
 from cpmctl.errors import UserError
+from cpmctl.options import OptionSpec, base_type, build_config, read_toml, spelling_map, specs
 
 # Keys of a [[step]] table that are not the command's options.
 STEP_KEYS = ("name", "run", "args", "recipe", "output", "launch")
@@ -42,12 +47,13 @@ SHAPE_FIELDS = ("arch", "d_model", "d_ff", "n_heads", "n_layers", "n_decoder_lay
 @dataclass
 class Step:
     name: str
-    command: tuple[str, ...]  # ("pretrain",) or ("data", "prepare")
+    command: Command
     args: list[str]
-    options: dict[str, Any]
+    options: dict[str, Any]                   # {field name: value} as the recipe gives them
+    config: Any                               # the command's config (checked when the recipe is read)
     recipe: dict[str, Any] | None = None
     output: str | None = None
-    launch: dict[str, Any] | None = None  # {config = accelerate config file, processes = N}
+    launch: dict[str, Any] | None = None      # {config = accelerate config file, processes = N}
 
 
 @dataclass
@@ -69,9 +75,7 @@ def _substitute(value: Any, out: Path) -> Any:
 
 
 def load_pipeline(path: str | Path, out: str | Path) -> Pipeline:
-    """Read and check a pipeline recipe: every step's command and option names must exist."""
-    from cpmctl.recipes import read_toml
-
+    """Read and check a pipeline recipe: every step's command, option names and values."""
     path, out = Path(path), Path(out)
     data = read_toml(path)
     raw_steps = data.get("step")
@@ -101,92 +105,112 @@ def load_pipeline(path: str | Path, out: str | Path) -> Pipeline:
     return pipeline
 
 
-def _parse_step(raw: Any, index: int, out: Path, path: Path) -> Step:
-    where = f"recipe {path}, step {index}"
-    if not isinstance(raw, dict) or "run" not in raw or "name" not in raw:
-        raise UserError(f"{where}: a step needs `name` and `run` (the cpmctl command)")
-    raw = _substitute(raw, out)
-    command = tuple(str(raw["run"]).split())
-    if command == ("run",):
-        raise UserError(f"{where}: a step cannot run another pipeline; list its steps here")
-    click_command = find_command(command, where)
-    args = raw.get("args", [])
-    if not isinstance(args, list):
-        raise UserError(f"{where}: `args` is a list of positional arguments")
-    # An option goes by its command-line spelling without the dashes ("max-new-tokens", "input")
-    # or by its Python name ("max_new_tokens"); the table is keyed by the latter.
-    spelling = {}
-    for p in click_command.params:
-        if p.param_type_name == "option":
-            spelling[p.name] = p.name
-            spelling.update({o.lstrip("-"): p.name for o in p.opts})
+def find_command(name: tuple[str, ...] | str, where: str = "pipeline") -> Command:
+    """The command behind `cpmctl NAME...` (a group name alone: which sub-commands it has)."""
+    from cpmctl.commands import COMMANDS
+
+    key = " ".join(name) if isinstance(name, tuple) else name
+    subs = sorted(c.path[1] for c in COMMANDS if len(c.path) == 2 and c.path[0] == key)
+    if subs:
+        raise UserError(f"{where}: {key!r} needs a sub-command: {', '.join(subs)}")
+    return find(key, where)
+
+
+def positional_values(command: Command, args: list[Any], where: str) -> dict[str, Any]:
+    """A step's `args` as the values of the command's argument fields, in order (a list-typed
+    last argument takes the rest)."""
+    arguments: list[OptionSpec] = [s for s in specs(command.config) if s.argument]
+    values: dict[str, Any] = {}
+    rest = list(args)
+    for spec in arguments:
+        if not rest:
+            break
+        if base_type(spec.type) is list:  # infer's TEXT...
+            values[spec.name], rest = rest, []
+        else:
+            values[spec.name] = rest.pop(0)
+    if rest:
+        names = " ".join(s.name.upper() for s in arguments)
+        raise UserError(f"{where}: `{command.name}` takes the arguments {names}; got {len(args)}")
+    return values
+
+
+def step_options(command: Command, raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The step's option keys (any spelling: "max-new-tokens", "max_new_tokens", "input") by field name."""
+    spelling = spelling_map(command.config)
     options = {}
     for key, value in raw.items():
         if key in STEP_KEYS:
             continue
         if key not in spelling:
-            known = sorted(o.lstrip("-") for p in click_command.params if p.param_type_name == "option" for o in p.opts)
-            raise UserError(f"{where} ({raw['name']}): `{' '.join(command)}` has no option {key!r}; known: {', '.join(known)}")
-        options[spelling[key]] = value
+            known = sorted(f.lstrip("-") for s in specs(command.config) if not s.argument for f in s.flags if f.startswith("--"))
+            raise UserError(f"{where}: `{command.name}` has no option {key!r}; known: {', '.join(known)}")
+        options[spelling[key][0].name] = value
+    return options
+
+
+def _parse_step(raw: Any, index: int, out: Path, path: Path) -> Step:
+    where = f"recipe {path}, step {index}"
+    if not isinstance(raw, dict) or "run" not in raw or "name" not in raw:
+        raise UserError(f"{where}: a step needs `name` and `run` (the cpmctl command)")
+    raw = _substitute(raw, out)
+    name = str(raw["name"])
+    command_name = " ".join(str(raw["run"]).split())
+    if command_name == "run":
+        raise UserError(f"{where}: a step cannot run another pipeline; list its steps here")
+    command = find_command(command_name, where)
+    where = f"{where} ({name})"
+    args = raw.get("args", [])
+    if not isinstance(args, list):
+        raise UserError(f"{where}: `args` is a list of positional arguments")
+    options = step_options(command, raw, where)
     recipe = raw.get("recipe")
-    takes_recipe = any(p.name == "recipe" and p.param_type_name == "argument" for p in click_command.params)
-    if takes_recipe != (recipe is not None):
-        need = "needs a [step.recipe] table" if takes_recipe else "takes no [step.recipe] table"
-        raise UserError(f"{where} ({raw['name']}): `{' '.join(command)}` {need}")
+    if command.recipe_argument != (recipe is not None):
+        need = "needs a [step.recipe] table" if command.recipe_argument else "takes no [step.recipe] table"
+        raise UserError(f"{where}: `{command.name}` {need}")
     launch = raw.get("launch")
     if launch is not None:
         if not isinstance(launch, dict) or set(launch) != {"config", "processes"} or not isinstance(launch["processes"], int) \
                 or launch["processes"] < 1:
-            raise UserError(f"{where} ({raw['name']}): `launch` is {{config = \"accelerate config file\", processes = N}}")
+            raise UserError(f"{where}: `launch` is {{config = \"accelerate config file\", processes = N}}")
         if not Path(launch["config"]).is_file():
-            raise UserError(f"{where} ({raw['name']}): accelerate config {launch['config']} does not exist")
-    return Step(name=str(raw["name"]), command=command, args=[str(a) for a in args], options=options,
+            raise UserError(f"{where}: accelerate config {launch['config']} does not exist")
+    layers = [(f"{where} [step.recipe]", _flat(recipe))] if recipe is not None else []
+    layers += [(where, options), (f"{where} args", positional_values(command, args, where))]
+    config = build_config(command.config, *layers)
+    return Step(name=name, command=command, args=[str(a) for a in args], options=options, config=config,
                 recipe=recipe, output=raw.get("output"), launch=launch)
 
 
-@functools.cache
-def cli_root():
-    """cpmctl's click command tree, built once (Typer rebuilds it on every call, ~20 ms)."""
-    import typer
-
-    from cpmctl.cli import app
-
-    return typer.main.get_command(app)
-
-
-def find_command(command: tuple[str, ...], where: str = "pipeline"):
-    """The click command behind `cpmctl <command...>`."""
-    node = cli_root()
-    for part in command:
-        sub = getattr(node, "commands", {}).get(part)
-        if sub is None:
-            known = sorted(getattr(node, "commands", {}))
-            raise UserError(f"{where}: unknown command {' '.join(command)!r}; known: {', '.join(known)}")
-        node = sub
-    if hasattr(node, "commands"):
-        raise UserError(f"{where}: {' '.join(command)!r} needs a sub-command: {', '.join(sorted(node.commands))}")
-    return node
+def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A [step.recipe] table as a recipe file reads: nested tables as dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
-def option_argv(click_command, options: dict[str, Any]) -> list[str]:
-    """Command-line options for `options` ({name: value}) as the click command spells them."""
-    params = {p.name: p for p in click_command.params}
+def option_argv(command: Command, options: dict[str, Any]) -> list[str]:
+    """Command-line options for `options` ({field name: value}) as the command spells them."""
+    by_name = {s.name: s for s in specs(command.config)}
     argv: list[str] = []
     for key, value in options.items():
-        param = params[key]
-        flag = param.opts[0]
-        if getattr(param, "is_flag", False):
+        spec = by_name[key]
+        flag = spec.flags[0]
+        if spec.is_flag:
             if value is True:
                 argv.append(flag)
-            elif param.secondary_opts:
-                argv.append(param.secondary_opts[0])
-            elif value is not False:
-                raise UserError(f"option {key} is a flag: true or false, not {value!r}")
-        elif param.multiple:
-            for item in value if isinstance(value, list) else [value]:
-                argv += [flag, _text(item)]
+            elif spec.secondary:
+                argv.append(spec.secondary)
+        elif isinstance(value, list):
+            argv += [flag, ",".join(_text(v) for v in value)]
+        elif isinstance(value, dict):
+            argv += [flag, "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"]
         else:
-            argv += [flag, ",".join(_text(v) for v in value) if isinstance(value, list) else _text(value)]
+            argv += [flag, _text(value)]
     return argv
 
 
@@ -196,44 +220,47 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise UserError(f"recipe value {v!r} cannot be written as TOML")
+
+
 def toml_text(table: dict[str, Any]) -> str:
     """A flat-or-one-level-nested table as TOML (what [step.recipe] holds)."""
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise UserError(f"recipe value {v!r} cannot be written as TOML")
-
-    lines = [f"{k} = {value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    lines = [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
     for k, sub in table.items():
         if isinstance(sub, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {value(vv)}" for kk, vv in sub.items()]
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in sub.items()]
     return "\n".join(lines) + "\n"
 
 
-def step_argv(step: Step, recipe_file: Path | None, *, force: bool = False, dry_run: bool = False) -> list[str]:
-    click_command = find_command(step.command)
-    names = {p.name for p in click_command.params}
+def step_config(step: Step, *, force: bool = False):
+    """The step's config; `force` sets the --force of commands that have one."""
+    if force and any(s.name == "force" for s in specs(step.command.config)):
+        return dataclasses.replace(step.config, force=True)
+    return step.config
+
+
+def step_argv(step: Step, recipe_file: Path | None, *, force: bool = False) -> list[str]:
+    """The command line of the step (what a launched step runs, and what the run shows)."""
     options = dict(step.options)
-    if force and "force" in names:
+    if force and any(s.name == "force" for s in specs(step.command.config)):
         options["force"] = True
-    if dry_run:
-        options["dry_run"] = True
-        if step.launch is not None:
-            options.update({k: v for k, v in launch_plan_options(step).items() if k in names})
     positional = ([str(recipe_file)] if recipe_file is not None else []) + step.args
-    return list(step.command) + positional + option_argv(click_command, options)
+    return list(step.command.path) + positional + option_argv(step.command, options)
 
 
 def launch_argv(step: Step, argv: list[str]) -> list[str]:
     """`accelerate launch` of a step that runs on several processes (GPUs)."""
     return ["accelerate", "launch", "--config_file", str(step.launch["config"]),
-            "--num_processes", str(step.launch["processes"]), "-m", "cpmctl.cli", *argv]
+            "--num_processes", str(step.launch["processes"]), "-m", "cpmctl", *argv]
 
 
 def launch_plan_options(step: Step) -> dict[str, Any]:
@@ -246,30 +273,28 @@ def launch_plan_options(step: Step) -> dict[str, Any]:
 
 
 def supports_dry_run(step: Step) -> bool:
-    return any(p.name == "dry_run" for p in find_command(step.command).params)
+    return step.command.plan is not None
 
 
-def invoke(argv: list[str]) -> Any:
-    """Run `cpmctl ARGV...` in this process; return what the command returned.
-
-    A command that fails prints its own one-line error and exits; that exit code comes back as
-    `StepFailed`."""
+def run_step(step: Step, cfg: Any) -> Any:
+    """The step's command on its config, its result shown as the command line shows it. A
+    failure prints the step's one-line error and becomes `StepFailed` with the command's exit code."""
     try:
-        result = cli_root().main(argv, prog_name="cpmctl", standalone_mode=False)
-    except SystemExit as exc:  # a command that calls sys.exit itself
-        raise StepFailed(int(exc.code or 0)) from None
-    except Exception as exc:
-        # click's usage errors (an unknown option, a bad value) come up as exceptions when not
-        # standalone: show them as the command line would
-        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
-            raise StepFailed(exc.exit_code) from None
-        raise
-    if isinstance(result, int) and not isinstance(result, bool):  # click hands back Exit(code) as an int
-        if result != 0:
-            raise StepFailed(result)
-        return None
+        result = step.command.run(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise StepFailed(getattr(exc, "exit_code", 2)) from exc
+    show(step.command, cfg, result)
     return result
+
+
+def plan_step(step: Step, cfg: Any, stand_ins: dict[Path, Any]) -> Any:
+    launch = launch_plan_options(step) if step.launch is not None and step.command.launch_config else {}
+    try:
+        return step.command.plan(cfg, stand_ins=stand_ins, **launch)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise StepFailed(getattr(exc, "exit_code", 2)) from exc
 
 
 class StepFailed(Exception):
@@ -377,7 +402,7 @@ FIGURES: dict[tuple[str, ...], Callable[[dict], str]] = {
 
 
 def figure_of(step: Step, result: Any) -> str:
-    describe = FIGURES.get(step.command)
+    describe = FIGURES.get(step.command.path)
     if describe is None or not isinstance(result, dict):
         return ""
     return describe(result)
@@ -408,9 +433,9 @@ def run_pipeline(pipeline: Pipeline, out: Path, *, force: bool = False, start: s
         console.print(f"[dim]$ {command}[/dim]", soft_wrap=True)
         started = time.perf_counter()
         try:
-            result = run_launched(step, argv) if step.launch else invoke(argv)
+            result = run_launched(step, argv) if step.launch else run_step(step, step_config(step, force=force))
         except StepFailed as exc:
-            raise PipelineStopped(step.name, exc.code) from None
+            raise PipelineStopped(step.name, exc.code, out) from None
         output = Path(step.output or step.args[-1])
         rows.append({"step": step.name, "command": command, "output": str(output),
                      "bytes": dir_size(output), "seconds": round(time.perf_counter() - started, 2),
@@ -435,9 +460,8 @@ def _merge_rows(path: Path, rows: list[dict], order: list[str]) -> list[dict]:
 
 
 def run_launched(step: Step, argv: list[str]) -> None:
-    """A multi-process step: `accelerate launch ... -m cpmctl.cli ARGV` in a child process."""
+    """A multi-process step: `accelerate launch ... -m cpmctl ARGV` in a child process."""
     import subprocess
-    import sys
 
     # `accelerate launch` through this interpreter, so the child sees the same environment
     code = subprocess.call([sys.executable, "-m", "accelerate.commands.launch", *launch_argv(step, argv)[2:]])
@@ -446,10 +470,13 @@ def run_launched(step: Step, argv: list[str]) -> None:
     return None
 
 
-class PipelineStopped(Exception):
-    def __init__(self, step: str, code: int):
-        super().__init__(f"step {step!r} failed (exit {code})")
-        self.step, self.code = step, code
+class PipelineStopped(UserError):
+    """A step failed: the run stops with the step's exit code."""
+
+    def __init__(self, step: str, code: int, out: Path):
+        super().__init__(f"step {step!r} failed (exit {code}); outputs of the earlier steps are in {out} "
+                         f"(rerun from this step with --from {step})")
+        self.step, self.exit_code = step, code
 
 
 def _write_recipe(step: Step, directory: Path) -> Path:
@@ -497,35 +524,35 @@ def shown_command(step: Step, argv: list[str]) -> str:
     return shlex.join(launch_argv(step, argv)) if step.launch else "cpmctl " + shlex.join(argv)
 
 
-def dry_run_pipeline(pipeline: Pipeline, out: Path, *, force: bool = False, console=None) -> list[dict]:
+def dry_run_pipeline(pipeline: Pipeline, out: Path, *, force: bool = False, console=None,
+                     stand_ins: dict[Path, Any] | None = None) -> list[dict]:
     """Each step's command line, and for stages the plan its --dry-run prints, with no weights
-    read or written; checkpoints written by earlier steps stand in as the configs their plans give."""
+    read or written; checkpoints written by earlier steps stand in as the configs their plans
+    give (as do `stand_ins`, e.g. what another recipe's dry run would write)."""
     from rich.console import Console
 
     from cpmctl import plan as planning
 
     console = console or Console()
-    stand_ins = check_inputs(pipeline, dry_run=True)
+    stand_ins = {**(stand_ins or {}), **check_inputs(pipeline, dry_run=True)}
     rows = []
-    with tempfile.TemporaryDirectory(prefix="cpmctl-dry-run-") as tmp:
-        for i, step in enumerate(pipeline.steps, 1):
-            command = command_line(step, out, force=force)
-            console.rule(f"[bold]{i}/{len(pipeline.steps)} {step.name}[/bold]")
-            console.print(f"$ {command}", soft_wrap=True)
-            if not supports_dry_run(step):
-                console.print(f"[dim]would write {step.output or step.args[-1]}[/dim]")
-                rows.append({"step": step.name, "command": command, "plan": None})
-                continue
-            recipe_file = _write_recipe(step, Path(tmp)) if step.recipe is not None else None
-            with planning.assumed_checkpoints(stand_ins):
-                try:
-                    result = invoke(step_argv(step, recipe_file, force=force, dry_run=True))
-                except StepFailed as exc:
-                    raise PipelineStopped(step.name, exc.code) from None
-            if isinstance(result, planning.Plan):
-                if result.output is not None and result.output_config is not None:
-                    stand_ins[Path(result.output)] = result.output_config
-                rows.append({"step": step.name, "command": command, "plan": planning.plan_to_dict(result)})
+    for i, step in enumerate(pipeline.steps, 1):
+        command = command_line(step, out, force=force)
+        console.rule(f"[bold]{i}/{len(pipeline.steps)} {step.name}[/bold]")
+        console.print(f"$ {command}", soft_wrap=True)
+        if not supports_dry_run(step):
+            console.print(f"[dim]would write {step.output or step.args[-1]}[/dim]")
+            rows.append({"step": step.name, "command": command, "plan": None})
+            continue
+        cfg = step_config(step, force=force)
+        try:
+            result = plan_step(step, cfg, stand_ins)
+        except StepFailed as exc:
+            raise PipelineStopped(step.name, exc.code, out) from None
+        show(step.command, cfg, result, dry_run=True)  # the plan, as the step's own --dry-run shows it
+        if result.output is not None and result.output_config is not None:
+            stand_ins[Path(result.output)] = result.output_config
+        rows.append({"step": step.name, "command": command, "plan": planning.plan_to_dict(result)})
     render_plan_summary(rows, title=pipeline.description or str(pipeline.path), console=console)
     return rows
 
@@ -548,3 +575,16 @@ def render_plan_summary(rows: list[dict], *, title: str, console) -> None:
                       human_bytes(plan["memory_per_device"]), "-" if plan["steps"] is None else f"{plan['steps']:,}",
                       "-" if plan["tokens"] is None else human_count(plan["tokens"]), plan["output"] or "-")
     console.print(table)
+
+
+# -- `cpmctl run` ------------------------------------------------------------------------------------
+def run_recipe(cfg: RunConfig) -> list[dict]:
+    """`cpmctl run RECIPE OUT`: the summary rows (also in OUT/pipeline.json)."""
+    return run_pipeline(load_pipeline(cfg.recipe, cfg.out), cfg.out, force=cfg.force, start=cfg.start, only=cfg.only)
+
+
+def dry_run_recipe(cfg: RunConfig, *, stand_ins: dict[Path, Any] | None = None) -> list[dict]:
+    """`cpmctl run RECIPE OUT --dry-run`: each step's command line and plan."""
+    if cfg.start or cfg.only:
+        raise UserError("--dry-run plans the whole pipeline; --from/--only apply to real runs")
+    return dry_run_pipeline(load_pipeline(cfg.recipe, cfg.out), cfg.out, force=cfg.force, stand_ins=stand_ins)

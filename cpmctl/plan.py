@@ -4,8 +4,8 @@ nothing written).
 Every stage module has `plan(cfg) -> Plan` beside `run(cfg)`; both share the stage's validation
 and config-building functions, so a dry run refuses what the run would refuse and predicts the
 ModelConfig the run writes. Input models are read through `checkpoint_config` (config.json only),
-and a pipeline planning several steps ahead can stand in for checkpoints an earlier step has not
-written yet with `assumed_checkpoints`.
+and a pipeline planning several steps ahead passes `plan(cfg, stand_ins={path: ModelConfig})` for
+checkpoints an earlier step has not written yet.
 
 Memory estimates (bytes per device), the formulas the tests check:
 
@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,46 +74,42 @@ class Plan:
 
 
 # -- input checkpoints ------------------------------------------------------------------------------
-_ASSUMED: dict[Path, ModelConfig] = {}
+# A plan's stand-ins: {checkpoint path: the ModelConfig it will have}, for checkpoints that are not
+# there yet (dry runs only: what an earlier pipeline step will write, or a real-scale recipe's
+# external inputs). Every stage's plan(cfg, stand_ins=...) passes them down to these functions.
+StandIns = Mapping[Any, ModelConfig]
 
 
-@contextmanager
-def assumed_checkpoints(configs: Mapping[Any, ModelConfig]) -> Iterator[None]:
-    """Within the block, `checkpoint_config(path)` returns configs[path] for a path without a
-    config.json (dry runs only: checkpoints an earlier pipeline step will write, or a real-scale
-    recipe's external inputs). Nested blocks add to the outer ones; each restores on exit."""
-    saved = dict(_ASSUMED)
-    _ASSUMED.update({Path(p).resolve(): c for p, c in configs.items()})
-    try:
-        yield
-    finally:
-        _ASSUMED.clear()
-        _ASSUMED.update(saved)
+def _stand_in(path: Path, stand_ins: StandIns | None) -> ModelConfig | None:
+    if not stand_ins:
+        return None
+    wanted = path.resolve()
+    return next((config for p, config in stand_ins.items() if Path(p).resolve() == wanted), None)
 
 
-def is_assumed(path: Any) -> bool:
+def is_assumed(path: Any, stand_ins: StandIns | None = None) -> bool:
     """Whether `path` is served by a stand-in (it has no config.json of its own)."""
     path = Path(path)
-    return not (path / CONFIG_FILE).is_file() and path.resolve() in _ASSUMED
+    return not (path / CONFIG_FILE).is_file() and _stand_in(path, stand_ins) is not None
 
 
-def checkpoint_config(path: Any) -> ModelConfig:
+def checkpoint_config(path: Any, stand_ins: StandIns | None = None) -> ModelConfig:
     """The ModelConfig of the checkpoint at `path` from its config.json alone (no weights), or
-    the stand-in `assumed_checkpoints` gives for it."""
+    its stand-in."""
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         return read_config(path)
-    stand_in = _ASSUMED.get(path.resolve())
+    stand_in = _stand_in(path, stand_ins)
     if stand_in is not None:
         return stand_in
     raise UserError(f"{path} is not a cpmctl checkpoint (no config.json)")
 
 
-def source_note(path: Any, what: str) -> str | None:
+def source_note(path: Any, what: str, stand_ins: StandIns | None = None) -> str | None:
     """A note for a stand-in input: "teacher runs/x: not there yet (assumed d_model 4096, ...)"."""
-    if not is_assumed(path):
+    if not is_assumed(path, stand_ins):
         return None
-    c = checkpoint_config(path)
+    c = checkpoint_config(path, stand_ins)
     return f"{what} {path}: not there yet (assumed {c.arch}, d_model {c.d_model}, {c.n_layers} layers" + \
         (f", {c.moe.experts} experts" if c.moe else "") + ")"
 

@@ -58,8 +58,7 @@ from cpmctl.tokenizer import load_tokenizer
 
 log = logging.getLogger("cpmctl")
 
-POSITIONS = ("front", "back", "middle", "front+middle+back")
-REPARAMS = ("none", "mlp")
+from cpmctl.command_configs import PROMPT_POSITIONS as POSITIONS, REPARAMS
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PROMPT_TENSOR = "prompt_embeddings"

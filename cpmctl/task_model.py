@@ -126,10 +126,10 @@ def save_task_model(out: Path, model: nn.Module, head: nn.Module | None, *, labe
                                 stage="distill", parents=parents, options=options, metrics=metrics)
 
 
-def planned_model_dir(path: Path) -> Path:
+def planned_model_dir(path: Path, stand_ins=None) -> Path:
     """resolve_task_model for a dry run: for a path not there yet, a stand-in for the run
     directory's OUT/checkpoint (what an earlier pipeline step's plan gives), else the path."""
     path = Path(path)
     if path.exists():
         return resolve_task_model(path)
-    return path / MODEL_DIR if is_assumed(path / MODEL_DIR) else path
+    return path / MODEL_DIR if is_assumed(path / MODEL_DIR, stand_ins) else path

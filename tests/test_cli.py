@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +22,14 @@ runner = CliRunner()
 
 def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
+
+
+def json_result(result, command: str):
+    """The result of a `--json` run: stdout is exactly {"command": ..., "result": ...}."""
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == {"command", "result"} and data["command"] == command, data
+    return data["result"]
 
 
 def assert_user_error(result, fragment: str) -> None:
@@ -42,9 +51,7 @@ def test_help_is_instant_and_imports_no_torch():
 
 
 def test_info_preset_cpm2_11b_json():
-    result = invoke("info", "--preset", "cpm2-11b", "--json")
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+    data = json_result(invoke("info", "--preset", "cpm2-11b", "--json"), "info")
     assert 10.8e9 < data["parameters"]["total"] < 11.3e9
     counts = data["parameters"]
     assert counts["total"] == counts["embedding"] + counts["attention"] + counts["ffn"] + counts["other"]
@@ -52,7 +59,7 @@ def test_info_preset_cpm2_11b_json():
 
 
 def test_info_preset_moe_198b():
-    data = json.loads(invoke("info", "--preset", "cpm2-moe-198b", "--json").stdout)
+    data = json_result(invoke("info", "--preset", "cpm2-moe-198b", "--json"), "info")
     assert 190e9 < data["parameters"]["total"] < 205e9
     assert data["config"]["moe"]["experts"] == 32
 
@@ -60,7 +67,7 @@ def test_info_preset_moe_198b():
 def test_info_checkpoint_reports_counts_dtype_and_provenance(tmp_path):
     model = build_model(ModelConfig.from_preset("t5-tiny"))
     save_model(model, tmp_path / "ckpt", stage="test", options={"seed": 3})
-    data = json.loads(invoke("info", tmp_path / "ckpt", "--json").stdout)
+    data = json_result(invoke("info", tmp_path / "ckpt", "--json"), "info")
     assert data["parameters"]["total"] == sum(p.numel() for p in model.parameters())
     assert data["dtype"] == {"float32": data["parameters"]["total"]}
     assert data["provenance"]["stage"] == "test" and data["provenance"]["options"] == {"seed": 3}
@@ -164,9 +171,7 @@ def test_infer_generation_matches_generate(tmp_path, sp_tokenizer, preset):
     model = build_model(config).eval()
     save_model(model, tmp_path / "m", tokenizer_dir=sp_tokenizer.save(tmp_path / "tok"))
     prompt = "Return the number of items"
-    result = invoke("infer", tmp_path / "m", prompt, "--max-new-tokens", "6", "--json")
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+    data = json_result(invoke("infer", tmp_path / "m", prompt, "--max-new-tokens", "6", "--json"), "infer")
     ids = sp_tokenizer.encode(prompt, add_eos=config.arch == "encoder-decoder")
     if config.bos_token_id is not None:
         ids = [config.bos_token_id] + ids
@@ -199,9 +204,8 @@ def test_infer_embeds_like_sentence_transformers(tmp_path):
     sentences = ["A cat sits on the mat.", "Stock markets fell sharply today after the announcement."]
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
-    result = invoke("infer", tmp_path / "minilm", "--input", source, "--json")
-    assert result.exit_code == 0, result.output
-    ours = torch.tensor([o["embedding"] for o in json.loads(result.stdout)["outputs"]])
+    result = json_result(invoke("infer", tmp_path / "minilm", "--input", source, "--json"), "infer")
+    ours = torch.tensor([o["embedding"] for o in result["outputs"]])
 
     tok = transformers.AutoTokenizer.from_pretrained(src)
     ref_model = transformers.BertModel.from_pretrained(src).eval()
@@ -211,3 +215,132 @@ def test_infer_embeds_like_sentence_transformers(tmp_path):
     mask = batch["attention_mask"].unsqueeze(-1).float()
     expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     assert (ours - expected).abs().max() < 1e-5
+
+
+# -- one config surface: --config and --set on every stage --------------------------------------------
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory, sp_tokenizer):
+    """A t5-tiny checkpoint's config and tokenizer (no weights: dry runs need none), a task file
+    name and a pretrain recipe."""
+    root = tmp_path_factory.mktemp("planned")
+    save_model(build_model(ModelConfig.from_preset("t5-tiny", vocab_size=sp_tokenizer.vocab_size)), root / "m",
+               tokenizer_dir=sp_tokenizer.save(root / "tok"))
+    for f in (root / "m").glob("*.safetensors"):
+        f.unlink()
+    (root / "recipe.toml").write_text('seq_len = 64\nbatch_size = 8\nmax_steps = 2\n')
+    return root
+
+
+def _stage_cases(root: Path) -> dict[str, tuple[list[str], str, str, Any]]:
+    """stage -> (dry-run argv, option, its flag, where the plan shows it)."""
+    m, out, train = str(root / "m"), str(root / "out"), str(root / "train.jsonl")
+    return {
+        "infer": (["infer", m, "some text", "--dry-run"], "max_new_tokens", "--max-new-tokens", lambda p: p["tokens"]),
+        "inherit": (["inherit", m, out, "--to", "d_model=128,n_heads=8", "--dry-run"], "to_moe", "--to-moe",
+                    lambda p: p["output_config"]["moe"]["experts"]),
+        "moefy": (["moefy", m, out, "--router", "center", "--dry-run"], "experts", "--experts",
+                  lambda p: p["output_config"]["moe"]["experts"]),
+        "prompt-tune": (["prompt-tune", m, out, "--train", train, "--dry-run"], "max_steps", "--max-steps", lambda p: p["steps"]),
+        "distill": (["distill", out, "--teacher", m, "--train", train, "--dry-run"], "max_steps", "--max-steps", lambda p: p["steps"]),
+        "pretrain": (["pretrain", str(root / "recipe.toml"), out, "--init", m, "--data", str(root / "shards"), "--dry-run"],
+                     "max_steps", "--max-steps", lambda p: p["steps"]),
+    }
+
+
+@pytest.mark.parametrize("stage", ["infer", "inherit", "moefy", "prompt-tune", "distill", "pretrain"])
+def test_config_file_and_set_change_every_stage_and_flags_win(planned, tmp_path, stage):
+    from cpmctl.commands import COMMANDS
+
+    stages = {c.name for c in COMMANDS if c.plan is not None and c.name != "run"}
+    assert stages == set(_stage_cases(planned))  # every stage is covered here
+    argv, key, flag, read = _stage_cases(planned)[stage]
+    config = tmp_path / "options.toml"
+    config.write_text(f"{key} = 4\n")
+
+    def planned_value(*extra):
+        return read(json_result(invoke(*argv, "--json", *extra), stage))
+
+    assert planned_value("--set", f"{key}=2") == 2
+    assert planned_value("--config", config) == 4
+    assert planned_value("--config", config, "--set", f"{key}=2") == 2  # --set over the file
+    assert planned_value("--config", config, "--set", f"{key}=2", flag, "8") == 8  # a flag given over both
+    assert not (planned / "out").exists()
+
+
+def test_wrong_values_are_one_line_naming_the_field_exit_2(planned, tmp_path):
+    recipe, m = str(planned / "recipe.toml"), str(planned / "m")
+    assert_user_error(invoke("pretrain", recipe, tmp_path / "o", "--init", m, "--data", tmp_path, "--set", "lr=abc", "--dry-run"),
+                      "option lr (--set) expects a number, got 'abc'")
+    assert_user_error(invoke("distill", tmp_path / "o", "--teacher", m, "--max-steps", "many"),
+                      "option max_steps (command line) expects an integer or nothing, got 'many'")
+    config = tmp_path / "bad.toml"
+    config.write_text('max_new_tokens = "lots"\n')
+    assert_user_error(invoke("infer", m, "x", "--config", config), f"option max_new_tokens (--config {config}) expects an integer, got 'lots'")
+    assert_user_error(invoke("moefy", m, tmp_path / "o", "--set", "wings=2"), "unknown option(s) wings (--set); known: allow_uneven, ")
+    assert_user_error(invoke("inherit", m, tmp_path / "o"), "missing option(s) --to")
+    assert_user_error(invoke("info", "--config", tmp_path / "none.toml"), "none.toml does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+# -- CLI conventions ------------------------------------------------------------------------------------
+def test_python_m_cpmctl_is_the_cli():
+    done = subprocess.run([sys.executable, "-m", "cpmctl", "info", "--preset", "t5-tiny", "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["command"] == "info" and data["result"]["config"]["arch"] == "encoder-decoder"
+    helped = subprocess.run([sys.executable, "-m", "cpmctl", "--help"], capture_output=True, text=True, check=True)
+    assert "Usage: cpmctl" in helped.stdout and "--install-completion" in helped.stdout
+
+
+def test_shell_completion_completes_commands_and_options():
+    import os
+
+    env = {**os.environ, "_CPMCTL_COMPLETE": "complete_bash", "COMP_WORDS": "cpmctl mo", "COMP_CWORD": "1"}
+    done = subprocess.run([sys.executable, "-m", "cpmctl"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.split() == ["moefy"], (done.stdout, done.stderr)
+    env.update(COMP_WORDS="cpmctl moefy --expert", COMP_CWORD="2")
+    done = subprocess.run([sys.executable, "-m", "cpmctl"], capture_output=True, text=True, env=env)
+    assert sorted(done.stdout.split()) == ["--expert-size", "--experts"]
+
+
+def test_json_has_one_shape_on_every_command(planned, tmp_path, stdlib_text, sp_tokenizer):
+    """Every command with --json prints {"command": NAME, "result": ...} and nothing else on stdout."""
+    from cpmctl.commands import BY_NAME
+
+    root = Path(__file__).resolve().parents[1]
+    tok = sp_tokenizer.save(tmp_path / "tok")
+    torch.manual_seed(0)
+    save_model(build_model(ModelConfig.from_preset("llama-tiny", vocab_size=sp_tokenizer.vocab_size)), tmp_path / "llama",
+               tokenizer_dir=tok)
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(stdlib_text.read_text().splitlines()[:200]) + "\n")
+    runs = {
+        "info": (["info", "--preset", "t5-tiny"], lambda r: r["config"]["arch"] == "encoder-decoder"),
+        "convert hf": (["convert", "hf", tmp_path / "llama", tmp_path / "hf", "--export"], lambda r: (tmp_path / "hf" / "config.json").is_file()),
+        "tokenizer train": (["tokenizer", "train", small, tmp_path / "tok2", "--vocab-size", "600"], lambda r: r["vocab_size"] == 600),
+        "tokenizer encode": (["tokenizer", "encode", tok, "hello world"], lambda r: r["round_trip"] is True),
+        "data prepare": (["data", "prepare", small, tmp_path / "shards", "--tokenizer", tok], lambda r: r["total_docs"] == 200),
+        "data stdlib": (["data", "stdlib", tmp_path / "std", "--max-docs", "800", "--num-classes", "2", "--min-per-class", "10"],
+                        lambda r: len(r["classes"]) == 2),
+        "infer": (["infer", tmp_path / "llama", "Return the", "--max-new-tokens", "3", "--stream"],
+                  lambda r: r["stats"]["generated_tokens"] >= 1),  # --stream is off under --json
+        "run": (["run", root / "recipes" / "demo.toml", tmp_path / "demo", "--dry-run"], lambda r: r[0]["step"] == "data"),
+    }
+    for stage, (argv, key, _, read) in _stage_cases(planned).items():
+        runs[stage] = ([*argv, "--set", f"{key}=4"], lambda r, read=read: read(r) == 4 and r["memory_per_device"] > 0)
+    assert set(runs) == set(BY_NAME)
+    for name, (argv, check) in runs.items():
+        result = json_result(invoke(*argv, "--json"), name)
+        assert check(result), (name, result)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_results_are_printed_by_rank_zero_only(tmp_path):
+    for env in ({"RANK": "1"}, {"LOCAL_RANK": "1"}, {"RANK": "3", "LOCAL_RANK": "1"}):
+        for extra in (["--json"], []):
+            result = runner.invoke(app, ["info", "--preset", "t5-tiny", *extra], env=env)
+            assert result.exit_code == 0 and result.stdout == "", (env, result.stdout)
+    shown = runner.invoke(app, ["info", "--preset", "t5-tiny", "--json"], env={"RANK": "0", "LOCAL_RANK": "0"})
+    assert json.loads(shown.stdout)["command"] == "info"
+    # a mistake is still reported by every rank
+    assert_user_error(runner.invoke(app, ["info", "--preset", "nope"], env={"RANK": "1"}), "unknown preset")

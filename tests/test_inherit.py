@@ -178,7 +178,7 @@ def test_vocab_cli_with_a_real_second_tokenizer(llama_ckpt, stdlib_text, tmp_pat
     result = CliRunner().invoke(app, ["inherit", str(llama_ckpt), str(tmp_path / "v"), "--to", "n_layers=2", "--vocab",
                                       str(tmp_path / "tok1200"), "--json"])
     assert result.exit_code == 0, result.stderr
-    summary = json.loads(result.stdout)
+    summary = json.loads(result.stdout)["result"]
     assert summary["vocab"]["same"] > 900
     grown, c1 = load_model(tmp_path / "v")
     src, c2 = load_model(llama_ckpt)

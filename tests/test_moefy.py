@@ -270,8 +270,7 @@ def test_cli_moefy_uneven_with_allow_uneven_and_restore(tmp_path, dense_ckpt, co
     result = _cli(["moefy", str(dense_ckpt), str(tmp_path / "moe"), "--experts", "7", "--allow-uneven", "--top-k", "7",
                    "--router", "center", "--data", str(corpus), "--max-docs", "120", "--eval-docs", "20", "--json"])
     assert result.exit_code == 0, result.output
-    text = result.output  # log lines (stderr) come first, then the JSON report
-    report = json.loads(text[text.index("{\n") : text.rindex("}") + 1])
+    report = json.loads(result.stdout)["result"]  # with --json, stdout is the JSON alone
     assert report["expert_size"] == 23 and report["top_k"] == 7
     dense, ck1 = load_model(dense_ckpt)
     moe, ck2 = load_model(tmp_path / "moe")

@@ -273,7 +273,7 @@ def test_infer_cli_offload_matches_resident_and_reports(tmp_path, sp_tokenizer):
     assert plain.exit_code == 0, plain.output
     off = runner.invoke(app, base + ["--offload", "disk", "--memory-budget", "85%"])
     assert off.exit_code == 0, off.output
-    plain_out, off_out = json.loads(plain.stdout), json.loads(off.stdout)
+    plain_out, off_out = json.loads(plain.stdout)["result"], json.loads(off.stdout)["result"]
     assert [o["generated"] for o in off_out["outputs"]] == [o["generated"] for o in plain_out["outputs"]]
     stats = off_out["stats"]["offload"]
     assert stats["weights_peak_bytes"] <= stats["budget_bytes"] and stats["bytes_moved"] > 0

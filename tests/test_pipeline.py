@@ -3,10 +3,13 @@ its header gives, the real-scale plans' figures, and a launched (multi-process) 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -16,11 +19,11 @@ from typer.testing import CliRunner
 
 from cpmctl import pipeline
 from cpmctl.checkpoint import save_model
-from cpmctl.cli import app
+from cpmctl.cli import app, parse_command_line
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
 from cpmctl.model import build_model
-from cpmctl.plan import Plan, assumed_checkpoints
+from cpmctl.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -70,13 +73,11 @@ def test_every_recipe_is_headed_by_its_command_and_dry_runs(tmp_path, monkeypatc
         assert commands, f"{recipe.name} does not start with the command that runs it"
         assert str(Path("recipes") / recipe.name) in commands[0], f"{recipe.name}: its first command must run it"
         for argv in commands[1:] + commands[:1]:
-            depth = 2 if hasattr(pipeline.cli_root().commands[argv[0]], "commands") else 1  # a group: its sub-command
-            command = pipeline.find_command(tuple(argv[:depth]))
-            if not any(p.name == "dry_run" for p in command.params):
-                command.make_context("cpmctl", argv[depth:])  # parsed and checked by click; no dry run
+            command, cfg, launch, _ = parse_command_line(argv)  # options parsed and checked as the CLI does
+            if command.plan is None:
                 continue
-            with assumed_checkpoints(stand_ins):
-                result = pipeline.invoke(argv + ["--dry-run"])
+            launch_options = dataclasses.asdict(launch) if launch is not None else {}
+            result = command.plan(cfg, stand_ins=stand_ins, **launch_options)
             plans = [r["plan"] for r in result if r["plan"]] if isinstance(result, list) else [result]
             assert plans and all(plans), f"{recipe.name}: {argv} planned nothing"
             for plan in plans:
@@ -162,6 +163,9 @@ def write(tmp_path: Path, text: str) -> Path:
     ('[[step]]\nname = "a"\nrun = "pretrain"\nargs = ["y"]\nlaunch = { config = "nope.yaml", processes = 2 }\n[step.recipe]\nlr = 1\n',
      "accelerate config nope.yaml does not exist"),
     ('[[step\n', "not valid TOML"),
+    ('[[step]]\nname = "a"\nrun = "data stdlib"\nargs = ["x"]\nmax-docs = "many"\n', "expects an integer or nothing, got 'many'"),
+    ('[[step]]\nname = "a"\nrun = "data stdlib"\nargs = ["x", "y"]\n', "takes the arguments OUT; got 2"),
+    ('[[step]]\nname = "a"\nrun = "inherit"\nargs = ["x", "y"]\n', "missing option(s) --to"),
 ])
 def test_bad_pipeline_recipes_are_one_line_and_exit_2(tmp_path, text, needle):
     result = RUNNER.invoke(app, ["run", str(write(tmp_path, text)), str(tmp_path / "out")])
@@ -176,7 +180,8 @@ def test_options_become_the_commands_own_argv():
     infer = pipeline.find_command(("infer",))
     assert pipeline.option_argv(infer, {"prefetch": False, "normalize": True}) == ["--no-prefetch", "--normalize"]
     pretrain = pipeline.find_command(("pretrain",))
-    assert pipeline.option_argv(pretrain, {"overrides": ["lr=1", "seed=2"]}) == ["--set", "lr=1", "--set", "seed=2"]
+    assert pipeline.option_argv(pretrain, {"model": {"d_model": 64, "norm": "rms"}, "robust_iterations": [4, 2]}) == \
+        ["--model", '{d_model = 64, norm = "rms"}', "--robust-iterations", "4,2"]
 
 
 def test_option_spellings_and_out_substitution(tmp_path):
@@ -314,3 +319,26 @@ def test_dry_run_ends_with_a_plan_summary(tmp_path, monkeypatch):
     assert "198.33B" in upcycle and "runs/m/init" in upcycle
     assert "│ 64 " in train and "50,000" in train and "runs/m/run/checkpoint" in train
     assert not (tmp_path / "runs").exists()
+
+
+def test_pipelines_run_through_the_command_table_not_the_command_line():
+    """A dry run of the demo plans every stage through cpmctl.commands: the CLI (and Typer) is
+    never imported, so the pipeline and the CLI do not import each other."""
+    code = ("import io, sys\nfrom pathlib import Path\nfrom rich.console import Console\nfrom cpmctl import pipeline\n"
+            "p = pipeline.load_pipeline('recipes/demo.toml', Path('runs/x'))\n"
+            "rows = pipeline.dry_run_pipeline(p, Path('runs/x'), console=Console(file=io.StringIO()))\n"
+            "print(sum(r['plan'] is not None for r in rows), len(rows), 'cpmctl.cli' in sys.modules, 'typer' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    planned, steps, cli, typer_loaded = done.stdout.splitlines()[-1].split()  # after the plans it prints
+    assert int(planned) == 8 and int(steps) == 11 and cli == "False" and typer_loaded == "False"
+
+
+def test_step_options_are_the_commands_config():
+    loaded = pipeline.load_pipeline(RECIPES / "demo.toml", Path("runs/x"))
+    steps = {s.name: s for s in loaded.steps}
+    moefy = steps["moefy"].config
+    assert type(moefy).__name__ == "MoefyConfig" and moefy.expert_size == 32 and moefy.checkpoint == Path("runs/x/ki/checkpoint")
+    teacher = steps["teacher"].config  # the [step.recipe] table, [model] included
+    assert teacher.preset == "llama-tiny" and teacher.model["d_model"] == 64 and teacher.max_steps == 300
+    assert pipeline.step_config(steps["moefy"], force=True).force is True and steps["moefy"].config.force is False

@@ -15,7 +15,7 @@ from cpmctl.cli import app
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
 from cpmctl.model import build_model
-from cpmctl.plan import (assumed_checkpoints, checkpoint_config, layer_activation_bytes, optimizer_state_bytes,
+from cpmctl.plan import (checkpoint_config, is_assumed, layer_activation_bytes, optimizer_state_bytes,
                          plan_to_dict, training_memory)
 from cpmctl.stages import distill as distill_stage
 from cpmctl.stages import infer as infer_stage
@@ -52,8 +52,7 @@ def tok_dir(tmp_path_factory, sp_tokenizer) -> Path:
 def test_parameters_equal_a_really_built_model(tmp_path, config):
     torch.manual_seed(0)
     real = sum(p.numel() for p in build_model(config).parameters())
-    with assumed_checkpoints({tmp_path / "m": config}):
-        plan = infer_stage.plan(infer_stage.InferConfig(checkpoint=tmp_path / "m", texts=["x"], dtype="bfloat16"))
+    plan = infer_stage.plan(infer_stage.InferConfig(checkpoint=tmp_path / "m", texts=["x"], dtype="bfloat16"), stand_ins={tmp_path / "m": config})
     assert plan.parameters == real and plan.parameter_bytes == 2 * real and plan.trainable == 0
 
 
@@ -66,8 +65,7 @@ def test_real_scale_matches_cpmctl_info(tmp_path):
     plan = pretrain_stage.plan(cfg)
     assert plan.parameters == dense["parameters"]["total"] and plan.parameter_bytes == dense["estimated_bytes"]["float32"]
     assert plan.output_config == ModelConfig.from_preset("cpm2-11b") and any("tok" in n for n in plan.notes)
-    with assumed_checkpoints({tmp_path / "moe": ModelConfig.from_preset("cpm2-moe-198b")}):
-        plan = infer_stage.plan(infer_stage.InferConfig(checkpoint=tmp_path / "moe", texts=["x"], dtype="bfloat16"))
+    plan = infer_stage.plan(infer_stage.InferConfig(checkpoint=tmp_path / "moe", texts=["x"], dtype="bfloat16"), stand_ins={tmp_path / "moe": ModelConfig.from_preset("cpm2-moe-198b")})
     assert plan.parameters == moe["parameters"]["total"] and plan.parameter_bytes == moe["estimated_bytes"]["bfloat16"]
     assert not (tmp_path / "run").exists()
 
@@ -165,29 +163,26 @@ def test_distill_student_configs_match_the_builders():
 
     teacher = ModelConfig.from_preset("bert-tiny", vocab_size=777)
     preset_cfg = distill_stage.DistillConfig(teacher=Path("tb"), out=Path("o"), train=Path("t.jsonl"), student_config="bert-tiny")
-    with assumed_checkpoints({Path("tb"): teacher}):
-        preset_plan = distill_stage.plan(preset_cfg)
+    preset_plan = distill_stage.plan(preset_cfg, stand_ins={Path("tb"): teacher})
     assert preset_plan.output_config.vocab_size == 777  # the teacher's vocabulary, not the preset's 512
     assert preset_plan.output_config == distill.student_from_preset("bert-tiny", teacher).config
     cfg = distill_stage.DistillConfig(teacher=Path("t"), out=Path("o"), corpus=Path("c"), student_layers="1")
-    with assumed_checkpoints({Path("t"): ModelConfig.from_preset("llama-tiny")}):
-        plan = distill_stage.plan(cfg)
+    plan = distill_stage.plan(cfg, stand_ins={Path("t"): ModelConfig.from_preset("llama-tiny")})
     torch.manual_seed(0)
     real = distill.student_from_teacher(build_model(ModelConfig.from_preset("llama-tiny")), [1])
     assert plan.output_config == real.config and plan.parameters == sum(p.numel() for p in real.parameters())
     assert plan.memory_breakdown["teacher"] == 4 * sum(p.numel() for p in build_model(ModelConfig.from_preset("llama-tiny")).parameters())
     # A run directory an earlier step will write stands in through its OUT/checkpoint, as the real run resolves it.
-    with assumed_checkpoints({Path("run") / "checkpoint": ModelConfig.from_preset("llama-tiny")}):
-        assert distill_stage.plan(distill_stage.DistillConfig(teacher=Path("run"), out=Path("o"), corpus=Path("c"),
-                                                              student_layers="1")).output_config == real.config
+    run_dir = {Path("run") / "checkpoint": ModelConfig.from_preset("llama-tiny")}
+    assert distill_stage.plan(distill_stage.DistillConfig(teacher=Path("run"), out=Path("o"), corpus=Path("c"), student_layers="1"),
+                              stand_ins=run_dir).output_config == real.config
 
 
 def test_prompt_tune_trains_the_prompt_and_head_only(tmp_path):
     config = ModelConfig.from_preset("t5-tiny")
     cfg = prompt_stage.PromptTuneConfig(model=tmp_path / "m", train=tmp_path / "train.jsonl", out=tmp_path / "adapter",
                                         prompt_length=10, deep=True, head="linear", max_length=32)
-    with assumed_checkpoints({tmp_path / "m": config}):
-        plan = prompt_stage.plan(cfg)
+    plan = prompt_stage.plan(cfg, stand_ins={tmp_path / "m": config})
     deep = 10 * config.d_model * config.n_layers  # the prompt and a delta at each later encoder layer
     assert plan.trainable == deep + (config.d_model * 2 + 2)  # + a linear head for the 2 assumed classes
     assert plan.memory_breakdown["optimizer"] == optimizer_state_bytes(
@@ -245,6 +240,8 @@ def test_dry_runs_through_the_cli_load_and_write_nothing(tmp_path, tok_dir):
         assert "dry-run" in result.stdout or '"stage"' in result.stdout
         assert not out.exists()
     data = json.loads(RUNNER.invoke(app, commands[1]).stdout)
+    assert set(data) == {"command", "result"} and data["command"] == "inherit"
+    data = data["result"]
     assert data["output_config"]["moe"]["experts"] == 2 and data["stage"] == "inherit"
 
     one_line_error(RUNNER.invoke(app, ["moefy", m, str(out), "--experts", "3", "--router", "center", "--dry-run"]), "does not split evenly")
@@ -255,28 +252,26 @@ def test_dry_runs_through_the_cli_load_and_write_nothing(tmp_path, tok_dir):
     assert not out.exists()
 
 
-def test_cli_commands_return_the_plan(tmp_path):
-    from cpmctl import cli
+def test_the_command_table_plans_with_stand_ins(tmp_path):
+    from cpmctl.commands import find
 
-    with assumed_checkpoints({tmp_path / "m": tiny_moe()}):
-        plan = cli.infer(checkpoint=tmp_path / "m", text="x", input_file=None, max_new_tokens=4, temperature=0.0, top_k=None,
-                         top_p=None, seed=0, batch_size=8, device=None, dtype=None, stream=False, normalize=True,
-                         as_json=True, prompt=None, kernels="auto", offload="none", memory_budget=None, prefetch=True,
-                         iterations=None, step_size=None, dry_run=True)
+    command = find("infer")
+    cfg = infer_stage.InferConfig(checkpoint=tmp_path / "m", texts=["x"], max_new_tokens=4)
+    plan = command.plan(cfg, stand_ins={tmp_path / "m": tiny_moe()})
     assert plan.stage == "infer" and plan.tokens == 4 and plan_to_dict(plan)["memory_breakdown"]["kv_cache"] > 0
+    with pytest.raises(UserError, match="not a cpmctl checkpoint"):
+        command.plan(cfg)  # no stand-in: the checkpoint is not there
 
 
-def test_assumed_checkpoints_are_stand_ins_only_inside_the_block(tmp_path, monkeypatch):
+def test_stand_ins_serve_only_the_plans_they_are_given_to(tmp_path, monkeypatch):
     config = ModelConfig.from_preset("llama-tiny")
     monkeypatch.chdir(tmp_path)
-    with assumed_checkpoints({Path("later/ckpt"): config}):
-        assert checkpoint_config(tmp_path / "later" / "ckpt") is config  # relative and absolute: one path
-        with assumed_checkpoints({tmp_path / "other": ModelConfig.from_preset("t5-tiny")}):
-            assert checkpoint_config("other").arch == "encoder-decoder" and checkpoint_config("later/ckpt") is config
-        with pytest.raises(UserError, match="other is not a cpmctl checkpoint"):
-            checkpoint_config("other")
+    stand_ins = {Path("later/ckpt"): config, tmp_path / "other": ModelConfig.from_preset("t5-tiny")}
+    assert checkpoint_config(tmp_path / "later" / "ckpt", stand_ins) is config  # relative and absolute: one path
+    assert checkpoint_config("other", stand_ins).arch == "encoder-decoder"
+    assert is_assumed("later/ckpt", stand_ins) and not is_assumed("later/ckpt")
     with pytest.raises(UserError, match=r"ckpt is not a cpmctl checkpoint \(no config.json\)"):
         checkpoint_config("later/ckpt")
     save_model(build_model(config), tmp_path / "real")
-    with assumed_checkpoints({tmp_path / "real": ModelConfig.from_preset("t5-tiny")}):
-        assert checkpoint_config(tmp_path / "real") == config  # a real config.json wins
+    assert checkpoint_config(tmp_path / "real", {tmp_path / "real": ModelConfig.from_preset("t5-tiny")}) == config  # a real config.json wins
+    assert not is_assumed(tmp_path / "real", {tmp_path / "real": config})

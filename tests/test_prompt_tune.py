@@ -260,7 +260,7 @@ def test_prompt_tune_trains_only_the_prompt_and_infers(tiny_encoder, tmp_path, c
     runner = CliRunner()
     out = runner.invoke(app, ["infer", str(root / "model"), "--prompt", str(tmp_path / "prompt"), "--input", str(dev), "--json"])
     assert out.exit_code == 0, out.output
-    stats = json.loads(out.output)["stats"]
+    stats = json.loads(out.stdout)["result"]["stats"]
     assert stats["accuracy"] == result["test"]["accuracy"] and stats["macro_f1"] == result["test"]["macro_f1"]
 
     # another base model is refused in one line
@@ -290,7 +290,7 @@ def test_full_fine_tuning_baseline_and_errors(tiny_encoder, tmp_path):
     runner = CliRunner()
     out = runner.invoke(app, ["infer", str(tmp_path / "full" / "model"), "--prompt", str(tmp_path / "full"), "--input", str(train), "--json"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["stats"]["examples"] == 64
+    assert json.loads(out.stdout)["result"]["stats"]["examples"] == 64
 
     base_args = ["prompt-tune", str(root / "model"), str(tmp_path / "x"), "--train", str(train), "--prompt-length", "4"]
     out = runner.invoke(app, [*base_args, "--head", "linear", "--position", "middle"])

@@ -98,8 +98,8 @@ def test_walk_through_follow_up_commands(demo):
         done = cpmctl(argv[1:], cwd)
         assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
         outputs[line] = done.stdout
-    offloaded = [json.loads(out) for line, out in outputs.items() if "--offload" in line and "--json" in line]
-    resident = [json.loads(out) for line, out in outputs.items() if "infer runs/demo/moe" in line and "--offload" not in line
+    offloaded = [json.loads(out)["result"] for line, out in outputs.items() if "--offload" in line and "--json" in line]
+    resident = [json.loads(out)["result"] for line, out in outputs.items() if "infer runs/demo/moe" in line and "--offload" not in line
                 and "--json" in line and "--prompt" not in line]
     assert offloaded and resident
     # streamed from disk under the budget, the MoE model says exactly what it says resident

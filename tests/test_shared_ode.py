@@ -364,7 +364,7 @@ def test_infer_iterations_equal_generate_at_those_iterations_and_report_the_spee
     result = runner.invoke(app, ["infer", str(tmp_path / "m"), "Return the number", "--max-new-tokens", "5",
                                  "--iterations", "2", "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+    data = json.loads(result.stdout)["result"]
     assert data["stats"]["iterations"]["iterations"] == 2 and data["stats"]["layer_speedup"] == 2.0
     ids = [model.config.bos_token_id] + sp_tokenizer.encode("Return the number")
     set_iterations(model, 2)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from cpmctl.moe import MLPRouter, MoEFeedForward
 
-ROUTERS = ("mlp", "center", "oracle")
+from cpmctl.command_configs import ROUTERS
 
 
 def expert_mass(moe: MoEFeedForward, x: Tensor, chunk: int = 4096) -> Tensor:

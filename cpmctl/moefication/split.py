@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SPLITS = ("cluster", "coactivation", "random")
+from cpmctl.command_configs import SPLITS
 
 
 def balanced_assign(scores: Tensor, capacity: int) -> Tensor:

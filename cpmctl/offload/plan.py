@@ -14,7 +14,7 @@ from cpmctl.errors import UserError
 from cpmctl.offload.reader import ALIGN_BYTES
 from cpmctl.units import human_bytes
 
-OFFLOAD_MODES = ("none", "cpu", "disk")
+from cpmctl.command_configs import OFFLOAD_MODES
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from cpmctl import distill, task_model, tasks, teacher_cache
+from cpmctl.command_configs import DistillConfig  # the options, declared once
 from cpmctl.checkpoint import load_model
 from cpmctl.data import make_batches
 from cpmctl.errors import UserError
@@ -69,61 +70,6 @@ from cpmctl.training_state import STATE_DIR
 
 log = logging.getLogger("cpmctl")
 
-@dataclass
-class DistillConfig:
-    teacher: Path
-    out: Path
-    train: Path | None = None              # classification task (JSONL)
-    dev: Path | None = None
-    corpus: Path | None = None             # LM distillation: token shards from `cpmctl data prepare`
-    # the student: a checkpoint, a layer selection from the teacher, or a preset
-    student: Path | None = None
-    student_layers: str | None = None      # "N" (every other layer) or "0,2,4"; default half
-    student_decoder_layers: str | None = None
-    student_config: str | None = None
-    # the objective
-    ce_weight: float = 1.0
-    kd_weight: float = 1.0
-    mix_weight: float = 1.0
-    smix_weight: float = 0.0
-    temperature: float = 2.0
-    mixup_alpha: float = 0.4
-    augment: int = 0                       # perturbed copies of each training example
-    augment_prob: float = 0.15             # share of tokens perturbed (half masked, half replaced)
-    teacher_logits_cache: Path | None = None
-    teacher_cache_k: int = 10              # --corpus: the cache keeps the teacher's top-K logits per target
-    # classification scoring (as in prompt-tune)
-    head: str = "linear"                   # linear (pooled hidden state) | lm (label words by the LM head)
-    verbalizer: Path | None = None         # --head lm: JSON {label: word} (default: the label itself)
-    # data
-    train_fraction: float = 1.0
-    max_length: int = 128
-    seq_len: int = 128                     # LM mode
-    pooling: str = "mean"
-    freeze_embeddings: bool = False        # keep the token/position/type tables fixed
-    # training (the shared core)
-    batch_size: int = 32
-    epochs: float = 3.0
-    max_steps: int | None = None
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    schedule: str = "linear"
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    log_every: int = 10
-    seed: int = 0
-    device: str | None = None              # "cpu" forces the CPU; default: accelerate's choice
-    resume: bool = False
-    force: bool = False
-    progress: bool = True
-
-    @property
-    def weights(self) -> distill.LossWeights:
-        return distill.LossWeights(ce=self.ce_weight, kd=self.kd_weight, mix=self.mix_weight, smix=self.smix_weight)
 
 
 # =============================================================================================
@@ -151,6 +97,11 @@ class DistillConfig:
 # =============================================================================================
 
 
+def loss_weights(cfg: DistillConfig) -> distill.LossWeights:
+    """The MixKD loss weights of the options (LossWeights checks them)."""
+    return distill.LossWeights(ce=cfg.ce_weight, kd=cfg.kd_weight, mix=cfg.mix_weight, smix=cfg.smix_weight)
+
+
 def _check_config(cfg: DistillConfig, *, inputs: bool = True) -> None:
     """Options and output checks; `inputs=False` (dry run) leaves out the checks that the task,
     corpus and verbalizer files exist (a pipeline's earlier step may write them)."""
@@ -163,7 +114,7 @@ def _check_config(cfg: DistillConfig, *, inputs: bool = True) -> None:
         raise UserError("--student-decoder-layers goes with --student-layers")
     if cfg.temperature <= 0:
         raise UserError(f"--temperature must be > 0, got {cfg.temperature}")
-    if cfg.weights.needs_mixup and cfg.mixup_alpha <= 0:
+    if loss_weights(cfg).needs_mixup and cfg.mixup_alpha <= 0:
         raise UserError(f"--mixup-alpha must be > 0, got {cfg.mixup_alpha}")
     if not 0 < cfg.train_fraction <= 1:
         raise UserError(f"--train-fraction must be in (0, 1], got {cfg.train_fraction}")
@@ -242,19 +193,19 @@ def _check_preset_student(cfg: DistillConfig, student_config, teacher_config) ->
                         f"choose a {teacher_config.arch} preset")
 
 
-def plan(cfg: DistillConfig):
+def plan(cfg: DistillConfig, *, stand_ins=None):
     """What `run(cfg)` would train, from the teacher's (and student's) config alone."""
     _check_config(cfg, inputs=False)
-    teacher_dir = task_model.planned_model_dir(Path(cfg.teacher))
-    teacher_config = checkpoint_config(teacher_dir)
-    notes: list[str | None] = [source_note(teacher_dir, "teacher")]
+    teacher_dir = task_model.planned_model_dir(Path(cfg.teacher), stand_ins)
+    teacher_config = checkpoint_config(teacher_dir, stand_ins)
+    notes: list[str | None] = [source_note(teacher_dir, "teacher", stand_ins)]
     for path, what in ((cfg.train, "--train"), (cfg.dev, "--dev"), (cfg.corpus, "--corpus")):
         if path is not None and not Path(path).exists():
             notes.append(f"{what} {path}: not there yet")
     if cfg.student is not None:
-        student_dir = task_model.planned_model_dir(Path(cfg.student))
-        config = checkpoint_config(student_dir)
-        notes.append(source_note(student_dir, "student"))
+        student_dir = task_model.planned_model_dir(Path(cfg.student), stand_ins)
+        config = checkpoint_config(student_dir, stand_ins)
+        notes.append(source_note(student_dir, "student", stand_ins))
         if Path(cfg.student).exists() and Path(cfg.teacher).exists() and task_model.tokenizer_hash(Path(cfg.student)) != task_model.tokenizer_hash(teacher_dir):
             raise UserError(f"student {cfg.student} and the teacher use different tokenizers; distillation needs the same token ids")
         if config.vocab_size != teacher_config.vocab_size:
@@ -305,7 +256,7 @@ def _owned(model: nn.Module) -> nn.Module:
 
 def run(cfg: DistillConfig) -> dict[str, Any]:
     _check_config(cfg)
-    weights = cfg.weights
+    weights = loss_weights(cfg)
     teacher_tm = task_model.load_task_model(Path(cfg.teacher))
     teacher = teacher_tm.model.float().eval()
     for p in teacher.parameters():

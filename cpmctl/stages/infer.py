@@ -14,7 +14,6 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from rich.markup import escape
 from cpmctl.checkpoint import INDEX_FILE, WEIGHTS_FILE, check_state_dict_matches, load_model, open_checkpoint
 from cpmctl.data import pad_rows
 from cpmctl.devices import peak_memory_bytes, planned_device, resolve_device, resolve_dtype
+from cpmctl.command_configs import InferConfig  # the options, declared once
 from cpmctl.errors import UserError
 from cpmctl.generate import embed, generate
 from cpmctl.jsonl import iter_records
@@ -38,52 +38,6 @@ from cpmctl.tokenizer import load_tokenizer
 from cpmctl.units import human_bytes, parse_size
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class InferConfig:
-    checkpoint: Path
-    texts: list[str] | None = None
-    input_file: Path | None = None
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-    batch_size: int = 8
-    device: str | None = None
-    dtype: str | None = None
-    stream: bool = False
-    normalize: bool = True
-    prompt: Path | None = None  # a prompt-tune adapter: classify instead of generate/embed
-    kernels: str = "auto"  # MoE FFNs: auto (Triton on CUDA) | torch | triton
-    offload: str = "none"  # none | cpu (host memory, for a GPU) | disk
-    memory_budget: str | None = None  # with --offload: bytes for weights on the device, e.g. 2GiB or 25%
-    prefetch: bool = True  # with --offload: load the next layer's weights while this one computes
-    iterations: int | None = None  # parameter-shared models: block applications (default: as trained)
-    step_size: float | None = None  # and the residual step (default: trained iterations / iterations)
-
-    def validate(self) -> None:
-        if (self.texts is None) == (self.input_file is None):
-            raise UserError("give either TEXT or --input FILE.jsonl")
-        if self.max_new_tokens < 0:
-            raise UserError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.prompt is not None and (self.iterations is not None or self.step_size is not None):
-            raise UserError("--iterations/--step-size cannot be combined with --prompt: a prompt is trained for the model's own depth")
-        if self.offload not in OFFLOAD_MODES:
-            raise UserError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}")
-        if self.offload == "none" and self.memory_budget is not None:
-            raise UserError("--memory-budget needs --offload cpu or --offload disk")
-        if self.offload != "none" and self.memory_budget is None:
-            raise UserError(f"--offload {self.offload} needs --memory-budget (e.g. 2GiB, or 25% of the weights)")
 
 
 def read_texts(path: Path, field: str = "text") -> list[str]:
@@ -185,21 +139,21 @@ def kv_cache_bytes(config, applications: int, batch: int, prompt: int, new_token
     return per_position * (prompt + new_tokens)
 
 
-def plan(cfg: InferConfig):
+def plan(cfg: InferConfig, *, stand_ins=None):
     """What `run(cfg)` would do, from the checkpoint's config (and weight headers, when there)."""
     cfg.validate()
     device = planned_device(cfg.device)
     requested = resolve_dtype(cfg.dtype)
-    config = checkpoint_config(cfg.checkpoint)
-    notes: list[str] = [source_note(cfg.checkpoint, "checkpoint")]
+    config = checkpoint_config(cfg.checkpoint, stand_ins)
+    notes: list[str] = [source_note(cfg.checkpoint, "checkpoint", stand_ins)]
     model = meta_model(config)
     resolve_kernels(cfg.kernels, device)
     if cfg.iterations is not None or cfg.step_size is not None:
         set_iterations(model, cfg.iterations, cfg.step_size)
-    if not is_assumed(cfg.checkpoint) and not (Path(cfg.checkpoint) / "tokenizer").is_dir():
+    if not is_assumed(cfg.checkpoint, stand_ins) and not (Path(cfg.checkpoint) / "tokenizer").is_dir():
         raise UserError(f"checkpoint {cfg.checkpoint} has no tokenizer/ directory; copy the tokenizer it was trained with there")
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    headers = _weight_headers(cfg.checkpoint) if not is_assumed(cfg.checkpoint) else None
+    headers = _weight_headers(cfg.checkpoint) if not is_assumed(cfg.checkpoint, stand_ins) else None
     try:
         if headers is not None:
             check_state_dict_matches(shapes, headers.shapes())

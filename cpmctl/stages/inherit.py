@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from cpmctl import growth
 from cpmctl.checkpoint import check_state_dict_matches, load_model, save_checkpoint
 from cpmctl.config import ModelConfig, PRESETS
+from cpmctl.command_configs import InheritConfig  # the options, declared once
 from cpmctl.errors import UserError
 from cpmctl.model import build_model
 from cpmctl.plan import (checkpoint_config, dtype_bytes, is_assumed, make_plan, meta_model, parameter_count,
@@ -34,19 +34,6 @@ log = logging.getLogger("cpmctl")
 
 SAMPLE_TEXT = ("Knowledge inheritance grows a small trained model into a larger one, "
                "so the larger one starts from what the small one already knows.")
-
-
-@dataclass
-class InheritConfig:
-    src: Path
-    to: str
-    out: Path
-    method: str = "fpi"
-    vocab: Path | None = None      # a new tokenizer (directory, file, or a checkpoint holding one)
-    to_moe: int | None = None      # experts per FFN
-    verify: bool = False
-    seed: int = 0
-    force: bool = False
 
 
 def target_config(spec: str, src_config):
@@ -119,14 +106,14 @@ def output_config(cfg: InheritConfig, src_config, vocab_size: int | None):
     return config
 
 
-def plan(cfg: InheritConfig):
+def plan(cfg: InheritConfig, *, stand_ins=None):
     """What `run(cfg)` would write, from SRC's config alone (nothing loaded or written)."""
     _check_options(cfg)
-    src_config = checkpoint_config(cfg.src)
-    notes: list[str | None] = [source_note(cfg.src, "source")]
+    src_config = checkpoint_config(cfg.src, stand_ins)
+    notes: list[str | None] = [source_note(cfg.src, "source", stand_ins)]
     vocab_size = None
     if cfg.vocab is not None:
-        if not is_assumed(cfg.src) and not (Path(cfg.src) / "tokenizer").is_dir():
+        if not is_assumed(cfg.src, stand_ins) and not (Path(cfg.src) / "tokenizer").is_dir():
             raise UserError(f"--vocab needs the source's tokenizer, and {cfg.src} has no tokenizer/ directory")
         if vocab_dir(cfg).is_dir():
             vocab_size = load_tokenizer(vocab_dir(cfg)).vocab_size

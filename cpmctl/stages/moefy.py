@@ -45,6 +45,7 @@ from cpmctl import task_model, tasks
 from cpmctl.checkpoint import load_model, read_config, save_checkpoint_with
 from cpmctl.corpus import sample_documents
 from cpmctl.data import TokenShards
+from cpmctl.command_configs import MoefyConfig  # the options, declared once
 from cpmctl.errors import UserError
 from cpmctl.moe import MoEFeedForward, dense_from_moe, moe_from_dense, resolve_kernels, set_kernels
 from cpmctl.moefication import ROUTERS, SPLITS
@@ -56,73 +57,6 @@ from cpmctl.tokenizer import load_tokenizer
 log = logging.getLogger("cpmctl")
 
 REPORT_FILE = "report.json"
-
-
-@dataclass
-class MoefyConfig:
-    checkpoint: Path
-    out: Path
-    experts: int | None = None
-    expert_size: int | None = None
-    split: str = "cluster"
-    router: str = "mlp"
-    top_k: int | None = None
-    ratio: float | None = None  # default 0.2 when neither top_k nor ratio is given
-    data: Path | None = None
-    eval_data: Path | None = None
-    field: str = "text"
-    max_docs: int = 2000  # documents sampled for statistics and router training
-    eval_docs: int = 300  # further documents held out for the report (when no eval_data)
-    max_tokens: int = 32768  # reservoir of FFN inputs per layer
-    min_tokens: int = 1024  # fewer training tokens than this: the data is too small
-    seq_len: int = 128
-    batch_size: int = 32
-    epochs: int = 10
-    router_steps: int | None = None  # cap on router optimiser steps per layer
-    calibrate: int = 0  # optimiser steps of calibration with the routers active (0: none)
-    calibrate_lr: float = 1e-4
-    kernels: str = "auto"  # MoE FFNs in the report's evaluation: auto | torch | triton
-    task: Path | None = None  # JSONL task file (tasks.py format): dense vs MoE accuracy in the report
-    verbalizer: Path | None = None  # JSON {label: word} for label-word scoring of --task
-    max_task_examples: int | None = None  # a random subset of --task (all by default)
-    layers: list[str] | None = None
-    allow_uneven: bool = False
-    restore: bool = False
-    seed: int = 0
-    overwrite: bool = False
-
-    def validate(self) -> None:
-        if self.restore:
-            return
-        if self.kernels not in ("auto", "torch", "triton"):
-            raise UserError(f"unknown --kernels {self.kernels!r}; expected auto, torch or triton")
-        if self.split not in SPLITS:
-            raise UserError(f"unknown --split {self.split!r}; expected one of {', '.join(SPLITS)}")
-        if self.router not in ROUTERS:
-            raise UserError(f"unknown --router {self.router!r}; expected one of {', '.join(ROUTERS)}")
-        if (self.experts is None) == (self.expert_size is None):
-            raise UserError("give exactly one of --experts E and --expert-size N")
-        if (self.experts is not None and self.experts < 1) or (self.expert_size is not None and self.expert_size < 1):
-            raise UserError("--experts and --expert-size must be >= 1")
-        if self.top_k is not None and self.ratio is not None:
-            raise UserError("give either --top-k or --ratio, not both")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.ratio is not None and not 0 < self.ratio <= 1:
-            raise UserError(f"--ratio must be in (0, 1], got {self.ratio}")
-        if self.data is None and (self.router == "mlp" or self.split == "coactivation"):
-            raise UserError(f"--router {self.router} / --split {self.split} learn from activations: give --data FILE")
-        if self.calibrate < 0:
-            raise UserError(f"--calibrate must be >= 0 steps, got {self.calibrate}")
-        if self.calibrate and self.data is None:
-            raise UserError("--calibrate trains on --data: give --data FILE")
-        for name in ("max_docs", "max_tokens", "seq_len", "batch_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.verbalizer is not None and self.task is None:
-            raise UserError("--verbalizer names the label words of --task: give --task FILE.jsonl")
-        if self.max_task_examples is not None and self.max_task_examples < 1:
-            raise UserError(f"--max-task-examples must be >= 1, got {self.max_task_examples}")
 
 
 # -- layout decisions ---------------------------------------------------------------------------------
@@ -294,12 +228,12 @@ def _check_restore(cfg: MoefyConfig, checkpoint: Path, config) -> None:
         raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
 
 
-def plan(cfg: MoefyConfig):
+def plan(cfg: MoefyConfig, *, stand_ins=None):
     """What `run(cfg)` would write and hold in memory, from the checkpoint's config alone."""
     cfg.validate()
-    checkpoint = task_model.planned_model_dir(Path(cfg.checkpoint))
-    config = checkpoint_config(checkpoint)
-    notes: list[str | None] = [source_note(checkpoint, "checkpoint")]
+    checkpoint = task_model.planned_model_dir(Path(cfg.checkpoint), stand_ins)
+    config = checkpoint_config(checkpoint, stand_ins)
+    notes: list[str | None] = [source_note(checkpoint, "checkpoint", stand_ins)]
     dense_params = parameter_count(meta_model(config))
     if cfg.restore:
         _check_restore(cfg, checkpoint, config)
@@ -437,7 +371,7 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
 
     if stored_dtype is not None and stored_dtype != torch.float32:
         model.to(stored_dtype)
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("out", "overwrite")}
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("out", "force")}
     write_output(model, cfg, checkpoint, stage="moefy", options=options, metrics=report, report=report)
     ckpt.close()
     return report

@@ -35,7 +35,7 @@ import dataclasses
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from cpmctl import teacher_cache as shared_cache
 from cpmctl.checkpoint import load_model, read_provenance, save_checkpoint
 from cpmctl.config import ModelConfig
 from cpmctl.data import make_batches, random_spans_helper
+from cpmctl.command_configs import PretrainConfig  # the options, declared once
 from cpmctl.errors import UserError
 from cpmctl.iterations import default_robust_iterations, flops_per_token, sampled_iterations
 from cpmctl.losses import KI_SCHEDULES, ki_loss, ki_weight, lm_forward, lm_loss
@@ -65,58 +66,6 @@ OBJECTIVE_OF_ARCH = {"encoder-decoder": "span", "encoder": "mlm", "decoder": "ca
 CHECKPOINT_DIR = "checkpoint"
 
 
-@dataclass
-class PretrainConfig:
-    out: Path
-    data: Path                              # token shards from `cpmctl data prepare`
-    init: Path | None = None                # a checkpoint to continue from, or
-    preset: str | None = None               # a preset trained from scratch
-    tokenizer: Path | None = None           # the tokenizer (default: the init checkpoint's)
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides for a preset
-    objective: str | None = None            # span | mlm | causal (default: from the architecture)
-    seq_len: int = 128
-    batch_size: int = 8                     # global micro-batch (rows), split over processes
-    valid_fraction: float = 0.01
-    eval_batches: int = 20
-    # training (see cpmctl.training.TrainConfig)
-    max_steps: int = 1000
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 0.01
-    schedule: str = "linear"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"
-    seed: int = 0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    eval_every: int = 0
-    log_every: int = 10
-    cpu: bool = False
-    progress: bool = True
-    resume: bool = False
-    force: bool = False
-    # knowledge inheritance
-    teacher: Path | None = None
-    ki_steps: int | None = None             # N; default max_steps // 2
-    ki_temperature: float = 2.0
-    ki_schedule: str = "linear"             # linear | step | constant
-    ki_alpha: float = 0.5                   # a_t of the constant schedule
-    teacher_cache: Path | None = None
-    teacher_cache_k: int = 10
-    kernels: str = "auto"                   # MoE FFNs: auto (Triton on CUDA) | torch | triton; the
-                                            # Triton kernels are forward-only, so they serve the
-                                            # teacher and evaluation, the torch path the training
-    # parameter sharing and ODE steps (cpmctl.model.set_iterations)
-    share_layers: bool = False              # preset: one block per stack, applied n_layers times
-    share_groups: int | None = None         # preset: G blocks per stack, each applied n_layers / G times
-    step_robust: bool = False               # sample n per micro-batch, residual step L / n
-    robust_iterations: Any = None           # the n to sample from: list or "12,9,6" (default L, 3L/4, L/2)
-    eval_iterations: Any = None             # also evaluate at these n (step L / n): list or "12,6"
-
-
 # -- setup pieces ---------------------------------------------------------------------------------
 def _tokenizer_dir(cfg: PretrainConfig) -> Path:
     if cfg.tokenizer is not None:
@@ -127,7 +76,7 @@ def _tokenizer_dir(cfg: PretrainConfig) -> Path:
     raise UserError("no tokenizer: give tokenizer = DIR (or an init checkpoint that holds one)")
 
 
-def model_config(cfg: PretrainConfig, tok) -> Any:
+def model_config(cfg: PretrainConfig, tok, stand_ins=None) -> Any:
     """The ModelConfig the run trains and writes: the init checkpoint's, or the preset's with the
     tokenizer's vocabulary and ids (`tok` None: a dry run without the tokenizer keeps the
     preset's), `model` overrides and the sharing options."""
@@ -137,7 +86,7 @@ def model_config(cfg: PretrainConfig, tok) -> Any:
     if cfg.init is not None:
         if cfg.model or sharing:
             raise UserError("model overrides (and share_layers / share_groups) apply to a preset; an init checkpoint keeps its config")
-        return checkpoint_config(cfg.init)
+        return checkpoint_config(cfg.init, stand_ins)
     # bos too: a preset's bos id (llama-tiny's 2) is unk in a sentencepiece vocabulary without bos,
     # and moefy/infer/tasks prepend config.bos_token_id to every decoder row.
     ids = {} if tok is None else {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id, "eos_token_id": tok.eos_id,
@@ -463,9 +412,9 @@ def sequence_lengths(objective: str, seq_len: int) -> dict[str, int]:
     return {"encoder": seq_len, "decoder": seq_len}
 
 
-def _dry_tokenizer(cfg: PretrainConfig, notes: list[str]):
+def _dry_tokenizer(cfg: PretrainConfig, notes: list[str], stand_ins=None):
     """The tokenizer when it is there; None (with a note) when a pipeline step will write it."""
-    if cfg.tokenizer is None and cfg.init is not None and is_assumed(cfg.init):
+    if cfg.tokenizer is None and cfg.init is not None and is_assumed(cfg.init, stand_ins):
         notes.append(f"tokenizer: from init {cfg.init}, not there yet")
         return None
     path = _tokenizer_dir(cfg)
@@ -475,7 +424,7 @@ def _dry_tokenizer(cfg: PretrainConfig, notes: list[str]):
     return load_tokenizer(path)
 
 
-def plan(cfg: PretrainConfig, *, devices: int | None = None, sharding: str = "ddp"):
+def plan(cfg: PretrainConfig, *, stand_ins=None, devices: int | None = None, sharding: str = "ddp"):
     """What `run(cfg)` would do on `devices` processes (default: WORLD_SIZE, else 1), with
     sharding "ddp" (a full copy per device) or "fsdp" (weights, gradients and optimizer state
     split over them). Nothing is loaded or written."""
@@ -489,11 +438,11 @@ def plan(cfg: PretrainConfig, *, devices: int | None = None, sharding: str = "dd
     if cfg.batch_size % devices:
         raise UserError(f"the global batch of {cfg.batch_size} rows does not split over {devices} processes; "
                         f"use a batch size divisible by {devices}")
-    notes: list[str | None] = [source_note(cfg.init, "init") if cfg.init is not None else None]
+    notes: list[str | None] = [source_note(cfg.init, "init", stand_ins) if cfg.init is not None else None]
     if not Path(cfg.data).is_dir():
         notes.append(f"data {cfg.data}: not there yet (tokens counted from the options)")
-    tok = _dry_tokenizer(cfg, notes)
-    config = model_config(cfg, tok)
+    tok = _dry_tokenizer(cfg, notes, stand_ins)
+    config = model_config(cfg, tok, stand_ins)
     if tok is not None:
         _check_vocabulary(config, tok)
     model = meta_model(config)
@@ -506,12 +455,12 @@ def plan(cfg: PretrainConfig, *, devices: int | None = None, sharding: str = "dd
 
     teacher_bytes = 0
     if cfg.teacher is not None:
-        teacher_config = checkpoint_config(cfg.teacher)
+        teacher_config = checkpoint_config(cfg.teacher, stand_ins)
         check_teacher_config(Path(cfg.teacher), teacher_config, config)
         if tok is not None and (Path(cfg.teacher) / "config.json").is_file():
             check_teacher_tokenizer(Path(cfg.teacher), tok)
         teacher_bytes = 4 * parameter_count(meta_model(teacher_config))
-        notes.append(source_note(cfg.teacher, "teacher"))
+        notes.append(source_note(cfg.teacher, "teacher", stand_ins))
         if cfg.teacher_cache is not None:
             state = "reused" if Path(cfg.teacher_cache).exists() else "built first"
             notes.append(f"teacher cache {cfg.teacher_cache} ({state}): the teacher's top-{cfg.teacher_cache_k} logits of the "

@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 
 from cpmctl.checkpoint import SafetensorsFile, load_model, save_checkpoint, write_safetensors
 from cpmctl.devices import current_memory_bytes, peak_memory_bytes
+from cpmctl.command_configs import PromptTuneConfig  # the options, declared once
 from cpmctl.errors import UserError
 from cpmctl.fsutil import atomic_directory
 from cpmctl.plan import (ACTIVATION_FORMULA, activation_bytes, checkpoint_config, checkpointed_activation_bytes,
@@ -43,82 +44,10 @@ from cpmctl.training import TrainConfig, Trainer
 
 log = logging.getLogger("cpmctl")
 
-HEADS = ("lm", "linear")
 FULL_MODEL_DIR = "model"
 BEST_FILE = "best.safetensors"  # in the run directory: the trainable tensors at the best dev accuracy
 
 
-@dataclass
-class PromptTuneConfig:
-    model: Path
-    train: Path
-    out: Path
-    dev: Path | None = None
-    test: Path | None = None             # evaluated once at the end with the best prompt
-    prompt_length: int = 100
-    position: str = "front"
-    init: str = "vocab"                  # vocab | labels | random | text:"..."
-    reparam: str = "none"                # none | mlp
-    reparam_hidden: int | None = None
-    deep: bool = False
-    verbalizer: Path | None = None
-    head: str = "lm"                     # lm (label words) | linear
-    pooling: str = "mean"                # linear head: mean | last
-    full: bool = False
-    optimizer: str | None = None         # default: adafactor (prompt), adamw (--full)
-    lr: float | None = None              # default: 0.3 adafactor, 1e-3 adamw prompt, 3e-5 --full
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    max_steps: int = 1000
-    eval_every: int = 100
-    patience: int | None = 5             # evaluations without a better dev accuracy
-    max_length: int | None = None        # cap on tokens per input, prompt included
-    max_train_examples: int | None = None
-    max_dev_examples: int | None = None
-    max_test_examples: int | None = None
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
-    seed: int = 0
-    device: str | None = None
-    resume: bool = False
-    force: bool = False
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.head not in HEADS:
-            raise UserError(f"unknown --head {self.head!r}; expected one of {', '.join(HEADS)}")
-        if not self.full:
-            if self.position not in POSITIONS:
-                raise UserError(f"unknown --position {self.position!r}; expected one of {', '.join(POSITIONS)}")
-            if self.reparam not in REPARAMS:
-                raise UserError(f"unknown --reparam {self.reparam!r}; expected one of {', '.join(REPARAMS)}")
-            if self.prompt_length < 1:
-                raise UserError(f"--prompt-length must be >= 1, got {self.prompt_length}")
-        for name in ("batch_size", "max_steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0:
-            raise UserError(f"--eval-every must be >= 0, got {self.eval_every}")
-        for name in ("max_length", "max_train_examples", "max_dev_examples", "max_test_examples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.lr is not None and self.lr <= 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
-
-    @property
-    def run_dir(self) -> Path:
-        return self.out.with_name(self.out.name + ".train")
-
-    def resolved_optimizer(self) -> str:
-        return self.optimizer or ("adamw" if self.full else "adafactor")
-
-    def resolved_lr(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        if self.full:
-            return 3e-5
-        return 0.3 if self.resolved_optimizer() == "adafactor" else 1e-3
 
 
 def _check_outputs(cfg: PromptTuneConfig) -> None:
@@ -156,14 +85,14 @@ def trainable_modules(cfg: PromptTuneConfig, config, n_classes: int):
     return prompt, head
 
 
-def plan(cfg: PromptTuneConfig):
+def plan(cfg: PromptTuneConfig, *, stand_ins=None):
     """What `run(cfg)` would train, from the model's config alone (the task files are read when
     they are there, for the number of classes and examples)."""
     cfg.validate()
     _check_outputs(cfg)
-    config = checkpoint_config(cfg.model)
-    notes: list[str | None] = [source_note(cfg.model, "model")]
-    if not is_assumed(cfg.model) and not (Path(cfg.model) / "tokenizer").is_dir():
+    config = checkpoint_config(cfg.model, stand_ins)
+    notes: list[str | None] = [source_note(cfg.model, "model", stand_ins)]
+    if not is_assumed(cfg.model, stand_ins) and not (Path(cfg.model) / "tokenizer").is_dir():
         raise UserError(f"checkpoint {cfg.model} has no tokenizer/ directory")
     n_classes = 2
     if Path(cfg.train).is_file():

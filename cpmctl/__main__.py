@@ -1,0 +1,5 @@
+"""`python -m cpmctl`: the same command line as the `cpmctl` script."""
+
+from cpmctl.cli import main
+
+main()

@@ -1,0 +1,264 @@
+"""Every cpmctl command as data: its config class and where its run, plan and rendering live.
+
+The CLI (cpmctl.cli) generates one command per entry of `COMMANDS`; pipeline recipes
+(cpmctl.pipeline) run steps through the same entries, without going through the command line.
+Functions are named by module and attribute and imported when called, so listing the commands
+(`cpmctl --help`, reading a recipe) imports no torch: this table is where the CLI layer's lazy
+imports are collected. A command's `run(cfg)` returns its result (a dict); `render(result, cfg)`
+shows it to a person (without one, the result is printed as JSON); `plan(cfg, stand_ins, **launch)`
+is its `--dry-run`.
+
+The tool commands (convert, info, tokenizer, data) have their few lines of glue here; each stage
+has a module in cpmctl.stages.
+
+Adding an option: a field with `option(...)` in the command's config (cpmctl.command_configs);
+the CLI, `--config`, `--set` and recipes take it from there. Adding a command: a config dataclass
+there, a `run(cfg) -> dict` (here for a few lines of glue, else in its own module, named through
+`lazy`), optionally `render(result, cfg)` and `plan(cfg, stand_ins=None)`, and one `Command` entry
+below; a new two-word group also needs its help line in cpmctl.cli.GROUPS.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import cpmctl.command_configs as configs
+from cpmctl.errors import UserError
+
+
+def lazy(module: str, name: str) -> Callable[..., Any]:
+    """`module.name`, imported on the first call."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = f"{module}.{name}"
+    return call
+
+
+@dataclass(frozen=True)
+class Command:
+    path: tuple[str, ...]                      # ("moefy",) or ("data", "prepare")
+    config: type                               # its options (cpmctl.command_configs)
+    help: str
+    run: Callable[[Any], Any]
+    plan: Callable[..., Any] | None = None     # plan(cfg, stand_ins) for --dry-run
+    render: Callable[[Any, Any], None] | None = None
+    render_plan: Callable[[Any, Any], None] | None = None  # default: the plan table
+    recipe_argument: bool = False              # the first argument is a config file (pretrain RECIPE)
+    launch_config: type | None = None          # --dry-run options describing a launch (pretrain)
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.path)
+
+
+def echo(text: str) -> None:
+    print(text, flush=True)
+
+
+def print_json(data: Any) -> None:
+    echo(json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=False))
+
+
+def is_rank_zero() -> bool:
+    """False in the other processes of a multi-process launch (accelerate, torchrun)."""
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+    return rank.strip() == "0"
+
+
+def show(command: Command, cfg: Any, result: Any, *, as_json: bool = False, dry_run: bool = False) -> None:
+    """A command's result on stdout: `{"command": ..., "result": ...}` with --json, else as its
+    render function shows it (JSON without one). Rank 0 alone prints."""
+    if not is_rank_zero():
+        return
+    if dry_run:
+        from cpmctl.plan import Plan, plan_to_dict
+
+        if as_json:
+            print_json({"command": command.name, "result": plan_to_dict(result) if isinstance(result, Plan) else result})
+        else:
+            (command.render_plan or render_plan)(result, cfg)
+        return
+    if as_json:
+        print_json({"command": command.name, "result": result})
+    elif command.render is not None:
+        command.render(result, cfg)
+    else:
+        print_json(result)
+
+
+# -- tool commands -----------------------------------------------------------------------------------
+def tokenizer_path(path):
+    """Accept a checkpoint directory wherever a tokenizer is expected."""
+    return path / "tokenizer" if (path / "tokenizer").is_dir() else path
+
+
+def convert_hf(cfg: configs.ConvertHfConfig) -> dict[str, Any]:
+    from cpmctl import hf
+
+    if cfg.export:
+        hf.export_hf(cfg.src, cfg.out, overwrite=cfg.force)
+    else:
+        hf.import_hf(cfg.src, cfg.out, dtype=cfg.dtype, overwrite=cfg.force)
+    return {"out": str(cfg.out), "direction": "export" if cfg.export else "import"}
+
+
+def info(cfg: configs.InfoConfig) -> dict[str, Any]:
+    from cpmctl import report
+
+    if (cfg.checkpoint is None) == (cfg.preset is None):
+        raise UserError("give either a CHECKPOINT directory or --preset NAME")
+    return report.describe_preset(cfg.preset) if cfg.preset else report.describe_checkpoint(cfg.checkpoint)
+
+
+def tokenizer_train(cfg: configs.TokenizerTrainConfig) -> dict[str, Any]:
+    from cpmctl.tokenizer import train_sentencepiece
+
+    tok = train_sentencepiece(cfg.corpus, cfg.out, vocab_size=cfg.vocab_size, model_type=cfg.model_type,
+                              sentinels=cfg.sentinels, overwrite=cfg.force)
+    return {"out": str(cfg.out), "vocab_size": tok.vocab_size, "sentinels": len(tok.sentinel_ids)}
+
+
+def tokenizer_encode(cfg: configs.TokenizerEncodeConfig) -> dict[str, Any]:
+    from cpmctl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path(cfg.tokenizer))
+    ids = tok.encode(cfg.text)
+    return {"ids": ids, "decoded": tok.decode(ids), "round_trip": tok.decode(ids) == cfg.text}
+
+
+def data_prepare(cfg: configs.DataPrepareConfig) -> dict[str, Any]:
+    from cpmctl.data import prepare
+    from cpmctl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path(cfg.tokenizer))
+    return prepare(cfg.corpus, tok, cfg.out, shard_tokens=cfg.shard_tokens, field=cfg.field, overwrite=cfg.force)
+
+
+def data_stdlib(cfg: configs.DataStdlibConfig) -> dict[str, Any]:
+    from cpmctl.corpus import write_stdlib_dataset
+
+    return write_stdlib_dataset(cfg.out, num_classes=cfg.num_classes, min_per_class=cfg.min_per_class,
+                                max_per_class=cfg.max_per_class, max_docs=cfg.max_docs, overwrite=cfg.force)
+
+
+# -- how results read ----------------------------------------------------------------------------------
+def _wrote(result: dict, cfg) -> None:
+    echo(f"wrote {cfg.out}")
+
+
+def _render_info(result: dict, cfg) -> None:
+    from cpmctl import report
+
+    report.render(result)
+
+
+def _render_tokenizer(result: dict, cfg) -> None:
+    echo(f"wrote {cfg.out} (vocabulary {result['vocab_size']}, {result['sentinels']} sentinels)")
+
+
+def _render_prepare(result: dict, cfg) -> None:
+    echo(f"wrote {cfg.out}: {result['total_docs']:,} documents, {result['total_tokens']:,} tokens in {len(result['shards'])} shard(s)")
+
+
+def _render_stdlib(result: dict, cfg) -> None:
+    splits = ", ".join(f"{k} {v}" for k, v in result["splits"].items())
+    echo(f"wrote {cfg.out}: {result['documents']:,} documents; task of {len(result['classes'])} classes ({splits})")
+
+
+def _render_infer(result: dict, cfg) -> None:
+    from cpmctl.stages import infer
+
+    infer.render(result, streamed=cfg.stream)
+
+
+def _render_prompt_tune(result: dict, cfg) -> None:
+    from cpmctl.stages import prompt_tune
+
+    prompt_tune.render(result)
+
+
+def _render_moefy(result: dict, cfg) -> None:
+    from cpmctl.stages import moefy
+
+    moefy.render(result)
+    echo(f"wrote {cfg.out}")
+
+
+def _render_inherit(result: dict, cfg) -> None:
+    echo(f"wrote {cfg.out}: {result['parameters_src']:,} -> {result['parameters_out']:,} parameters ({cfg.method})")
+    if result.get("vocab"):
+        echo("vocabulary: " + ", ".join(f"{k} {v}" for k, v in result["vocab"].items()))
+    if cfg.verify:
+        diff = result.get("max_logit_diff")
+        echo(f"max logit difference: {diff:.3e} (largest logit {result['max_logit']:.3f})" if diff is not None
+             else f"verify: {result['verify']}")
+
+
+def render_plan(plan, cfg) -> None:
+    from cpmctl.plan import render_plan as render
+
+    render(plan)
+
+
+def _shown_already(result, cfg) -> None:
+    """The pipeline prints its own progress and summary table as it goes."""
+
+
+def _stage(name: str, config: type, help: str, *, render: Callable | None = None, **extra: Any) -> Command:
+    module = f"cpmctl.stages.{name.replace('-', '_')}"
+    return Command(path=(name,), config=config, help=help, run=lazy(module, "run"), plan=lazy(module, "plan"),
+                   render=render, **extra)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(("convert", "hf"), configs.ConvertHfConfig, "Import a BERT, T5/mT5, Llama or GPT-2 checkpoint (or export one back).",
+            convert_hf, render=_wrote),
+    Command(("info",), configs.InfoConfig, "Config, parameter counts, dtype, size on disk and provenance of a checkpoint or preset.",
+            info, render=_render_info),
+    Command(("tokenizer", "train"), configs.TokenizerTrainConfig,
+            "Train a sentencepiece tokenizer with pad/eos/unk, <mask> and span-corruption sentinels.",
+            tokenizer_train, render=_render_tokenizer),
+    Command(("tokenizer", "encode"), configs.TokenizerEncodeConfig,
+            "Show the ids and pieces of TEXT, and check that decoding gives it back.", tokenizer_encode),
+    Command(("data", "prepare"), configs.DataPrepareConfig,
+            "Tokenize a corpus into memory-mapped shards with an index (streaming, bounded memory).",
+            data_prepare, render=_render_prepare),
+    Command(("data", "stdlib"), configs.DataStdlibConfig,
+            "The embedded default data: a corpus of this Python's standard-library docstrings and a "
+            "module-classification task built from it (no download).", data_stdlib, render=_render_stdlib),
+    _stage("infer", configs.InferConfig,
+           "Generate text (decoder-only, encoder-decoder), embed sentences (encoder-only), or classify with --prompt.",
+           render=_render_infer),
+    _stage("pretrain", configs.PretrainConfig,
+           "Pre-train a checkpoint or preset (span corruption, MLM or causal LM), optionally with a KI teacher.",
+           recipe_argument=True, launch_config=configs.LaunchPlanConfig),
+    _stage("distill", configs.DistillConfig, "MixKD: distil a teacher into a smaller student, with mixup on word embeddings."),
+    _stage("prompt-tune", configs.PromptTuneConfig,
+           "Prompt-tune a frozen model on a classification task (or --full fine-tune it as the baseline).",
+           render=_render_prompt_tune),
+    _stage("moefy", configs.MoefyConfig, "Split dense FFNs into experts with routers (MoEfication); only the chosen experts run.",
+           render=_render_moefy),
+    _stage("inherit", configs.InheritConfig,
+           "Grow a checkpoint wider/deeper (bert2BERT FPI/AKI, tiling, stacking), expand its vocabulary, upcycle to MoE.",
+           render=_render_inherit),
+    Command(("run",), configs.RunConfig, "Run a pipeline recipe: each step is a cpmctl command; ends with a summary table.",
+            lazy("cpmctl.pipeline", "run_recipe"), plan=lazy("cpmctl.pipeline", "dry_run_recipe"),
+            render=_shown_already, render_plan=_shown_already),
+)
+
+BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
+
+
+def find(name: str | tuple[str, ...], where: str = "pipeline") -> Command:
+    """The command `cpmctl NAME...`, or a UserError listing the known ones."""
+    key = name if isinstance(name, str) else " ".join(name)
+    key = " ".join(key.split())
+    if key not in BY_NAME:
+        raise UserError(f"{where}: unknown command {key!r}; known: {', '.join(sorted(BY_NAME))}")
+    return BY_NAME[key]
