@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ class Section:
     notes: list[str] = field(default_factory=list)
     status: str = "running"
     error: str | None = None
+    imports: object = None  # an ImportRecorder (cpmctl.gpu_check.imports), when installed
 
     # -- time --
     def elapsed(self) -> float:
@@ -80,20 +80,17 @@ class Section:
         self.notes.append(text)
         self.save()
 
-    def as_dict(self) -> dict:
+    def as_dict(self, final: bool = False) -> dict:
         return {
             "section": self.name, "status": self.status, "device": self.device, "rehearsal": self.rehearsal,
             "budget_s": self.budget_s, "seconds": round(self.elapsed(), 2), "figures": self.figures, "rows": self.rows,
-            "skipped": self.skipped, "error": self.error, "notes": self.notes, "modules": imported_top_level(),
+            "skipped": self.skipped, "error": self.error, "notes": self.notes,
+            # who imported what: read off the sources once, at the end (it parses every loaded module)
+            "modules": self.imports.as_dict() if (final and self.imports is not None) else {},
         }
 
-    def save(self) -> None:
-        write_json_atomic(self.out, self.as_dict())
-
-
-def imported_top_level() -> list[str]:
-    """Top-level names of every module imported so far (for the rehearsal's import check)."""
-    return sorted({name.split(".", 1)[0] for name in list(sys.modules) if not name.startswith("_")})
+    def save(self, final: bool = False) -> None:
+        write_json_atomic(self.out, self.as_dict(final))
 
 
 def write_json_atomic(path: Path, data) -> None:

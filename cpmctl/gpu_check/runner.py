@@ -105,7 +105,7 @@ def run_section(name: str, budget: float, out: Path, rehearsal: bool) -> dict:
         result = json.loads(result_path.read_text())
     except (OSError, ValueError):
         result = {"section": name, "status": "error", "figures": [], "rows": [], "skipped": [], "notes": [],
-                  "error": None, "modules": [], "device": None, "rehearsal": rehearsal, "budget_s": budget}
+                  "error": None, "modules": {}, "device": None, "rehearsal": rehearsal, "budget_s": budget}
     tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
     if timed_out:
         result["status"] = "timeout"
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: {name}: {s['status']} in {s['seconds']:.1f} s, {len(s.get('figures', []))} figures, "
               f"{len(s.get('skipped', []))} skipped", flush=True)
 
-    foreign = foreign_modules({n: s.get("modules", []) for n, s in sections.items()}, ALLOWED_DISTRIBUTIONS)
+    foreign = foreign_modules({n: s.get("modules", {}) for n, s in sections.items()}, ALLOWED_DISTRIBUTIONS)
     env_section = sections.get("environment", {})
     results = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

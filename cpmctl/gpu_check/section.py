@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from cpmctl.gpu_check import SECTIONS
+from cpmctl.gpu_check.imports import install
 from cpmctl.gpu_check.record import Section
 
 MODULES = {
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rehearse", action="store_true")
     args = parser.parse_args(argv)
 
-    section = Section(args.name, args.result, args.rehearse, args.budget_s)
+    section = Section(args.name, args.result, args.rehearse, args.budget_s, imports=install())
     section.save()
     try:
         import torch
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         section.status = "error"
         section.error = f"{type(exc).__name__}: {exc}"
-    section.save()
+    section.save(final=True)
     return 0 if section.status == "ok" else 1
 
 
