@@ -129,50 +129,61 @@ def run(section: Section) -> None:
             if not section.fits(label, 1.2 * longest):
                 continue
             started = section.elapsed()
-            x = torch.randn(n, d, generator=g, device=device).to(dtype)
-            ids, weights = K.route(torch.randn(n, e, generator=g, device=device), k)
-            weights = weights.to(dtype)
-            args = (x, ids, weights, w_in, w_gate, w_out, None, None, None, shape.activation)
-            with torch.inference_mode():
-                want = moe_ffn_reference(*args)
-                err = float((K.moe_ffn(*args).float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-6))
-                ref_err = float((grouped(x, ids, weights, w_in, w_gate, w_out, act).float() - want.float()).abs().max()
-                                / want.float().abs().max().clamp(min=1e-6))
-
-                def dense():
-                    return (act(x @ flat[1].T) * (x @ flat[0].T)) @ flat[2]
-
-                if n not in dense_times:
-                    dense_times[n] = (kernel_ms(dense, device, cpu_runs=1),
-                                      graph_ms(dense, device)[0] if n <= SMALL_BATCH else None)
-                t_dense, g_dense = dense_times[n]
-                t_triton = kernel_ms(lambda: K.moe_ffn(*args), device, cpu_runs=1)
-                t_grouped = kernel_ms(lambda: grouped(x, ids, weights, w_in, w_gate, w_out, act), device, cpu_runs=1)
-                g_triton, graph_problem = graph_ms(lambda: K.moe_ffn(*args), device) if n <= SMALL_BATCH else (None, None)
-            moe_flops = 2 * n * k * de * d * 3
-            dense_flops = 2 * n * e * de * d * 3
-            row = dict(shape=shape.name, tokens=n, k=k, experts=e, fraction=round(k / e, 3), err=err, ref_err=ref_err,
-                       dense_ms=t_dense, triton_ms=t_triton, grouped_ms=t_grouped,
-                       x_dense=t_dense / t_triton, x_grouped=t_grouped / t_triton,
-                       triton_tflops=moe_flops / t_triton / 1e9, dense_tflops=dense_flops / t_dense / 1e9,
-                       grouped_tflops=moe_flops / t_grouped / 1e9, graph_dense_ms=g_dense, graph_triton_ms=g_triton,
-                       graph_x_dense=(g_dense / g_triton) if (g_dense and g_triton) else None)
-            if graph_problem:
-                row["graph_note"] = graph_problem
-            section.row("MoE FFN, bf16 (ms are medians; x = speed-up of the Triton path)", **row)
-            section.figure(f"{label}: kernel error vs fp32 reference", err, "relative", at_most=2e-2)
-            if n == cases["tokens"][0] and abs(fraction - 0.2) < 1e-9:
-                section.figure(f"{label}: speed-up over dense (eager)", round(row["x_dense"], 3), "x", at_least=SPEEDUP_TARGET)
-                if row["graph_x_dense"] is not None:
-                    section.figure(f"{label}: speed-up over dense (CUDA graph)", round(row["graph_x_dense"], 3), "x",
-                                   at_least=SPEEDUP_TARGET)
-                section.figure(f"{label}: speed-up over the grouped-GEMM reference", round(row["x_grouped"], 3), "x")
-            if n == cases["tokens"][-1]:
-                section.figure(f"{label}: Triton TFLOP/s / dense TFLOP/s", round(row["triton_tflops"] / row["dense_tflops"], 3),
-                               "fraction", at_least=TFLOPS_FRACTION_TARGET)
-                section.figure(f"{label}: Triton TFLOP/s / grouped-GEMM TFLOP/s",
-                               round(row["triton_tflops"] / row["grouped_tflops"], 3), "fraction")
+            try:
+                measure_case(section, K, moe_ffn_reference, grouped, shape, n, k, fraction, label, cases, g, device, dtype,
+                             (w_in, w_gate, w_out), flat, act, dense_times)
+            except Exception as exc:  # noqa: BLE001 - one case's failure is reported; the others still run
+                section.skip(label, f"failed: {type(exc).__name__}: {str(exc)[:300]}")
             longest = max(longest, section.elapsed() - started)
         del w_in, w_gate, w_out, flat
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def measure_case(section, K, moe_ffn_reference, grouped, shape, n, k, fraction, label, cases, g, device, dtype, experts,
+                 flat, act, dense_times) -> None:
+    e, de, d = shape.experts, shape.expert_size, shape.d
+    w_in, w_gate, w_out = experts
+    x = torch.randn(n, d, generator=g, device=device).to(dtype)
+    ids, weights = K.route(torch.randn(n, e, generator=g, device=device), k)
+    weights = weights.to(dtype)
+    args = (x, ids, weights, w_in, w_gate, w_out, None, None, None, shape.activation)
+    with torch.inference_mode():
+        want = moe_ffn_reference(*args)
+        err = float((K.moe_ffn(*args).float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-6))
+        ref_err = float((grouped(x, ids, weights, w_in, w_gate, w_out, act).float() - want.float()).abs().max()
+                        / want.float().abs().max().clamp(min=1e-6))
+
+        def dense():
+            return (act(x @ flat[1].T) * (x @ flat[0].T)) @ flat[2]
+
+        if n not in dense_times:
+            dense_times[n] = (kernel_ms(dense, device, cpu_runs=1),
+                              graph_ms(dense, device)[0] if n <= SMALL_BATCH else None)
+        t_dense, g_dense = dense_times[n]
+        t_triton = kernel_ms(lambda: K.moe_ffn(*args), device, cpu_runs=1)
+        t_grouped = kernel_ms(lambda: grouped(x, ids, weights, w_in, w_gate, w_out, act), device, cpu_runs=1)
+        g_triton, graph_problem = graph_ms(lambda: K.moe_ffn(*args), device) if n <= SMALL_BATCH else (None, None)
+    moe_flops = 2 * n * k * de * d * 3
+    dense_flops = 2 * n * e * de * d * 3
+    row = dict(shape=shape.name, tokens=n, k=k, experts=e, fraction=round(k / e, 3), err=err, ref_err=ref_err,
+               dense_ms=t_dense, triton_ms=t_triton, grouped_ms=t_grouped,
+               x_dense=t_dense / t_triton, x_grouped=t_grouped / t_triton,
+               triton_tflops=moe_flops / t_triton / 1e9, dense_tflops=dense_flops / t_dense / 1e9,
+               grouped_tflops=moe_flops / t_grouped / 1e9, graph_dense_ms=g_dense, graph_triton_ms=g_triton,
+               graph_x_dense=(g_dense / g_triton) if (g_dense and g_triton) else None)
+    if graph_problem:
+        row["graph_note"] = graph_problem
+    section.row("MoE FFN, bf16 (ms are medians; x = speed-up of the Triton path)", **row)
+    section.figure(f"{label}: kernel error vs fp32 reference", err, "relative", at_most=2e-2)
+    if n == cases["tokens"][0] and abs(fraction - 0.2) < 1e-9:
+        section.figure(f"{label}: speed-up over dense (eager)", round(row["x_dense"], 3), "x", at_least=SPEEDUP_TARGET)
+        if row["graph_x_dense"] is not None:
+            section.figure(f"{label}: speed-up over dense (CUDA graph)", round(row["graph_x_dense"], 3), "x",
+                           at_least=SPEEDUP_TARGET)
+        section.figure(f"{label}: speed-up over the grouped-GEMM reference", round(row["x_grouped"], 3), "x")
+    if n == cases["tokens"][-1]:
+        section.figure(f"{label}: Triton TFLOP/s / dense TFLOP/s", round(row["triton_tflops"] / row["dense_tflops"], 3),
+                       "fraction", at_least=TFLOPS_FRACTION_TARGET)
+        section.figure(f"{label}: Triton TFLOP/s / grouped-GEMM TFLOP/s",
+                       round(row["triton_tflops"] / row["grouped_tflops"], 3), "fraction")
