@@ -25,6 +25,7 @@ def _moe_config(**kw) -> ModelConfig:
     return ModelConfig.from_preset("llama-tiny", **{**fields, **kw})
 
 
+@pytest.mark.kernels
 def test_auto_is_torch_on_cpu_and_triton_on_cuda():
     assert resolve_kernels("auto", "cpu") == "torch"
     assert resolve_kernels("auto", torch.device("cuda")) == "triton"
@@ -51,6 +52,7 @@ def test_set_kernels_touches_only_this_instance():
         set_kernels(a, "auto")
 
 
+@pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRETER, reason="needs Triton's interpreter (no CUDA) or a GPU run")
 def test_triton_forward_equals_torch_and_training_falls_back_to_torch():
     torch.manual_seed(0)
@@ -73,6 +75,7 @@ def test_triton_forward_equals_torch_and_training_falls_back_to_torch():
     assert moe.w_in.grad is not None and moe.w_in.grad.abs().sum() > 0
 
 
+@pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRETER, reason="needs Triton's interpreter (no CUDA) or a GPU run")
 def test_infer_with_triton_kernels_generates_what_the_torch_path_does(tmp_path, sp_tokenizer):
     from cpmctl.stages.infer import InferConfig, run

@@ -18,6 +18,7 @@ if not K.INTERPRETER and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (set by conftest without a GPU) or a CUDA device", allow_module_level=True)
 
 DEVICE = "cpu" if K.INTERPRETER else "cuda"
+pytestmark = pytest.mark.kernels  # `make gpu-check` runs these on CUDA (pytest -m "gpu or kernels")
 D, DE, E = 40, 24, 5
 TOKENS = (1, 3, 17, 129)
 # (activation, gated, bias, k): relu with biases, gelu_tanh, gated gelu with biases, SwiGLU

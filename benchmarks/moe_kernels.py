@@ -1,7 +1,7 @@
 """Sparse FFN kernels against the dense FFN and the torch MoE path, one table.
 
-    .venv/bin/python benchmarks/kernels.py --device cuda [--quick] [--json]
-    .venv/bin/python benchmarks/kernels.py --device cpu  [--quick] [--json]   # interpreter check
+    .venv/bin/python benchmarks/moe_kernels.py --device cuda [--quick] [--json]
+    .venv/bin/python benchmarks/moe_kernels.py --device cpu  [--quick] [--json]   # interpreter check
 
 CUDA: CPM-2 sizes (d 4096, d_ff 10240, gated gelu_tanh FFN), experts of 32, 80 and 320 neurons
 (E = 320, 128, 32), 10/20/50% of the experts per token, 1/8/64/2048 tokens, fp16 and bf16. For
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     report = dict(
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device=device, machine=machine,
         interpreter=K.INTERPRETER, torch=torch.__version__, triton=triton.__version__,
-        command="python benchmarks/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        command="python benchmarks/moe_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
         d_model=sizes["d"], d_ff=sizes["d_ff"], ffn="gated gelu_tanh, no biases", rows=rows,
         targets=target_checks(rows) if device == "cuda" else [],
     )

@@ -1,0 +1,3 @@
+from cpmctl.gpu_check.runner import main
+
+raise SystemExit(main())
