@@ -112,6 +112,30 @@ def convert_hf(
     typer.echo(f"wrote {out}")
 
 
+@convert_app.command("cpm2")
+@handles_errors
+def convert_cpm2(
+    src: Path = typer.Argument(..., help="BMInf's checkpoint.pt (or its directory), or a directory of mp_rank_XX_model_states.pt shards."),
+    out: Path = typer.Argument(..., help="Output directory (must not exist unless --force)."),
+    vocab: Optional[Path] = typer.Option(None, "--vocab", help="The release's vocab.txt (default: vocab.txt beside SRC)."),
+    dtype: str = typer.Option("float32", help="Store weights as float32, bfloat16 or float16."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Read the headers only; print what would be written and the peak memory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Import the released CPM-2 weights (BMInf inference release or model-parallel training release) and tokenizer."""
+    from cpmctl.cpm2 import convert
+
+    if dry_run:
+        summary = convert.plan_conversion(src, vocab=vocab, dtype=dtype)[0].summary()
+    else:
+        summary = convert.convert_cpm2(src, out, vocab=vocab, dtype=dtype, overwrite=force)
+    if as_json:
+        _print_json(summary)
+    else:
+        typer.echo(convert.render_summary(summary, out, dry_run))
+
+
 # -- info ------------------------------------------------------------------------------------------
 @app.command()
 @handles_errors

@@ -511,6 +511,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             tokenizer: Tokenizer = SentencePieceTokenizer(_read(model_path), source=str(model_path), meta=meta)
         elif kind == "hf":
             tokenizer = _load_hf(model_path, meta=meta)
+        elif kind == "cpm2":  # jieba + greedy vocab.txt lookup (the released CPM-2 tokenizer)
+            from cpmctl.cpm2.tokenizer import CPM2Tokenizer
+
+            tokenizer = CPM2Tokenizer(_read(model_path), source=str(model_path), meta=meta)
         else:
             raise UserError(f"{meta_path}: unknown tokenizer kind {kind!r}")
         if meta.get("content_hash") not in (None, tokenizer.content_hash()):
