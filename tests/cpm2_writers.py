@@ -148,9 +148,28 @@ def _string(fh, s: str) -> None:
     fh.write(raw)
 
 
-def write_bminf(path: Path, tree: dict, *, sparse: bool = False, code_override: dict | None = None) -> None:
+def random_fill(seed: int = 0):
+    """Data for a (shape, dtype) leaf made on the fly: int8 in [-127, 127], positive fp16 scales
+    that keep a dequantized row's norm near one, norms near 1, small embeddings."""
+    g = torch.Generator().manual_seed(seed)
+
+    def fill(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if dtype == torch.int8:
+            return torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+        if name.endswith("_scale"):
+            return torch.full(shape, 1.0 / (127 * 60), dtype=dtype)
+        if len(shape) == 1:
+            return (1.0 + 0.2 * torch.randn(shape, generator=g)).to(dtype)
+        return (0.5 * torch.randn(shape, generator=g) / shape[-1] ** 0.5).to(dtype)
+
+    return fill
+
+
+def write_bminf(path: Path, tree: dict, *, sparse: bool = False, code_override: dict | None = None,
+                fill=None) -> None:
     """Dump a layer tree in BMInf's layout. `sparse`: seek over the data (a header-only file of
-    the real size); `code_override`: {parameter name: dtype code} to write a wrong code."""
+    the real size); `code_override`: {parameter name: dtype code} to write a wrong code; `fill`:
+    makes the data of (shape, dtype) leaves one at a time (see `random_fill`)."""
     code_override = code_override or {}
 
     def layer(fh, node: dict, prefix: str) -> None:
@@ -167,8 +186,10 @@ def write_bminf(path: Path, tree: dict, *, sparse: bool = False, code_override: 
             fh.write(struct.pack("<B", code_override.get(prefix + name, CODES[dtype])))
             if sparse:
                 fh.seek(nbytes, 1)
-            else:
-                fh.write(value.contiguous().view(torch.uint8).numpy().tobytes())
+                continue
+            if not isinstance(value, torch.Tensor):
+                value = fill(prefix + name, shape, dtype)
+            fh.write(value.contiguous().view(torch.uint8).numpy().tobytes())
         for name, sub in node["layers"].items():
             _string(fh, name)
             layer(fh, sub, prefix + name + ".")

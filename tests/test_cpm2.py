@@ -348,6 +348,13 @@ def test_error_pickled_code_in_shards_refused(release, tmp_path):
     _assert_refused(tmp_path, shards, "cannot read")
 
 
+def test_error_moe_release_refused_by_name(tmp_path):
+    shards = tmp_path / "moe"
+    shards.mkdir()
+    torch.save({"model": {"word_embeds.weight": torch.zeros(2, 2)}}, shards / "mp_rank_03_00_model_states.pt")
+    _assert_refused(tmp_path, shards, "MoE release")
+
+
 def test_error_not_a_release(tmp_path):
     (tmp_path / "src").mkdir()
     _assert_refused(tmp_path, tmp_path / "src", "holds neither")

@@ -214,11 +214,11 @@ class BMInfFile:
             data = data[index]
             if scale is not None:
                 scale = scale[index] if scale.shape[0] != 1 else scale[0]
-        out = data.to(torch.float32)
-        if scale is not None:
-            # int8 (8 bits) times a float16 scale (11 bits) is exact in float32.
-            out = out * scale.to(torch.float32) if out.data_ptr() == data.data_ptr() else out.mul_(scale.to(torch.float32))
-        return out
+        if scale is None:
+            return data.to(torch.float32)
+        # A fresh buffer to scale in place (never the file's pages); int8 (8 bits) times a
+        # float16 scale (11 significant bits) is exact in float32.
+        return data.to(torch.float32, copy=True).mul_(scale.to(torch.float32))
 
     def close(self) -> None:
         # Views handed out keep the map alive through the memoryview; only our references go.

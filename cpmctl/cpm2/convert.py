@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 STAGE = "convert-cpm2"
 BMINF_FILE = "checkpoint.pt"
 DEFAULT_SPILL_BYTES = 256 * 2**20
-# What the Python process itself (interpreter, torch) occupies before any tensor; measured.
+# What the Python process itself (interpreter, torch) occupies before any tensor, and what the
+# allocator keeps of freed tensors instead of returning it: measured (BENCHMARKS.md).
 PROCESS_BYTES = 350 * 2**20
+ALLOCATOR_SLACK_BYTES = 256 * 2**20
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
@@ -75,9 +77,9 @@ class ConversionPlan:
     def peak_bytes(self) -> int:
         """Resident memory the conversion needs: the tensors waiting to be spilled, the one
         being made (float32, plus a second float32 buffer while dequantizing or merging and its
-        cast), and the process itself. Memory-mapped file pages come on top but are clean page
-        cache the kernel can drop at any time, so they do not need RAM of their own."""
-        return self.spill_bytes + 3 * self.largest_float32_bytes + PROCESS_BYTES
+        cast), the process itself and the allocator's slack. Memory-mapped file pages come on top
+        but are clean page cache the kernel can drop at any time, so they need no RAM of their own."""
+        return self.spill_bytes + 3 * self.largest_float32_bytes + PROCESS_BYTES + ALLOCATOR_SLACK_BYTES
 
     def summary(self) -> dict[str, Any]:
         c = self.config
@@ -102,7 +104,7 @@ class ConversionPlan:
 # -- opening a source ------------------------------------------------------------------------------
 def _source(src: Path) -> tuple[str, Path]:
     """("bminf", file) or ("megatron", directory) for what SRC holds."""
-    from cpmctl.cpm2.megatron import SHARD_PATTERN
+    from cpmctl.cpm2.megatron import MOE_SHARD_PATTERN, SHARD_PATTERN
 
     if not src.exists():
         raise UserError(f"{src} does not exist")
@@ -110,7 +112,7 @@ def _source(src: Path) -> tuple[str, Path]:
         return "bminf", src
     if (src / BMINF_FILE).is_file():
         return "bminf", src / BMINF_FILE
-    if any(SHARD_PATTERN.match(p.name) for p in src.iterdir()) or (src / "latest").is_file():
+    if any(SHARD_PATTERN.match(p.name) or MOE_SHARD_PATTERN.match(p.name) for p in src.iterdir()) or (src / "latest").is_file():
         return "megatron", src
     raise UserError(f"{src} holds neither BMInf's {BMINF_FILE} nor mp_rank_XX_model_states.pt shards")
 
@@ -197,11 +199,14 @@ def _spilled(plan: ConversionPlan, scratch: Path) -> dict[str, torch.Tensor]:
     pending: dict[str, torch.Tensor] = {}
     filled = 0
 
+    parts = 0
+
     def flush() -> None:
-        nonlocal pending, filled
+        nonlocal pending, filled, parts
         if not pending:
             return
-        path = scratch / f"part-{len(list(scratch.iterdir())):05d}.safetensors"
+        path = scratch / f"part-{parts:05d}.safetensors"
+        parts += 1
         write_safetensors(path, pending)
         opened = SafetensorsFile(path)
         views.update({name: opened.get(name) for name in pending})

@@ -34,6 +34,8 @@ from cpmctl.errors import UserError
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+# CPM-2-Pretrain's moe branch names one file per (data-parallel, model-parallel) rank: the MoE release.
+MOE_SHARD_PATTERN = re.compile(r"^mp_rank_(\d+)_(\d+)_model_states\.pt$")
 # The encoder and decoder hold the shared embedding as a submodule too: the same tensor saved
 # under two more names.
 ALIAS_SUFFIXES = ("encoder.word_embeds.weight", "decoder.word_embeds.weight")
@@ -82,6 +84,9 @@ def find_shards(src: Path) -> list[Path]:
         if match:
             ranks[int(match.group(1))] = path
     if not ranks:
+        if any(MOE_SHARD_PATTERN.match(p.name) for p in src.iterdir()):
+            raise UserError(f"{src} holds mp_rank_DP_MP_model_states.pt files, the layout of CPM-2's MoE release, "
+                            "which cpmctl cannot import: public code does not document where its experts sit (see the README)")
         raise UserError(f"{src} holds no mp_rank_XX_model_states.pt shards")
     missing = [r for r in range(max(ranks) + 1) if r not in ranks]
     if missing:
@@ -104,9 +109,10 @@ def _load(path: Path) -> Any:
 
 
 def _state_dict(data: Any, path: Path) -> dict[str, torch.Tensor]:
-    sd = data.get("module", data) if isinstance(data, dict) else None
+    # DeepSpeed saves the model under "module", Megatron's own saver under "model".
+    sd = data.get("module", data.get("model", data)) if isinstance(data, dict) else None
     if not isinstance(sd, dict) or not sd:
-        raise UserError(f"{path} holds no model state dict (expected DeepSpeed's {{'module': state_dict}})")
+        raise UserError(f"{path} holds no model state dict (expected {{'module': state_dict}} or {{'model': state_dict}})")
     out = {}
     for name, value in sd.items():
         if not isinstance(name, str):
