@@ -360,3 +360,14 @@ def test_error_not_a_release(tmp_path):
     _assert_refused(tmp_path, tmp_path / "src", "holds neither")
     with pytest.raises(UserError, match="does not exist"):
         plan_conversion(tmp_path / "nothing")
+
+
+def test_deepspeed_latest_directory_and_bad_dtype(release, tmp_path):
+    """A DeepSpeed save directory: `latest` names the subdirectory holding the shards."""
+    save = tmp_path / "save"
+    W.write_shards(save / "1000", release["sd"], ranks=2, dtype=torch.float32)
+    (save / "latest").write_text("1000\n")
+    plan, _ = plan_conversion(save, vocab=release["root"] / "vocab.txt", dtype="bf16")
+    assert plan.source_format == "megatron" and plan.dtype == torch.bfloat16
+    assert [p.name for p in plan.source_files] == ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]
+    _assert_refused(tmp_path, release["bminf"], "unsupported dtype 'int4'", "--dtype", "int4")

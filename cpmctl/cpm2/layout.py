@@ -65,7 +65,10 @@ def _reshaped(get: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> Callab
 def bminf_plan(ck, where: str) -> tuple[dict, list[Planned]]:
     """(config fields, plan) for an opened `BMInfFile`."""
     names = set(ck.tensor_names())
-    req = lambda n: _require(names, n, where)  # noqa: E731
+
+    def req(name: str) -> str:
+        return _require(names, name, where)
+
     vocab, d_model = ck.shape(req("input_embedding.weight"))
     buckets, n_heads = ck.shape(req("encoder_position_bias.embedding.weight"))
     n_enc = _layer_count(names, r"^encoder\.(\d+)\.")
@@ -123,7 +126,10 @@ def bminf_plan(ck, where: str) -> tuple[dict, list[Planned]]:
 def megatron_plan(shards, where: str) -> tuple[dict, list[Planned]]:
     """(config fields, plan) for opened `Shards` (names after merging ranks)."""
     names = set(shards.names)
-    req = lambda n: _require(names, n, where)  # noqa: E731
+
+    def req(name: str) -> str:
+        return _require(names, name, where)
+
     vocab, d_model = shards.shape(req("word_embeds.weight"))
     rel = "encoder.blocks.0.self_attn.self_attn.relative_attention_bias.weight"
     buckets, n_heads = shards.shape(req(rel))
