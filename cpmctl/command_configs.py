@@ -382,6 +382,16 @@ class ConvertHfConfig:
 
 
 @dataclass
+class ConvertCpm2Config:
+    src: Path = option(help="BMInf's checkpoint.pt (or its directory), or a directory of mp_rank_XX_model_states.pt shards.",
+                       argument=True)
+    out: Path = option(help="Output directory (must not exist unless --force).", argument=True)
+    vocab: Path | None = option(None, help="The release's vocab.txt (default: vocab.txt beside SRC).")
+    dtype: str = option("float32", help="Store weights as float32, bfloat16 or float16.")
+    force: bool = option(False, help=FORCE_HELP)
+
+
+@dataclass
 class InfoConfig:
     checkpoint: Path | None = option(None, help="A cpmctl checkpoint directory.", argument=True)
     preset: str | None = option(None, help="Describe a named preset instead (built on the meta device).")

@@ -108,6 +108,24 @@ def convert_hf(cfg: configs.ConvertHfConfig) -> dict[str, Any]:
     return {"out": str(cfg.out), "direction": "export" if cfg.export else "import"}
 
 
+def convert_cpm2(cfg: configs.ConvertCpm2Config) -> dict[str, Any]:
+    from cpmctl.cpm2 import convert
+
+    return convert.convert_cpm2(cfg.src, cfg.out, vocab=cfg.vocab, dtype=cfg.dtype, overwrite=cfg.force)
+
+
+def plan_convert_cpm2(cfg: configs.ConvertCpm2Config, stand_ins=None) -> dict[str, Any]:
+    from cpmctl.cpm2 import convert
+
+    return convert.plan_conversion(cfg.src, vocab=cfg.vocab, dtype=cfg.dtype)[0].summary()
+
+
+def _render_cpm2(summary, cfg, dry_run: bool = False) -> None:
+    from cpmctl.cpm2 import convert
+
+    echo(convert.render_summary(summary, cfg.out, dry_run))
+
+
 def info(cfg: configs.InfoConfig) -> dict[str, Any]:
     from cpmctl import report
 
@@ -219,6 +237,10 @@ def _stage(name: str, config: type, help: str, *, render: Callable | None = None
 COMMANDS: tuple[Command, ...] = (
     Command(("convert", "hf"), configs.ConvertHfConfig, "Import a BERT, T5/mT5, Llama or GPT-2 checkpoint (or export one back).",
             convert_hf, render=_wrote),
+    Command(("convert", "cpm2"), configs.ConvertCpm2Config,
+            "Import the released CPM-2 weights (BMInf inference release or model-parallel training release) and tokenizer.",
+            convert_cpm2, plan=plan_convert_cpm2, render=_render_cpm2,
+            render_plan=lambda summary, cfg: _render_cpm2(summary, cfg, dry_run=True)),
     Command(("info",), configs.InfoConfig, "Config, parameter counts, dtype, size on disk and provenance of a checkpoint or preset.",
             info, render=_render_info),
     Command(("tokenizer", "train"), configs.TokenizerTrainConfig,

@@ -20,7 +20,8 @@ from cpmctl.config import ModelConfig
 from cpmctl.generate import generate
 from cpmctl.model import build_model
 from cpmctl.moe import dense_masked_reference, moe_ffn_reference, set_kernels
-from cpmctl.offload import load_offloaded
+from cpmctl.offload import checkpoint_weight_bytes, load_offloaded
+from cpmctl.units import parse_size
 
 pytestmark = pytest.mark.kernels
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -54,7 +55,7 @@ def test_offloaded_moe_matches_resident(tmp_path, device):
     save_model(build_model(moe_config()), tmp_path / "moe")
     dev = torch.device(device)
     resident, store = load_model(tmp_path / "moe", device=dev)
-    model, handle, engine = load_offloaded(tmp_path / "moe", mode="cpu" if device == "cuda" else "disk", budget="40%",
+    model, handle, engine = load_offloaded(tmp_path / "moe", mode="cpu" if device == "cuda" else "disk", budget=parse_size("40%", total=checkpoint_weight_bytes(tmp_path / "moe")),
                                            device=dev, dtype=None)
     try:
         with torch.no_grad():

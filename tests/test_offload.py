@@ -9,12 +9,12 @@ import random
 import pytest
 import torch
 
-from cpmctl.checkpoint import load_model, open_checkpoint, save_model
+from cpmctl.checkpoint import load_model, save_model
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
 from cpmctl.generate import generate
 from cpmctl.model import build_model
-from cpmctl.offload import OffloadError, infmoe_order, load_offloaded, offload_run_dtype, run_weight_bytes, stored_tensors
+from cpmctl.offload import OffloadError, checkpoint_weight_bytes, infmoe_order, load_offloaded
 from cpmctl.units import parse_size
 
 MOE = dict(experts=8, expert_size=16, top_k=2)
@@ -23,9 +23,8 @@ MOE = dict(experts=8, expert_size=16, top_k=2)
 
 def _budget(path, text: str, dtype=None) -> int:
     """A budget as `cpmctl infer --memory-budget` reads it (a percentage of the weights in the run dtype)."""
-    with open_checkpoint(path) as ckpt:
-        tensors = stored_tensors(ckpt, ckpt.shapes())
-    return parse_size(text, total=run_weight_bytes(tensors, offload_run_dtype({t.dtype for t in tensors.values()}, dtype)))
+    return parse_size(text, total=checkpoint_weight_bytes(path, dtype))
+
 
 def config(kind: str, moe: dict | None) -> ModelConfig:
     if kind == "decoder":

@@ -113,7 +113,8 @@ def run(section: Section) -> None:
     from cpmctl.checkpoint import load_model
     from cpmctl.config import ModelConfig
     from cpmctl.generate import generate
-    from cpmctl.offload import load_offloaded
+    from cpmctl.offload import checkpoint_weight_bytes, load_offloaded
+    from cpmctl.units import parse_size
 
     device = torch.device(section.device)
     sizes = REHEARSAL if section.rehearsal else GPU
@@ -166,7 +167,7 @@ def run(section: Section) -> None:
                 ckpt.close()
 
         def offloaded() -> None:
-            model, ckpt, engine = load_offloaded(path, mode="cpu" if device.type == "cuda" else "disk", budget=BUDGET,
+            model, ckpt, engine = load_offloaded(path, mode="cpu" if device.type == "cuda" else "disk", budget=parse_size(BUDGET, total=checkpoint_weight_bytes(path)),
                                                  device=device, dtype=None)
             try:
                 plan = engine.stats()

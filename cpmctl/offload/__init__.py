@@ -36,7 +36,8 @@ and their loader thread), `plan` (budget arithmetic on shapes, shared with the d
 """
 
 from cpmctl.offload.cache import CopySlots, UnitCache
-from cpmctl.offload.engine import OffloadedMoE, OffloadEngine, StreamedBlock, bind_units, infmoe_order, load_offloaded
+from cpmctl.offload.engine import (OffloadedMoE, OffloadEngine, StreamedBlock, bind_units, checkpoint_weight_bytes, infmoe_order,
+                                   load_offloaded)
 from cpmctl.offload.plan import (OFFLOAD_MODES, OffloadPlan, SlotArithmetic, StoredTensor, check_offload_device,
                                  offload_run_dtype, offload_units, part_alignment, plan_offload, run_weight_bytes,
                                  slot_arithmetic, staging_bytes, stored_tensors)
@@ -45,7 +46,7 @@ from cpmctl.offload.reader import ALIGN_BYTES, DiskSource, OffloadError, Part, U
 __all__ = [
     "ALIGN_BYTES", "CopySlots", "DiskSource", "OFFLOAD_MODES", "OffloadEngine", "OffloadError", "OffloadPlan",
     "OffloadedMoE", "Part", "SlotArithmetic", "StoredTensor", "StreamedBlock", "Unit", "UnitCache", "bind_units",
-    "check_offload_device", "infmoe_order", "load_offloaded", "make_part", "offload_run_dtype", "offload_units",
+    "check_offload_device", "checkpoint_weight_bytes", "infmoe_order", "load_offloaded", "make_part", "offload_run_dtype", "offload_units",
     "part_alignment", "plan_offload", "resident_copy", "run_weight_bytes", "slot_arithmetic", "staging_bytes",
     "stored_tensors",
 ]

@@ -15,7 +15,7 @@ from cpmctl.checkpoint import check_state_dict_matches, open_checkpoint
 from cpmctl.model import build_model
 from cpmctl.moe import expert_jobs, expert_output, fill_for_skipped
 from cpmctl.offload.cache import CopySlots, UnitCache
-from cpmctl.offload.plan import OffloadPlan, check_offload_device, offload_run_dtype, plan_offload, stored_tensors
+from cpmctl.offload.plan import OffloadPlan, check_offload_device, offload_run_dtype, plan_offload, run_weight_bytes, stored_tensors
 from cpmctl.offload.reader import DiskSource, Part, Unit, make_part, resident_copy
 
 
@@ -338,6 +338,14 @@ def bind_units(plan: OffloadPlan, ckpt) -> list[Unit]:
     """The plan's units as pieces of the checkpoint's files, laid out in their slots."""
     return [Unit(key, [make_part(ckpt, name, block) for name, block in parts], list(offsets))
             for (key, parts), offsets in zip(plan.units, plan.arithmetic.offsets)]
+
+
+def checkpoint_weight_bytes(path, dtype: torch.dtype | None = None) -> int:
+    """Bytes of a checkpoint's weights in the dtype an offloaded run of it uses: what a budget
+    given as a percentage is a percentage of."""
+    with open_checkpoint(path) as ckpt:
+        tensors = stored_tensors(ckpt, ckpt.shapes())
+    return run_weight_bytes(tensors, offload_run_dtype({t.dtype for t in tensors.values()}, dtype))
 
 
 def load_offloaded(path, *, mode: str, budget: int, device: torch.device, dtype: torch.dtype | None,
