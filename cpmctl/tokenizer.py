@@ -531,3 +531,25 @@ def _load_hf(path: Path, meta: dict[str, Any] | None) -> HFTokenizer:
         if side.is_file():
             files[name] = _read(side)
     return HFTokenizer(files, source=str(path), meta=meta)
+
+
+# -- Hugging Face export ---------------------------------------------------------------------
+# Files of a checkpoint's tokenizer/ that an exported Hugging Face directory carries as they are.
+HF_EXPORT_FILES = (HF_FILE, *HF_SIDE_FILES, "chat_template.jinja", SP_FILE)
+
+
+def export_hf_tokenizer(tokenizer_dir: str | os.PathLike, out: str | os.PathLike, config: Any, model_type: str, *,
+                        renames: dict[str, str] | None = None) -> list[str]:
+    """Write a tokenizer that transformers' AutoTokenizer loads into the Hugging Face directory
+    `out`; returns the file names written. The checkpoint's own files travel unchanged."""
+    import shutil
+
+    src, dst = Path(tokenizer_dir), Path(out)
+    renames = renames or {}
+    written = []
+    for name in HF_EXPORT_FILES:
+        if (src / name).is_file():
+            target = renames.get(name, name)
+            shutil.copyfile(src / name, dst / target)
+            written.append(target)
+    return written

@@ -328,6 +328,9 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
         raise UserError(f"checkpoint {cfg.checkpoint} has no tokenizer/ directory; copy the tokenizer it was trained with there")
     tok = load_tokenizer(tokenizer_dir)
     config = model.config
+    # Llama, Mistral and Phi-3 tokenizers ship without a pad token: padded positions are masked,
+    # so any id serves, and the model's own pad id is always one.
+    pad_id = tok.pad_id if tok.pad_id is not None else config.pad_token_id
     load_seconds = time.perf_counter() - started
     if cfg.prompt is not None:
         return _classify(cfg, model, ckpt, tok, load_seconds)
@@ -352,7 +355,7 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
                 log.warning("%d input(s) longer than the model's %d positions were truncated", cut, limit)
             rows = [tok.encode(t, add_special=True, max_length=limit) if len(r) > limit else r for t, r in zip(texts, rows)]
         for batch in _length_batches(rows, cfg.batch_size):
-            ids, mask = _pad([rows[i] for i in batch], tok.pad_id, left=False)
+            ids, mask = _pad([rows[i] for i in batch], pad_id, left=False)
             vectors = embed(model, ids.to(device), mask.to(device), normalize=cfg.normalize).float().cpu()
             for i, vector in zip(batch, vectors):
                 outputs[i] = {"text": texts[i], "embedding": vector.tolist()}
@@ -368,7 +371,7 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
         rows = [row if row[:1] == [bos] else [bos] + row for row in rows]
     generated_tokens, decode_seconds, first_token = 0, 0.0, None
     for batch in _length_batches(rows, cfg.batch_size):
-        ids, mask = _pad([rows[i] for i in batch], tok.pad_id, left=config.arch == "decoder")
+        ids, mask = _pad([rows[i] for i in batch], pad_id, left=config.arch == "decoder")
         on_token = None
         if cfg.stream and len(batch) == 1:
             on_token = _streamer(tok)
