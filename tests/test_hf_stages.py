@@ -124,3 +124,30 @@ def test_distill_gemma(imported, task, tmp_path):
     student = next(p for p in out.rglob("config.json") if (p.parent / "cpmctl.json").exists()).parent
     with open_checkpoint(student) as ck:
         assert ck.config.n_layers == 1 and ck.config.norm_offset == 1.0 and ck.config.scale_embeddings
+
+
+def test_peft_loads_the_adapter_of_an_imported_model(imported, task, tmp_path, caplog, recwarn):
+    """AutoPeftModelForCausalLM.from_pretrained(ADAPTER) finds the base model by itself, warns about
+    nothing in adapter_config.json, and predicts the labels cpmctl predicts."""
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "prompt"
+    assert cli("prompt-tune", imported["qwen2"], out, "--train", task, "--prompt-length", "4", "--max-steps", "4").exit_code == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert "cpmctl" not in config and (out / "cpmctl_adapter.json").is_file()
+    assert (Path(config["base_model_name_or_path"]) / "config.json").is_file()
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        model = peft.AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    assert "Unexpected keyword" not in caplog.text and not [w for w in recwarn if "Unexpected" in str(w.message)]
+    ours = json.loads(cli("infer", imported["qwen2"], "--prompt", out, "--input", task, "--json").stdout)["outputs"]
+    from cpmctl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(imported["qwen2"] / "tokenizer")
+    labels = {"w1": tok.token_to_id("w1"), "w2": tok.token_to_id("w2")}
+    rows = [json.loads(line) for line in task.read_text().splitlines()]
+    with torch.inference_mode():
+        for row, o in zip(rows, ours):
+            ids = torch.tensor([[1, *tok.encode(row["text"])]])
+            last = model(input_ids=ids).logits[0, -1]
+            assert max(labels, key=lambda k: float(last[labels[k]])) == o["label"], (row, o)

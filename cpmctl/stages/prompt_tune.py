@@ -406,7 +406,7 @@ def run(cfg: PromptTuneConfig) -> dict[str, Any]:
             provenance = save_checkpoint(tmp / FULL_MODEL_DIR, config, model.state_dict(), tokenizer_dir=tokenizer_dir,
                                          stage="prompt-tune --full", parents=[cfg.model], options=options, metrics=metrics)
             adapter.meta["base_model_hash"] = provenance["content_hash"]
-        adapter.peft = peft_config(adapter, config, str(Path(cfg.model).resolve()), cfg.init if not cfg.full else "random")
+        adapter.peft = peft_config(adapter, config, _peft_base_model(cfg.model), cfg.init if not cfg.full else "random")
         write_adapter(tmp, adapter)
         metrics_file = cfg.run_dir / "metrics.jsonl"
         if metrics_file.is_file():
@@ -493,3 +493,15 @@ def classify(model, ckpt, tok, adapter_path: Path, examples, *, batch_size: int)
     if labelled:
         stats.update(accuracy=result["accuracy"], macro_f1=result["macro_f1"])
     return {"mode": "classify", "outputs": outputs, "stats": stats}
+
+
+def _peft_base_model(model_dir) -> str:
+    """What PEFT should load as the base model: the Hugging Face directory a `convert hf` import
+    came from while it is still there, else the cpmctl checkpoint (export it for PEFT)."""
+    from cpmctl.checkpoint import read_provenance
+
+    provenance = read_provenance(model_dir)
+    source = (provenance.get("options") or {}).get("source") if provenance.get("stage") == "convert-hf" else None
+    if source and (Path(source) / "config.json").is_file():
+        return str(Path(source))
+    return str(Path(model_dir).resolve())
