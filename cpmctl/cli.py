@@ -102,7 +102,7 @@ def convert_hf(
     dtype: Optional[str] = typer.Option(None, help="Store weights as float32, bfloat16 or float16 (default: as in SRC)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
-    """Import a BERT, T5/mT5, Llama or GPT-2 checkpoint (or export one back)."""
+    """Import a Hugging Face model (BERT, T5/mT5, GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3), or export one back."""
     from cpmctl import hf
 
     if export:
@@ -237,6 +237,7 @@ def infer(
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="With --offload: load the next layer's weights while the current one computes."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Parameter-shared models: apply the shared blocks this many times (fewer = faster)."),
     step_size: Optional[float] = typer.Option(None, "--step-size", help="Parameter-shared models: residual step size (default: trained iterations / --iterations)."),
+    chat: bool = typer.Option(False, "--chat", help="Each text is a user turn, rendered with the tokenizer's chat template (as transformers' apply_chat_template does)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run (model size, memory per device, steps, tokens, output); load and write nothing."),
 ) -> dict:
     """Generate text (decoder-only, encoder-decoder), embed sentences (encoder-only), or classify with --prompt."""
@@ -247,7 +248,7 @@ def infer(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         batch_size=batch_size, device=device, dtype=dtype, stream=stream and not as_json, normalize=normalize,
         prompt=prompt, kernels=kernels, offload=offload, memory_budget=memory_budget, prefetch=prefetch,
-        iterations=iterations, step_size=step_size,
+        iterations=iterations, step_size=step_size, chat=chat,
     )
     if dry_run:
         return _show_plan(infer_stage.plan(cfg), as_json)

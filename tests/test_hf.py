@@ -399,15 +399,20 @@ def test_minilm_real_model(tmp_path):
         assert max_diff(want, back(**batch).last_hidden_state) == 0.0
 
 
-def test_sentencepiece_file_renamed(tmp_path):
+def test_sentencepiece_file_renamed(tmp_path, sp_tokenizer):
     src = tmp_path / "t5"
     tiny_t5(transformers.T5ForConditionalGeneration, "relu", True, 61, False).save_pretrained(src)
-    (src / "spiece.model").write_bytes(b"sentencepiece model bytes")
+    model_bytes = sp_tokenizer._bytes
+    (src / "spiece.model").write_bytes(model_bytes)
     ck = hf.import_hf(src, tmp_path / "ck")
-    assert (ck / "tokenizer" / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+    assert (ck / "tokenizer" / "tokenizer.model").read_bytes() == model_bytes
     assert not (ck / "tokenizer" / "spiece.model").exists()
     exported = hf.export_hf(ck, tmp_path / "export")
-    assert (exported / "spiece.model").read_bytes() == b"sentencepiece model bytes"
+    assert (exported / "spiece.model").read_bytes() == model_bytes
+    # and a tokenizer.json transformers reads, ending each input with eos as T5 does
+    tok = transformers.AutoTokenizer.from_pretrained(exported)
+    text = "Return the number of items in a container."
+    assert tok(text)["input_ids"] == sp_tokenizer.encode(text, add_eos=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class InferConfig:
     prefetch: bool = True  # with --offload: load the next layer's weights while this one computes
     iterations: int | None = None  # parameter-shared models: block applications (default: as trained)
     step_size: float | None = None  # and the residual step (default: trained iterations / iterations)
+    chat: bool = False  # each text is a user turn, rendered with the tokenizer's chat template
 
     def validate(self) -> None:
         if (self.texts is None) == (self.input_file is None):
@@ -57,6 +58,8 @@ class InferConfig:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.chat and self.prompt is not None:
+            raise UserError("--chat applies to generation; a --prompt adapter classifies the raw text")
         if self.prompt is not None and (self.iterations is not None or self.step_size is not None):
             raise UserError("--iterations/--step-size cannot be combined with --prompt: a prompt is trained for the model's own depth")
         from cpmctl.offload import OFFLOAD_MODES
@@ -366,7 +369,12 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
     # and start with the model's bos token when it has one (Llama).
     add_eos = config.arch == "encoder-decoder"
     bos = config.bos_token_id if config.arch == "decoder" else None
-    rows = [tok.encode(t, add_eos=add_eos) for t in texts]
+    prompts = texts
+    if cfg.chat:
+        from cpmctl.tokenizer import render_chat
+
+        prompts = [render_chat(tokenizer_dir, tok, t) for t in texts]
+    rows = [tok.encode(t, add_eos=add_eos) for t in prompts]
     if bos is not None:
         rows = [row if row[:1] == [bos] else [bos] + row for row in rows]
     generated_tokens, decode_seconds, first_token = 0, 0.0, None
