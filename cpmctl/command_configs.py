@@ -347,6 +347,7 @@ class InferConfig:
     prefetch: bool = option(True, help="With --offload: load the next layer's weights while the current one computes.")
     iterations: int | None = option(None, help="Parameter-shared models: apply the shared blocks this many times (fewer = faster).")
     step_size: float | None = option(None, help="Parameter-shared models: residual step size (default: trained iterations / --iterations).")
+    chat: bool = option(False, help="Each text is a user turn, rendered with the tokenizer's chat template (imported models keep theirs).")
 
     def validate(self) -> None:
         if (self.texts is None) == (self.input_file is None):
@@ -361,6 +362,8 @@ class InferConfig:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.chat and self.prompt is not None:
+            raise UserError("--chat applies to generation; a --prompt adapter classifies the raw text")
         if self.prompt is not None and (self.iterations is not None or self.step_size is not None):
             raise UserError("--iterations/--step-size cannot be combined with --prompt: a prompt is trained for the model's own depth")
         if self.offload not in OFFLOAD_MODES:

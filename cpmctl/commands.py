@@ -235,7 +235,7 @@ def _stage(name: str, config: type, help: str, *, render: Callable | None = None
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command(("convert", "hf"), configs.ConvertHfConfig, "Import a BERT, T5/mT5, Llama or GPT-2 checkpoint (or export one back).",
+    Command(("convert", "hf"), configs.ConvertHfConfig, "Import a Hugging Face BERT, T5/mT5, GPT-2, Llama, Mistral, Qwen2/3, Gemma/Gemma 2 or Phi-3 directory (or export one back).",
             convert_hf, render=_wrote),
     Command(("convert", "cpm2"), configs.ConvertCpm2Config,
             "Import the released CPM-2 weights (BMInf inference release or model-parallel training release) and tokenizer.",

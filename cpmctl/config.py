@@ -19,6 +19,9 @@ NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("relative", "absolute", "rotary")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 MOE_ROUTERS = ("linear", "center", "mlp", "oracle")
+# Rotary scalings cpmctl computes exactly as transformers does (modeling_rope_utils); "dynamic"
+# NTK and "longrope" depend on the sequence seen at run time and are refused at import.
+ROPE_SCALINGS = ("linear", "llama3", "yarn")
 
 
 @dataclass
@@ -101,6 +104,31 @@ class ModelConfig:
     bos_token_id: int | None = None
     decoder_start_token_id: int | None = None
     init_std: float = 0.02
+    # Features of current decoder families (each computes nothing extra unless set):
+    # qkv_bias: biases on the q, k and v projections even when `bias` is false (Qwen2).
+    qkv_bias: bool = False
+    # qk_norm: an RMSNorm over each head of q and of k, before the rotation (Qwen3).
+    qk_norm: bool = False
+    # norm_offset: RMSNorm scales by (norm_offset + weight), computed in fp32 (Gemma's 1 + w).
+    norm_offset: float = 0.0
+    # scale_embeddings: token embeddings times sqrt(d_model) (Gemma).
+    scale_embeddings: bool = False
+    # rotary_dim: rotate only the first rotary_dim dimensions of each head (partial rotary).
+    rotary_dim: int | None = None
+    # rope_scaling: {"rope_type": one of ROPE_SCALINGS, "factor": ..., ...} with transformers' keys.
+    rope_scaling: dict[str, Any] | None = None
+    # sliding_window: a query sees the keys of the last sliding_window positions only (Mistral);
+    # sliding_layers: the layer applications that do (None: all), e.g. Gemma 2's even layers.
+    sliding_window: int | None = None
+    sliding_layers: list[int] | None = None
+    # query_scale: attention scores are q.k * query_scale (None: 1/sqrt(d_head), or 1 without
+    # attn_scale); Gemma 2's query_pre_attn_scalar ** -0.5.
+    query_scale: float | None = None
+    # attn_softcap / logit_softcap: cap * tanh(x / cap) on attention scores / output logits (Gemma 2).
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None
+    # post_norms: a norm on each sublayer's output before the residual add (Gemma 2's sandwich).
+    post_norms: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -134,6 +162,20 @@ class ModelConfig:
             raise UserError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.position == "rotary" and self.d_head % 2:
             raise UserError(f"rotary positions need an even d_head, got {self.d_head}")
+        if self.rotary_dim is not None and (self.rotary_dim < 2 or self.rotary_dim % 2 or self.rotary_dim > self.d_head):
+            raise UserError(f"rotary_dim must be even and in 2..d_head={self.d_head}, got {self.rotary_dim}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict) else None
+            if kind not in ROPE_SCALINGS:
+                raise UserError(f"unknown rope scaling {kind!r}; expected one of {', '.join(ROPE_SCALINGS)}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise UserError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.sliding_layers is not None and self.sliding_window is None:
+            raise UserError("sliding_layers needs a sliding_window")
+        for name in ("attn_softcap", "logit_softcap", "query_scale"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"{name} must be > 0, got {value}")
         if self.arch != "encoder-decoder" and self.n_decoder_layers not in (None, 0):
             raise UserError(f"n_decoder_layers applies only to encoder-decoder models, not {self.arch}")
         if self.share_groups is not None:
@@ -181,6 +223,10 @@ class ModelConfig:
     def blocks_in_stack(self, stack: str) -> int:
         """How many distinct blocks (and block.{i} checkpoint prefixes) `stack` has."""
         return self.shared_blocks or self.stack_depths()[stack]
+
+    def is_sliding_layer(self, index: int) -> bool:
+        """Whether decoder layer application `index` attends through the sliding window."""
+        return self.sliding_window is not None and (self.sliding_layers is None or index in self.sliding_layers)
 
     def is_moe_layer(self, stack: str, index: int) -> bool:
         return self.moe is not None and (self.moe.layers is None or f"{stack}.{index}" in self.moe.layers)

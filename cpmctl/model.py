@@ -45,25 +45,33 @@ from cpmctl.ffn import ACTIVATIONS, FeedForward
 from cpmctl.moe import MoEFeedForward
 
 class RMSNorm(nn.Module):
-    """T5/Llama RMS norm: no mean subtraction, no bias, statistics in fp32."""
+    """T5/Llama RMS norm: no mean subtraction, no bias, statistics in fp32.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    With `offset` (Gemma's 1 + w) the scale is offset + weight and the product is taken in fp32
+    before casting back, as Gemma does; a fresh norm is the identity either way.
+    """
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: Tensor) -> Tensor:
         variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        normed = x.float() * torch.rsqrt(variance + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.constant_(self.weight, 1.0 - self.offset)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rms":
-        return RMSNorm(config.d_model, config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        return RMSNorm(dim or config.d_model, config.norm_eps, config.norm_offset)
+    return nn.LayerNorm(dim or config.d_model, eps=config.norm_eps)
 
 
 class RelativePositionBias(nn.Module):
@@ -101,17 +109,75 @@ class RelativePositionBias(nn.Module):
         return values.permute(2, 0, 1).unsqueeze(0)
 
 
-def rotary_tables(positions: Tensor, d_head: int, theta: float) -> tuple[Tensor, Tensor]:
+def rope_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
+    """Inverse frequencies [rotary_dim / 2] and the factor on cos/sin, for the config's rotary
+    scaling, computed as transformers' modeling_rope_utils does (linear, llama3, yarn)."""
+    dim = config.rotary_dim or config.d_head
+    base = config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq, 1.0
+    kind, factor = scaling["rope_type"], scaling.get("factor")
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        old = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn: interpolated low frequencies, extrapolated high ones, a linear ramp between.
+    old = scaling["original_max_position_embeddings"]
+    if factor is None:
+        factor = config.max_positions / old
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_factor
+
+
+def rotary_tables(positions: Tensor, inv_freq: Tensor, attention_factor: float = 1.0) -> tuple[Tensor, Tensor]:
     """cos/sin tables for rotary embeddings at the given positions (any leading shape)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, device=positions.device, dtype=torch.float32) / d_head))
-    freqs = positions.float()[..., None] * inv_freq
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
     angles = torch.cat([freqs, freqs], dim=-1)
+    if attention_factor != 1.0:
+        return angles.cos() * attention_factor, angles.sin() * attention_factor
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the two halves of each head (the Llama/NeoX layout). x: [B, H, T, D]."""
-    half = x.shape[-1] // 2
+    """Rotate the two halves of each head (the Llama/NeoX layout). x: [B, H, T, D].
+
+    Tables narrower than the head rotate its first dimensions only (partial rotary); the rest
+    pass through unchanged."""
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :dim], cos, sin), x[..., dim:]], dim=-1)
+    half = dim // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
@@ -179,9 +245,14 @@ class Attention(nn.Module):
             self.q = nn.Linear(d, inner, bias=config.bias)
             self.kv = nn.Linear(d, 2 * kv_inner, bias=config.bias)
         else:
-            self.qkv = nn.Linear(d, inner + 2 * kv_inner, bias=config.bias)
+            self.qkv = nn.Linear(d, inner + 2 * kv_inner, bias=config.bias or config.qkv_bias)
         self.o = nn.Linear(inner, d, bias=config.bias)
+        self.q_norm = make_norm(config, config.d_head) if config.qk_norm and not cross else None
+        self.k_norm = make_norm(config, config.d_head) if config.qk_norm and not cross else None
         self.scale = None if config.attn_scale else 1.0  # T5 folds 1/sqrt(d) into its init
+        if config.query_scale is not None:
+            self.scale = config.query_scale
+        self.softcap = config.attn_softcap
         self.dropout = config.dropout
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
@@ -220,6 +291,8 @@ class Attention(nn.Module):
             inner, kv_inner = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
             q, k, v = self.qkv(x).split([inner, kv_inner, kv_inner], dim=-1)
             q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             if rotary is not None:
                 cos, sin = rotary
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -232,11 +305,29 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
-        )
+        if self.softcap is not None:
+            out = self._capped_attention(q, k, v, mask, causal)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+            )
         return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_head))
+
+    def _capped_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        """Attention with soft-capped scores, cap * tanh(s / cap), before the mask (Gemma 2):
+        SDPA has no place for the cap, so the scores are formed explicitly."""
+        scale = self.d_head**-0.5 if self.scale is None else self.scale
+        scores = torch.matmul(q, k.transpose(2, 3)) * scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if causal and mask is None:
+            positions = torch.arange(k.shape[2], device=q.device)
+            mask = causal_mask(positions[-q.shape[2]:], positions, scores.dtype)
+        if mask is not None:
+            scores = scores + mask
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        weights = F.dropout(weights, p=self.dropout, training=self.training)
+        return torch.matmul(weights, v)
 
 
 class Block(nn.Module):
@@ -249,10 +340,16 @@ class Block(nn.Module):
         self.cross_attn = Attention(config, cross=True) if cross else None
         self.ffn_norm = make_norm(config)
         self.ffn = ffn
+        # Gemma 2's sandwich: each branch's output is normalised again before the residual add.
+        self.attn_post_norm = make_norm(config) if config.post_norms else None
+        self.ffn_post_norm = make_norm(config) if config.post_norms else None
         self.dropout = nn.Dropout(config.dropout)
 
-    def _residual(self, x: Tensor, norm: nn.Module, sublayer, step: float | None) -> Tensor:
-        branch = self.dropout(sublayer(norm(x) if self.pre_norm else x))
+    def _residual(self, x: Tensor, norm: nn.Module, sublayer, step: float | None, post_norm: nn.Module | None = None) -> Tensor:
+        branch = sublayer(norm(x) if self.pre_norm else x)
+        if post_norm is not None:
+            branch = post_norm(branch)
+        branch = self.dropout(branch)
         grad = torch.is_grad_enabled()
         if step is not None:  # an Euler step of size `step`: h + step * f(h) (None: exactly h + f(h))
             branch = branch * step if grad else branch.mul_(step)
@@ -263,10 +360,11 @@ class Block(nn.Module):
     def forward(self, x: Tensor, *, layer: int, self_mask, causal, rotary, cache, memory, cross_mask,
                 step: float | None = None) -> Tensor:
         """`layer`: the application index (KV-cache slot); `step`: the residual step size (None: 1)."""
-        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask=self_mask, causal=causal, rotary=rotary, cache=cache, layer=layer), step)
+        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask=self_mask, causal=causal, rotary=rotary, cache=cache, layer=layer),
+                           step, self.attn_post_norm)
         if self.cross_attn is not None:
             x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, mask=cross_mask, cache=cache, layer=layer, memory=memory), step)
-        return self._residual(x, self.ffn_norm, self.ffn, step)
+        return self._residual(x, self.ffn_norm, self.ffn, step, self.ffn_post_norm)
 
 
 class Stack(nn.Module):
@@ -281,6 +379,7 @@ class Stack(nn.Module):
     def __init__(self, config: ModelConfig, name: str, n_layers: int, causal: bool, cross: bool) -> None:
         super().__init__()
         self.name, self.n_layers, self.causal = name, n_layers, causal
+        self.config = config
         unique = config.blocks_in_stack(name)
         self.blocks = nn.ModuleList(Block(config, cross, make_ffn(config, name, i)) for i in range(unique))
         self.relative_bias = RelativePositionBias(config, bidirectional=not causal) if config.position == "relative" else None
@@ -301,13 +400,16 @@ class Stack(nn.Module):
         """The block run at 0-based `application`: consecutive equal runs of each distinct block."""
         return self.blocks[application * len(self.blocks) // self.applications]
 
-    def forward(self, x: Tensor, *, self_mask, causal, rotary, cache, memory=None, cross_mask=None) -> Tensor:
+    def forward(self, x: Tensor, *, self_mask, causal, rotary, cache, memory=None, cross_mask=None, sliding_mask=None) -> Tensor:
+        """`sliding_mask`: the self-attention mask of the layers that attend through the
+        config's sliding window (given whenever the config has one)."""
         n = self.applications
         if cache is not None:
             cache.match_applications(n)
         for i in range(n):
-            x = self.block_at(i)(x, layer=i, self_mask=self_mask, causal=causal, rotary=rotary, cache=cache, memory=memory,
-                                 cross_mask=cross_mask, step=self.step_size)
+            sliding = sliding_mask is not None and self.config.is_sliding_layer(i)
+            x = self.block_at(i)(x, layer=i, self_mask=sliding_mask if sliding else self_mask, causal=causal and not sliding,
+                                 rotary=rotary, cache=cache, memory=memory, cross_mask=cross_mask, step=self.step_size)
         return self.final_norm(x) if self.final_norm is not None else x
 
 
@@ -323,18 +425,31 @@ def building_on_meta() -> bool:
     return torch.get_default_device().type == "meta"
 
 
-def make_embedding(num: int, dim: int) -> nn.Embedding:
+class ScaledEmbedding(nn.Embedding):
+    """Token embeddings times a constant (Gemma's sqrt(d_model), cast to the weights' dtype as
+    Gemma does); whoever looks tokens up (prompts, mixup) gets the scaled vectors."""
+
+    def __init__(self, num: int, dim: int, scale: float, **kwargs) -> None:
+        super().__init__(num, dim, **kwargs)
+        self.scale = scale
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return super().forward(input_ids) * torch.tensor(self.scale, dtype=self.weight.dtype)
+
+
+def make_embedding(num: int, dim: int, scale: float | None = None) -> nn.Embedding:
+    kwargs = {}
     if building_on_meta():
         # nn.Embedding's own init is normal_, and torch's meta normal_ imports torch._dynamo
         # (~170 MiB resident, 1-2 s) in processes that only load weights (e.g. `cpmctl infer`).
-        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
-    return nn.Embedding(num, dim)
+        kwargs["_weight"] = torch.empty(num, dim)
+    return ScaledEmbedding(num, dim, scale, **kwargs) if scale is not None else nn.Embedding(num, dim, **kwargs)
 
 
 class Embeddings(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.tokens = make_embedding(config.vocab_size, config.d_model)
+        self.tokens = make_embedding(config.vocab_size, config.d_model, config.d_model**0.5 if config.scale_embeddings else None)
         self.positions = make_embedding(config.max_positions, config.d_model) if config.position == "absolute" else None
         self.token_types = make_embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
         self.norm = make_norm(config) if config.norm_position == "post" else None
@@ -379,6 +494,7 @@ class LMHead(nn.Module):
         self.proj = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.lm_head_bias else None
         self.logit_scale = config.d_model**-0.5 if (config.tie_embeddings and config.scale_tied_logits) else 1.0
+        self.softcap = config.logit_softcap
 
     def forward(self, x: Tensor, tied_weight: Tensor) -> Tensor:
         if self.transform is not None:
@@ -388,9 +504,13 @@ class LMHead(nn.Module):
         if self.proj is not None and self.bias is None:
             # Through the module, not its weight: hook-based offloaders (accelerate's cpu_offload /
             # disk offload) bring a module's weights in only when that module's forward runs.
-            return self.proj(x)
-        weight = tied_weight if self.proj is None else self.proj.weight
-        return F.linear(x, weight, self.bias)
+            logits = self.proj(x)
+        else:
+            weight = tied_weight if self.proj is None else self.proj.weight
+            logits = F.linear(x, weight, self.bias)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def padding_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -398,9 +518,12 @@ def padding_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros_like(attention_mask, dtype=dtype).masked_fill(attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
 
 
-def causal_mask(query_positions: Tensor, key_positions: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive [1, 1, Tq, Tk] mask hiding keys after each query."""
+def causal_mask(query_positions: Tensor, key_positions: Tensor, dtype: torch.dtype, window: int | None = None) -> Tensor:
+    """Additive [1, 1, Tq, Tk] mask hiding keys after each query (and, with a sliding `window`,
+    keys `window` or more positions before it)."""
     allowed = key_positions[None, :] <= query_positions[:, None]
+    if window is not None:
+        allowed &= key_positions[None, :] > query_positions[:, None] - window
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
@@ -435,6 +558,7 @@ class Transformer(nn.Module):
         else:
             self.decoder = None
         self.lm_head = LMHead(config) if config.lm_head else None
+        self._rope: tuple[Tensor, float] | None = None  # inverse frequencies, computed on first use
         if not building_on_meta():  # meta: shapes only, the weights are loaded afterwards (no init)
             self.reset_parameters()
 
@@ -476,7 +600,9 @@ class Transformer(nn.Module):
     def _rotary(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
         if self.config.position != "rotary":
             return None
-        cos, sin = rotary_tables(positions, self.config.d_head, self.config.rope_theta)
+        if self._rope is None:
+            self._rope = rope_frequencies(self.config)
+        cos, sin = rotary_tables(positions, *self._rope)
         # positions [T] -> [1, 1, T, D]; positions [B, T] -> [B, 1, T, D]
         return (cos[None, None], sin[None, None]) if positions.dim() == 1 else (cos[:, None], sin[:, None])
 
@@ -550,9 +676,14 @@ class Transformer(nn.Module):
             else:
                 mask = _add(causal_mask(query_pos, key_pos, dtype), mask)
         cross_mask = padding_mask(memory_mask, dtype) if (memory is not None and memory_mask is not None) else None
+        sliding_mask = None
+        if self.config.sliding_window is not None:
+            # The window counts cache indices, padding included, as transformers' masks do.
+            padding = padding_mask(attention_mask, dtype) if attention_mask is not None else None
+            sliding_mask = _add(causal_mask(query_pos, key_pos, dtype, self.config.sliding_window), padding)
         out = self.decoder(
             x, self_mask=mask, causal=causal, rotary=self._rotary(query_pos if position_ids is None else position_ids),
-            cache=cache, memory=memory, cross_mask=cross_mask,
+            cache=cache, memory=memory, cross_mask=cross_mask, sliding_mask=sliding_mask,
         )
         if cache is not None:
             cache.length = start + t

@@ -22,11 +22,12 @@ after the first adds its own trainable vector to the hidden states at the prompt
 prompt positions' hidden states rather than as extra attention keys/values, so deep adapters
 load in cpmctl only; PEFT sees their input-layer prompt.
 
-Adapter directory (PEFT's PROMPT_TUNING layout plus cpmctl's fields under "cpmctl"):
+Adapter directory (PEFT's PROMPT_TUNING layout plus cpmctl's fields in a file of their own):
     adapter_config.json        peft_type, task_type, num_virtual_tokens, token_dim,
                                num_transformer_submodules (1), num_layers, num_attention_heads,
-                               base_model_name_or_path, prompt_tuning_init, ...; "cpmctl": plan,
-                               labels, verbalizer, scoring, head, base model content hash, metrics
+                               base_model_name_or_path (the Hugging Face directory the base model
+                               was imported from, so AutoPeftModel* loads it), prompt_tuning_init...
+    cpmctl_adapter.json        plan, labels, verbalizer, scoring, head, base model content hash, metrics
     adapter_model.safetensors  prompt_embeddings [P, d] (the folded prompt, in plan order);
                                head.proj.weight/bias (linear head); deep_prompt_embeddings [L-1, P, d]
 """
@@ -49,7 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cpmctl.checkpoint import SafetensorsFile, content_hash, write_safetensors
+from cpmctl.checkpoint import SafetensorsFile, content_hash, read_provenance, write_safetensors
 from cpmctl.errors import UserError
 from cpmctl.fsutil import atomic_directory
 from cpmctl.tasks import (EncodedExample, LabelSet, LinearHead, Scorer, encode_examples, eval_batches, evaluate,
@@ -60,6 +61,7 @@ log = logging.getLogger("cpmctl")
 
 from cpmctl.command_configs import PROMPT_POSITIONS as POSITIONS, REPARAMS
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_META_FILE = "cpmctl_adapter.json"  # cpmctl's own fields: PEFT warns about unknown keys in adapter_config.json
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PROMPT_TENSOR = "prompt_embeddings"
 DEEP_TENSOR = "deep_prompt_embeddings"
@@ -351,8 +353,9 @@ def write_adapter(directory: Path, adapter: Adapter) -> None:
     if adapter.deep is not None:
         tensors[DEEP_TENSOR] = adapter.deep.detach().float().contiguous()
     write_safetensors(directory / ADAPTER_WEIGHTS_FILE, tensors)
-    config = {**adapter.peft, "cpmctl": {"format_version": ADAPTER_FORMAT_VERSION, **adapter.meta}}
-    (directory / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    meta = {"format_version": ADAPTER_FORMAT_VERSION, **adapter.meta}
+    (directory / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter.peft, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (directory / ADAPTER_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def save_adapter(out: str | Path, adapter: Adapter, *, overwrite: bool = False) -> Path:
@@ -377,7 +380,12 @@ def load_adapter(path: str | Path) -> Adapter:
         raise UserError(f"{config_path} is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
         raise UserError(f"{config_path} is not a PROMPT_TUNING adapter")
-    meta = config.pop("cpmctl", None)
+    meta = config.pop("cpmctl", None)  # adapters written before cpmctl_adapter.json kept it here
+    if (path / ADAPTER_META_FILE).is_file():
+        try:
+            meta = json.loads((path / ADAPTER_META_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path / ADAPTER_META_FILE} is not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format_version") != ADAPTER_FORMAT_VERSION:
         raise UserError(f"{path} has no cpmctl fields (labels, positions, base model); it was not written by cpmctl prompt-tune")
     with SafetensorsFile(weights_path) as st:
@@ -471,3 +479,13 @@ def classify(model, ckpt, tok, adapter_path: Path, examples, *, batch_size: int)
     if labelled:
         stats.update(accuracy=result["accuracy"], macro_f1=result["macro_f1"])
     return {"mode": "classify", "outputs": outputs, "stats": stats}
+
+
+def peft_base_model(model_dir) -> str:
+    """What PEFT should load as the base model: the Hugging Face directory a `convert hf` import
+    came from while it is still there, else the cpmctl checkpoint (export it for PEFT)."""
+    provenance = read_provenance(model_dir)
+    source = (provenance.get("options") or {}).get("source") if provenance.get("stage") == "convert-hf" else None
+    if source and (Path(source) / "config.json").is_file():
+        return str(Path(source))
+    return str(Path(model_dir).resolve())

@@ -44,6 +44,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         counts = _counts(ckpt.config)
         return {
             "source": str(path),
+            "family": _hf_family(ckpt.config, ckpt.provenance),
             "config": ckpt.config.to_dict(),
             "parameters": counts,
             "dtype": ckpt.dtype_summary(),
@@ -51,6 +52,17 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
             "estimated_bytes": None,
             "provenance": ckpt.provenance,
         }
+
+
+def _hf_family(config: ModelConfig, provenance: dict[str, Any]) -> str | None:
+    """The Hugging Face model_type the checkpoint is (and exports as); None when none holds it."""
+    from cpmctl import hf
+    from cpmctl.errors import UserError
+
+    try:
+        return hf.export_family(config, hf.imported_family(provenance))
+    except UserError:
+        return None
 
 
 _CONFIG_KEYS = (
@@ -65,6 +77,8 @@ def render(report: dict[str, Any]) -> None:
     table = Table(title=f"cpmctl info: {report['source']}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
+    if report.get("family"):
+        table.add_row("family", f"{report['family']} (Hugging Face model_type)")
     for key in _CONFIG_KEYS:
         if config.get(key) is not None:
             table.add_row(key, str(config[key]))

@@ -392,3 +392,119 @@ def _load_hf(path: Path, meta: dict[str, Any] | None) -> HFTokenizer:
         if side.is_file():
             files[name] = _read(side)
     return HFTokenizer(files, source=str(path), meta=meta)
+
+
+# -- Hugging Face export ---------------------------------------------------------------------
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# Files of a checkpoint's tokenizer/ that an exported Hugging Face directory carries unchanged.
+HF_EXPORT_FILES = (HF_FILE, *HF_SIDE_FILES, CHAT_TEMPLATE_FILE)
+_SPECIAL_NAMES = ("bos", "eos", "unk", "pad", "mask", "cls", "sep")
+
+
+def export_hf_tokenizer(tokenizer_dir: str | os.PathLike, out: str | os.PathLike, config: Any, model_type: str, *,
+                        renames: dict[str, str] | None = None) -> list[str]:
+    """Write a tokenizer that transformers' AutoTokenizer loads (with only transformers and
+    tokenizers installed) into the Hugging Face directory `out`; returns the file names written.
+
+    A Hugging Face tokenizer travels as it is (tokenizer.json and its side files, chat template
+    included), with a tokenizer_config.json naming its special tokens written when it had none.
+    A SentencePiece model is converted to tokenizer.json by transformers' own converter
+    (`SpmConverter.build_tokenizer_from_spm_proto`, which follows the model's own normaliser
+    settings), with the template `cpmctl infer` uses: bos before a decoder-only prompt when
+    the model has one, eos after an encoder input. The .model file is kept beside it
+    (as spiece.model for T5), for tools that want the SentencePiece original.
+    """
+    import shutil
+
+    src, dst = Path(tokenizer_dir), Path(out)
+    renames = renames or {}
+    tok = load_tokenizer(src)
+    written = []
+    if isinstance(tok, SentencePieceTokenizer):
+        _sentencepiece_tokenizer_json(tok, config).save(str(dst / HF_FILE))
+        written.append(HF_FILE)
+        (dst / renames.get(SP_FILE, SP_FILE)).write_bytes(tok._bytes)
+        written.append(renames.get(SP_FILE, SP_FILE))
+    else:
+        for name in HF_EXPORT_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, dst / renames.get(name, name))
+                written.append(renames.get(name, name))
+    if not (dst / TOKENIZER_CONFIG).is_file():
+        settings: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_positions,
+                                    "clean_up_tokenization_spaces": False}
+        for name in _SPECIAL_NAMES:
+            token_id = getattr(tok, f"{name}_id")
+            if token_id is not None and not (name == "eos" and tok.sep_id == token_id and tok.kind == "hf"):
+                settings[f"{name}_token"] = tok.id_to_token(token_id)
+        (dst / TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        written.append(TOKENIZER_CONFIG)
+    return written
+
+
+def _sentencepiece_tokenizer_json(tok: SentencePieceTokenizer, config: Any):
+    """A `tokenizers.Tokenizer` encoding exactly as `tok` does, through transformers' converter."""
+    try:
+        from tokenizers import AddedToken, processors
+        from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+        model_pb2 = import_protobuf()
+    except ImportError as exc:
+        raise UserError(f"exporting a SentencePiece tokenizer needs transformers and protobuf ({_first_line(exc)}); "
+                        "pip install transformers protobuf") from None
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(tok._bytes)
+    if proto.trainer_spec.model_type == 1:  # unigram
+        vocab: Any = [(piece.piece, piece.score) for piece in proto.pieces]
+    else:  # bpe
+        vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    tk = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
+    if tk is None:
+        raise UserError("cannot convert this SentencePiece model (neither unigram nor BPE) to tokenizer.json")
+    special = sorted(tok.special_ids | ({tok.unk_id} if tok.unk_id is not None else set()))
+    tk.add_special_tokens([AddedToken(tok.id_to_token(i), special=True, normalized=False) for i in special])
+    # The template `cpmctl infer` applies: bos before a decoder-only prompt, eos after an encoder input.
+    if config.arch == "decoder" and config.bos_token_id is not None:
+        bos = tok.id_to_token(config.bos_token_id)
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, config.bos_token_id)])
+    elif config.arch != "decoder" and tok.eos_id is not None:
+        eos = tok.id_to_token(tok.eos_id)
+        tk.post_processor = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tok.eos_id)])
+    return tk
+
+
+def chat_template(tokenizer_dir: str | os.PathLike) -> str | None:
+    """The chat template a Hugging Face tokenizer shipped with (chat_template.jinja, or the
+    chat_template field of tokenizer_config.json); None when it has none."""
+    directory = Path(tokenizer_dir)
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        return (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (directory / TOKENIZER_CONFIG).is_file():
+        try:
+            settings = json.loads((directory / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{directory / TOKENIZER_CONFIG} is not valid JSON ({exc})") from None
+        template = settings.get("chat_template") if isinstance(settings, dict) else None
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        return template if isinstance(template, str) else None
+    return None
+
+
+def render_chat(tokenizer_dir: str | os.PathLike, tok: Tokenizer, user_text: str) -> str:
+    """`user_text` as one user turn through the tokenizer's chat template, ending with the
+    assistant's generation prompt, rendered by transformers' own template renderer (the text
+    `apply_chat_template(..., add_generation_prompt=True, tokenize=False)` gives)."""
+    template = chat_template(tokenizer_dir)
+    if template is None:
+        raise UserError(f"the tokenizer in {tokenizer_dir} has no chat template; run without --chat")
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError as exc:
+        raise UserError(f"--chat renders the template with transformers ({_first_line(exc)}); pip install transformers") from None
+    special = {f"{name}_token": tok.id_to_token(getattr(tok, f"{name}_id")) for name in _SPECIAL_NAMES
+               if getattr(tok, f"{name}_id") is not None}
+    rendered, _ = render_jinja_template(conversations=[[{"role": "user", "content": user_text}]], chat_template=template,
+                                        add_generation_prompt=True, **special)
+    return rendered[0]

@@ -380,9 +380,10 @@ def test_minilm_real_model(tmp_path):
         want = ref(**batch).last_hidden_state
         got = ours.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     # Real tokens match to 1e-5; the hidden states of [PAD] positions (which nothing uses) drift
-    # a little more through six layers of float rounding (measured 1.7e-5 on values up to ~10).
+    # a little more through six layers of float rounding (measured 1.7e-5 to 1.5e-4 on values up to
+    # ~10, depending on the machine's kernels).
     assert max_diff(want, got, batch["attention_mask"]) <= TOL
-    assert max_diff(want, got) <= 1e-4
+    assert max_diff(want, got) <= 5e-4
 
     def mean_pool(hidden, mask):
         m = mask[..., None].to(hidden.dtype)
@@ -398,15 +399,20 @@ def test_minilm_real_model(tmp_path):
         assert max_diff(want, back(**batch).last_hidden_state) == 0.0
 
 
-def test_sentencepiece_file_renamed(tmp_path):
+def test_sentencepiece_file_renamed(tmp_path, sp_tokenizer):
     src = tmp_path / "t5"
     tiny_t5(transformers.T5ForConditionalGeneration, "relu", True, 61, False).save_pretrained(src)
-    (src / "spiece.model").write_bytes(b"sentencepiece model bytes")
+    model_bytes = sp_tokenizer._bytes
+    (src / "spiece.model").write_bytes(model_bytes)
     ck = hf.import_hf(src, tmp_path / "ck")
-    assert (ck / "tokenizer" / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+    assert (ck / "tokenizer" / "tokenizer.model").read_bytes() == model_bytes
     assert not (ck / "tokenizer" / "spiece.model").exists()
     exported = hf.export_hf(ck, tmp_path / "export")
-    assert (exported / "spiece.model").read_bytes() == b"sentencepiece model bytes"
+    assert (exported / "spiece.model").read_bytes() == model_bytes
+    # and a tokenizer.json transformers reads, ending each input with eos as T5 does
+    tok = transformers.AutoTokenizer.from_pretrained(exported)
+    text = "Return the number of items in a container."
+    assert tok(text)["input_ids"] == sp_tokenizer.encode(text, add_eos=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +452,7 @@ def test_error_bad_dtype(t5_dir, tmp_path):
 
 def test_error_unknown_family(t5_dir, tmp_path):
     edit_config(t5_dir, model_type="roberta")
-    with pytest.raises(UserError, match=r"unsupported model_type 'roberta'; supported model types: bert, gpt2, llama, mt5, t5"):
+    with pytest.raises(UserError, match=r"unsupported model_type 'roberta'; supported model types: bert, gemma, gemma2, gpt2, llama, mistral, mt5, phi3, qwen2, qwen3, t5$"):
         hf.import_hf(t5_dir, tmp_path / "out")
 
 
@@ -483,8 +489,9 @@ def test_error_pickled_objects_refused(tmp_path):
     "family, changes, message",
     [
         ("bert", {"position_embedding_type": "relative_key"}, "position_embedding_type 'relative_key'"),
-        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "unsupported rope scaling 'linear'"),
-        ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "unsupported rope scaling 'llama3'"),
+        ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported rope scaling 'dynamic'"),
+        ("llama", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 5e5}}, "unsupported rope scaling 'longrope'"),
+        ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope scaling 'llama3' needs factor"),
         ("llama", {"attention_bias": True}, "attention_bias is true"),
         ("llama", {"mlp_bias": True}, "mlp_bias is true"),
         ("t5", {"feed_forward_proj": "gated-tanh"}, "unsupported activation"),

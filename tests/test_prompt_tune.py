@@ -251,7 +251,9 @@ def test_prompt_tune_trains_only_the_prompt_and_infers(tiny_encoder, tmp_path, c
     assert adapter.prompt.shape == (4, 64) and set(adapter.head) == {"proj.weight", "proj.bias"}
     cfg_json = json.loads((tmp_path / "prompt" / "adapter_config.json").read_text())
     assert cfg_json["peft_type"] == "PROMPT_TUNING" and cfg_json["num_virtual_tokens"] == 4
-    assert cfg_json["cpmctl"]["plan"] == [["start", 2], ["between", 1], ["end", 1]]
+    assert "cpmctl" not in cfg_json  # cpmctl's fields live beside it, where PEFT does not look
+    meta = json.loads((tmp_path / "prompt" / "cpmctl_adapter.json").read_text())
+    assert meta["plan"] == [["start", 2], ["between", 1], ["end", 1]]
     assert (tmp_path / "prompt" / "metrics.jsonl").is_file() and not (tmp_path / "prompt.train").exists()
     after = open_checkpoint(root / "model").state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the backbone is untouched

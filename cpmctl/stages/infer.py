@@ -29,7 +29,7 @@ from cpmctl.generate import embed, generate
 from cpmctl.jsonl import iter_records
 from cpmctl.model import iteration_info, set_iterations
 from cpmctl.moe import resolve_kernels, set_kernels
-from cpmctl.offload import (OFFLOAD_MODES, StoredTensor, load_offloaded, offload_run_dtype, plan_offload, run_weight_bytes,
+from cpmctl.offload import (StoredTensor, load_offloaded, offload_run_dtype, plan_offload, run_weight_bytes,
                             stored_tensors)
 from cpmctl.plan import checkpoint_config, is_assumed, make_plan, meta_model, source_note, stored_dtype
 from cpmctl.prompt import classify
@@ -247,6 +247,9 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
         raise UserError(f"checkpoint {cfg.checkpoint} has no tokenizer/ directory; copy the tokenizer it was trained with there")
     tok = load_tokenizer(tokenizer_dir)
     config = model.config
+    # Llama, Mistral and Phi-3 tokenizers ship without a pad token: padded positions are masked,
+    # so any id serves, and the model's own pad id is always one.
+    pad_id = tok.pad_id if tok.pad_id is not None else config.pad_token_id
     load_seconds = time.perf_counter() - started
     if cfg.prompt is not None:
         return _classify(cfg, model, ckpt, tok, load_seconds)
@@ -269,7 +272,7 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
                 log.warning("%d input(s) longer than the model's %d positions were truncated", cut, limit)
             rows = [tok.encode(t, add_special=True, max_length=limit) if len(r) > limit else r for t, r in zip(texts, rows)]
         for batch in _length_batches(rows, cfg.batch_size):
-            ids, mask = pad_rows([rows[i] for i in batch], tok.pad_id)
+            ids, mask = pad_rows([rows[i] for i in batch], pad_id)
             vectors = embed(model, ids.to(device), mask.to(device), normalize=cfg.normalize).float().cpu()
             for i, vector in zip(batch, vectors):
                 outputs[i] = {"text": texts[i], "embedding": vector.tolist()}
@@ -280,12 +283,17 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
     # and start with the model's bos token when it has one (Llama).
     add_eos = config.arch == "encoder-decoder"
     bos = config.bos_token_id if config.arch == "decoder" else None
-    rows = [tok.encode(t, add_eos=add_eos) for t in texts]
+    prompts = texts
+    if cfg.chat:
+        from cpmctl.tokenizer import render_chat
+
+        prompts = [render_chat(tokenizer_dir, tok, t) for t in texts]
+    rows = [tok.encode(t, add_eos=add_eos) for t in prompts]
     if bos is not None:
         rows = [row if row[:1] == [bos] else [bos] + row for row in rows]
     generated_tokens, decode_seconds, first_token = 0, 0.0, None
     for batch in _length_batches(rows, cfg.batch_size):
-        ids, mask = pad_rows([rows[i] for i in batch], tok.pad_id, left=config.arch == "decoder")
+        ids, mask = pad_rows([rows[i] for i in batch], pad_id, left=config.arch == "decoder")
         on_token = None
         if cfg.stream and len(batch) == 1:
             on_token = _streamer(tok)

@@ -48,7 +48,6 @@ from cpmctl.data import TokenShards
 from cpmctl.command_configs import MoefyConfig  # the options, declared once
 from cpmctl.errors import UserError
 from cpmctl.moe import MoEFeedForward, dense_from_moe, moe_from_dense, resolve_kernels, set_kernels
-from cpmctl.moefication import ROUTERS, SPLITS
 from cpmctl.prompt import encode_for
 from cpmctl.plan import (checkpoint_config, dtype_bytes, make_plan, meta_model, parameter_count, source_note,
                          stored_dtype)
@@ -261,7 +260,7 @@ def plan(cfg: MoefyConfig, *, stand_ins=None):
     tokens = None
     if cfg.data is not None:
         tokens = min(cfg.max_docs * cfg.seq_len, cfg.max_tokens)
-        notes.append(f"tokens: FFN inputs kept per layer (at most max_docs x seq_len, capped by --max-tokens)")
+        notes.append("tokens: FFN inputs kept per layer (at most max_docs x seq_len, capped by --max-tokens)")
     return make_plan(
         "moefy", output=Path(cfg.out), output_config=out_config, parameters=dense_params, trainable=trainable,
         parameter_bytes=4 * dense_params, devices=1, breakdown=breakdown,

@@ -34,9 +34,9 @@ from cpmctl.fsutil import atomic_directory
 from cpmctl.plan import (ACTIVATION_FORMULA, activation_bytes, checkpoint_config, checkpointed_activation_bytes,
                          dtype_bytes, is_assumed, make_plan, meta_model, parameter_count, parameter_shapes,
                          source_note, stored_dtype, training_memory)
-from cpmctl.prompt import (Adapter, POSITIONS, PromptedClassifier, REPARAMS, SoftPrompt, base_model_hash, encode_for,
-                           gradient_checkpointing, initial_vectors, peft_config, prompt_plan, token_counts,
-                           write_adapter)
+from cpmctl.prompt import (Adapter, PromptedClassifier, SoftPrompt, base_model_hash, encode_for,
+                           gradient_checkpointing, initial_vectors, peft_base_model, peft_config, prompt_plan,
+                           token_counts, write_adapter)
 from cpmctl.tasks import (LabelSet, LinearHead, Scorer, TrainBatches, classification_loss, eval_batches, evaluate,
                           label_token_ids, load_examples, load_verbalizer, position_limit, subsample)
 from cpmctl.tokenizer import load_tokenizer
@@ -263,7 +263,7 @@ def run(cfg: PromptTuneConfig) -> dict[str, Any]:
             provenance = save_checkpoint(tmp / FULL_MODEL_DIR, config, model.state_dict(), tokenizer_dir=tokenizer_dir,
                                          stage="prompt-tune --full", parents=[cfg.model], options=options, metrics=metrics)
             adapter.meta["base_model_hash"] = provenance["content_hash"]
-        adapter.peft = peft_config(adapter, config, str(Path(cfg.model).resolve()), cfg.init if not cfg.full else "random")
+        adapter.peft = peft_config(adapter, config, peft_base_model(cfg.model), cfg.init if not cfg.full else "random")
         write_adapter(tmp, adapter)
         metrics_file = cfg.run_dir / "metrics.jsonl"
         if metrics_file.is_file():

@@ -1,0 +1,18 @@
+"""Qwen2 / Qwen2.5: Llama's layout with biases on q, k and v (not o), optional sliding-window layers."""
+
+from cpmctl.hf.decoder import DecoderSpec, register_decoder
+
+DEFAULTS = {
+    "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "sliding_window": 4096, "max_window_layers": 28,
+    "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+}
+
+FAMILY = register_decoder(DecoderSpec(
+    model_type="qwen2",
+    architecture="Qwen2ForCausalLM",
+    defaults=DEFAULTS,
+    qkv_bias=True,
+    sliding="layer_types",
+))
