@@ -148,7 +148,7 @@ def test_family_parity_generation_export(tmp_path, name):
     prompts.write_text("".join(json.dumps({"text": t}) + "\n" for t in PROMPTS))
     result = CliRunner().invoke(app, ["infer", str(ck), "--input", str(prompts), "--max-new-tokens", "12", "--json"])
     assert result.exit_code == 0, result.output
-    outputs = json.loads(result.output)["outputs"]
+    outputs = json.loads(result.stdout)["result"]["outputs"]
     tok = word_tokenizer(bos=True, pad=FAMILIES[name][3])  # as saved (AutoTokenizer may pick the family's own class)
     tok.padding_side = "left"
     batch = tok(PROMPTS, return_tensors="pt", padding=True) if tok.pad_token else None
@@ -163,4 +163,4 @@ def test_family_parity_generation_export(tmp_path, name):
 
     info = CliRunner().invoke(app, ["info", str(ck), "--json"])
     assert info.exit_code == 0
-    assert json.loads(info.output)["family"] == ref.config.model_type
+    assert json.loads(info.stdout)["result"]["family"] == ref.config.model_type

@@ -98,8 +98,8 @@ def test_infer_offload_qwen2(imported, tmp_path):
     plain = cli(*base)
     off = cli(*base, "--offload", "disk", "--memory-budget", "60%")
     assert plain.exit_code == 0 and off.exit_code == 0, (plain.output, off.output)
-    assert [o["generated"] for o in json.loads(off.stdout)["outputs"]] == [o["generated"] for o in json.loads(plain.stdout)["outputs"]]
-    assert json.loads(off.stdout)["stats"]["offload"]["bytes_moved"] > 0
+    assert [o["generated"] for o in json.loads(off.stdout)["result"]["outputs"]] == [o["generated"] for o in json.loads(plain.stdout)["result"]["outputs"]]
+    assert json.loads(off.stdout)["result"]["stats"]["offload"]["bytes_moved"] > 0
 
 
 def test_prompt_tune_qwen2(imported, task, tmp_path):
@@ -113,7 +113,7 @@ def test_prompt_tune_qwen2(imported, task, tmp_path):
     assert load_file(out / "adapter_model.safetensors")["prompt_embeddings"].shape == (4, d)
     classified = cli("infer", imported["qwen2"], "--prompt", out, "--input", task, "--json")
     assert classified.exit_code == 0, classified.output
-    assert json.loads(classified.stdout)["stats"]["examples"] == 32
+    assert json.loads(classified.stdout)["result"]["stats"]["examples"] == 32
 
 
 def test_distill_gemma(imported, task, tmp_path):
@@ -140,7 +140,7 @@ def test_peft_loads_the_adapter_of_an_imported_model(imported, task, tmp_path, c
     with caplog.at_level(logging.WARNING):
         model = peft.AutoPeftModelForCausalLM.from_pretrained(out).eval()
     assert "Unexpected keyword" not in caplog.text and not [w for w in recwarn if "Unexpected" in str(w.message)]
-    ours = json.loads(cli("infer", imported["qwen2"], "--prompt", out, "--input", task, "--json").stdout)["outputs"]
+    ours = json.loads(cli("infer", imported["qwen2"], "--prompt", out, "--input", task, "--json").stdout)["result"]["outputs"]
     from cpmctl.tokenizer import load_tokenizer
 
     tok = load_tokenizer(imported["qwen2"] / "tokenizer")

@@ -74,7 +74,7 @@ def test_sentencepiece_model_exports_a_loadable_tokenizer(tmp_path, sp_tokenizer
     prompts.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS))
     result = CliRunner().invoke(app, ["infer", str(ck), "--input", str(prompts), "--max-new-tokens", "8", "--json"])
     assert result.exit_code == 0, result.output
-    ours = [o["generated"] for o in json.loads(result.stdout)["outputs"]]
+    ours = [o["generated"] for o in json.loads(result.stdout)["result"]["outputs"]]
     model, handle = load_model(ck)
     handle.close()
     compared = 0
@@ -128,7 +128,7 @@ def test_imported_tokenizer_keeps_chat_template_and_infer_chat_applies_it(tmp_pa
     with torch.inference_mode():
         new = ref.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=2)[0, ids.shape[1]:].tolist()
     new = new[: new.index(2)] if 2 in new else new
-    assert json.loads(chat.stdout)["outputs"][0]["generated"] == tok.decode(new, skip_special_tokens=True)
+    assert json.loads(chat.stdout)["result"]["outputs"][0]["generated"] == tok.decode(new, skip_special_tokens=True)
     plain = hf.import_hf(save_hf("llama", tmp_path / "plain")[1], tmp_path / "plain-ck")
     no_template = CliRunner().invoke(app, ["infer", str(plain), "w5", "--chat"])
     assert no_template.exit_code == 2 and "has no chat template" in no_template.output

@@ -245,7 +245,11 @@ def test_two_cpu_processes_equal_one_with_the_same_global_batch(tmp_path, shards
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+        # Two processes sum the gradient in another order than one. Adam divides each update by
+        # the gradient's running RMS, so for an embedding row of a token seen once or twice (a
+        # gradient near 0) that last-bit difference grows to ~5e-5 on some CPUs (seen on an Intel
+        # Xeon VM, not on an AMD EPYC one); a wrong batch split or lost gradient moves far more.
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=2e-4)
     losses = lambda run: [r["loss"] for r in read_metrics(run) if r["kind"] == "train"]  # noqa: E731
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     state = json.loads((tmp_path / "two" / "state" / "step-00000006" / "rng.json").read_text())
@@ -259,7 +263,7 @@ def test_two_cpu_processes_equal_one_with_the_same_global_batch(tmp_path, shards
     assert [p.name for p in state_dirs(tmp_path / "two")] == ["step-00000008"]
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=2e-4)
     assert len(losses(tmp_path / "two")) == 8 and losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
 
 
