@@ -72,18 +72,26 @@ def _block_shapes(d: int, f: int, h: int, decoder: bool) -> dict[str, tuple[int,
     return shapes
 
 
-def _walk_model(add, theirs, *, d: int, f: int, h: int, vocab: int, buckets: int, n_heads: int, counts) -> None:
-    """Every tensor of our encoder-decoder through `add(ours, their_name, shape, index)`.
+def _walk_model(add, names: dict[str, str], block_prefix: str, fields: dict, *, stacked: dict[str, str] | None = None) -> None:
+    """Every tensor of the encoder-decoder `fields` describes (`model_fields`),
+    through `add(ours, the release's name, shape, index)`.
 
-    theirs(ours_suffix, stack=None, i=None) -> (the release's tensor name, index into it or None):
-    model-level tensors without a stack, stack-level ones without a block index."""
+    names: the release's name of each of our tensors (model level, stack level with `{stack}`, or
+    block level after `block_prefix`, e.g. "{stack}.{i}."); stacked: block tensors the release
+    keeps as one tensor for all layers ({ours: its name}), read at the layer's index."""
+    stacked = stacked or {}
+    d, f, h = fields["d_model"], fields["d_ff"], fields["n_heads"] * fields["d_head"]
+    vocab, buckets, n_heads = fields["vocab_size"], fields["relative_buckets"], fields["n_heads"]
 
     def put(ours: str, suffix: str, shape: tuple[int, ...], stack: str | None = None, i: int | None = None) -> None:
-        name, index = theirs(suffix, stack, i)
-        add(ours, name, shape, index=index)
+        if suffix in stacked:
+            add(ours, stacked[suffix], shape, index=i)
+        else:
+            prefix = block_prefix.format(stack=stack, i=i) if i is not None else ""
+            add(ours, prefix + names[suffix].format(stack=stack), shape, index=None)
 
     put("embed.tokens.weight", "embed.tokens.weight", (vocab, d))
-    for stack, count in counts:
+    for stack, count in (("encoder", fields["n_layers"]), ("decoder", fields["n_decoder_layers"])):
         put(f"{stack}.relative_bias.weight", "relative_bias.weight", (buckets, n_heads), stack)
         for i in range(count):
             for suffix, shape in _block_shapes(d, f, h, stack == "decoder").items():
@@ -154,15 +162,8 @@ def bminf_plan(ck, where: str) -> tuple[dict, list[Planned]]:
     if ck.shape(kv_name)[0] != n_dec:
         raise UserError(f"{where}: {kv_name} stacks {ck.shape(kv_name)[0]} layers, the decoder has {n_dec}")
 
-    def theirs(ours: str, stack: str | None = None, i: int | None = None) -> tuple[str, int | None]:
-        if ours == "cross_attn.kv.weight":  # one tensor for every decoder layer, indexed by layer
-            return kv_name, i
-        if stack is None:
-            return BMINF_NAMES[ours], None
-        return (f"{stack}.{i}." if i is not None else "") + BMINF_NAMES[ours].format(stack=stack), None
-
-    _walk_model(add, theirs, d=d_model, f=d_ff, h=inner, vocab=vocab, buckets=buckets, n_heads=n_heads,
-                counts=(("encoder", n_enc), ("decoder", n_dec)))
+    # the cross-attention K/V of every decoder layer is one tensor, indexed by layer
+    _walk_model(add, BMINF_NAMES, "{stack}.{i}.", fields, stacked={"cross_attn.kv.weight": kv_name})
     _refuse_leftovers(names - used, where)
     return fields, plan
 
@@ -200,13 +201,7 @@ def megatron_plan(shards, where: str) -> tuple[dict, list[Planned]]:
             raise UserError(f"{where}: {theirs} merges to shape {list(shards.shape(theirs))}, but {ours} needs {list(shape)}")
         plan.append(Planned(ours, shape, theirs, lambda: shards.merged(theirs)))
 
-    def theirs(ours: str, stack: str | None = None, i: int | None = None) -> tuple[str, None]:
-        if stack is None:
-            return MEGATRON_NAMES[ours], None
-        return (f"{stack}.blocks.{i}." if i is not None else "") + MEGATRON_NAMES[ours].format(stack=stack), None
-
-    _walk_model(add, theirs, d=d_model, f=d_ff, h=inner, vocab=vocab, buckets=buckets, n_heads=n_heads,
-                counts=(("encoder", n_enc), ("decoder", n_dec)))
+    _walk_model(add, MEGATRON_NAMES, "{stack}.blocks.{i}.", fields)
     _refuse_leftovers(names - used, where)
     return fields, plan
 
