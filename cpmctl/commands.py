@@ -6,7 +6,8 @@ Functions are named by module and attribute and imported when called, so listing
 (`cpmctl --help`, reading a recipe) imports no torch: this table is where the CLI layer's lazy
 imports are collected. A command's `run(cfg)` returns its result (a dict); `render(result, cfg)`
 shows it to a person (without one, the result is printed as JSON); `plan(cfg, stand_ins, **launch)`
-is its `--dry-run`.
+is its `--dry-run`. A user error from either that names the setting behind it (the library's
+`UserError(..., option=...)`) leaves with the command's flag for that setting (`in_command_terms`).
 
 The tool commands (convert, info, tokenizer, data) have their few lines of glue here; each stage
 has a module in cpmctl.stages.
@@ -77,7 +78,6 @@ def speaking_flags(fn: Callable[..., Any], configs: tuple[type, ...]) -> Callabl
             raise
 
     call.__qualname__ = call.__name__ = getattr(fn, "__name__", "call")
-    call.wrapped = fn
     return call
 
 
