@@ -9,7 +9,7 @@ Everything runs through `cpmctl.stages.distill.run`, the function behind `cpmctl
 3. students of 3 layers (teacher layers 1, 3, 5, embeddings and head copied) trained three ways,
    each on 100% and on 10% (`--train-fraction 0.1`) of the training subset:
      alone   CE only;
-     KD      CE + KD on the originals (teacher logits from `--teacher-logits-cache`);
+     KD      CE + KD on the originals (teacher logits from `--teacher-cache`);
      MixKD   CE + KD + KD on mixed inputs (+ student CE on mixed labels, weight chosen on dev);
 4. test accuracy and macro-F1 of every model; the student's inference speed-up over the
    teacher (forward passes over the same test batches, alternating, median of per-pair ratios).
@@ -169,7 +169,7 @@ def main() -> None:
     for smix in smix_choices:
         name = f"student-MixKD-10%-smix{smix:g}"
         out = train(name, teacher=teacher, student_layers="3", train_fraction=frac, epochs=epochs, batch_size=batch_size,
-                    teacher_logits_cache=work / "cache-10%", **{**methods["MixKD"], "smix_weight": smix})
+                    teacher_cache=work / "cache-10%", **{**methods["MixKD"], "smix_weight": smix})
         dev_scores[f"{smix:g}"] = json.loads((out / "checkpoint" / "task.json").read_text())["metrics"]["dev_accuracy"]
     best_smix = max(smix_choices, key=lambda s: (dev_scores[f"{s:g}"], -s))
     methods["MixKD"]["smix_weight"] = best_smix
@@ -180,7 +180,7 @@ def main() -> None:
                 continue
             cache = work / f"cache-{label}" if weights["kd_weight"] else None
             runs[(method, label)] = train(f"student-{method}-{label}", teacher=teacher, student_layers="3", train_fraction=frac,
-                                          epochs=epochs, batch_size=batch_size, teacher_logits_cache=cache, **weights)
+                                          epochs=epochs, batch_size=batch_size, teacher_cache=cache, **weights)
 
     t0 = time.monotonic()
     results = {"teacher": test_metrics(teacher, files["test"], args.max_length)}

@@ -17,7 +17,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,17 +38,6 @@ SHAPES = {
 }
 
 
-def pairs(run_a, run_b, runs: int) -> tuple[list[float], list[float]]:
-    run_a(), run_b()  # warm-up
-    a, b = [], []
-    for i in range(runs):
-        order = [(run_a, a), (run_b, b)] if i % 2 == 0 else [(run_b, b), (run_a, a)]
-        for fn, sink in order:
-            start = time.perf_counter()
-            fn()
-            sink.append(time.perf_counter() - start)
-    return a, b
-
 
 def bench(name: str, args, tmp: Path) -> dict:
     import torch
@@ -58,6 +46,7 @@ def bench(name: str, args, tmp: Path) -> dict:
     from cpmctl import hf
     from cpmctl.checkpoint import load_model
     from cpmctl.generate import generate
+    from cpmctl.gpu_check.measure import alternating_seconds  # order flips every pair: both share the drift
 
     cfg_cls, model_cls, kwargs = SHAPES[name]
     kwargs = dict(kwargs)
@@ -102,7 +91,7 @@ def bench(name: str, args, tmp: Path) -> dict:
 
     out = {"parameters": params, "logits_max_abs_diff": diff, "greedy_tokens_identical": same_tokens}
     for what, (a, b) in {"forward": (hf_forward, our_forward), "generate": (hf_generate, our_generate)}.items():
-        t_hf, t_ours = pairs(a, b, args.runs)
+        t_hf, t_ours = alternating_seconds(a, b, torch.device("cpu"), pairs=args.runs)
         out[what] = {"transformers_s": statistics.median(t_hf), "cpmctl_s": statistics.median(t_ours),
                      "ratio": statistics.median(x / y for x, y in zip(t_hf, t_ours))}
     return out

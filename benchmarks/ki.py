@@ -74,9 +74,10 @@ def finish_plot(fig, ax, path: Path, title: str, legend_size: float | None = Non
     fig.savefig(path, dpi=110)
 
 
-def start_run(args) -> tuple[Path, Path] | None:
-    """One torch thread count, WORK, and the tokenizer and shards prepared in it; None (after an
-    error line) when the corpus is missing."""
+def start_run(args) -> tuple[float, Path, Path] | None:
+    """One torch thread count, WORK, and the tokenizer and shards prepared in it: (start time,
+    tokenizer, shards); None (after an error line) when the corpus is missing."""
+    started = time.monotonic()
     if not CORPUS.is_file():
         print(f"error: {CORPUS} not found", file=sys.stderr)
         return None
@@ -84,7 +85,7 @@ def start_run(args) -> tuple[Path, Path] | None:
 
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    return prepare_data(args.work, args.vocab)
+    return (started, *prepare_data(args.work, args.vocab))
 
 
 def pretrain(out: Path, shards: Path, tok_dir: Path, args, *, steps: int, lr: float, init=None, model=None, teacher=None):
@@ -151,7 +152,6 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=None, help="results JSON (default WORK/results.json)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    started = time.monotonic()
     prepared = start_run(args)
     if prepared is None:
         return 2
@@ -159,8 +159,8 @@ def main() -> int:
 
     from cpmctl.stages import inherit
 
+    started, tok_dir, shards = prepared
     work = args.work
-    tok_dir, shards = prepared
     teacher_shape = model_shape(args.teacher_layers, args.teacher_d, args.d_head)
     student_shape = model_shape(2 * args.teacher_layers, 2 * args.teacher_d, args.d_head)
 

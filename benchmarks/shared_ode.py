@@ -191,7 +191,6 @@ def main() -> int:
         report = json.loads(args.replot.read_text())
         plot(report["runs"], args.plot, report["title"])
         return 0
-    started = time.monotonic()
     prepared = start_run(args)
     if prepared is None:
         return 2
@@ -199,8 +198,8 @@ def main() -> int:
 
     from cpmctl.checkpoint import read_provenance
 
+    started, tok_dir, shards = prepared
     work = args.work
-    tok_dir, shards = prepared
 
     results = {}
     for name in args.runs.split(","):

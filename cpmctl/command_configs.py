@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cpmctl.errors import UserError
-from cpmctl.options import option
+from cpmctl.options import check_value, option, specs
 
 DEVICE_HELP = "cpu or cuda (default: cuda when present)."
 FORCE_HELP = "Replace OUT if it exists."
@@ -27,6 +27,21 @@ KERNELS_HELP = "MoE FFN kernels: auto (Triton on CUDA, torch elsewhere), torch o
 SEED_HELP = "Random seed."
 MIXED_PRECISION_HELP = "no, bf16 or fp16 (GPU)."
 PROGRESS_HELP = "Progress bars on a terminal (off with --json)."
+
+
+def distinct_counts(config_cls: type, name: str, value: Any) -> list[int] | None:
+    """A list-of-integers option's value without repeats (order kept); None stays None, an empty
+    list is a UserError."""
+    if value is None:
+        return None
+    spec = next(s for s in specs(config_cls) if s.name == name)
+    try:
+        counts = check_value(spec, value, "value")
+    except UserError:
+        raise UserError(f"{name} must be integers (e.g. 12,9,6), got {value!r}") from None
+    if not counts:
+        raise UserError(f"{name} is empty")
+    return list(dict.fromkeys(counts))
 
 
 def _cpu_flag(on: Any) -> Any:
@@ -83,8 +98,14 @@ class PretrainConfig:
     share_layers: bool = option(False, help="Preset: one block per stack applied n_layers times (ALBERT-style).")
     share_groups: int | None = option(None, help="Preset: G distinct blocks per stack, each applied n_layers / G times.")
     step_robust: bool = option(False, help="Shared model: sample the iterations n per batch with residual step n_layers / n.")
-    robust_iterations: Any = option(None, metavar="N,N,...", help="--step-robust: the n to sample from, e.g. 12,9,6 (default L, 3L/4, L/2).")
-    eval_iterations: Any = option(None, metavar="N,N,...", help="Also evaluate at these iteration counts (step L / n), e.g. 12,6.")
+    robust_iterations: list[int] | None = option(None, metavar="N,N,...", help="--step-robust: the n to sample from, e.g. 12,9,6 (default L, 3L/4, L/2).")
+    eval_iterations: list[int] | None = option(None, metavar="N,N,...", help="Also evaluate at these iteration counts (step L / n), e.g. 12,6.")
+
+    def __post_init__(self) -> None:
+        # "12,9,6", 12 or [12, 9, 12] (a config built in Python skips build_config's conversion):
+        # distinct counts, order kept
+        for name in ("robust_iterations", "eval_iterations"):
+            setattr(self, name, distinct_counts(type(self), name, getattr(self, name)))
 
     @property
     def cpu(self) -> bool:
@@ -276,7 +297,8 @@ class DistillConfig:
     out: Path = option(help="Run directory: metrics.jsonl, state/ (for --resume), checkpoint/ (the student).", argument=True)
     train: Path | None = option(None, help="Classification task: JSONL of {'text', 'text_pair'?, 'label'}.")
     dev: Path | None = option(None, help="Dev JSONL: accuracy and macro-F1 at each evaluation.")
-    corpus: Path | None = option(None, help="LM distillation on token shards (cpmctl data prepare) instead of a task.")
+    data: Path | None = option(None, help="LM distillation on token shards (cpmctl data prepare) instead of a task.",
+                               renamed_from={"corpus": None})
     # the student: a checkpoint, a layer selection from the teacher, or a preset
     student: Path | None = option(None, help="Start the student from this checkpoint (same tokenizer as the teacher).")
     student_layers: str | None = option(None, help="N (every other teacher layer, top one kept) or a list like 0,2,4 (default: half).")
@@ -291,15 +313,16 @@ class DistillConfig:
     mixup_alpha: float = option(0.4, help="lambda ~ Beta(a, a).")
     augment: int = option(0, help="Perturbed copies of each training example (token masking/replacement).")
     augment_prob: float = option(0.15, help="Share of tokens perturbed in an augmented copy (half masked, half replaced).")
-    teacher_logits_cache: Path | None = option(None, help="Directory of the teacher's logits on the training set (built once, reused); --corpus: its top-K per target.")
-    teacher_cache_k: int = option(10, help="--corpus with --teacher-logits-cache: teacher logits kept per target position.")
+    teacher_cache: Path | None = option(None, help="Directory of the teacher's logits on the training set (built once, reused); --data: its top-K per target.",
+                                        renamed_from={"teacher_logits_cache": None})
+    teacher_cache_k: int = option(10, help="--data with --teacher-cache: teacher logits kept per target position.")
     # classification scoring (as in prompt-tune)
     head: str = option("linear", help="Classification: linear (pooled hidden state) or lm (label words scored by the LM head, as in prompt-tune).")
     verbalizer: Path | None = option(None, help="--head lm: JSON {label: word} (default: the labels, or the teacher's words).")
     # data
     train_fraction: float = option(1.0, help="Train on this seeded share of --train.")
     max_length: int = option(128, help="Tokens per task example.")
-    seq_len: int = option(128, help="Tokens per sequence (--corpus).")
+    seq_len: int = option(128, help="Tokens per sequence (--data).")
     pooling: str = option("mean", help="Linear head pooling: mean or last.")
     freeze_embeddings: bool = option(False, help="Keep the student's embedding tables fixed (faster steps).")
     # training (the shared core)

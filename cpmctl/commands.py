@@ -6,7 +6,8 @@ Functions are named by module and attribute and imported when called, so listing
 (`cpmctl --help`, reading a recipe) imports no torch: this table is where the CLI layer's lazy
 imports are collected. A command's `run(cfg)` returns its result (a dict); `render(result, cfg)`
 shows it to a person (without one, the result is printed as JSON); `plan(cfg, stand_ins, **launch)`
-is its `--dry-run`.
+is its `--dry-run`. A user error from either that names the setting behind it (the library's
+`UserError(..., option=...)`) leaves with the command's flag for that setting (`in_command_terms`).
 
 The tool commands (convert, info, tokenizer, data) have their few lines of glue here; each stage
 has a module in cpmctl.stages.
@@ -28,6 +29,7 @@ from typing import Any, Callable
 
 import cpmctl.command_configs as configs
 from cpmctl.errors import UserError
+from cpmctl.options import spelling_map
 
 
 def lazy(module: str, name: str) -> Callable[..., Any]:
@@ -37,6 +39,45 @@ def lazy(module: str, name: str) -> Callable[..., Any]:
         return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
     call.__qualname__ = call.__name__ = f"{module}.{name}"
+    return call
+
+
+# The library's names for settings whose option is named otherwise (errors.UserError.option).
+LIBRARY_NAMES = {"overwrite": "force"}
+
+
+def flag_for(configs: tuple[type, ...], setting: str) -> str | None:
+    """The flag (or ARGUMENT) that sets the library's `setting` on a command with these option classes."""
+    for config in configs:
+        spell = spelling_map(config)
+        found = spell.get(setting) or spell.get(LIBRARY_NAMES.get(setting, ""))
+        if found is not None:
+            spec = found[0]
+            return spec.name.upper() if spec.argument else spec.flags[0]
+    return None
+
+
+def in_command_terms(exc: UserError, configs: tuple[type, ...]) -> UserError:
+    """`exc` with the flag of the setting it names (exc.option) added, e.g. "... (--force)"; the
+    library's errors name no flag (errors.UserError). Changed in place, so its type stays."""
+    flag = flag_for(configs, exc.option) if exc.option else None
+    if flag is not None and exc.args:
+        exc.args = (f"{exc.args[0]} ({flag})", *exc.args[1:])
+        exc.option = None  # said once, however many command layers it passes
+    return exc
+
+
+def speaking_flags(fn: Callable[..., Any], configs: tuple[type, ...]) -> Callable[..., Any]:
+    """`fn` (a command's run or plan) whose user errors name the command's flags."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            in_command_terms(exc, configs)
+            raise
+
+    call.__qualname__ = call.__name__ = getattr(fn, "__name__", "call")
     return call
 
 
@@ -51,6 +92,12 @@ class Command:
     render_plan: Callable[[Any, Any], None] | None = None  # default: the plan table
     recipe_argument: bool = False              # the first argument is a config file (pretrain RECIPE)
     launch_config: type | None = None          # --dry-run options describing a launch (pretrain)
+
+    def __post_init__(self) -> None:
+        configs = (self.config,) + ((self.launch_config,) if self.launch_config else ())
+        object.__setattr__(self, "run", speaking_flags(self.run, configs))
+        if self.plan is not None:
+            object.__setattr__(self, "plan", speaking_flags(self.plan, configs))
 
     @property
     def name(self) -> str:

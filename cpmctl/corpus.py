@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cpmctl.errors import UserError
-from cpmctl.fsutil import atomic_directory, fsync_dir
+from cpmctl.fsutil import atomic_directory, check_new_output, fsync_dir
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -96,7 +96,7 @@ class DocumentReader:
             raise UserError(f"{self.path}:{line_no}: expected a JSON object per line, got {type(record).__name__}")
         if self.field not in record:
             raise UserError(f"{self.path}:{line_no}: no field {self.field!r} in the JSON object; "
-                            "pick the text field with --field")
+                            "name the field that holds the text", option="field")
         text = record[self.field]
         if not isinstance(text, str):
             raise UserError(f"{self.path}:{line_no}: field {self.field!r} is {type(text).__name__}, not a string")
@@ -191,8 +191,7 @@ def stdlib_corpus(max_docs: int | None = None) -> list[dict[str, str]]:
 
 def _atomic_write_lines(path: Path, lines: Iterable[str], *, overwrite: bool) -> int:
     """Write lines to `path` through a temporary sibling and a rename; returns bytes written."""
-    if path.exists() and not overwrite:
-        raise UserError(f"output {path} already exists; choose a new path or pass --force")
+    check_new_output(path, overwrite)
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=parent)

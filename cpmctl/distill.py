@@ -81,13 +81,14 @@ def parse_layers(spec: str | int | Sequence[int], n_teacher: int) -> list[int]:
         try:
             values = [int(p) for p in parts]
         except ValueError:
-            raise UserError(f"--student-layers must be a count or a comma-separated list of layer indices, got {spec!r}") from None
+            raise UserError(f"student layers must be a count or a comma-separated list of layer indices, got {spec!r}",
+                            option="student_layers") from None
         if len(values) == 1 and "," not in spec:
             return every_other_layer(n_teacher, values[0])
     else:
         values = [int(v) for v in spec]
     if not values:
-        raise UserError("--student-layers names no layer")
+        raise UserError("the student layer selection names no layer", option="student_layers")
     bad = [v for v in values if not 0 <= v < n_teacher]
     if bad:
         raise UserError(f"layer {bad[0]} is out of range: the teacher has layers 0..{n_teacher - 1}")
@@ -193,7 +194,7 @@ def student_from_preset(preset: str, teacher_config: ModelConfig) -> nn.Module:
 def sample_lambdas(rng: np.random.Generator, alpha: float, n: int) -> Tensor:
     """n mixing weights from Beta(alpha, alpha), float32."""
     if alpha <= 0:
-        raise UserError(f"--mixup-alpha must be > 0, got {alpha}")
+        raise UserError(f"the mixup Beta(a, a) needs a > 0, got {alpha}", option="mixup_alpha")
     return torch.from_numpy(rng.beta(alpha, alpha, size=n).astype(np.float32))
 
 
@@ -394,9 +395,9 @@ class TeacherLogitsCache:
         try:
             meta = json.loads((path / CACHE_META).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path} is not a teacher-logits cache ({exc}); give a new --teacher-logits-cache path") from None
+            raise UserError(f"{path} is not a teacher-logits cache ({exc}); give a new cache path", option="teacher_cache") from None
         if meta.get("format") != CACHE_FORMAT:
-            raise UserError(f"{path} is not a teacher-logits cache; give a new --teacher-logits-cache path")
+            raise UserError(f"{path} is not a teacher-logits cache; give a new cache path", option="teacher_cache")
         if meta.get("teacher") != teacher:
             raise UserError(f"teacher-logits cache {path} was built from another teacher; delete it or give a new path")
         if meta.get("examples") != examples:

@@ -32,6 +32,12 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def check_new_output(out: str | os.PathLike, overwrite: bool) -> None:
+    """A UserError when `out` exists and replacing it was not asked for (`overwrite`)."""
+    if Path(out).exists() and not overwrite:
+        raise UserError(f"output {out} already exists; choose a new path or ask for it to be replaced", option="overwrite")
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it becomes `out` in one rename.
@@ -40,8 +46,7 @@ def atomic_directory(out: str | os.PathLike, *, overwrite: bool = False) -> Iter
     written. On any exception the temporary directory is removed and `out` is untouched.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"output {out} already exists; choose a new path or pass --force")
+    check_new_output(out, overwrite)
     parent = out.parent if str(out.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))

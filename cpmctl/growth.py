@@ -29,15 +29,18 @@ aki and stack do not preserve the function; they are starting points for KI pre-
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cpmctl.config import ModelConfig, MoEConfig
+from cpmctl.config import PRESETS, ModelConfig, MoEConfig
 from cpmctl.errors import UserError
 
 METHODS = ("fpi", "aki", "tile", "stack")
@@ -47,13 +50,41 @@ BLOCK_RE = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.(.+)$")
 
 
 # -- configs ------------------------------------------------------------------------------------
+def target_config(spec: str, src_config: ModelConfig) -> ModelConfig:
+    """The shape to grow into, from its spec: a preset name, a config.json or checkpoint directory,
+    or KEY=INTEGER pairs changing `src_config` ("d_model=512,n_layers=8")."""
+    if spec in PRESETS:
+        return ModelConfig.from_preset(spec)
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not valid JSON: {exc}") from None
+    if "=" in spec:
+        changes: dict[str, Any] = {}
+        for part in spec.split(","):
+            key, _, value = part.partition("=")
+            try:
+                changes[key.strip()] = int(value)
+            except ValueError:
+                raise UserError(f"target shape {spec!r}: {part!r} is not KEY=INTEGER", option="to") from None
+        if "n_heads" in changes and "n_kv_heads" not in changes:  # keep the grouping of query heads
+            changes["n_kv_heads"] = max(changes["n_heads"] * src_config.n_kv_heads // src_config.n_heads, 1)
+        return src_config.replace(**changes)
+    raise UserError(f"target shape {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}), a config file, "
+                    "nor KEY=VALUE pairs", option="to")
+
+
 def grown_config(src: ModelConfig, target: ModelConfig) -> tuple[ModelConfig, list[str]]:
     """The source config with the target's widths and depths; returns it and the names of other
     target fields that differ and were kept from the source (for the log)."""
     if target.arch != src.arch:
         raise UserError(f"cannot grow a {src.arch} model into a {target.arch} one")
     if src.moe is not None:
-        raise UserError("growing an MoE model is not supported; grow the dense model, then upcycle it (--to-moe)")
+        raise UserError("growing an MoE model is not supported; grow the dense model, then upcycle it into experts", option="to_moe")
     changes = {f: getattr(target, f) for f in GROWTH_FIELDS}
     kept = sorted(f for f in ("norm", "norm_position", "position", "activation", "gated", "bias", "tie_embeddings",
                               "lm_head_transform", "share_layers", "share_groups", "max_positions", "norm_eps", "init_std")
@@ -306,7 +337,7 @@ def upcycle_moe(state: Mapping[str, Tensor], config: ModelConfig, experts: int, 
     router weights orthogonal with gain 0.01. With top-1 routing the combine weight is exactly
     1, so the MoE model computes what the dense one did."""
     if experts < 1:
-        raise UserError(f"--to-moe needs at least 1 expert, got {experts}")
+        raise UserError(f"upcycling needs at least 1 expert, got {experts}", option="to_moe")
     if config.moe is not None:
         raise UserError("the model is already MoE")
     out = {}

@@ -523,7 +523,7 @@ def resolve_kernels(choice: str, device) -> str:
     auto = Triton on CUDA (when triton imports), the torch path elsewhere. Triton on a CPU needs
     its interpreter (TRITON_INTERPRET=1, which is slow and meant for tests)."""
     if choice not in KERNEL_CHOICES:
-        raise UserError(f"unknown --kernels {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}")
+        raise UserError(f"unknown MoE kernels {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}", option="kernels")
     device_type = torch.device(device).type if device is not None else "cpu"
     if choice == "torch":
         return "torch"
@@ -531,12 +531,13 @@ def resolve_kernels(choice: str, device) -> str:
         import triton  # noqa: F401
     except ImportError:
         if choice == "triton":
-            raise UserError("--kernels triton needs the triton package (pip install triton)") from None
+            raise UserError("the Triton kernels need the triton package (pip install triton)", option="kernels") from None
         return "torch"
     if choice == "auto":
         return "triton" if device_type == "cuda" else "torch"
     if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
+        raise UserError("the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for Triton's CPU interpreter)",
+                        option="kernels")
     return "triton"
 
 

@@ -39,7 +39,8 @@ def option(default: Any = MISSING, *, help: str = "", flag: str | None = None, s
 
     flag: the long flag (default `--field-name`); short: e.g. "-n"; argument: a positional
     argument instead (in field order); renamed_from: earlier names of this option still accepted
-    in config files, `--set` and recipes ({old name: converter of the old value, or None});
+    in config files, `--set` and recipes ({old name: converter of the old value, or None}); an old
+    name whose value needs no converter also stays a command-line flag (`--old-name`);
     off_with_json: `--json` sets this boolean field False (progress bars, streamed tokens would
     mix with the JSON); secondary: the negative form of a boolean flag (default `--no-NAME` when
     the default is True).
@@ -58,7 +59,7 @@ class OptionSpec:
     default: Any              # MISSING when required
     help: str
     argument: bool
-    flags: tuple[str, ...]    # ("--max-steps",) or ("--input",) or ("--force", "-f")
+    flags: tuple[str, ...]    # ("--max-steps",) or ("--input",) or ("--force", "-f"), then earlier spellings
     secondary: str | None     # "--no-normalize" for a boolean flag whose default is True
     metavar: str | None
     renamed_from: dict[str, Callable[[Any], Any] | None]
@@ -94,7 +95,8 @@ def specs(config_cls: type) -> tuple[OptionSpec, ...]:
     for f in dataclasses.fields(config_cls):
         meta = f.metadata.get("cpmctl", {})
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        flags = (flag,) + ((meta["short"],) if meta.get("short") else ())
+        old_flags = tuple("--" + old.replace("_", "-") for old, convert in meta.get("renamed_from", {}).items() if convert is None)
+        flags = (flag,) + ((meta["short"],) if meta.get("short") else ()) + old_flags
         default = _default_of(f)
         typ = hints[f.name]
         secondary = meta.get("secondary")
@@ -195,6 +197,8 @@ def _convert(typ: Any, value: Any) -> Any:
         args = [a for a in typing.get_args(inner) if a is not Ellipsis] or [Any]
         if isinstance(value, str):  # "encoder.0,encoder.3" on the command line or in --set
             value = [part.strip() for part in value.split(",") if part.strip()]
+        elif args[0] in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # `--set eval_iterations=12` (TOML reads a number): a list of one
         if not isinstance(value, (list, tuple)):
             raise _Invalid
         items = [_convert(args[0], v) for v in value]

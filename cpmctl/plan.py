@@ -199,7 +199,7 @@ def training_memory(*, weights: int, trainable_shapes: list[tuple[int, ...]], op
                     sharding: str = "ddp", activations: int = 0, logits: int = 0, teacher: int = 0) -> dict[str, int]:
     """The breakdown of a training run's memory per device (module docstring)."""
     if sharding not in SHARDINGS:
-        raise UserError(f"unknown --sharding {sharding!r}; expected ddp or fsdp")
+        raise UserError(f"unknown sharding {sharding!r}; expected ddp or fsdp", option="sharding")
     sharded = sharding == "fsdp"
     trainable = sum(math.prod(s) for s in trainable_shapes)
     out = {
@@ -236,7 +236,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 
 def render_plan(plan: Plan) -> None:
-    table = Table(title=f"cpmctl {plan.stage} --dry-run (nothing loaded or written)", show_header=False)
+    table = Table(title=f"cpmctl {plan.stage}: dry run (nothing loaded or written)", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("output", "-" if plan.output is None else str(plan.output))

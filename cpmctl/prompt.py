@@ -81,7 +81,7 @@ def prompt_plan(position: str, length: int) -> list[tuple[str, int]]:
     if position not in POSITIONS:
         raise UserError(f"unknown prompt position {position!r}; expected one of {', '.join(POSITIONS)}")
     if length < 1:
-        raise UserError(f"--prompt-length must be >= 1, got {length}")
+        raise UserError(f"a prompt needs at least 1 vector, got {length}", option="prompt_length")
     if position == "front":
         return [("start", length)]
     if position == "back":
@@ -101,7 +101,8 @@ def place_prompt(row: EncodedExample, plan: Sequence[tuple[str, int]]) -> Encode
         at = mark
         if mark == "between" and row.marks.get("between") is None:
             if len(plan) == 1:
-                raise UserError("--position middle needs pair examples (a 'text_pair' field); use front, back or front+middle+back")
+                raise UserError("a prompt in the middle needs pair examples (a 'text_pair' field); place it front, back or front+middle+back",
+                                option="position")
             at = "end"  # a single text: the middle part goes just before the back part
         row = row.insert(at, count, first)
         first += count
@@ -143,30 +144,31 @@ def initial_vectors(
     def sampled(n: int) -> Tensor:
         frequent = [token for token, _ in counts.most_common(VOCAB_INIT_TOP)]
         if not frequent:
-            raise UserError("--init vocab needs training texts with tokens to sample from")
+            raise UserError("a prompt initialised from the vocabulary needs training texts with tokens to sample from", option="init")
         return embedding[[gen.choice(frequent) for _ in range(n)]]
 
     if init == "vocab":
         return sampled(length).clone()
     if init == "labels":
         if not label_ids:
-            raise UserError("--init labels needs label words (LM scoring); use --init vocab with --head linear")
+            raise UserError("a prompt initialised from label words needs label words (LM scoring); with a linear head, "
+                            "initialise it from the vocabulary", option="init")
         words = torch.stack([embedding[list(ids)].mean(0) for ids in label_ids])[:length]
         rest = length - words.shape[0]
         return torch.cat([words, sampled(rest)]) if rest else words.clone()
     if init.startswith("text:"):
         text = init[len("text:") :].strip().strip('"')
         if tokenizer is None or not text:
-            raise UserError('--init text:"..." needs a non-empty text')
+            raise UserError('a prompt initialised from text:"..." needs a non-empty text', option="init")
         ids = tokenizer.encode(text)
         if not ids:
-            raise UserError(f"--init text {text!r} encodes to no tokens")
+            raise UserError(f"the prompt initialisation text {text!r} encodes to no tokens", option="init")
         ids = (ids * math.ceil(length / len(ids)))[:length]
         return embedding[ids].clone()
     if init == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.randn(length, embedding.shape[1], generator=g) * embedding.std()
-    raise UserError(f'unknown --init {init!r}; expected vocab, labels, random or text:"..."')
+    raise UserError(f'unknown prompt initialisation {init!r}; expected vocab, labels, random or text:"..."', option="init")
 
 
 # =============================================================================================
@@ -180,7 +182,7 @@ class SoftPrompt(nn.Module):
     def __init__(self, init: Tensor, *, reparam: str = "none", hidden: int | None = None, deep_layers: int = 0) -> None:
         super().__init__()
         if reparam not in REPARAMS:
-            raise UserError(f"unknown --reparam {reparam!r}; expected one of {', '.join(REPARAMS)}")
+            raise UserError(f"unknown prompt reparameterisation {reparam!r}; expected one of {', '.join(REPARAMS)}", option="reparam")
         length, d = init.shape
         self.embedding = nn.Parameter(init.detach().clone().float())
         self.mlp = None

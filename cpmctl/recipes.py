@@ -22,5 +22,5 @@ __all__ = ["apply_recipe", "load_recipe", "parse_override", "read_toml"]
 def apply_recipe(config_cls: type, recipe: dict[str, Any], overrides: dict[str, Any] | None = None, **fixed: Any):
     """Instantiate `config_cls` from recipe values, then overrides, then `fixed` (None values are
     skipped); every value is checked against its field's type (cpmctl.options.build_config)."""
-    return build_config(config_cls, ("recipe", recipe), ("--set", overrides or {}),
+    return build_config(config_cls, ("recipe", recipe), ("overrides", overrides or {}),
                         ("arguments", {k: v for k, v in fixed.items() if v is not None}))

@@ -95,7 +95,7 @@ def _prompt_tune_head(directory: Path):
     meta = adapter.meta
     if not meta.get("full_fine_tuning") or meta.get("scoring") not in ("linear", "lm") or adapter.prompt.shape[0]:
         raise UserError(f"teacher {directory} is a prompt adapter; distillation takes a fully fine-tuned model "
-                        "(cpmctl prompt-tune --full, or cpmctl distill)")
+                        "(full fine-tuning with cpmctl prompt-tune, or a distilled student)")
     labels = tuple(meta["labels"])
     words = tuple(meta["verbalizer"][label] for label in labels)
     if meta["scoring"] == "lm":

@@ -163,7 +163,7 @@ def label_token_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
     seen: dict[tuple[int, ...], str] = {}
     for word, row in zip(words, ids):
         if tuple(row) in seen:
-            raise UserError(f"label words {seen[tuple(row)]!r} and {word!r} encode to the same tokens; use --verbalizer")
+            raise UserError(f"label words {seen[tuple(row)]!r} and {word!r} encode to the same tokens; give distinct label words", option="verbalizer")
         seen[tuple(row)] = word
     return ids
 
@@ -271,7 +271,7 @@ def encode_example(
     mask_slot = []
     if mode == "lm" and arch == "encoder":
         if tokenizer.mask_id is None:
-            raise UserError("label-word scoring with an encoder-only model needs a tokenizer with a mask token; use --head linear")
+            raise UserError("label-word scoring with an encoder-only model needs a tokenizer with a mask token; use a linear head", option="head")
         mask_slot = [tokenizer.mask_id]
 
     first = tokenizer.encode(example.text) if text_ids is None else list(text_ids[0])
@@ -450,11 +450,11 @@ class Scorer(nn.Module):
         self.arch = config.arch
         if head is None:
             if model.lm_head is None:
-                raise UserError("this model has no LM head to score label words with; use --head linear")
+                raise UserError("this model has no LM head to score label words with; use a linear head", option="head")
             if self.arch != "encoder-decoder" and any(len(ids) != 1 for ids in label_ids):
                 long = [i for i, ids in enumerate(label_ids) if len(ids) != 1]
                 raise UserError(f"{self.arch}-only models score single-token label words; {len(long)} label word(s) "
-                                "take several tokens: give a --verbalizer with single-token words (or --head linear)")
+                                "take several tokens: give label words of one token each (or use a linear head)", option="verbalizer")
         self.label_ids = label_ids
 
     def hidden_states(self, batch: Mapping[str, Tensor], inputs_embeds: Tensor | None = None) -> Tensor:

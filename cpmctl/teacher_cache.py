@@ -1,5 +1,5 @@
 """The top-K teacher cache of LM distillation, shared by `cpmctl pretrain --teacher-cache` (knowledge
-inheritance) and `cpmctl distill --corpus --teacher-logits-cache` (MixKD on a corpus).
+inheritance) and `cpmctl distill --data --teacher-cache` (MixKD on a corpus).
 
 The teacher runs once over the first `micro_batches` batches of a deterministic `cpmctl.data`
 batch stream and its top-K logits at every target position are stored (memory-mapped .npy):
@@ -117,16 +117,16 @@ def build_teacher_cache(out: Path, teacher: torch.nn.Module, batches, micro_batc
     return meta
 
 
-def check_cache(path: Path, fingerprint: dict[str, Any], micro_batches: int, flag: str = "--teacher-cache") -> dict[str, Any]:
+def check_cache(path: Path, fingerprint: dict[str, Any], micro_batches: int) -> dict[str, Any]:
     """The cache's meta, or a UserError when `path` is no cache, a stale one (another fingerprint)
-    or one too short for `micro_batches`. `flag` names the option in the messages."""
+    or one too short for `micro_batches`."""
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):
-        raise UserError(f"{path} exists but is not a teacher cache; choose another {flag} path") from None
+        raise UserError(f"{path} exists but is not a teacher cache; choose another cache path", option="teacher_cache") from None
     if meta.get("format") != CACHE_FORMAT:
-        raise UserError(f"{path} is not a teacher cache; choose another {flag} path")
+        raise UserError(f"{path} is not a teacher cache; choose another cache path", option="teacher_cache")
     if meta["fingerprint"] != fingerprint:
         keys = set(fingerprint) | set(meta["fingerprint"])
         diff = sorted(k for k in keys if meta["fingerprint"].get(k) != fingerprint.get(k))

@@ -27,7 +27,7 @@ from typing import Any
 
 from cpmctl.corpus import DocumentReader
 from cpmctl.errors import UserError
-from cpmctl.fsutil import atomic_directory
+from cpmctl.fsutil import atomic_directory, check_new_output
 from cpmctl.tokenizer_base import META_FILE, Tokenizer  # the interface, re-exported
 
 SP_FILE = "tokenizer.model"
@@ -153,8 +153,7 @@ def train_sentencepiece(corpus: str | os.PathLike, out_dir: str | os.PathLike, v
     if sentinels < 0:
         raise UserError(f"sentinels must be >= 0, got {sentinels}")
     reader = DocumentReader(corpus, field=field)
-    if Path(out_dir).exists() and not overwrite:  # before minutes of training, not after
-        raise UserError(f"output {out_dir} already exists; choose a new path or pass --force")
+    check_new_output(out_dir, overwrite)  # before minutes of training, not after
     counts = {"docs": 0}
     failure: list[BaseException] = []
 
@@ -498,11 +497,12 @@ def render_chat(tokenizer_dir: str | os.PathLike, tok: Tokenizer, user_text: str
     `apply_chat_template(..., add_generation_prompt=True, tokenize=False)` gives)."""
     template = chat_template(tokenizer_dir)
     if template is None:
-        raise UserError(f"the tokenizer in {tokenizer_dir} has no chat template; run without --chat")
+        raise UserError(f"the tokenizer in {tokenizer_dir} has no chat template to render chat turns with", option="chat")
     try:
         from transformers.utils.chat_template_utils import render_jinja_template
     except ImportError as exc:
-        raise UserError(f"--chat renders the template with transformers ({_first_line(exc)}); pip install transformers") from None
+        raise UserError(f"chat templates are rendered with transformers ({_first_line(exc)}); pip install transformers",
+                        option="chat") from None
     special = {f"{name}_token": tok.id_to_token(getattr(tok, f"{name}_id")) for name in _SPECIAL_NAMES
                if getattr(tok, f"{name}_id") is not None}
     rendered, _ = render_jinja_template(conversations=[[{"role": "user", "content": user_text}]], chat_template=template,

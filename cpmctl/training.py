@@ -401,7 +401,7 @@ class Trainer:
             flops_per_token = model_flops_per_token(model)
         resume_dir = self._resume_dir()
         if resume_dir is None and latest_state(cfg.out) is not None:
-            raise UserError(f"{cfg.out} already holds a training state; resume it (--resume) or choose a new output")
+            raise UserError(f"{cfg.out} already holds a training state; resume it or choose a new output", option="resume")
 
         model = model.to(self.device)
         # The whole (unsharded) shapes, to check a state against before FSDP shards the model.
@@ -582,7 +582,7 @@ class Trainer:
             return None
         found = latest_state(self.cfg.out)
         if found is None:
-            raise UserError(f"--resume: no training state in {self.cfg.out / STATE_DIR}; start without --resume")
+            raise UserError(f"nothing to resume: no training state in {self.cfg.out / STATE_DIR}; start a new run instead", option="resume")
         return found
 
     @property

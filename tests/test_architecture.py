@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import re
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,54 @@ def test_the_kernel_package_stands_alone():
     assert internal  # the graph was read
     leaks = [f"{name} imports cpmctl" for name, names in external.items() if "cpmctl" in names]
     assert not leaks, "\n".join(leaks)
+
+
+# Modules that speak the command line: the CLI, the command table, the option declarations, the
+# stages, the pipeline (its recipes name steps' flags), the GPU check's own argparse entry point.
+SPEAKS_FLAGS = ["cpmctl.cli", "cpmctl.__main__", "cpmctl.commands", "cpmctl.command_configs", "cpmctl.options",
+                "cpmctl.stages", "cpmctl.stages.*", "cpmctl.pipeline", "cpmctl.gpu_check", "cpmctl.gpu_check.*"]
+# Library modules that still name a flag; each says why and until when.
+FLAG_NAMING_ALLOWED = {
+    "cpmctl.hf.convert": "issue 18's module, edited by another engineer at the time; its two 'pass --force' errors "
+                         "and its '--export' hint move to UserError(option=...) there",
+}
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def flags_named(source: str) -> list[tuple[int, str]]:
+    """(line, flag) for every `--flag` in the string constants of `source` (f-string parts
+    included); docstrings and comments are not string constants that reach a user."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, flag) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            for flag in FLAG.findall(node.value)]
+
+
+def test_the_library_names_no_flag():
+    """Library errors say what is wrong in their own terms and name the setting with
+    UserError(option=...); the command layer adds the flag (cpmctl.commands.in_command_terms)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(PACKAGE, path)
+        if any(fnmatch.fnmatchcase(name, p) for p in SPEAKS_FLAGS) or name in FLAG_NAMING_ALLOWED:
+            continue
+        found += [f"{path.relative_to(ROOT)}:{line}: {flag}" for line, flag in flags_named(path.read_text(encoding="utf-8"))]
+    assert not found, "\n".join(found)
+
+
+def test_the_flag_check_can_fail():
+    source = '''"""Docstrings may say --force."""
+def f(out, n):
+    """So may this one: --kernels."""
+    # and comments: --resume
+    if n:
+        raise ValueError(f"{out} exists; pass --force")
+    return "a -- b, x--y, --Upper"
+'''
+    assert flags_named(source) == [(6, "--force")]
 
 
 # -- the checks themselves can fail --------------------------------------------------------------------

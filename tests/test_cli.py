@@ -353,3 +353,32 @@ def test_results_are_printed_by_rank_zero_only(tmp_path):
     assert json.loads(shown.stdout)["command"] == "info"
     # a mistake is still reported by every rank
     assert_user_error(runner.invoke(app, ["info", "--preset", "nope"], env={"RANK": "1"}), "unknown preset")
+
+
+# -- the library's errors get the command's flags --------------------------------------------------------
+def test_a_library_error_names_no_flag_and_the_command_adds_it(tmp_path):
+    from cpmctl import command_configs as configs
+    from cpmctl.commands import in_command_terms
+    from cpmctl.errors import UserError
+    from cpmctl.fsutil import atomic_directory
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UserError) as info:
+        with atomic_directory(tmp_path / "taken"):
+            pass
+    assert str(info.value) == f"output {tmp_path / 'taken'} already exists; choose a new path or ask for it to be replaced"
+    assert info.value.option == "overwrite"
+    # the command layer: the library's name (overwrite) -> the option (force) -> its flag, said once
+    said = in_command_terms(info.value, (configs.TokenizerTrainConfig,))
+    assert str(said).endswith("ask for it to be replaced (--force)") and said is info.value
+    assert str(in_command_terms(said, (configs.TokenizerTrainConfig,))).count("--force") == 1
+    # a setting the command does not have, or an error naming none, stays as the library said it
+    assert str(in_command_terms(UserError("x", option="kernels"), (configs.InfoConfig,))) == "x"
+    assert str(in_command_terms(UserError("x"), (configs.MoefyConfig,))) == "x"
+    # earlier spellings find the flag too (distill's teacher_logits_cache is now --teacher-cache)
+    assert str(in_command_terms(UserError("x", option="teacher_logits_cache"), (configs.DistillConfig,))) == "x (--teacher-cache)"
+    # through the command line
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b c\n")
+    assert_user_error(invoke("tokenizer", "train", str(corpus), str(tmp_path / "taken"), "--vocab-size", "9"),
+                      f"output {tmp_path / 'taken'} already exists; choose a new path or ask for it to be replaced (--force)")

@@ -164,8 +164,9 @@ def test_beta_sampling_is_seeded_and_symmetric():
     assert float(((first < 0.1) | (first > 0.9)).float().mean()) > 0.4
     perm = distill.sample_pairs(np.random.default_rng(1), 10)
     assert sorted(perm.tolist()) == list(range(10))
-    with pytest.raises(UserError, match="mixup-alpha"):
+    with pytest.raises(UserError, match=r"Beta\(a, a\) needs a > 0") as info:
         distill.sample_lambdas(np.random.default_rng(0), 0.0, 3)
+    assert info.value.option == "mixup_alpha"
 
 
 # -- augmentation ----------------------------------------------------------------------------
@@ -505,7 +506,7 @@ def test_lm_distillation_on_a_corpus(tmp_path, preset, sp_tokenizer, stdlib_text
     teacher = build_model(ModelConfig.from_preset(preset, **overrides))
     save_model(teacher, tmp_path / "teacher", tokenizer_dir=tok_dir)
     prepare(stdlib_text, sp_tokenizer, tmp_path / "shards", progress=False)
-    result = _cli("distill", tmp_path / "out", "--teacher", tmp_path / "teacher", "--corpus", tmp_path / "shards",
+    result = _cli("distill", tmp_path / "out", "--teacher", tmp_path / "teacher", "--data", tmp_path / "shards",
                   "--student-layers", 1, "--smix-weight", 0.5, "--seq-len", 32, "--batch-size", 4, "--max-steps", 2)
     assert result.exit_code == 0, result.output
     student = load_task_model(tmp_path / "out")
@@ -688,7 +689,7 @@ def test_corpus_cache_gives_the_online_top_k_kd_and_stale_caches_are_refused(tmp
 
     teacher_dir, cache = lm_teachers["llama-tiny"], tmp_path / "cache"
     # With mixup the cache serves the originals and the teacher still runs online on mixed rows.
-    result = _cli("distill", tmp_path / "run", "--teacher", teacher_dir, "--corpus", lm_corpus, "--teacher-logits-cache", cache,
+    result = _cli("distill", tmp_path / "run", "--teacher", teacher_dir, "--data", lm_corpus, "--teacher-cache", cache,
                   "--smix-weight", 0.5, *CORPUS_FAST)
     assert result.exit_code == 0, result.output
     assert (cache / "meta.json").is_file() and np.load(cache / "ids.npy").shape[1] == 8
@@ -699,13 +700,14 @@ def test_corpus_cache_gives_the_online_top_k_kd_and_stale_caches_are_refused(tmp
     # The cached top-K KD equals top-K KD from the online teacher on the same batches.
     _check_cached_top_k_kd(load_task_model(teacher_dir).model.float().eval(), cache, lm_corpus, sp_tokenizer)
 
-    # A run with --mix-weight 0 reuses the cache as is and never needs the teacher online.
+    # A run with --mix-weight 0 reuses the cache as is and never needs the teacher online. It spells
+    # the options as distill did before they took pretrain's names (--data, --teacher-cache): still accepted.
     before = (cache / "ids.npy").stat().st_mtime_ns
     reuse = _cli("distill", tmp_path / "reuse", "--teacher", teacher_dir, "--corpus", lm_corpus, "--teacher-logits-cache", cache,
                  "--mix-weight", 0, *CORPUS_FAST)
     assert reuse.exit_code == 0, reuse.output
     assert (cache / "ids.npy").stat().st_mtime_ns == before
-    no_cache = _cli("distill", tmp_path / "online", "--teacher", teacher_dir, "--corpus", lm_corpus, "--mix-weight", 0, *CORPUS_FAST)
+    no_cache = _cli("distill", tmp_path / "online", "--teacher", teacher_dir, "--data", lm_corpus, "--mix-weight", 0, *CORPUS_FAST)
     assert no_cache.exit_code == 0, no_cache.output
 
     def flops(run):  # the student's passes, plus the teacher's when it runs online
@@ -723,7 +725,7 @@ def test_corpus_cache_gives_the_online_top_k_kd_and_stale_caches_are_refused(tmp
         (["--teacher", teacher_dir, "--max-steps", 5], "covers 3 batches"),
     ]:
         out = tmp_path / "stale"
-        result = _cli("distill", out, "--corpus", lm_corpus, "--teacher-logits-cache", cache, *CORPUS_FAST, *args)
+        result = _cli("distill", out, "--data", lm_corpus, "--teacher-cache", cache, *CORPUS_FAST, *args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
         assert not out.exists(), args
@@ -766,8 +768,8 @@ def _check_cached_top_k_kd(teacher, cache, corpus, tokenizer, k=8, steps=3):
 def test_corpus_cache_serves_an_encoder_decoder(tmp_path, lm_teachers, lm_corpus, sp_tokenizer, one_torch_thread):
     from cpmctl.task_model import load_task_model
 
-    result = _cli("distill", tmp_path / "run", "--teacher", lm_teachers["t5-tiny"], "--corpus", lm_corpus,
-                  "--teacher-logits-cache", tmp_path / "cache", "--mix-weight", 0, *CORPUS_FAST)
+    result = _cli("distill", tmp_path / "run", "--teacher", lm_teachers["t5-tiny"], "--data", lm_corpus,
+                  "--teacher-cache", tmp_path / "cache", "--mix-weight", 0, *CORPUS_FAST)
     assert result.exit_code == 0, result.output
     assert '"cache_flops"' in result.output
     _check_cached_top_k_kd(load_task_model(lm_teachers["t5-tiny"]).model.float().eval(), tmp_path / "cache", lm_corpus, sp_tokenizer)

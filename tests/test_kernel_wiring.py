@@ -33,11 +33,12 @@ def test_auto_is_torch_on_cpu_and_triton_on_cuda():
 
 
 def test_unknown_choice_and_triton_on_cpu_without_interpreter_are_user_errors(monkeypatch):
-    with pytest.raises(UserError, match="unknown --kernels"):
+    with pytest.raises(UserError, match="unknown MoE kernels"):
         resolve_kernels("cuda", "cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(UserError, match="needs a CUDA device"):
+    with pytest.raises(UserError, match="need a CUDA device") as info:
         resolve_kernels("triton", "cpu")
+    assert info.value.option == "kernels"  # the command layer adds --kernels
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_kernels("triton", "cpu") == "triton"
 

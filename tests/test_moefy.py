@@ -17,7 +17,8 @@ from cpmctl.cli import app
 from cpmctl.config import ModelConfig
 from cpmctl.model import build_model
 from cpmctl.moe import MLPRouter, MoEFeedForward
-from cpmctl.stages.moefy import MoefyConfig, expert_layout, run
+from cpmctl.moefication import expert_layout
+from cpmctl.stages.moefy import MoefyConfig, run
 
 WORDNET = Path(__file__).resolve().parents[2] / "shared" / "data" / "wordnet"
 

@@ -166,7 +166,7 @@ def test_distill_student_configs_match_the_builders():
     preset_plan = distill_stage.plan(preset_cfg, stand_ins={Path("tb"): teacher})
     assert preset_plan.output_config.vocab_size == 777  # the teacher's vocabulary, not the preset's 512
     assert preset_plan.output_config == distill.student_from_preset("bert-tiny", teacher).config
-    cfg = distill_stage.DistillConfig(teacher=Path("t"), out=Path("o"), corpus=Path("c"), student_layers="1")
+    cfg = distill_stage.DistillConfig(teacher=Path("t"), out=Path("o"), data=Path("c"), student_layers="1")
     plan = distill_stage.plan(cfg, stand_ins={Path("t"): ModelConfig.from_preset("llama-tiny")})
     torch.manual_seed(0)
     real = distill.student_from_teacher(build_model(ModelConfig.from_preset("llama-tiny")), [1])
@@ -174,7 +174,7 @@ def test_distill_student_configs_match_the_builders():
     assert plan.memory_breakdown["teacher"] == 4 * sum(p.numel() for p in build_model(ModelConfig.from_preset("llama-tiny")).parameters())
     # A run directory an earlier step will write stands in through its OUT/checkpoint, as the real run resolves it.
     run_dir = {Path("run") / "checkpoint": ModelConfig.from_preset("llama-tiny")}
-    assert distill_stage.plan(distill_stage.DistillConfig(teacher=Path("run"), out=Path("o"), corpus=Path("c"), student_layers="1"),
+    assert distill_stage.plan(distill_stage.DistillConfig(teacher=Path("run"), out=Path("o"), data=Path("c"), student_layers="1"),
                               stand_ins=run_dir).output_config == real.config
 
 
@@ -237,7 +237,7 @@ def test_dry_runs_through_the_cli_load_and_write_nothing(tmp_path, tok_dir):
     for args in commands:
         result = RUNNER.invoke(app, args)
         assert result.exit_code == 0, (args, result.output)
-        assert "dry-run" in result.stdout or '"stage"' in result.stdout
+        assert "dry run (nothing loaded or written)" in result.stdout or '"stage"' in result.stdout
         assert not out.exists()
     data = json.loads(RUNNER.invoke(app, commands[1]).stdout)
     assert set(data) == {"command", "result"} and data["command"] == "inherit"
@@ -248,7 +248,7 @@ def test_dry_runs_through_the_cli_load_and_write_nothing(tmp_path, tok_dir):
     one_line_error(RUNNER.invoke(app, ["infer", m, "x", "--dry-run", "--offload", "disk", "--memory-budget", "1kB"]),
                    "below this model's minimum")
     one_line_error(RUNNER.invoke(app, ["infer", str(tmp_path / "nothing"), "x", "--dry-run"]), "not a cpmctl checkpoint")
-    one_line_error(RUNNER.invoke(app, commands[-1][:-1] + ["zero"]), "unknown --sharding")
+    one_line_error(RUNNER.invoke(app, commands[-1][:-1] + ["zero"]), "unknown --sharding 'zero'")
     assert not out.exists()
 
 

@@ -31,6 +31,7 @@ import torch
 
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
+from cpmctl.fsutil import check_new_output
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +234,7 @@ def convert_cpm2(src: str | os.PathLike, out: str | os.PathLike, *, vocab: str |
     from cpmctl.checkpoint import save_checkpoint
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"output {out} already exists; choose a new path or pass --force")
+    check_new_output(out, overwrite)
     plan, opened = plan_conversion(src, vocab=vocab, dtype=dtype, spill_bytes=spill_bytes)
     if plan.vocab is not None:
         from cpmctl.cpm2.tokenizer import require_jieba

@@ -61,6 +61,69 @@ def _reshaped(get: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> Callab
     return lambda: get().reshape(shape)
 
 
+# -- our tensors, walked once for both releases -------------------------------------------------------
+def _block_shapes(d: int, f: int, h: int, decoder: bool) -> dict[str, tuple[int, ...]]:
+    """Our tensors of one block (names after `{stack}.blocks.{i}.`) and their shapes, in file order."""
+    shapes = {"attn_norm.weight": (d,), "attn.qkv.weight": (3 * h, d), "attn.o.weight": (d, h)}
+    if decoder:
+        shapes.update({"cross_norm.weight": (d,), "cross_attn.q.weight": (h, d), "cross_attn.kv.weight": (2 * h, d),
+                       "cross_attn.o.weight": (d, h)})
+    shapes.update({"ffn_norm.weight": (d,), "ffn.w_gate.weight": (f, d), "ffn.w_in.weight": (f, d), "ffn.w_out.weight": (d, f)})
+    return shapes
+
+
+def _walk_model(add, names: dict[str, str], block_prefix: str, fields: dict, *, stacked: dict[str, str] | None = None) -> None:
+    """Every tensor of the encoder-decoder `fields` describes (`model_fields`),
+    through `add(ours, the release's name, shape, index)`.
+
+    names: the release's name of each of our tensors (model level, stack level with `{stack}`, or
+    block level after `block_prefix`, e.g. "{stack}.{i}."); stacked: block tensors the release
+    keeps as one tensor for all layers ({ours: its name}), read at the layer's index."""
+    stacked = stacked or {}
+    d, f, h = fields["d_model"], fields["d_ff"], fields["n_heads"] * fields["d_head"]
+    vocab, buckets, n_heads = fields["vocab_size"], fields["relative_buckets"], fields["n_heads"]
+
+    def put(ours: str, suffix: str, shape: tuple[int, ...], stack: str | None = None, i: int | None = None) -> None:
+        if suffix in stacked:
+            add(ours, stacked[suffix], shape, index=i)
+        else:
+            prefix = block_prefix.format(stack=stack, i=i) if i is not None else ""
+            add(ours, prefix + names[suffix].format(stack=stack), shape, index=None)
+
+    put("embed.tokens.weight", "embed.tokens.weight", (vocab, d))
+    for stack, count in (("encoder", fields["n_layers"]), ("decoder", fields["n_decoder_layers"])):
+        put(f"{stack}.relative_bias.weight", "relative_bias.weight", (buckets, n_heads), stack)
+        for i in range(count):
+            for suffix, shape in _block_shapes(d, f, h, stack == "decoder").items():
+                put(f"{stack}.blocks.{i}.{suffix}", suffix, shape, stack, i)
+        put(f"{stack}.final_norm.weight", "final_norm.weight", (d,), stack)
+    put("lm_head.proj.weight", "lm_head.proj.weight", (vocab, d))
+
+
+# The releases' names for our tensors: model-level, stack-level ({stack}) and block-level (after the
+# release's block prefix, `{stack}.{i}.` in BMInf, `{stack}.blocks.{i}.` in the training release).
+BMINF_NAMES = {
+    "embed.tokens.weight": "input_embedding.weight", "lm_head.proj.weight": "lm_head.weight",
+    "relative_bias.weight": "{stack}_position_bias.embedding.weight", "final_norm.weight": "{stack}_final_layer_nrom.weight",
+    "attn_norm.weight": "layer_nrom_before_self_attn.weight", "attn.qkv.weight": "self_attention.w_project_qkv",
+    "attn.o.weight": "self_attention.w_out", "cross_norm.weight": "layer_nrom_before_cross_attn.weight",
+    "cross_attn.q.weight": "cross_attention.w_project_q", "cross_attn.o.weight": "cross_attention.w_out",
+    "ffn_norm.weight": "layer_nrom_before_ff.weight", "ffn.w_gate.weight": "dense_gelu_dense.wi_0.weight",
+    "ffn.w_in.weight": "dense_gelu_dense.wi_1.weight", "ffn.w_out.weight": "dense_gelu_dense.wo.weight",
+}
+MEGATRON_NAMES = {
+    "embed.tokens.weight": "word_embeds.weight", "lm_head.proj.weight": "lm_head.weight",
+    "relative_bias.weight": "{stack}.blocks.0.self_attn.self_attn.relative_attention_bias.weight",
+    "final_norm.weight": "{stack}.final_layernorm.weight",
+    "attn_norm.weight": "self_attn.layer_norm.weight", "attn.qkv.weight": "self_attn.self_attn.project.weight",
+    "attn.o.weight": "self_attn.self_attn.dense.weight", "cross_norm.weight": "cross_attn.layer_norm.weight",
+    "cross_attn.q.weight": "cross_attn.cross_attn.project_q.weight", "cross_attn.kv.weight": "cross_attn.cross_attn.project_kv.weight",
+    "cross_attn.o.weight": "cross_attn.cross_attn.dense.weight", "ffn_norm.weight": "ff.layer_norm.weight",
+    "ffn.w_gate.weight": "ff.dense_relu_dense.wi_0.weight", "ffn.w_in.weight": "ff.dense_relu_dense.wi_1.weight",
+    "ffn.w_out.weight": "ff.dense_relu_dense.wo.weight",
+}
+
+
 # -- the inference release (BMInf) -----------------------------------------------------------------
 def bminf_plan(ck, where: str) -> tuple[dict, list[Planned]]:
     """(config fields, plan) for an opened `BMInfFile`."""
@@ -95,29 +158,12 @@ def bminf_plan(ck, where: str) -> tuple[dict, list[Planned]]:
         label = theirs if index is None else f"{theirs}[{index}]"
         plan.append(Planned(ours, shape, label, _reshaped(lambda: ck.value(theirs, index), shape)))
 
-    d, f, h = d_model, d_ff, inner
-    add("embed.tokens.weight", "input_embedding.weight", (vocab, d))
     kv_name = req("encoder_kv.w_project_kv")
     if ck.shape(kv_name)[0] != n_dec:
         raise UserError(f"{where}: {kv_name} stacks {ck.shape(kv_name)[0]} layers, the decoder has {n_dec}")
-    for stack, count in (("encoder", n_enc), ("decoder", n_dec)):
-        add(f"{stack}.relative_bias.weight", f"{stack}_position_bias.embedding.weight", (buckets, n_heads))
-        for i in range(count):
-            ours, theirs = f"{stack}.blocks.{i}", f"{stack}.{i}"
-            add(f"{ours}.attn_norm.weight", f"{theirs}.layer_nrom_before_self_attn.weight", (d,))
-            add(f"{ours}.attn.qkv.weight", f"{theirs}.self_attention.w_project_qkv", (3 * h, d))
-            add(f"{ours}.attn.o.weight", f"{theirs}.self_attention.w_out", (d, h))
-            if stack == "decoder":
-                add(f"{ours}.cross_norm.weight", f"{theirs}.layer_nrom_before_cross_attn.weight", (d,))
-                add(f"{ours}.cross_attn.q.weight", f"{theirs}.cross_attention.w_project_q", (h, d))
-                add(f"{ours}.cross_attn.kv.weight", kv_name, (2 * h, d), index=i)
-                add(f"{ours}.cross_attn.o.weight", f"{theirs}.cross_attention.w_out", (d, h))
-            add(f"{ours}.ffn_norm.weight", f"{theirs}.layer_nrom_before_ff.weight", (d,))
-            add(f"{ours}.ffn.w_gate.weight", f"{theirs}.dense_gelu_dense.wi_0.weight", (f, d))
-            add(f"{ours}.ffn.w_in.weight", f"{theirs}.dense_gelu_dense.wi_1.weight", (f, d))
-            add(f"{ours}.ffn.w_out.weight", f"{theirs}.dense_gelu_dense.wo.weight", (d, f))
-        add(f"{stack}.final_norm.weight", f"{stack}_final_layer_nrom.weight", (d,))
-    add("lm_head.proj.weight", "lm_head.weight", (vocab, d))
+
+    # the cross-attention K/V of every decoder layer is one tensor, indexed by layer
+    _walk_model(add, BMINF_NAMES, "{stack}.{i}.", fields, stacked={"cross_attn.kv.weight": kv_name})
     _refuse_leftovers(names - used, where)
     return fields, plan
 
@@ -148,33 +194,14 @@ def megatron_plan(shards, where: str) -> tuple[dict, list[Planned]]:
     plan: list[Planned] = []
     used: set[str] = set()
 
-    def add(ours: str, theirs: str, shape: tuple[int, ...]) -> None:
+    def add(ours: str, theirs: str, shape: tuple[int, ...], index: None = None) -> None:
         req(theirs)
         used.add(theirs)
         if tuple(shards.shape(theirs)) != shape:
             raise UserError(f"{where}: {theirs} merges to shape {list(shards.shape(theirs))}, but {ours} needs {list(shape)}")
         plan.append(Planned(ours, shape, theirs, lambda: shards.merged(theirs)))
 
-    d, f, h = d_model, d_ff, inner
-    add("embed.tokens.weight", "word_embeds.weight", (vocab, d))
-    for stack, count in (("encoder", n_enc), ("decoder", n_dec)):
-        add(f"{stack}.relative_bias.weight", f"{stack}.blocks.0.self_attn.self_attn.relative_attention_bias.weight", (buckets, n_heads))
-        for i in range(count):
-            ours, theirs = f"{stack}.blocks.{i}", f"{stack}.blocks.{i}"
-            add(f"{ours}.attn_norm.weight", f"{theirs}.self_attn.layer_norm.weight", (d,))
-            add(f"{ours}.attn.qkv.weight", f"{theirs}.self_attn.self_attn.project.weight", (3 * h, d))
-            add(f"{ours}.attn.o.weight", f"{theirs}.self_attn.self_attn.dense.weight", (d, h))
-            if stack == "decoder":
-                add(f"{ours}.cross_norm.weight", f"{theirs}.cross_attn.layer_norm.weight", (d,))
-                add(f"{ours}.cross_attn.q.weight", f"{theirs}.cross_attn.cross_attn.project_q.weight", (h, d))
-                add(f"{ours}.cross_attn.kv.weight", f"{theirs}.cross_attn.cross_attn.project_kv.weight", (2 * h, d))
-                add(f"{ours}.cross_attn.o.weight", f"{theirs}.cross_attn.cross_attn.dense.weight", (d, h))
-            add(f"{ours}.ffn_norm.weight", f"{theirs}.ff.layer_norm.weight", (d,))
-            add(f"{ours}.ffn.w_gate.weight", f"{theirs}.ff.dense_relu_dense.wi_0.weight", (f, d))
-            add(f"{ours}.ffn.w_in.weight", f"{theirs}.ff.dense_relu_dense.wi_1.weight", (f, d))
-            add(f"{ours}.ffn.w_out.weight", f"{theirs}.ff.dense_relu_dense.wo.weight", (d, f))
-        add(f"{stack}.final_norm.weight", f"{stack}.final_layernorm.weight", (d,))
-    add("lm_head.proj.weight", "lm_head.weight", (vocab, d))
+    _walk_model(add, MEGATRON_NAMES, "{stack}.blocks.{i}.", fields)
     _refuse_leftovers(names - used, where)
     return fields, plan
 

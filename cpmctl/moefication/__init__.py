@@ -15,17 +15,19 @@ The names below are the package's public API (`from cpmctl import moefication as
 
 from cpmctl.moefication.batches import RowBatches, encode_documents, length_sorted, lm_targets, model_inputs, real_tokens
 from cpmctl.moefication.calibration import calibrate, mean_pooled
-from cpmctl.moefication.evaluation import RecallMeter, TaskSet, evaluate, evaluate_task, quality, task_quality
+from cpmctl.moefication.evaluation import (RecallMeter, TaskSet, evaluate, evaluate_task, load_task_set, quality,
+                                          task_quality)
 from cpmctl.moefication.routers import (ROUTERS, expert_centres, expert_mass, init_router, recall, router_targets,
                                         top_k_for, train_mlp_router, train_mlp_routers, train_routers)
 from cpmctl.moefication.split import (SPLITS, NeuronSample, activation_profiles, balanced_assign, balanced_kmeans,
-                                      coactivation_partition, neuron_sample, perm_from_labels, random_partition,
-                                      split_layer, typical_activations)
+                                      choose_layers, coactivation_partition, expert_layout, ffn_names, neuron_sample,
+                                      perm_from_labels, random_partition, split_layer, typical_activations)
 from cpmctl.moefication.statistics import FFNInputRecorder, Reservoir, collect_inputs
 
 __all__ = [
     "FFNInputRecorder", "NeuronSample", "ROUTERS", "RecallMeter", "Reservoir", "RowBatches", "SPLITS", "TaskSet",
-    "activation_profiles", "balanced_assign", "balanced_kmeans", "calibrate", "coactivation_partition", "collect_inputs",
+    "activation_profiles", "balanced_assign", "balanced_kmeans", "calibrate", "choose_layers", "coactivation_partition",
+    "collect_inputs", "expert_layout", "ffn_names", "load_task_set",
     "encode_documents", "evaluate", "evaluate_task", "expert_centres", "expert_mass", "init_router", "length_sorted", "lm_targets",
     "mean_pooled", "model_inputs", "neuron_sample", "perm_from_labels", "quality", "random_partition", "real_tokens",
     "recall", "router_targets", "split_layer", "task_quality", "top_k_for", "train_mlp_router", "train_mlp_routers",

@@ -11,11 +11,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cpmctl import tasks
+from cpmctl import task_model, tasks
+from cpmctl.errors import UserError
 from cpmctl.generate import embed
 from cpmctl.losses import lm_loss
 from cpmctl.moefication.batches import length_sorted, lm_targets, model_inputs, real_tokens
 from cpmctl.moefication.routers import recall
+from cpmctl.prompt import encode_for
 
 
 class RecallMeter:
@@ -109,6 +111,53 @@ class TaskSet:
     label_ids: list[list[int]] | None
     head: Any           # tasks.LinearHead (linear scoring) or None
     pad_id: int
+
+
+def _task_model(given: Path, checkpoint: Path) -> task_model.TaskModel | None:
+    """The task model (head, labels, words, scoring) when the checkpoint carries a task head or
+    label words (distill's task.json, or a `prompt-tune --full` output), else None."""
+    if not (checkpoint / task_model.TASK_FILE).is_file() and checkpoint == given:
+        return None
+    return task_model.load_task_model(given)
+
+
+def load_task_set(task: Path, model, given: Path, checkpoint: Path, tok, *, verbalizer: Path | None = None,
+                  max_examples: int | None = None, seed: int = 0) -> TaskSet:
+    """Read, label and encode a task file before any work, so a bad file costs nothing.
+
+    Classes are scored as the checkpoint was trained to: by its linear task head when it carries
+    one; otherwise by the log-probability of each label word (the `verbalizer` file, else the task
+    model's words, else the label itself) under the LM head. An encoder-only model with neither
+    has nothing that could answer the task (its pooled embeddings are not class scores).
+    `given` is the directory the user named, `checkpoint` the model directory inside it."""
+    if tok is None:
+        raise UserError(f"checkpoint {checkpoint} has no tokenizer/ to read the task file {task}", option="task")
+    examples = tasks.subsample(tasks.load_examples(task), max_examples, seed)
+    verbalizer_path, verbalizer = verbalizer, (tasks.load_verbalizer(verbalizer) if verbalizer else None)
+    found = _task_model(given, checkpoint)
+    head = None
+    if found is not None and found.head is not None:
+        if verbalizer is not None:
+            raise UserError(f"label words ({verbalizer_path}) are for LM scoring, but {given} scores its task with a linear head",
+                          option="verbalizer")
+        labels = tasks.LabelSet(tuple(found.labels), tuple(found.words))
+        head = found.head.float().eval()
+        scoring = "linear"
+    else:
+        if model.lm_head is None:
+            raise UserError(
+                f"scoring a task needs class scores, and {given} has neither an LM head (to score label words) nor a task "
+                "head: give a task model (a distilled student, or a model fully fine-tuned with a linear head) fine-tuned on "
+                "this task", option="task"
+            )
+        if verbalizer is None and found is not None and found.labels is not None:
+            verbalizer = dict(zip(found.labels, found.words))
+        labels = tasks.LabelSet.from_examples(examples, verbalizer)
+        scoring = "lm"
+    label_ids = tasks.label_token_ids(tok, labels.words) if scoring == "lm" else None
+    rows = encode_for(tok, model.config, examples, labels, scoring=scoring, plan=None, max_length=None, what="task")
+    tasks.Scorer(model, label_ids=label_ids, head=head)  # refuses label words it cannot score, now
+    return TaskSet(Path(task), rows, labels, scoring, label_ids, head, tok.pad_id)
 
 
 def evaluate_task(model, task: TaskSet, batch_size: int) -> dict[str, Any]:

@@ -21,6 +21,50 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cpmctl.command_configs import SPLITS
+from cpmctl.errors import UserError
+
+
+def expert_layout(d_ff: int, experts: int | None, expert_size: int | None, allow_uneven: bool) -> tuple[int, int]:
+    """(E, d_e) with E * d_e >= d_ff; uneven splits (zero-padded experts) need allow_uneven."""
+    if experts is not None:
+        if experts > d_ff:
+            raise UserError(f"{experts} experts are more than the FFN's {d_ff} neurons", option="experts")
+        size = -(-d_ff // experts)
+    else:
+        if expert_size > d_ff:
+            raise UserError(f"an expert size of {expert_size} is more than the FFN's {d_ff} neurons", option="expert_size")
+        size = expert_size
+        experts = -(-d_ff // size)
+    if experts * size != d_ff:
+        if not allow_uneven:
+            raise UserError(
+                f"d_ff {d_ff} does not split evenly into {experts} experts of {size} neurons; "
+                "choose a divisor or allow uneven experts (the last experts get zero padding)", option="allow_uneven"
+            )
+        if experts * size - d_ff >= size:
+            raise UserError(f"{experts} experts of {size} neurons leave a whole expert empty for d_ff {d_ff}; use fewer experts")
+    return experts, size
+
+
+def ffn_names(config) -> list[str]:
+    """Every FFN of the model by stack and block: encoder.0, ..., decoder.0, ..."""
+    names = []
+    if config.has_encoder:
+        names += [f"encoder.{i}" for i in range(config.blocks_in_stack("encoder"))]
+    if config.has_decoder:
+        names += [f"decoder.{i}" for i in range(config.blocks_in_stack("decoder"))]
+    return names
+
+
+def choose_layers(config, layers: list[str] | None) -> list[str]:
+    """The FFNs named in `layers` (all when none are), in model order."""
+    known = ffn_names(config)
+    if not layers:
+        return known
+    unknown = [name for name in layers if name not in known]
+    if unknown:
+        raise UserError(f"unknown layer {unknown[0]!r} among the FFNs to MoEfy; this model has {', '.join(known)}", option="layers")
+    return [name for name in known if name in layers]
 
 
 def balanced_assign(scores: Tensor, capacity: int) -> Tensor:

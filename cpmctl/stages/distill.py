@@ -20,7 +20,7 @@ Two modes:
   default verbalizer, or `cpmctl prompt-tune --full --head lm`); mixup still interpolates word
   embeddings. An encoder-only model answers at a [MASK] slot, which a mixed pair does not share,
   so there `--head lm` runs without the mixup terms;
-- LM distillation (`--corpus SHARDS` from `cpmctl data prepare`): decoder-only students learn
+- LM distillation (`--data SHARDS` from `cpmctl data prepare`): decoder-only students learn
   next-token prediction, encoder-decoder ones span corruption, on the corpus, with the same four
   terms over the vocabulary at every target position (mixed targets: both sequences' labels).
 
@@ -31,10 +31,10 @@ Files:
                                  (config.json, model.safetensors, tokenizer/, cpmctl.json) plus,
                                  for tasks, head.safetensors and task.json (labels, pooling)
 
-The teacher-logits cache (`--teacher-logits-cache DIR`) stores the teacher's outputs on the
+The teacher-logits cache (`--teacher-cache DIR`) stores the teacher's outputs on the
 un-mixed training examples once: for a task, its class logits [N, C] (`cpmctl.distill.
 TeacherLogitsCache`; linear-head or label-word scores, keyed on the teacher, its head or label
-words, and the examples); for `--corpus`, pretrain's top-K cache (`cpmctl.teacher_cache`, K =
+words, and the examples); for `--data`, pretrain's top-K cache (`cpmctl.teacher_cache`, K =
 `--teacher-cache-k`) over every micro-batch of the run, keyed on teacher, data, batch layout, seed
 and K, and the KD term becomes KL against the teacher's top-K renormalised (as in pretrain's
 knowledge inheritance). A stale cache is refused. Mixed inputs change every step, so with
@@ -105,8 +105,8 @@ def loss_weights(cfg: DistillConfig) -> distill.LossWeights:
 def _check_config(cfg: DistillConfig, *, inputs: bool = True) -> None:
     """Options and output checks; `inputs=False` (dry run) leaves out the checks that the task,
     corpus and verbalizer files exist (a pipeline's earlier step may write them)."""
-    if (cfg.train is None) == (cfg.corpus is None):
-        raise UserError("give either --train (a classification task) or --corpus (LM distillation)")
+    if (cfg.train is None) == (cfg.data is None):
+        raise UserError("give either --train (a classification task) or --data (LM distillation)")
     sources = [x for x in (cfg.student, cfg.student_layers, cfg.student_config) if x is not None]
     if len(sources) > 1:
         raise UserError("give at most one of --student, --student-layers and --student-config")
@@ -122,15 +122,15 @@ def _check_config(cfg: DistillConfig, *, inputs: bool = True) -> None:
         raise UserError("--augment must be >= 0 and --augment-prob in [0, 1]")
     if cfg.batch_size < 1 or cfg.epochs <= 0:
         raise UserError("--batch-size must be >= 1 and --epochs > 0")
-    for path, what in ((cfg.train, "training file"), (cfg.dev, "dev file"), (cfg.corpus, "corpus")):
+    for path, what in ((cfg.train, "training file"), (cfg.dev, "dev file"), (cfg.data, "corpus")):
         if inputs and path is not None and not Path(path).exists():
             raise UserError(f"{what} {path} does not exist")
     if cfg.head not in ("linear", "lm"):
         raise UserError(f"unknown --head {cfg.head!r}; expected linear or lm")
     if cfg.verbalizer is not None and cfg.head != "lm":
         raise UserError("--verbalizer names the label words of --head lm")
-    if cfg.corpus is not None and (cfg.head != "linear" or cfg.verbalizer is not None):
-        raise UserError("--head and --verbalizer apply to classification tasks (--train), not to --corpus")
+    if cfg.data is not None and (cfg.head != "linear" or cfg.verbalizer is not None):
+        raise UserError("--head and --verbalizer apply to classification tasks (--train), not to --data")
     if inputs and cfg.verbalizer is not None and not Path(cfg.verbalizer).is_file():
         raise UserError(f"verbalizer file {cfg.verbalizer} does not exist")
     if cfg.teacher_cache_k < 1:
@@ -188,7 +188,7 @@ def student_layers(cfg: DistillConfig, config) -> tuple[list[int], list[int] | N
 
 
 def _check_preset_student(cfg: DistillConfig, student_config, teacher_config) -> None:
-    if cfg.corpus is None and student_config.arch != teacher_config.arch:
+    if cfg.data is None and student_config.arch != teacher_config.arch:
         raise UserError(f"a {student_config.arch} student cannot take a {teacher_config.arch} teacher's task inputs; "
                         f"choose a {teacher_config.arch} preset")
 
@@ -199,7 +199,7 @@ def plan(cfg: DistillConfig, *, stand_ins=None):
     teacher_dir = task_model.planned_model_dir(Path(cfg.teacher), stand_ins)
     teacher_config = checkpoint_config(teacher_dir, stand_ins)
     notes: list[str | None] = [source_note(teacher_dir, "teacher", stand_ins)]
-    for path, what in ((cfg.train, "--train"), (cfg.dev, "--dev"), (cfg.corpus, "--corpus")):
+    for path, what in ((cfg.train, "--train"), (cfg.dev, "--dev"), (cfg.data, "--data")):
         if path is not None and not Path(path).exists():
             notes.append(f"{what} {path}: not there yet")
     if cfg.student is not None:
@@ -222,13 +222,13 @@ def plan(cfg: DistillConfig, *, stand_ins=None):
     trainable = _trainable(cfg)
     trainable_shapes = parameter_shapes(student, trainable)
     parameters = parameter_count(student)
-    seq = cfg.seq_len if cfg.corpus is not None else cfg.max_length
+    seq = cfg.seq_len if cfg.data is not None else cfg.max_length
     student_forwards = 2 if (cfg.mix_weight or cfg.smix_weight) else 1  # originals, and mixed inputs
     bytes_per_value = 2 if cfg.mixed_precision in ("bf16", "fp16") else 4
-    lengths = {"encoder": seq, "decoder": seq if (cfg.corpus is not None or config.arch == "decoder") else 1}
+    lengths = {"encoder": seq, "decoder": seq if (cfg.data is not None or config.arch == "decoder") else 1}
     activations = student_forwards * activation_bytes(config, cfg.batch_size, lengths, bytes_per_value)
     logits = 0
-    if cfg.corpus is not None:  # the student's and the teacher's logits over the vocabulary
+    if cfg.data is not None:  # the student's and the teacher's logits over the vocabulary
         logits = 2 * student_forwards * logits_bytes(cfg.batch_size, seq, config.vocab_size)
     breakdown = training_memory(weights=4 * parameters, trainable_shapes=trainable_shapes, optimizer="adamw",
                                 activations=activations, logits=logits,
@@ -243,7 +243,7 @@ def plan(cfg: DistillConfig, *, stand_ins=None):
                      trainable=sum(math.prod(s) for s in trainable_shapes), parameter_bytes=4 * parameters, devices=1,
                      breakdown=breakdown, steps=steps, tokens=tokens, notes=notes,
                      details={"student": f"{config.arch}, d_model {config.d_model}, layers {config.stack_depths()}",
-                              "mode": "LM (--corpus)" if cfg.corpus is not None else "classification (--train)"})
+                              "mode": "LM (--data)" if cfg.data is not None else "classification (--train)"})
 
 
 def _owned(model: nn.Module) -> nn.Module:
@@ -264,7 +264,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     student, student_info = build_student(cfg, teacher, teacher_tm.tokenizer_hash)
     if cfg.force and not cfg.resume and Path(cfg.out).exists():
         _clear_run(Path(cfg.out))
-    if cfg.corpus is not None:
+    if cfg.data is not None:
         return _run_lm(cfg, weights, teacher_tm, teacher, student, student_info)
     return _run_classification(cfg, weights, teacher_tm, teacher, student, student_info)
 
@@ -360,8 +360,8 @@ def _run_classification(cfg, weights, teacher_tm: task_model.TaskModel, teacher,
     if teacher_scorer is not None:
         teacher_scorer.to(trainer.device)
     cache = None
-    if weights.kd and cfg.teacher_logits_cache is not None:
-        cache_path = Path(cfg.teacher_logits_cache)
+    if weights.kd and cfg.teacher_cache is not None:
+        cache_path = Path(cfg.teacher_cache)
         key = teacher_key(teacher_tm, label_ids)
         if trainer.is_main:
             cache = _teacher_cache(cache_path, teacher_scorer, key, rows, tokenizer.pad_id, cfg.batch_size, trainer.device)
@@ -436,7 +436,7 @@ def _run_lm(cfg, weights, teacher_tm: task_model.TaskModel, teacher, student, st
     objective_name = "span" if config.arch == "encoder-decoder" else "causal"
 
     def corpus_batches():
-        return make_batches(cfg.corpus, tokenizer, objective=objective_name, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+        return make_batches(cfg.data, tokenizer, objective=objective_name, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                             seed=cfg.seed, decoder_start_id=config.start_token_id if config.arch == "encoder-decoder" else None)
 
     inner = corpus_batches()
@@ -446,12 +446,12 @@ def _run_lm(cfg, weights, teacher_tm: task_model.TaskModel, teacher, student, st
     if weights.needs_teacher:
         teacher.to(trainer.device)
     cache_meta = None
-    if weights.kd and cfg.teacher_logits_cache is not None:
+    if weights.kd and cfg.teacher_cache is not None:
         # pretrain's top-K cache (cpmctl.teacher_cache), over every micro-batch of this run
         needed = tcfg.max_steps * cfg.grad_accum
-        cache_meta = lm_teacher_cache(Path(cfg.teacher_logits_cache), teacher, teacher_tm, corpus_batches, cfg, needed,
+        cache_meta = lm_teacher_cache(Path(cfg.teacher_cache), teacher, teacher_tm, corpus_batches, cfg, needed,
                                       config.vocab_size, trainer)
-        batches = teacher_cache.CachedTeacherBatches(batches, Path(cfg.teacher_logits_cache))
+        batches = teacher_cache.CachedTeacherBatches(batches, Path(cfg.teacher_cache))
         if weights.mix:
             log.info("teacher-logits cache: serves the KD term on the original examples; mixed inputs are new every step, "
                      "so the teacher also runs online on them (--mix-weight 0 trains from the cache alone)")
@@ -466,7 +466,7 @@ def _run_lm(cfg, weights, teacher_tm: task_model.TaskModel, teacher, student, st
     trainer.wait()
     return {"out": str(cfg.out), "model": str(Path(cfg.out) / task_model.MODEL_DIR), "steps": result.step, "train": result.last_train,
             "train_seconds": result.train_seconds, "resumed_from": result.resumed_from,
-            "cache": str(cfg.teacher_logits_cache) if cache_meta else None,
+            "cache": str(cfg.teacher_cache) if cache_meta else None,
             "cache_flops": cache_meta["flops"] if cache_meta else None, **student_info}
 
 
@@ -490,4 +490,4 @@ def lm_teacher_cache(path: Path, teacher, teacher_tm: task_model.TaskModel, corp
         trainer.wait()
     else:
         log.info(f"teacher cache {path}: reused")
-    return teacher_cache.check_cache(path, fingerprint, micro_batches, flag="--teacher-logits-cache")
+    return teacher_cache.check_cache(path, fingerprint, micro_batches)

@@ -12,7 +12,6 @@ as in SRC. `--verify` runs both models on sample text and reports the largest lo
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import torch
 
 from cpmctl import growth
 from cpmctl.checkpoint import check_state_dict_matches, load_model, save_checkpoint
-from cpmctl.config import ModelConfig, PRESETS
 from cpmctl.command_configs import InheritConfig  # the options, declared once
 from cpmctl.errors import UserError
 from cpmctl.model import build_model
@@ -34,32 +32,6 @@ log = logging.getLogger("cpmctl")
 
 SAMPLE_TEXT = ("Knowledge inheritance grows a small trained model into a larger one, "
                "so the larger one starts from what the small one already knows.")
-
-
-def target_config(spec: str, src_config):
-    """--to: preset name, config.json / checkpoint directory, or KEY=VALUE pairs."""
-    if spec in PRESETS:
-        return ModelConfig.from_preset(spec)
-    path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file():
-        path = path / "config.json"
-    if path.is_file():
-        try:
-            return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not valid JSON: {exc}") from None
-    if "=" in spec:
-        changes: dict[str, Any] = {}
-        for part in spec.split(","):
-            key, _, value = part.partition("=")
-            try:
-                changes[key.strip()] = int(value)
-            except ValueError:
-                raise UserError(f"--to {spec!r}: {part!r} is not KEY=INTEGER") from None
-        if "n_heads" in changes and "n_kv_heads" not in changes:  # keep the grouping of query heads
-            changes["n_kv_heads"] = max(changes["n_heads"] * src_config.n_kv_heads // src_config.n_heads, 1)
-        return src_config.replace(**changes)
-    raise UserError(f"--to {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}), a config file, nor KEY=VALUE pairs")
 
 
 def _sample_inputs(config, tok, seed: int) -> dict[str, torch.Tensor]:
@@ -89,7 +61,7 @@ def vocab_dir(cfg: InheritConfig) -> Path:
 
 def grown_config(cfg: InheritConfig, src_config):
     """SRC's config with the --to target's widths and depths (before --vocab and --to-moe)."""
-    new_config, kept = growth.grown_config(src_config, target_config(cfg.to, src_config))
+    new_config, kept = growth.grown_config(src_config, growth.target_config(cfg.to, src_config))
     if kept:
         log.info(f"kept from the source (the target differs): {', '.join(kept)}")
     return new_config

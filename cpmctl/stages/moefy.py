@@ -41,14 +41,13 @@ from rich.console import Console
 from rich.table import Table
 
 from cpmctl import moefication as mf
-from cpmctl import task_model, tasks
+from cpmctl import task_model
 from cpmctl.checkpoint import load_model, read_config, save_checkpoint_with
 from cpmctl.corpus import sample_documents
 from cpmctl.data import TokenShards
 from cpmctl.command_configs import MoefyConfig  # the options, declared once
 from cpmctl.errors import UserError
 from cpmctl.moe import MoEFeedForward, dense_from_moe, moe_from_dense, resolve_kernels, set_kernels
-from cpmctl.prompt import encode_for
 from cpmctl.plan import (checkpoint_config, dtype_bytes, make_plan, meta_model, parameter_count, source_note,
                          stored_dtype)
 from cpmctl.tokenizer import load_tokenizer
@@ -56,48 +55,6 @@ from cpmctl.tokenizer import load_tokenizer
 log = logging.getLogger("cpmctl")
 
 REPORT_FILE = "report.json"
-
-
-# -- layout decisions ---------------------------------------------------------------------------------
-def expert_layout(d_ff: int, experts: int | None, expert_size: int | None, allow_uneven: bool) -> tuple[int, int]:
-    """(E, d_e) with E * d_e >= d_ff; uneven splits (zero-padded experts) need allow_uneven."""
-    if experts is not None:
-        if experts > d_ff:
-            raise UserError(f"--experts {experts} is more than the FFN's {d_ff} neurons")
-        size = -(-d_ff // experts)
-    else:
-        if expert_size > d_ff:
-            raise UserError(f"--expert-size {expert_size} is more than the FFN's {d_ff} neurons")
-        size = expert_size
-        experts = -(-d_ff // size)
-    if experts * size != d_ff:
-        if not allow_uneven:
-            raise UserError(
-                f"d_ff {d_ff} does not split evenly into {experts} experts of {size} neurons; "
-                "choose a divisor or pass --allow-uneven (the last experts get zero padding)"
-            )
-        if experts * size - d_ff >= size:
-            raise UserError(f"{experts} experts of {size} neurons leave a whole expert empty for d_ff {d_ff}; use fewer experts")
-    return experts, size
-
-
-def ffn_names(config) -> list[str]:
-    names = []
-    if config.has_encoder:
-        names += [f"encoder.{i}" for i in range(config.blocks_in_stack("encoder"))]
-    if config.has_decoder:
-        names += [f"decoder.{i}" for i in range(config.blocks_in_stack("decoder"))]
-    return names
-
-
-def choose_layers(config, layers: list[str] | None) -> list[str]:
-    known = ffn_names(config)
-    if not layers:
-        return known
-    unknown = [name for name in layers if name not in known]
-    if unknown:
-        raise UserError(f"unknown layer {unknown[0]!r} in --layers; this model has {', '.join(known)}")
-    return [name for name in known if name in layers]
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -139,49 +96,6 @@ def resolve_checkpoint(given: Path) -> Path:
     return task_model.resolve_task_model(given) if given.is_dir() else given
 
 
-def _task_model(given: Path, checkpoint: Path):
-    """The task model (head, labels, words, scoring) when the checkpoint carries a task head or
-    label words (distill's task.json, or a `prompt-tune --full` output), else None."""
-    if not (checkpoint / task_model.TASK_FILE).is_file() and checkpoint == given:
-        return None
-    return task_model.load_task_model(given)
-
-
-def prepare_task(cfg: MoefyConfig, model, given: Path, checkpoint: Path, tok) -> mf.TaskSet:
-    """Read, label and encode --task before any work, so a bad file costs nothing.
-
-    Classes are scored as the checkpoint was trained to: by its linear task head when it carries
-    one; otherwise by the log-probability of each label word (--verbalizer, else the task
-    model's words, else the label itself) under the LM head. An encoder-only model with neither
-    has nothing that could answer the task (its pooled embeddings are not class scores)."""
-    if tok is None:
-        raise UserError(f"checkpoint {checkpoint} has no tokenizer/ to read --task {cfg.task}")
-    examples = tasks.subsample(tasks.load_examples(cfg.task), cfg.max_task_examples, cfg.seed)
-    verbalizer = tasks.load_verbalizer(cfg.verbalizer) if cfg.verbalizer else None
-    found = _task_model(given, checkpoint)
-    head = None
-    if found is not None and found.head is not None:
-        if verbalizer is not None:
-            raise UserError(f"--verbalizer names label words for LM scoring, but {given} scores its task with a linear head")
-        labels = tasks.LabelSet(tuple(found.labels), tuple(found.words))
-        head = found.head.float().eval()
-        scoring = "linear"
-    else:
-        if model.lm_head is None:
-            raise UserError(
-                f"--task needs class scores, and {given} has neither an LM head (to score label words) nor a task head: "
-                "give a task model (cpmctl distill OUT, or cpmctl prompt-tune --full --head linear OUT) fine-tuned on this task"
-            )
-        if verbalizer is None and found is not None and found.labels is not None:
-            verbalizer = dict(zip(found.labels, found.words))
-        labels = tasks.LabelSet.from_examples(examples, verbalizer)
-        scoring = "lm"
-    label_ids = tasks.label_token_ids(tok, labels.words) if scoring == "lm" else None
-    rows = encode_for(tok, model.config, examples, labels, scoring=scoring, plan=None, max_length=None, what="task")
-    tasks.Scorer(model, label_ids=label_ids, head=head)  # refuses label words it cannot score, now
-    return mf.TaskSet(Path(cfg.task), rows, labels, scoring, label_ids, head, tok.pad_id)
-
-
 # -- the stage -----------------------------------------------------------------------------------------
 @dataclass
 class MoeLayout:
@@ -197,12 +111,12 @@ def moe_layout(cfg: MoefyConfig, config, checkpoint: Path) -> MoeLayout:
     OUT must be free (or --force)."""
     if config.moe is not None:
         raise UserError(f"{checkpoint} is already a MoE model; MoEfy its dense parent, or restore it with --restore")
-    experts, size = expert_layout(config.d_ff, cfg.experts, cfg.expert_size, cfg.allow_uneven)
+    experts, size = mf.expert_layout(config.d_ff, cfg.experts, cfg.expert_size, cfg.allow_uneven)
     ratio = cfg.ratio if (cfg.ratio is not None or cfg.top_k is not None) else 0.2
     top_k = mf.top_k_for(experts, top_k=cfg.top_k, ratio=ratio)
     if top_k > experts:
         raise UserError(f"--top-k {top_k} is more than the {experts} experts")
-    layers = choose_layers(config, cfg.layers)
+    layers = mf.choose_layers(config, cfg.layers)
     if os.path.exists(cfg.out) and not cfg.overwrite:
         raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
     return MoeLayout(experts, size, top_k, ratio, layers)
@@ -213,7 +127,7 @@ def moe_output_config(cfg: MoefyConfig, config, layout: MoeLayout, *, fill_skipp
     (there is --data), so skipped experts contribute their typical output."""
     return config.replace(moe=dict(
         experts=layout.experts, expert_size=layout.expert_size, top_k=layout.top_k, router=cfg.router,
-        layers=None if layout.layers == ffn_names(config) else layout.layers, permuted=True, ratio=layout.ratio,
+        layers=None if layout.layers == mf.ffn_names(config) else layout.layers, permuted=True, ratio=layout.ratio,
         fill_skipped=fill_skipped,
     ))
 
@@ -266,7 +180,7 @@ def plan(cfg: MoefyConfig, *, stand_ins=None):
         parameter_bytes=4 * dense_params, devices=1, breakdown=breakdown,
         steps=cfg.epochs if cfg.router == "mlp" and cfg.data is not None else None, tokens=tokens, notes=notes,
         details={"experts": f"{layout.experts} x {layout.expert_size} neurons, top-{layout.top_k} (ratio {layout.ratio})",
-                 "layers": f"all {len(layout.layers)} FFNs" if layout.layers == ffn_names(config) else ", ".join(layout.layers),
+                 "layers": f"all {len(layout.layers)} FFNs" if layout.layers == mf.ffn_names(config) else ", ".join(layout.layers),
                  "split": cfg.split, "router": cfg.router,
                  "steps": "router training epochs" if cfg.router == "mlp" and cfg.data is not None else "-"},
     )
@@ -288,7 +202,8 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     model, ckpt = load_model(checkpoint, dtype=torch.float32)
     stored_dtype = _dominant(ckpt.dtype_summary())
     kernels = resolve_kernels(cfg.kernels, next(model.parameters()).device)  # refused now, not after the work
-    task = prepare_task(cfg, model, given, checkpoint, tok) if cfg.task is not None else None
+    task = (mf.load_task_set(cfg.task, model, given, checkpoint, tok, verbalizer=cfg.verbalizer,
+                            max_examples=cfg.max_task_examples, seed=cfg.seed) if cfg.task is not None else None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     inputs = mf.collect_inputs(model, train_rows, layers, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,

@@ -129,26 +129,6 @@ def _sharing_overrides(cfg: PretrainConfig) -> dict[str, Any]:
     return out
 
 
-def _iteration_list(value: Any, what: str) -> list[int] | None:
-    """None, an int, a list of ints or "12,9,6" -> a list of distinct ints (order kept)."""
-    if value is None:
-        return None
-    items = value.split(",") if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value])
-    out: list[int] = []
-    for item in items:
-        try:
-            n = int(item.strip()) if isinstance(item, str) else item
-        except ValueError:
-            n = None
-        if not isinstance(n, int) or isinstance(n, bool):
-            raise UserError(f"{what} must be integers (e.g. 12,9,6), got {value!r}")
-        if n not in out:
-            out.append(n)
-    if not out:
-        raise UserError(f"{what} is empty")
-    return out
-
-
 @dataclass
 class IterationPlan:
     """What a run does with iterations: the set step-robust training samples from (None: plain
@@ -162,8 +142,7 @@ def iteration_plan(cfg: PretrainConfig, model) -> IterationPlan:
     """Check the sharing / step-robust / evaluation options against the built model (every
     iteration count goes through set_iterations, which raises UserError on a bad one)."""
     config = model.config
-    robust = _iteration_list(cfg.robust_iterations, "robust_iterations")
-    evaluate = _iteration_list(cfg.eval_iterations, "eval_iterations") or []
+    robust, evaluate = cfg.robust_iterations, cfg.eval_iterations or []  # parsed by the config
     if robust is not None and not cfg.step_robust:
         raise UserError("robust_iterations needs step_robust (--step-robust)")
     if cfg.step_robust:
@@ -217,7 +196,7 @@ def make_data(cfg: PretrainConfig, tok, config, split: str = "train", **extra: A
                         decoder_start_id=config.start_token_id if objective == "span" else None, **extra)
 
 
-# -- teacher cache (shared with `cpmctl distill --corpus`: cpmctl/teacher_cache.py) -----------------
+# -- teacher cache (shared with `cpmctl distill --data`: cpmctl/teacher_cache.py) -----------------
 def cache_fingerprint(cfg: PretrainConfig, teacher_path: Path, data_batches, k: int) -> dict[str, Any]:
     return shared_cache.cache_fingerprint(read_provenance(teacher_path).get("content_hash"), data_batches, k, seq_len=cfg.seq_len,
                                           batch_size=cfg.batch_size, seed=cfg.seed, valid_fraction=cfg.valid_fraction)

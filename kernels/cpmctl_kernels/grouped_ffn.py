@@ -50,6 +50,15 @@ _DOWN_CONFIGS = _configs(("BLOCK_D", "BLOCK_F"), [
 
 
 @triton.jit
+def _block_entries(block_expert_ptr, sorted_ids_ptr, pid_m, num_entries, BLOCK_M: tl.constexpr):
+    """Row block `pid_m` of the expert-sorted entries: its expert (int64), its entry ids (token *
+    top_k + slot; padding ids are >= num_entries) and which of them are real. Inlined by Triton."""
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    entries = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    return expert, entries, entries < num_entries
+
+
+@triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr):
     if UPCAST:
         # fp32 tiles: IEEE products, so fp32 runs match torch instead of TF32's ~1e-3
@@ -75,9 +84,7 @@ def _grouped_up_kernel(
     pid_f = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    entries = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = entries < num_entries
+    expert, entries, valid = _block_entries(block_expert_ptr, sorted_ids_ptr, pid_m, num_entries, BLOCK_M)
     tokens = (entries // top_k).to(tl.int64)
     offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_mask = offs_f < d_e
@@ -128,9 +135,7 @@ def _grouped_down_kernel(
     pid_d = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    entries = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = entries < num_entries
+    expert, entries, valid = _block_entries(block_expert_ptr, sorted_ids_ptr, pid_m, num_entries, BLOCK_M)
     entries64 = entries.to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < d
