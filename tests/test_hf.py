@@ -11,6 +11,7 @@ import datetime
 import json
 import logging
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -318,6 +319,42 @@ def test_dtype_option_and_provenance(tmp_path):
     assert prov["options"]["model_type"] == "llama"
     assert prov["options"]["source"] == str(src.resolve())
     assert prov["options"]["dtype"] == "bfloat16"
+
+
+def test_import_reads_one_source_tensor_at_a_time(tmp_path, monkeypatch):
+    """The conversion's memory stays near one tensor: every source tensor is read just before it
+    is written and its memory map is gone before the next is read (not the whole model at once)."""
+    from cpmctl.hf import weights
+
+    src = tmp_path / "src"
+    model = tiny_llama(43, True, 2).to(torch.bfloat16)  # tied: the head check reads nothing
+    model.save_pretrained(src, max_shard_size="20KB")
+    assert len(list(src.glob("model-*.safetensors"))) > 3
+    alive: set[int] = set()
+    reads: list[str] = []
+    peak = 0
+
+    def counted_read(path, name):
+        nonlocal peak
+        tensor = read(path, name)
+        storage = tensor.untyped_storage()  # views keep it alive; its finalizer fires with the map
+        alive.add(id(storage))
+        weakref.finalize(storage, alive.discard, id(storage))
+        reads.append(name)
+        peak = max(peak, len(alive))
+        return tensor
+
+    read = weights._read_safetensor
+    monkeypatch.setattr(weights, "_read_safetensor", counted_read)
+    ck = hf.import_hf(src, tmp_path / "ck")
+    source_names = set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"])
+    assert sorted(reads) == sorted(source_names)  # each read once, when written
+    assert peak == 1 and not alive  # q, k and v are fused one piece at a time too
+    with open_checkpoint(ck) as c:  # bf16 stays bf16, every byte as transformers saved it
+        assert {c.get(n).dtype for n in c.tensor_names()} == {torch.bfloat16}
+        ref = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        assert sum(v.numel() for v in ref.values()) == c.num_parameters()
+        assert torch.equal(c.get("embed.tokens.weight"), ref["model.embed_tokens.weight"])
 
 
 # ---------------------------------------------------------------------------------------------

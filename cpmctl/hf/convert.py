@@ -12,17 +12,19 @@ back to the same ModelConfig.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cpmctl.checkpoint import LazyTensor
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
 from cpmctl.fsutil import atomic_directory
@@ -188,6 +190,44 @@ def _shape_of(tensors: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]
     return shape(name) if callable(shape) else tuple(tensors[name].shape)
 
 
+def _dtype_of(tensors: Mapping[str, torch.Tensor], name: str) -> torch.dtype:
+    dtype = getattr(tensors, "dtype", None)
+    return dtype(name) if callable(dtype) else tensors[name].dtype
+
+
+def _concatenated(tensors: Mapping[str, torch.Tensor], names: list[str], shape: tuple[int, ...],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """torch.cat along dim 0, reading one piece at a time so only one source piece is alive."""
+    out = torch.empty(shape, dtype=dtype)
+    start = 0
+    for name in names:
+        piece = tensors[name]
+        out[start : start + piece.shape[0]].copy_(piece)
+        start += piece.shape[0]
+        del piece  # before the next piece is read
+    return out
+
+
+def _producer(rule: Rule, tensors: Mapping[str, torch.Tensor], names: list[str], shape: tuple[int, ...],
+              dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """Reads a rule's HF pieces from `tensors` and makes our tensor, when called."""
+    if rule.op == "cat":
+        return lambda: _concatenated(tensors, names, shape, dtype)
+    if rule.op == "t":
+        return lambda: tensors[names[0]].t()
+    if rule.op == "split":
+        return lambda: tensors[names[0]].chunk(rule.parts, dim=0)[rule.part]
+    return lambda: tensors[names[0]]
+
+
+def cast_lazy(tensors: Mapping[str, LazyTensor], dtype: torch.dtype | None) -> dict[str, LazyTensor]:
+    """`tensors` with floating-point ones converted to `dtype` as they are produced (None: as is)."""
+    if dtype is None:
+        return dict(tensors)
+    return {name: LazyTensor(dtype, lazy.shape, lambda lazy=lazy: lazy.produce().to(dtype))
+            if lazy.dtype.is_floating_point else lazy for name, lazy in tensors.items()}
+
+
 def state_dict_from_hf(
     family: str,
     hf_config: Mapping[str, Any],
@@ -198,10 +238,24 @@ def state_dict_from_hf(
 ) -> dict[str, torch.Tensor]:
     """Our state dict from Hugging Face weights (name -> tensor) of the given family.
 
-    Copies and splits stay views of the source tensors; fused and transposed tensors are new. A
-    missing tensor, a shape that contradicts config.json or a tensor the model has no place for
-    is a UserError naming the HF tensor.
+    Copies and splits stay views of the source tensors; fused tensors are new. A missing tensor,
+    a shape that contradicts config.json or a tensor the model has no place for is a UserError
+    naming the HF tensor.
     """
+    lazy = lazy_state_dict_from_hf(family, hf_config, tensors, config=config, source=source)
+    return {name: tensor.produce() for name, tensor in lazy.items()}
+
+
+def lazy_state_dict_from_hf(
+    family: str,
+    hf_config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    config: ModelConfig | None = None,
+    source: str = "the Hugging Face weights",
+) -> dict[str, LazyTensor]:
+    """`state_dict_from_hf` checked in full now, each tensor read from `tensors` only when
+    produced: handed to save_checkpoint, a conversion holds one tensor at a time."""
     fam = get_family(family)
     if config is None:
         config = config_from_hf(hf_config, tensors)
@@ -225,17 +279,12 @@ def state_dict_from_hf(
             found_names.append(found)
         plan.append((rule, found_names))
     _check_leftovers(fam, config, tensors, used, prefix, source)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, LazyTensor] = {}
     for rule, names in plan:
-        pieces = [tensors[n] for n in names]
-        if rule.op == "cat":
-            out[rule.ours] = torch.cat(pieces, dim=0)
-        elif rule.op == "t":
-            out[rule.ours] = pieces[0].t()
-        elif rule.op == "split":
-            out[rule.ours] = pieces[0].chunk(rule.parts, dim=0)[rule.part]
-        else:
-            out[rule.ours] = pieces[0]
+        dtypes = [_dtype_of(tensors, n) for n in names]
+        dtype = functools.reduce(torch.promote_types, dtypes)  # what torch.cat would give
+        shape = expected[rule.ours]
+        out[rule.ours] = LazyTensor(dtype, shape, _producer(rule, tensors, names, shape, dtype))
     return out
 
 
@@ -343,9 +392,9 @@ def import_hf(
     weights = HFWeights(src)
     try:
         config = config_from_hf(hf_config, weights)
-        state_dict = state_dict_from_hf(family, hf_config, weights, config=config, source=str(src))
-        if target_dtype is not None:
-            state_dict = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        # Producers, not tensors: save_checkpoint reads (and casts) each just before writing it.
+        state_dict = cast_lazy(lazy_state_dict_from_hf(family, hf_config, weights, config=config, source=str(src)),
+                               target_dtype)
         options = {
             "source": str(src.resolve()),
             "model_type": family,
