@@ -220,7 +220,7 @@ def _producer(rule: Rule, tensors: Mapping[str, torch.Tensor], names: list[str],
     return lambda: tensors[names[0]]
 
 
-def cast_lazy(tensors: Mapping[str, LazyTensor], dtype: torch.dtype | None) -> dict[str, LazyTensor]:
+def _cast_lazy(tensors: Mapping[str, LazyTensor], dtype: torch.dtype | None) -> dict[str, LazyTensor]:
     """`tensors` with floating-point ones converted to `dtype` as they are produced (None: as is)."""
     if dtype is None:
         return dict(tensors)
@@ -393,7 +393,7 @@ def import_hf(
     try:
         config = config_from_hf(hf_config, weights)
         # Producers, not tensors: save_checkpoint reads (and casts) each just before writing it.
-        state_dict = cast_lazy(lazy_state_dict_from_hf(family, hf_config, weights, config=config, source=str(src)),
+        state_dict = _cast_lazy(lazy_state_dict_from_hf(family, hf_config, weights, config=config, source=str(src)),
                                target_dtype)
         options = {
             "source": str(src.resolve()),

@@ -4,8 +4,10 @@ safetensors files (single or sharded with an index) are opened with the `safeten
 `safe_open`: tensors are memory-mapped views, read from disk only when their bytes are used, in
 their stored dtype. Each tensor is read through a handle of its own: one handle maps its whole
 file once and every page a view touches stays resident while the handle lives, so a shared handle
-would grow to the whole file as a conversion walks through it; a tensor's own map goes with it. pytorch_model.bin files (single or sharded) are loaded with
-`torch.load(weights_only=True, mmap=True)`, which refuses pickled objects other than tensors.
+would grow to the whole file as a conversion walks through it; a tensor's own map goes with it.
+pytorch_model.bin files (single or sharded) are loaded with `torch.load(weights_only=True,
+mmap=True)`, which refuses pickled objects other than tensors; each file stays mapped (and its
+touched pages resident) until `close()`.
 """
 
 from __future__ import annotations
