@@ -23,6 +23,7 @@ followed by the sha256 of the tensor's raw little-endian bytes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -659,6 +660,15 @@ class SafetensorsFile:
         self.close()
 
 
+def _read_alone(path: Path, name: str) -> torch.Tensor:
+    """One tensor through a SafetensorsFile of its own: its memory map lives only as long as it."""
+    weights = SafetensorsFile(path)
+    try:
+        return weights.get(name)
+    finally:
+        weights.close()
+
+
 def _require_directory(path: Path) -> None:
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
@@ -792,6 +802,16 @@ class Checkpoint:
 
     def state_dict(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in (self.tensor_names() if names is None else names)}
+
+    def lazy_state_dict(self, names: Iterable[str] | None = None) -> dict[str, LazyTensor]:
+        """Each tensor as a LazyTensor read through a map of its own, which goes with the tensor:
+        `get`'s views share one map per file, whose touched pages stay resident while it lives,
+        so a writer walking the whole model through them would hold all of it."""
+        lazy = {}
+        for name in self.tensor_names() if names is None else names:
+            info = self.tensor_info(name)
+            lazy[name] = LazyTensor(info.dtype, info.shape, functools.partial(_read_alone, info.file, name))
+        return lazy
 
     def weight_files(self) -> list[Path]:
         return [st.path for st in self._files.values()]
