@@ -23,6 +23,7 @@ followed by the sha256 of the tensor's raw little-endian bytes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -92,32 +93,71 @@ def _shape_str(shape: Iterable[int]) -> str:
 
 
 @dataclass(frozen=True)
+class LazyTensor:
+    """A tensor known by its dtype and shape, made by `produce()` only when its bytes are written.
+
+    The writers (`save_checkpoint`, `write_safetensors`) call `produce` once, just before writing
+    the tensor, and drop the result right after, so a conversion that hands them producers (read
+    or convert from the source on demand) holds one produced tensor at a time, not the model.
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class _PlannedTensor:
     name: str
-    tensor: torch.Tensor
+    source: torch.Tensor | LazyTensor
+    dtype: torch.dtype
     code: str
     shape: tuple[int, ...]
     nbytes: int
 
+    def materialize(self) -> torch.Tensor:
+        """The tensor to write: the given one, or the producer's, checked against its promise
+        (the header was written from the promise)."""
+        if isinstance(self.source, torch.Tensor):
+            return self.source
+        tensor = self.source.produce()
+        if not isinstance(tensor, torch.Tensor):
+            raise RuntimeError(f"the producer of {self.name} returned {type(tensor).__name__}, not a tensor")
+        _check_storable(self.name, tensor)
+        if tensor.dtype != self.dtype or tuple(tensor.shape) != self.shape:
+            raise RuntimeError(
+                f"the producer of {self.name} made {_dtype_name(tensor.dtype)} {_shape_str(tensor.shape)}, "
+                f"it promised {_dtype_name(self.dtype)} {_shape_str(self.shape)}"
+            )
+        return tensor
 
-def _plan_tensor(name: str, tensor: Any) -> _PlannedTensor:
-    """Check that `tensor` can be stored, before anything is written."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
-    if name == "__metadata__":
-        raise ValueError("'__metadata__' is reserved by the safetensors format and cannot name a tensor")
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"cannot save {name}: expected a torch.Tensor, got {type(tensor).__name__}")
+
+def _check_storable(name: str, tensor: torch.Tensor) -> None:
     if tensor.device.type == "meta":
         raise ValueError(f"cannot save {name}: it is on the meta device and has no data")
     if tensor.layout != torch.strided:
         raise ValueError(f"cannot save {name}: {tensor.layout} tensors are not supported, only dense ones")
+
+
+def _plan_tensor(name: str, tensor: Any) -> _PlannedTensor:
+    """Check that `tensor` (a tensor or a LazyTensor) can be stored, before anything is written."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+    if name == "__metadata__":
+        raise ValueError("'__metadata__' is reserved by the safetensors format and cannot name a tensor")
+    if isinstance(tensor, LazyTensor):
+        if not isinstance(tensor.dtype, torch.dtype) or not all(isinstance(d, int) and d >= 0 for d in tensor.shape):
+            raise ValueError(f"cannot save {name}: a LazyTensor needs a torch dtype and a shape of non-negative ints")
+    elif isinstance(tensor, torch.Tensor):
+        _check_storable(name, tensor)
+    else:
+        raise ValueError(f"cannot save {name}: expected a torch.Tensor, got {type(tensor).__name__}")
     code = _CODES.get(tensor.dtype)
     if code is None:
         supported = ", ".join(_dtype_name(d) for d in _CODES)
         raise ValueError(f"cannot save {name}: dtype {_dtype_name(tensor.dtype)} is not supported ({supported})")
     shape = tuple(int(d) for d in tensor.shape)
-    return _PlannedTensor(name, tensor, code, shape, tensor.numel() * tensor.element_size())
+    return _PlannedTensor(name, tensor, tensor.dtype, code, shape, math.prod(shape) * tensor.dtype.itemsize)
 
 
 def _byte_chunks(tensor: torch.Tensor) -> Iterator[memoryview]:
@@ -153,7 +193,7 @@ def _combine_content_hash(records: Mapping[str, tuple[str, tuple[int, ...], byte
     return "sha256:" + digest.hexdigest()
 
 
-def content_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+def content_hash(tensors: Mapping[str, torch.Tensor | LazyTensor]) -> str:
     """The content hash `save_checkpoint` records for these tensors, computed without writing.
 
     Works equally on an in-memory state dict and on `Checkpoint.state_dict()`, so a checkpoint's
@@ -162,11 +202,15 @@ def content_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     records = {}
     for name, tensor in tensors.items():
         planned = _plan_tensor(name, tensor)
-        tensor_digest = hashlib.sha256()
-        for chunk in _byte_chunks(planned.tensor):
-            tensor_digest.update(chunk)
-        records[name] = (planned.code, planned.shape, tensor_digest.digest())
+        records[name] = (planned.code, planned.shape, _tensor_digest(planned))
     return _combine_content_hash(records)
+
+
+def _tensor_digest(planned: _PlannedTensor) -> bytes:
+    digest = hashlib.sha256()
+    for chunk in _byte_chunks(planned.materialize()):
+        digest.update(chunk)
+    return digest.digest()
 
 
 class WrittenFile(NamedTuple):
@@ -213,7 +257,7 @@ def _file_order(planned: Iterable[_PlannedTensor]) -> list[_PlannedTensor]:
     # Wider elements first, then by name: every tensor then starts at a multiple of its element
     # size (the data section starts 8-aligned), so the reader's zero-copy views are aligned.
     # This is the order the official writer uses too.
-    return sorted(planned, key=lambda p: (-p.tensor.element_size(), p.name))
+    return sorted(planned, key=lambda p: (-p.dtype.itemsize, p.name))
 
 
 def _header_bytes(ordered: list[_PlannedTensor], metadata: Mapping[str, str]) -> bytes:
@@ -237,21 +281,28 @@ def _write_planned(path: Path, planned: list[_PlannedTensor], metadata: Mapping[
         size = _write_hashed(fh, file_digest, len(header).to_bytes(8, "little"))
         size += _write_hashed(fh, file_digest, header)
         for p in ordered:
-            tensor_digest = hashlib.sha256()
-            crc = BlockCRC(p.nbytes, crc_block_count(p.shape))
-            written = 0
-            for chunk in _byte_chunks(p.tensor):
-                tensor_digest.update(chunk)
-                crc.feed(chunk)
-                written += _write_hashed(fh, file_digest, chunk)
-            if written != p.nbytes:  # the header already promised p.nbytes
-                raise RuntimeError(f"{p.name} produced {written} bytes, expected {p.nbytes}")
-            size += written
-            tensor_digests[p.name] = (p.code, p.shape, tensor_digest.digest())
-            block_crc32[p.name] = crc.result()
+            tensor_digest, crcs = _write_tensor(fh, file_digest, p)
+            size += p.nbytes
+            tensor_digests[p.name] = (p.code, p.shape, tensor_digest)
+            block_crc32[p.name] = crcs
         fh.flush()
         os.fsync(fh.fileno())
     return WrittenFile(file_digest.hexdigest(), size, tensor_digests, block_crc32)
+
+
+def _write_tensor(fh: BinaryIO, file_digest: Any, p: _PlannedTensor) -> tuple[bytes, list[int]]:
+    """Write one tensor's bytes, returning their sha256 and block CRC-32s. A produced tensor
+    (LazyTensor) lives only in this frame: it and its source pages go when the call returns."""
+    tensor_digest = hashlib.sha256()
+    crc = BlockCRC(p.nbytes, crc_block_count(p.shape))
+    written = 0
+    for chunk in _byte_chunks(p.materialize()):
+        tensor_digest.update(chunk)
+        crc.feed(chunk)
+        written += _write_hashed(fh, file_digest, chunk)
+    if written != p.nbytes:  # the header already promised p.nbytes
+        raise RuntimeError(f"{p.name} produced {written} bytes, expected {p.nbytes}")
+    return tensor_digest.digest(), crc.result()
 
 
 def _write_hashed(fh: BinaryIO, digest: Any, data: bytes | memoryview) -> int:
@@ -261,9 +312,10 @@ def _write_hashed(fh: BinaryIO, digest: Any, data: bytes | memoryview) -> int:
 
 
 def write_safetensors(
-    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor | LazyTensor], metadata: Mapping[str, str] | None = None
 ) -> WrittenFile:
-    """Stream `tensors` into one safetensors file at `path`, one tensor at a time.
+    """Stream `tensors` into one safetensors file at `path`, one tensor at a time (a LazyTensor is
+    produced just before its bytes are written and released right after).
 
     Every name gets its own bytes (tied weights are stored once per name: the format has no
     aliasing). `metadata` goes into the header's "__metadata__" (strings only); "format": "pt"
@@ -323,7 +375,7 @@ def _dominant_dtype(counts: Mapping[str, int]) -> str | None:
 def save_checkpoint(
     out: str | os.PathLike,
     config: ModelConfig,
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor | LazyTensor],
     *,
     tokenizer_dir: str | os.PathLike | None = None,
     stage: str = "unknown",
@@ -338,6 +390,9 @@ def save_checkpoint(
     Everything that can be checked is checked before the first byte is written; the directory
     appears at `out` only once complete, and a failure leaves neither `out` nor a temporary
     directory behind. An existing `out` is a UserError unless `overwrite`.
+
+    A LazyTensor entry is produced just before its bytes are written and dropped right after: a
+    conversion that passes producers needs memory for one tensor at a time, not the whole model.
     """
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -350,8 +405,8 @@ def save_checkpoint(
             raise UserError(f"tokenizer directory {tokenizer_src} does not exist or is not a directory")
     dtype_counts: dict[str, int] = {}
     for p in planned:
-        name = _dtype_name(p.tensor.dtype)
-        dtype_counts[name] = dtype_counts.get(name, 0) + p.tensor.numel()
+        name = _dtype_name(p.dtype)
+        dtype_counts[name] = dtype_counts.get(name, 0) + math.prod(p.shape)
     provenance: dict[str, Any] = {
         "cpmctl_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -605,6 +660,15 @@ class SafetensorsFile:
         self.close()
 
 
+def _read_alone(path: Path, name: str) -> torch.Tensor:
+    """One tensor through a SafetensorsFile of its own: its memory map lives only as long as it."""
+    weights = SafetensorsFile(path)
+    try:
+        return weights.get(name)
+    finally:
+        weights.close()
+
+
 def _require_directory(path: Path) -> None:
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
@@ -738,6 +802,16 @@ class Checkpoint:
 
     def state_dict(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in (self.tensor_names() if names is None else names)}
+
+    def lazy_state_dict(self, names: Iterable[str] | None = None) -> dict[str, LazyTensor]:
+        """Each tensor as a LazyTensor read through a map of its own, which goes with the tensor:
+        `get`'s views share one map per file, whose touched pages stay resident while it lives,
+        so a writer walking the whole model through them would hold all of it."""
+        lazy = {}
+        for name in self.tensor_names() if names is None else names:
+            info = self.tensor_info(name)
+            lazy[name] = LazyTensor(info.dtype, info.shape, functools.partial(_read_alone, info.file, name))
+        return lazy
 
     def weight_files(self) -> list[Path]:
         return [st.path for st in self._files.values()]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from cpmctl.checkpoint import (
     INDEX_FILE,
     WEIGHTS_FILE,
+    LazyTensor,
     check_state_dict_matches,
     content_hash,
     open_checkpoint,
@@ -191,6 +194,56 @@ def test_content_hash_ignores_sharding_but_sees_one_byte(tmp_path, config):
     assert content_hash(reshaped) != whole["content_hash"]
     retyped = dict(tensors, big=tensors["big"].view(torch.int32))
     assert content_hash(retyped) != whole["content_hash"]
+
+
+class LiveCount:
+    """Producers that hand out clones of `tensors` and count how many of those are alive."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors, self.alive, self.peak, self.made = tensors, set(), 0, []
+
+    def produce(self, name: str) -> torch.Tensor:
+        tensor = self.tensors[name].clone()
+        key = id(tensor.untyped_storage())
+        self.alive.add(key)
+        weakref.finalize(tensor.untyped_storage(), self.alive.discard, key)
+        self.peak = max(self.peak, len(self.alive))
+        self.made.append(name)
+        return tensor
+
+    def lazy(self) -> dict[str, LazyTensor]:
+        return {name: LazyTensor(t.dtype, tuple(t.shape), functools.partial(self.produce, name))
+                for name, t in self.tensors.items()}
+
+
+def test_lazy_tensors_are_written_one_at_a_time_to_the_same_bytes(tmp_path, config):
+    tensors = layer_state_dict()
+    tensors["blocks.0.w"] = tensors["blocks.0.w"].t()  # a non-contiguous product is written too
+    eager = save_checkpoint(tmp_path / "eager", config, tensors, max_shard_bytes=2048)
+    counter = LiveCount(tensors)
+    lazy = save_checkpoint(tmp_path / "lazy", config, counter.lazy(), max_shard_bytes=2048)
+    # Each producer ran once, and its tensor was gone before the next one was made.
+    assert sorted(counter.made) == sorted(tensors) and counter.peak == 1 and not counter.alive
+    for key in ("content_hash", "files", "tensor_crc32", "dtype", "num_parameters"):
+        assert lazy[key] == eager[key]
+    assert content_hash(LiveCount(tensors).lazy()) == eager["content_hash"]
+    single = LiveCount(tensors)
+    write_safetensors(tmp_path / "one.safetensors", single.lazy())
+    assert single.peak == 1
+    assert_bit_exact(tensors, load_file(tmp_path / "one.safetensors"))
+
+
+def test_a_producer_that_breaks_its_promise_leaves_nothing_behind(tmp_path, config):
+    tensors = {"a": torch.ones(4, 2), "b": torch.zeros(3)}
+    lying = {"a": tensors["a"], "b": LazyTensor(torch.float32, (4,), lambda: tensors["b"])}
+    with pytest.raises(RuntimeError, match=r"the producer of b made float32 \[3\], it promised float32 \[4\]"):
+        save_checkpoint(tmp_path / "ck", config, lying)
+    wrong_dtype = {"b": LazyTensor(torch.bfloat16, (3,), lambda: tensors["b"])}
+    with pytest.raises(RuntimeError, match="promised bfloat16"):
+        save_checkpoint(tmp_path / "ck", config, wrong_dtype)
+    with pytest.raises(ValueError, match="dtype complex64 is not supported"):
+        save_checkpoint(tmp_path / "ck", config, {"c": LazyTensor(torch.complex64, (2,), lambda: tensors["b"])})
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -321,40 +321,52 @@ def test_dtype_option_and_provenance(tmp_path):
     assert prov["options"]["dtype"] == "bfloat16"
 
 
-def test_import_reads_one_source_tensor_at_a_time(tmp_path, monkeypatch):
-    """The conversion's memory stays near one tensor: every source tensor is read just before it
-    is written and its memory map is gone before the next is read (not the whole model at once)."""
+class LiveReads:
+    """Wraps a tensor reader: counts the reads and how many read tensors' storages are alive."""
+
+    def __init__(self, read):
+        self.read, self.alive, self.names, self.peak = read, set(), [], 0
+
+    def __call__(self, path, name):
+        tensor = self.read(path, name)
+        storage = tensor.untyped_storage()  # views keep it alive; its finalizer fires with the map
+        self.alive.add(id(storage))
+        weakref.finalize(storage, self.alive.discard, id(storage))
+        self.names.append(name)
+        self.peak = max(self.peak, len(self.alive))
+        return tensor
+
+
+def test_import_and_export_read_one_source_tensor_at_a_time(tmp_path, monkeypatch):
+    """A conversion's memory stays near one tensor: every source tensor is read just before it is
+    written and its memory map is gone before the next is read (not the whole model at once)."""
+    from cpmctl import checkpoint
     from cpmctl.hf import weights
 
     src = tmp_path / "src"
     model = tiny_llama(43, True, 2).to(torch.bfloat16)  # tied: the head check reads nothing
     model.save_pretrained(src, max_shard_size="20KB")
     assert len(list(src.glob("model-*.safetensors"))) > 3
-    alive: set[int] = set()
-    reads: list[str] = []
-    peak = 0
-
-    def counted_read(path, name):
-        nonlocal peak
-        tensor = read(path, name)
-        storage = tensor.untyped_storage()  # a view keeps this alive; its finalizer fires with the map
-        alive.add(id(storage))
-        weakref.finalize(storage, alive.discard, id(storage))
-        reads.append(name)
-        peak = max(peak, len(alive))
-        return tensor
-
-    read = weights._read_safetensor
-    monkeypatch.setattr(weights, "_read_safetensor", counted_read)
+    reads = LiveReads(weights._read_safetensor)
+    monkeypatch.setattr(weights, "_read_safetensor", reads)
     ck = hf.import_hf(src, tmp_path / "ck")
     source_names = set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"])
-    assert sorted(reads) == sorted(source_names)  # each read once, when written
-    assert peak == 1 and not alive
+    assert sorted(reads.names) == sorted(source_names)  # each read once, when written
+    assert reads.peak == 1 and not reads.alive  # q, k and v are fused one piece at a time too
     with open_checkpoint(ck) as c:  # bf16 stays bf16, every byte as transformers saved it
         assert {c.get(n).dtype for n in c.tensor_names()} == {torch.bfloat16}
-        ref = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        assert sum(v.numel() for v in ref.values()) == c.num_parameters()
-        assert torch.equal(c.get("tok_emb.weight"), ref["model.embed_tokens.weight"])
+        ours = set(c.tensor_names())
+    ref = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+    reads = LiveReads(checkpoint._read_alone)
+    monkeypatch.setattr(checkpoint, "_read_alone", reads)
+    exported = hf.export_hf(ck, tmp_path / "export", max_shard_bytes=20_000)
+    assert set(reads.names) == ours  # the fused qkv once per piece
+    assert reads.peak == 1 and not reads.alive
+    index = json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"]
+    back = {k: v for shard in sorted(set(index.values())) for k, v in load_file(exported / shard).items()}
+    assert set(back) == set(ref)
+    assert all(torch.equal(back[k], ref[k]) and back[k].dtype == torch.bfloat16 for k in ref)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from cpmctl.hf.convert import (  # noqa: E402
     family_of,
     import_hf,
     imported_family,
+    lazy_state_dict_from_hf,
+    lazy_state_dict_to_hf,
     state_dict_from_hf,
     state_dict_to_hf,
 )
@@ -44,5 +46,5 @@ SUPPORTED_MODEL_TYPES = tuple(sorted(families()))
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES", "STAGE", "SUPPORTED_MODEL_TYPES", "TOKENIZER_FILES", "HFWeights", "config_from_hf",
     "config_to_hf", "export_family", "export_hf", "family_of", "families", "get_family", "import_hf", "imported_family",
-    "read_hf_config", "state_dict_from_hf", "state_dict_to_hf",
+    "lazy_state_dict_from_hf", "lazy_state_dict_to_hf", "read_hf_config", "state_dict_from_hf", "state_dict_to_hf",
 ]

@@ -12,17 +12,20 @@ back to the same ModelConfig.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cpmctl.checkpoint import LazyTensor
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
 from cpmctl.fsutil import atomic_directory
@@ -188,6 +191,43 @@ def _shape_of(tensors: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]
     return shape(name) if callable(shape) else tuple(tensors[name].shape)
 
 
+def _dtype_of(tensors: Mapping[str, torch.Tensor], name: str) -> torch.dtype:
+    dtype = getattr(tensors, "dtype", None)
+    return dtype(name) if callable(dtype) else tensors[name].dtype
+
+
+def _concatenated(pieces: list[Callable[[], torch.Tensor]], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.cat along dim 0, reading one piece at a time so only one source piece is alive."""
+    out = torch.empty(shape, dtype=dtype)
+    start = 0
+    for read in pieces:
+        piece = read()
+        out[start : start + piece.shape[0]].copy_(piece)
+        start += piece.shape[0]
+        del piece  # before the next piece is read
+    return out
+
+
+def _producer(rule: Rule, tensors: Mapping[str, torch.Tensor], names: list[str], shape: tuple[int, ...],
+              dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """Reads a rule's HF pieces from `tensors` and makes our tensor, when called."""
+    if rule.op == "cat":
+        return lambda: _concatenated([functools.partial(tensors.__getitem__, n) for n in names], shape, dtype)
+    if rule.op == "t":
+        return lambda: tensors[names[0]].t()
+    if rule.op == "split":
+        return lambda: tensors[names[0]].chunk(rule.parts, dim=0)[rule.part]
+    return lambda: tensors[names[0]]
+
+
+def _cast_lazy(tensors: Mapping[str, LazyTensor], dtype: torch.dtype | None) -> dict[str, LazyTensor]:
+    """`tensors` with floating-point ones converted to `dtype` as they are produced (None: as is)."""
+    if dtype is None:
+        return dict(tensors)
+    return {name: LazyTensor(dtype, lazy.shape, lambda lazy=lazy: lazy.produce().to(dtype))
+            if lazy.dtype.is_floating_point else lazy for name, lazy in tensors.items()}
+
+
 def state_dict_from_hf(
     family: str,
     hf_config: Mapping[str, Any],
@@ -198,10 +238,24 @@ def state_dict_from_hf(
 ) -> dict[str, torch.Tensor]:
     """Our state dict from Hugging Face weights (name -> tensor) of the given family.
 
-    Copies and splits stay views of the source tensors; fused and transposed tensors are new. A
-    missing tensor, a shape that contradicts config.json or a tensor the model has no place for
-    is a UserError naming the HF tensor.
+    Copies and splits stay views of the source tensors; fused tensors are new. A missing tensor,
+    a shape that contradicts config.json or a tensor the model has no place for is a UserError
+    naming the HF tensor.
     """
+    lazy = lazy_state_dict_from_hf(family, hf_config, tensors, config=config, source=source)
+    return {name: tensor.produce() for name, tensor in lazy.items()}
+
+
+def lazy_state_dict_from_hf(
+    family: str,
+    hf_config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    config: ModelConfig | None = None,
+    source: str = "the Hugging Face weights",
+) -> dict[str, LazyTensor]:
+    """`state_dict_from_hf` checked in full now, each tensor read from `tensors` only when
+    produced: handed to save_checkpoint, a conversion holds one tensor at a time."""
     fam = get_family(family)
     if config is None:
         config = config_from_hf(hf_config, tensors)
@@ -225,17 +279,12 @@ def state_dict_from_hf(
             found_names.append(found)
         plan.append((rule, found_names))
     _check_leftovers(fam, config, tensors, used, prefix, source)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, LazyTensor] = {}
     for rule, names in plan:
-        pieces = [tensors[n] for n in names]
-        if rule.op == "cat":
-            out[rule.ours] = torch.cat(pieces, dim=0)
-        elif rule.op == "t":
-            out[rule.ours] = pieces[0].t()
-        elif rule.op == "split":
-            out[rule.ours] = pieces[0].chunk(rule.parts, dim=0)[rule.part]
-        else:
-            out[rule.ours] = pieces[0]
+        dtypes = [_dtype_of(tensors, n) for n in names]
+        dtype = functools.reduce(torch.promote_types, dtypes)  # what torch.cat would give
+        shape = expected[rule.ours]
+        out[rule.ours] = LazyTensor(dtype, shape, _producer(rule, tensors, names, shape, dtype))
     return out
 
 
@@ -256,6 +305,35 @@ def _check_leftovers(fam: Family, config: ModelConfig, tensors, used: set[str], 
 def state_dict_to_hf(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], model_type: str | None = None) -> dict[str, torch.Tensor]:
     """Hugging Face weights (name -> tensor) for our state dict, in the family `config` exports as
     (or `model_type`). Tensors are views of the inputs wherever possible."""
+    lazy = lazy_state_dict_to_hf(config, state_dict, model_type)
+    return {name: tensor.produce() for name, tensor in lazy.items()}
+
+
+def _as_lazy(tensor: torch.Tensor | LazyTensor) -> LazyTensor:
+    if isinstance(tensor, LazyTensor):
+        return tensor
+    return LazyTensor(tensor.dtype, tuple(tensor.shape), lambda: tensor)
+
+
+def _piece_of(whole: LazyTensor, sizes: list[int], index: int) -> LazyTensor:
+    return LazyTensor(whole.dtype, (sizes[index], *whole.shape[1:]),
+                      lambda: torch.split(whole.produce(), sizes, dim=0)[index])
+
+
+def _transposed(lazy: LazyTensor) -> LazyTensor:
+    return LazyTensor(lazy.dtype, tuple(reversed(lazy.shape)), lambda: lazy.produce().t())
+
+
+def _fused(parts: list[LazyTensor]) -> LazyTensor:
+    dtype = functools.reduce(torch.promote_types, [p.dtype for p in parts])  # what torch.cat would give
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    return LazyTensor(dtype, shape, lambda: _concatenated([p.produce for p in parts], shape, dtype))
+
+
+def lazy_state_dict_to_hf(config: ModelConfig, state_dict: Mapping[str, torch.Tensor | LazyTensor],
+                          model_type: str | None = None) -> dict[str, LazyTensor]:
+    """`state_dict_to_hf` checked in full now, each tensor made from `state_dict` (tensors or
+    LazyTensors) only when produced: handed to write_safetensors, an export holds one at a time."""
     config_to_hf(config, model_type)  # validates the choice
     fam = get_family(model_type or export_family(config))
     rules = fam.rules(config, fam.export_prefix_for(config))
@@ -267,27 +345,27 @@ def state_dict_to_hf(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]
     extra = sorted(set(state_dict) - names)
     if extra:
         raise UserError(f"the checkpoint has tensors the config does not describe: {', '.join(extra[:5])}")
-    out: dict[str, torch.Tensor] = {}
-    splits: dict[str, list[torch.Tensor | None]] = {}
+    out: dict[str, LazyTensor] = {}
+    splits: dict[str, list[LazyTensor | None]] = {}
     for rule in rules:
-        tensor = state_dict[rule.ours]
-        if tuple(tensor.shape) != expected[rule.ours]:
-            raise UserError(f"{rule.ours} has shape {_shape_str(tuple(tensor.shape))}, the config expects {_shape_str(expected[rule.ours])}")
+        lazy = _as_lazy(state_dict[rule.ours])
+        if tuple(lazy.shape) != expected[rule.ours]:
+            raise UserError(f"{rule.ours} has shape {_shape_str(tuple(lazy.shape))}, the config expects {_shape_str(expected[rule.ours])}")
         if rule.op == "cat":
             sizes = [shape[0] for shape in _piece_shapes(rule, expected[rule.ours], config)]
-            out.update(zip(rule.hf, torch.split(tensor, sizes, dim=0)))
+            out.update((hf_name, _piece_of(lazy, sizes, i)) for i, hf_name in enumerate(rule.hf))
         elif rule.op == "t":
-            out[rule.hf[0]] = tensor.t()
+            out[rule.hf[0]] = _transposed(lazy)
         elif rule.op == "split":
             parts = splits.setdefault(rule.hf[0], [None] * rule.parts)
-            parts[rule.part] = tensor
+            parts[rule.part] = lazy
             if all(p is not None for p in parts):
-                out[rule.hf[0]] = torch.cat(parts, dim=0)
+                out[rule.hf[0]] = _fused(parts)
         else:
-            out[rule.hf[0]] = tensor
+            out[rule.hf[0]] = lazy
     if fam.extra_exports is not None:
         for hf_name, ours in fam.extra_exports(config).items():
-            out[hf_name] = state_dict[ours]
+            out[hf_name] = _as_lazy(state_dict[ours])
     return out
 
 
@@ -343,9 +421,9 @@ def import_hf(
     weights = HFWeights(src)
     try:
         config = config_from_hf(hf_config, weights)
-        state_dict = state_dict_from_hf(family, hf_config, weights, config=config, source=str(src))
-        if target_dtype is not None:
-            state_dict = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        # Producers, not tensors: save_checkpoint reads (and casts) each just before writing it.
+        state_dict = _cast_lazy(lazy_state_dict_from_hf(family, hf_config, weights, config=config, source=str(src)),
+                               target_dtype)
         options = {
             "source": str(src.resolve()),
             "model_type": family,
@@ -367,10 +445,10 @@ def import_hf(
     return out
 
 
-def write_hf_weights(directory: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> None:
+def write_hf_weights(directory: Path, tensors: Mapping[str, torch.Tensor | LazyTensor], max_shard_bytes: int) -> None:
     from cpmctl.checkpoint import write_safetensors
 
-    sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    sizes = {name: math.prod(t.shape) * t.dtype.itemsize for name, t in tensors.items()}
     shards: list[list[str]] = [[]]
     filled = 0
     for name in sorted(tensors):
@@ -425,8 +503,9 @@ def export_hf(
             model_type = export_family(config, imported_family(ck.provenance))
         hf_config = config_to_hf(config, model_type)
         family = get_family(model_type)
-        tensors = state_dict_to_hf(config, ck.state_dict(), model_type)
-        dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        # Producers, not tensors: each is read from its own map just before it is written.
+        tensors = lazy_state_dict_to_hf(config, ck.lazy_state_dict(), model_type)
+        dtypes = {t.dtype for t in tensors.values() if t.dtype.is_floating_point}
         if len(dtypes) == 1:
             hf_config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
         tokenizer = ck.path / TOKENIZER_DIR

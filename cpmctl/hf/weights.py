@@ -2,8 +2,12 @@
 
 safetensors files (single or sharded with an index) are opened with the `safetensors` package's
 `safe_open`: tensors are memory-mapped views, read from disk only when their bytes are used, in
-their stored dtype. pytorch_model.bin files (single or sharded) are loaded with
-`torch.load(weights_only=True, mmap=True)`, which refuses pickled objects other than tensors.
+their stored dtype. Each tensor is read through a handle of its own: one handle maps its whole
+file once and every page a view touches stays resident while the handle lives, so a shared handle
+would grow to the whole file as a conversion walks through it; a tensor's own map goes with it.
+pytorch_model.bin files (single or sharded) are loaded with `torch.load(weights_only=True,
+mmap=True)`, which refuses pickled objects other than tensors; each file stays mapped (and its
+touched pages resident) until `close()`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ HF_SAFETENSORS = "model.safetensors"
 HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
 HF_BIN = "pytorch_model.bin"
 HF_BIN_INDEX = "pytorch_model.bin.index.json"
+
+# safetensors' dtype codes, as safe_open's slices name them.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 def resolve_source(src) -> Path:
@@ -60,14 +72,14 @@ def read_hf_config(src) -> dict[str, Any]:
 class HFWeights(Mapping[str, torch.Tensor]):
     """The tensors of a Hugging Face model directory by name, each read when first asked for.
 
-    `shape(name)` answers from the file headers without reading any tensor data.
+    `shape(name)` and `dtype(name)` answer from the file headers without reading any tensor data.
     """
 
     def __init__(self, src: Path):
         self.src = src
         self._getters: dict[str, Callable[[], torch.Tensor]] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
-        self._handles: list[Any] = []
+        self._dtypes: dict[str, torch.dtype] = {}
         if (src / HF_SAFETENSORS).is_file():
             self._add_safetensors(src / HF_SAFETENSORS)
             self.kind = HF_SAFETENSORS
@@ -110,13 +122,17 @@ class HFWeights(Mapping[str, torch.Tensor]):
             handle = safe_open(str(path), framework="pt")
         except Exception as exc:  # a truncated or corrupt header
             raise UserError(f"cannot read {path} as safetensors ({type(exc).__name__}: {exc})") from None
-        self._handles.append(handle)
         present = set(handle.keys())
         for name in names if names is not None else sorted(present):
             if name not in present:
                 raise UserError(f"{self.src / HF_SAFETENSORS_INDEX} places tensor {name} in {path.name}, which lacks it")
-            self._shapes[name] = tuple(handle.get_slice(name).get_shape())
-            self._getters[name] = lambda handle=handle, name=name: handle.get_tensor(name)
+            info = handle.get_slice(name)
+            code = info.get_dtype()
+            if code not in _SAFETENSORS_DTYPES:
+                raise UserError(f"{path.name}: tensor {name} has dtype {code}, which cpmctl cannot read")
+            self._shapes[name] = tuple(info.get_shape())
+            self._dtypes[name] = _SAFETENSORS_DTYPES[code]
+            self._getters[name] = lambda path=path, name=name: _read_safetensor(path, name)
 
     def _add_bin(self, path: Path, names: list[str] | None = None) -> None:
         try:
@@ -136,10 +152,14 @@ class HFWeights(Mapping[str, torch.Tensor]):
         for name, value in data.items():
             if isinstance(value, torch.Tensor):
                 self._shapes[name] = tuple(value.shape)
+                self._dtypes[name] = value.dtype
                 self._getters[name] = lambda value=value: value
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._getters[name]()
@@ -154,4 +174,13 @@ class HFWeights(Mapping[str, torch.Tensor]):
         return len(self._getters)
 
     def close(self) -> None:
-        self._handles.clear()  # views handed out stay valid; the maps go with the last of them
+        # Drops the loaded pytorch_model.bin maps (safetensors tensors carry their own); views
+        # handed out stay valid, a map goes with the last of them.
+        self._getters.clear()
+
+
+def _read_safetensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor through a fresh safe_open handle, so its memory map lives only as long as it."""
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt").get_tensor(name)
