@@ -170,10 +170,7 @@ def test_the_kernel_package_stands_alone():
 SPEAKS_FLAGS = ["cpmctl.cli", "cpmctl.__main__", "cpmctl.commands", "cpmctl.command_configs", "cpmctl.options",
                 "cpmctl.stages", "cpmctl.stages.*", "cpmctl.pipeline", "cpmctl.gpu_check", "cpmctl.gpu_check.*"]
 # Library modules that still name a flag; each says why and until when.
-FLAG_NAMING_ALLOWED = {
-    "cpmctl.hf.convert": "issue 18's module, edited by another engineer at the time; its two 'pass --force' errors "
-                         "and its '--export' hint move to UserError(option=...) there",
-}
+FLAG_NAMING_ALLOWED: dict[str, str] = {}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 

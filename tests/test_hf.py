@@ -580,8 +580,9 @@ def test_error_export_unrepresentable():
 
 def test_error_importing_a_cpmctl_checkpoint(t5_dir, tmp_path):
     ck = hf.import_hf(t5_dir, tmp_path / "ck")
-    with pytest.raises(UserError, match="is a cpmctl checkpoint, not a Hugging Face model; .*--export"):
+    with pytest.raises(UserError, match="is a cpmctl checkpoint, not a Hugging Face model; .*export it") as caught:
         hf.import_hf(ck, tmp_path / "again")
+    assert caught.value.option == "export"  # the command adds its flag, --export
 
 
 def test_error_export_missing_checkpoint(tmp_path):

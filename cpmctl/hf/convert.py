@@ -28,7 +28,7 @@ import torch
 from cpmctl.checkpoint import LazyTensor
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
-from cpmctl.fsutil import atomic_directory
+from cpmctl.fsutil import atomic_directory, check_new_output
 from cpmctl.hf.family import Family, Rule, WeightFacts, families, find, get_family, head_tied, supported
 from cpmctl.hf.weights import HF_CONFIG, HF_SAFETENSORS, HF_SAFETENSORS_INDEX, HFWeights, read_hf_config, resolve_source
 
@@ -411,12 +411,11 @@ def import_hf(
 
     src = resolve_source(src_dir)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise UserError(f"output {out} already exists; choose a new path or pass --force")
+    check_new_output(out, overwrite)
     target_dtype = _parse_dtype(dtype)
     hf_config = read_hf_config(src)
     if "model_type" not in hf_config and "arch" in hf_config:
-        raise UserError(f"{src} is a cpmctl checkpoint, not a Hugging Face model; to write it as one, use `cpmctl convert hf --export`")
+        raise UserError(f"{src} is a cpmctl checkpoint, not a Hugging Face model; to write it as one, export it", option="export")
     family = family_of(hf_config)
     weights = HFWeights(src)
     try:
@@ -495,8 +494,7 @@ def export_hf(
     from cpmctl.tokenizer import export_hf_tokenizer
 
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise UserError(f"output {out} already exists; choose a new path or pass --force")
+    check_new_output(out, overwrite)
     with open_checkpoint(checkpoint_dir) as ck:
         config = ck.config
         if model_type is None:
