@@ -24,6 +24,8 @@ stream into fixed-length chunks, applies an objective and collates torch batches
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import bisect
 import json
 import os
@@ -472,7 +474,7 @@ def collate_span_corruption(examples: Sequence[tuple[np.ndarray, np.ndarray]], p
 
 
 # -- batches ------------------------------------------------------------------------------------
-class EpochBatches:
+class EpochBatches(ABC):
     """Batches addressed by (epoch, position): batch `position` of epoch `epoch` is fixed by those
     numbers (and the subclass's seed) alone, so {"epoch", "position"} of the next batch is the
     whole resumable state (the training core's contract). Subclasses give `batches_per_epoch`
@@ -483,11 +485,11 @@ class EpochBatches:
     position: int = 0
 
     @property
-    def batches_per_epoch(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def batches_per_epoch(self) -> int: ...
 
-    def batch_at(self, epoch: int, position: int) -> Any:
-        raise NotImplementedError
+    @abstractmethod
+    def batch_at(self, epoch: int, position: int) -> Any: ...
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
