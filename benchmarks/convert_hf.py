@@ -23,11 +23,8 @@ import importlib.util
 import json
 import multiprocessing
 import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -99,45 +96,15 @@ def warm_page_cache(src: Path) -> None:
                 pass
 
 
-def _status_kib(pid: int) -> dict[str, int]:
-    fields = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "RssAnon", "RssFile"):
-                fields[key] = int(value.split()[0])
-    except (OSError, ValueError):
-        pass
-    return fields
-
-
-def measure(argv: list[str], env: dict[str, str], cwd: Path) -> dict:
+def measure(machine, argv: list[str], env: dict[str, str], cwd: Path) -> dict:
     """Run `argv`; wall time, peak RSS (ru_maxrss) and sampled peaks of RssAnon / RssFile, in MiB."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peaks: dict[str, int] = {}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            for key, kib in _status_kib(proc.pid).items():
-                peaks[key] = max(peaks.get(key, 0), kib)
-            time.sleep(SAMPLE_S)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"error: {' '.join(argv)} exited {proc.returncode}:\n{output.decode(errors='replace')[-2000:]}")
-    mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
-    return {"wall_s": round(wall, 2), "peak_rss_mib": mib(usage.ru_maxrss),
-            "sampled_vmhwm_mib": mib(peaks.get("VmHWM", 0)), "peak_rss_anon_mib": mib(peaks.get("RssAnon", 0)),
-            "peak_rss_file_mib": mib(peaks.get("RssFile", 0))}
+    run = machine.run_with_memory(argv, env=env, cwd=cwd, every_s=SAMPLE_S)
+    if run["rc"] != 0:
+        raise SystemExit(f"error: {' '.join(argv)} exited {run['rc']}:\n{run['stdout'].decode(errors='replace')[-2000:]}")
+    mib = lambda n: round(n / 2**20, 1)  # noqa: E731
+    return {"wall_s": round(run["wall_s"], 2), "peak_rss_mib": mib(run["peak_rss"]),
+            "sampled_vmhwm_mib": mib(run["peak_VmHWM"]), "peak_rss_anon_mib": mib(run["peak_RssAnon"]),
+            "peak_rss_file_mib": mib(run["peak_RssFile"])}
 
 
 def child_env() -> dict[str, str]:
@@ -168,10 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: transformers wrote {built['shards']} shards, expected {SHARDS}")
         warm_page_cache(src)
         env = child_env()
-        ours = measure([sys.executable, "-m", "cpmctl", "convert", "hf", str(src), str(tmp / "cpmctl-out")], env, tmp)
+        ours = measure(machine, [sys.executable, "-m", "cpmctl", "convert", "hf", str(src), str(tmp / "cpmctl-out")], env, tmp)
         with open(tmp / "cpmctl-out" / "cpmctl.json", encoding="utf-8") as fh:
             provenance = json.load(fh)
-        theirs = measure([sys.executable, "-c", TRANSFORMERS_CONVERT, str(src), str(tmp / "hf-out")], env, tmp)
+        theirs = measure(machine, [sys.executable, "-c", TRANSFORMERS_CONVERT, str(src), str(tmp / "hf-out")], env, tmp)
         results = {
             "benchmark": "convert_hf",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

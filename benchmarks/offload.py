@@ -46,7 +46,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,7 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_model  # noqa: E402
+from machine import cpu_model, run_with_memory  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "data" / "wordnet" / "corpus.txt"
 GIB = 2**30
@@ -250,37 +249,13 @@ def child_env(threads: int) -> dict[str, str]:
 
 
 def measured(cmd: list[str], env: dict[str, str], log: Path) -> dict:
-    """Run `cmd`; its stdout, exit status, wall time, and peak RSS: ru_maxrss from wait4 (exact, this
-    child alone) and the largest RssAnon / RssFile seen by polling /proc every 50 ms (file-backed
-    pages are the memory-mapped checkpoint's)."""
+    """Run `cmd` (stderr to `log`); its stdout, exit status, wall time, and peak RSS: ru_maxrss from
+    wait4 and the largest RssAnon / RssFile seen every 50 ms (file-backed pages are the
+    memory-mapped checkpoint's)."""
     with log.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=REPO)
-        peaks = {"RssAnon": 0, "RssFile": 0}
-        done = threading.Event()
-
-        def poll() -> None:
-            status = Path(f"/proc/{proc.pid}/status")
-            while not done.is_set():
-                try:
-                    for line in status.read_text().splitlines():
-                        key, _, value = line.partition(":")
-                        if key in peaks:
-                            peaks[key] = max(peaks[key], int(value.split()[0]) * 1024)
-                except (OSError, ValueError):
-                    pass
-                done.wait(0.05)
-
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        started = time.perf_counter()
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-        done.set()
-        poller.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": proc.returncode, "stdout": stdout.decode("utf-8", "replace"), "wall_s": round(wall, 1),
-            "peak_rss": usage.ru_maxrss * 1024, "peak_rss_anon": peaks["RssAnon"], "peak_rss_file": peaks["RssFile"]}
+        run = run_with_memory(cmd, env=env, cwd=REPO, stderr=err, every_s=0.05)
+    return {"rc": run["rc"], "stdout": run["stdout"].decode("utf-8", "replace"), "wall_s": round(run["wall_s"], 1),
+            "peak_rss": run["peak_rss"], "peak_rss_anon": run["peak_RssAnon"], "peak_rss_file": run["peak_RssFile"]}
 
 
 def parse_json(stdout: str) -> dict:
