@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -43,8 +44,10 @@ from safetensors import safe_open
 from cpmctl import __version__
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
-from cpmctl.fsutil import atomic_directory
+from cpmctl.fsutil import atomic_directory, check_free_space, verification, verifying
 from cpmctl.model import build_model
+
+log = logging.getLogger("cpmctl")
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -75,6 +78,10 @@ _MAX_HEADER_BYTES = 100_000_000
 # only this much extra host memory, not a whole tensor's worth.
 _CHUNK_BYTES = 64 * 2**20
 _HASH_READ_BYTES = 8 * 2**20
+# Header metadata key of a single safetensors file written by write_safetensors (training states,
+# adapters, task heads): {tensor name: [CRC-32 per block]} as JSON, checked on every read.
+CRC_METADATA_KEY = "cpmctl_crc32"
+
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -325,7 +332,19 @@ def write_safetensors(
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise ValueError("safetensors metadata keys and values must be strings")
     planned = [_plan_tensor(name, tensor) for name, tensor in tensors.items()]
+    if planned and all(isinstance(p.source, torch.Tensor) for p in planned):
+        # Tensors in memory (a training state, an adapter): their CRC-32s go into the header, so
+        # that every reader checks them; produced ones (an export) are read back by other tools.
+        meta[CRC_METADATA_KEY] = json.dumps({p.name: tensor_crc32(p.source) for p in planned}, separators=(",", ":"))
     return _write_planned(Path(path), planned, meta)
+
+
+def tensor_crc32(tensor: torch.Tensor) -> list[int]:
+    """The CRC-32s the writer records for `tensor`'s bytes (one per crc_block_count block)."""
+    crc = BlockCRC(tensor.numel() * tensor.element_size(), crc_block_count(tuple(tensor.shape)))
+    for chunk in _byte_chunks(tensor):
+        crc.feed(chunk)
+    return crc.result()
 
 
 # =============================================================================================
@@ -365,7 +384,18 @@ def _parent_record(parent: str | os.PathLike) -> dict[str, str]:
     parent_hash = read_provenance(path).get("content_hash")
     if not isinstance(parent_hash, str) or not parent_hash.startswith("sha256:"):
         raise UserError(f"parent {path} has no content_hash in its {PROVENANCE_FILE}")
-    return {"path": str(path.resolve()), "content_hash": parent_hash}
+    verified = _VERIFIED.get(path.resolve()) == parent_hash
+    if not verified and verifying():
+        with open_checkpoint(path) as parent_ckpt:
+            parent_ckpt.verify_tensors()
+        verified = True
+    return {"path": str(path.resolve()), "content_hash": parent_hash, "verified": verified}
+
+
+# Checkpoints whose every tensor this process read with its CRC-32s checked (resolved path ->
+# content hash): a checkpoint derived from one records its parent as verified without reading it
+# twice.
+_VERIFIED: dict[Path, str] = {}
 
 
 def _dominant_dtype(counts: Mapping[str, int]) -> str | None:
@@ -424,6 +454,7 @@ def save_checkpoint(
     }
     json.dumps(provenance)  # unserialisable options or metrics fail here, before any writing
     config_text = config.to_json() + "\n"
+    check_free_space(out, sum(p.nbytes for p in planned))
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
@@ -582,6 +613,25 @@ def _parse_header(path: Path, file_size: int, head: bytes) -> tuple[dict[str, Te
     return infos, metadata
 
 
+def parse_crc_record(recorded: Any, shapes: Mapping[str, tuple[int, ...]], where: str) -> dict[str, tuple[int, ...]]:
+    """Recorded CRC-32s ({name: [crc per block]}) checked for form: one unsigned 32-bit integer
+    per block of each named tensor (crc_block_count). Malformed is a UserError, never "not
+    recorded": a record that cannot be read must not switch the checking off."""
+    def malformed(reason: str) -> UserError:
+        return UserError(f"{where}: the recorded checksums (tensor_crc32) are malformed: {reason}")
+
+    if not isinstance(recorded, dict):
+        raise malformed(f"expected a table of tensor names, got {type(recorded).__name__}")
+    out: dict[str, tuple[int, ...]] = {}
+    for name, values in recorded.items():
+        if not isinstance(values, list) or not all(type(v) is int and 0 <= v < 2**32 for v in values):
+            raise malformed(f"{name}: expected a list of 32-bit integers, got {values!r}"[:300])
+        if name in shapes and len(values) != crc_block_count(tuple(shapes[name])):
+            raise malformed(f"{name}: {len(values)} values for {crc_block_count(tuple(shapes[name]))} blocks")
+        out[name] = tuple(values)
+    return out
+
+
 class SafetensorsFile:
     """One safetensors file: its header parsed and checked here, its tensors read with the
     `safetensors` package (`safe_open`), which memory-maps the file once and hands out zero-copy,
@@ -593,7 +643,9 @@ class SafetensorsFile:
     specific one-line reason below instead of the package's error.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, expected_crc: Mapping[str, tuple[int, ...]] | None = None):
+        """`expected_crc`: the CRC-32s recorded for this file's tensors elsewhere (a checkpoint's
+        cpmctl.json); by default those in the file's own header (write_safetensors), if any."""
         self.path = Path(path)
         try:
             file_size = self.path.stat().st_size
@@ -609,6 +661,15 @@ class SafetensorsFile:
         self._infos, self.metadata = _parse_header(self.path, file_size, head)
         self._size = file_size
         self._reader = None  # safe_open's handle, opened on the first tensor read
+        if expected_crc is None and CRC_METADATA_KEY in self.metadata:
+            try:
+                recorded = json.loads(self.metadata[CRC_METADATA_KEY])
+            except ValueError:
+                raise UserError(f"{self.path}: its recorded checksums ({CRC_METADATA_KEY}) are not valid JSON; "
+                                "the file is corrupt") from None
+            expected_crc = parse_crc_record(recorded, {n: i.shape for n, i in self._infos.items()}, str(self.path))
+        self.expected_crc = dict(expected_crc) if expected_crc is not None else None
+        self._verified: set[str] = set()
 
     def names(self) -> list[str]:
         return sorted(self._infos)
@@ -636,6 +697,8 @@ class SafetensorsFile:
         return self._open().get_tensor(name).data_ptr() - info.byte_offset, self._size
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor (a zero-copy view where aligned), its bytes checked against the recorded
+        CRC-32s on the first read of `name` while verification is on (`verification`)."""
         info = self.info(name)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
@@ -643,8 +706,20 @@ class SafetensorsFile:
         if info.byte_offset % info.dtype.itemsize:
             # Files from writers that do not order tensors by element size can leave a tensor
             # misaligned; kernels may assume alignment, so such a tensor is copied instead.
-            return view.clone()
+            view = view.clone()
+        if self.expected_crc is not None and name not in self._verified and verifying():
+            self._check_crc(name, view)
         return view
+
+    def _check_crc(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.expected_crc.get(name)
+        if expected is None:
+            raise UserError(f"{self.path}: no checksum is recorded for tensor {name}, though the others have one; "
+                            "the file or its record was altered")
+        if tuple(tensor_crc32(tensor)) != tuple(expected):
+            raise UserError(f"checksum mismatch in tensor {name} of {self.path}: the file is corrupt; "
+                            "re-create or re-copy it")
+        self._verified.add(name)
 
     def state_dict(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in (self.names() if names is None else names)}
@@ -660,9 +735,10 @@ class SafetensorsFile:
         self.close()
 
 
-def _read_alone(path: Path, name: str) -> torch.Tensor:
-    """One tensor through a SafetensorsFile of its own: its memory map lives only as long as it."""
-    weights = SafetensorsFile(path)
+def _read_alone(path: Path, name: str, expected_crc: tuple[int, ...] | None = None) -> torch.Tensor:
+    """One tensor through a SafetensorsFile of its own: its memory map lives only as long as it
+    (checked against `expected_crc`, a checkpoint's record, else the file's own)."""
+    weights = SafetensorsFile(path, {name: expected_crc} if expected_crc is not None else None)
     try:
         return weights.get(name)
     finally:
@@ -746,11 +822,39 @@ class Checkpoint:
         self.provenance = read_provenance(self.path)
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}
+        self.crcs: dict[str, tuple[int, ...]] | None = None  # recorded per-tensor CRC-32s (None: none recorded)
+        self.nonfinite: list[str] = []  # float tensors holding NaN or infinity (found by load_model)
         try:
             self._open_weights()
+            self._read_crcs()
         except BaseException:
             self.close()
             raise
+
+    def _read_crcs(self) -> None:
+        """The CRC-32s cpmctl.json records, checked for form and completeness; every weights file
+        then checks the tensors it hands out against them."""
+        if "tensor_crc32" not in self.provenance:
+            return  # a hand-assembled directory, or one written before checksums were recorded
+        where = str(self.path / PROVENANCE_FILE)
+        crcs = parse_crc_record(self.provenance["tensor_crc32"], self.shapes(), where)
+        if crcs or self._where:
+            missing = sorted(set(self._where) - set(crcs))
+            if missing:
+                raise UserError(f"{where}: the recorded checksums (tensor_crc32) miss {len(missing)} tensor(s), "
+                                f"e.g. {missing[0]}; the checkpoint or its record was altered")
+        self.crcs = crcs
+        for filename, st in self._files.items():
+            st.expected_crc = {name: crcs[name] for name in st.names()}
+
+    def tensor_crc(self, name: str) -> tuple[int, ...] | None:
+        """The CRC-32s recorded for `name` (per block, crc_block_count), or None when none are."""
+        return self.crcs.get(name) if self.crcs is not None else None
+
+    def verify_tensors(self) -> None:
+        """Read every tensor once, checking its recorded CRC-32s (a UserError names the first bad one)."""
+        for name in self.tensor_names():
+            self.get(name)
 
     def _open_weights(self) -> None:
         index_path = self.path / INDEX_FILE
@@ -810,7 +914,7 @@ class Checkpoint:
         lazy = {}
         for name in self.tensor_names() if names is None else names:
             info = self.tensor_info(name)
-            lazy[name] = LazyTensor(info.dtype, info.shape, functools.partial(_read_alone, info.file, name))
+            lazy[name] = LazyTensor(info.dtype, info.shape, functools.partial(_read_alone, info.file, name, self.tensor_crc(name)))
         return lazy
 
     def weight_files(self) -> list[Path]:
@@ -908,7 +1012,10 @@ def load_model(
 
     On the CPU with the stored dtype the parameters stay zero-copy views of the memory-mapped
     files; a different device or dtype converts tensor by tensor. The model is in eval mode.
-    A config that does not match the weights is a UserError naming the first mismatch.
+    A config that does not match the weights is a UserError naming the first mismatch. While
+    verification is on (the default), every tensor is checked against its recorded CRC-32s (a
+    mismatch is a UserError naming the file and tensor) and for NaN/infinity (a warning naming
+    the tensor; `ckpt.nonfinite` lists them, and `infer` refuses them).
     """
     ckpt = open_checkpoint(path)
     try:
@@ -917,8 +1024,11 @@ def load_model(
         check_state_dict_matches(expected, ckpt.shapes())
         device = torch.device(device)
         state = {}
+        check = verifying()
         for name in expected:
-            tensor = ckpt.get(name)
+            tensor = ckpt.get(name)  # checked against its recorded CRC-32s (Checkpoint.crcs)
+            if check and not all_finite(tensor):
+                ckpt.nonfinite.append(name)
             if tensor.device != device or (dtype is not None and tensor.dtype != dtype):
                 tensor = tensor.to(device=device, dtype=dtype if dtype is not None else tensor.dtype)
             state[name] = tensor
@@ -926,7 +1036,24 @@ def load_model(
     except BaseException:
         ckpt.close()
         raise
+    if ckpt.nonfinite:
+        more = f" and {len(ckpt.nonfinite) - 1} more" if len(ckpt.nonfinite) > 1 else ""
+        log.warning(f"warning: {ckpt.path} holds NaN or infinite weights in {ckpt.nonfinite[0]}{more}")
+    recorded_hash = ckpt.provenance.get("content_hash")
+    if check and ckpt.crcs is not None and isinstance(recorded_hash, str):
+        _VERIFIED[ckpt.path.resolve()] = recorded_hash
     return model.eval(), ckpt
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a weight holds no NaN or infinity (integer tensors always do). A sum is finite
+    exactly when every term is, unless it overflows: only then are the elements looked at (a
+    sum runs ~4x faster than an elementwise isfinite over memory-mapped pages)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def save_model(model: "torch.nn.Module", out: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:

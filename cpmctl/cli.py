@@ -29,6 +29,7 @@ import typer
 
 from cpmctl.commands import COMMANDS, Command, show
 from cpmctl.errors import UserError
+from cpmctl.fsutil import verification
 from cpmctl.options import OptionSpec, base_type, build_config, load_recipe, set_values, specs
 
 app = typer.Typer(
@@ -93,7 +94,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 # -- generating a command's parameters from its config fields ---------------------------------------
 METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", list: "A,B,...", dict: "TABLE"}
 # Parameters every command has besides its fields (their Python names cannot clash with a field's).
-COMMON = ("cpmctl_context", "cpmctl_recipe", "cpmctl_config", "cpmctl_set", "cpmctl_json", "cpmctl_dry_run")
+COMMON = ("cpmctl_context", "cpmctl_recipe", "cpmctl_config", "cpmctl_set", "cpmctl_json", "cpmctl_dry_run", "cpmctl_no_verify")
 
 
 def field_parameter(spec: OptionSpec) -> inspect.Parameter:
@@ -130,6 +131,8 @@ def common_parameters(command: Command) -> list[inspect.Parameter]:
         param("cpmctl_set", list[str], typer.Option([], "--set", metavar="KEY=VALUE",
               help="Set an option, the value read as TOML (repeatable): --set lr=3e-4, --set model.d_model=512.")),
         param("cpmctl_json", bool, typer.Option(False, "--json", help='Print {"command": ..., "result": ...} as JSON (other output goes to stderr).')),
+        param("cpmctl_no_verify", bool, typer.Option(False, "--no-verify",
+              help="Skip checking the recorded CRC-32s (and NaN/infinity) of the weights, states and adapters read (faster loads; see RELIABILITY.md).")),
     ]
     if command.plan is not None:
         params.append(param("cpmctl_dry_run", bool, typer.Option(False, "--dry-run",
@@ -187,7 +190,7 @@ def add_command(command: Command) -> None:
         cfg, launch = config_from_command_line(command, values, given)
         as_json, dry_run = bool(values.get("cpmctl_json")), bool(values.get("cpmctl_dry_run"))
         quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
-        with quiet:  # with --json, stdout holds the JSON alone
+        with quiet, verification(not values.get("cpmctl_no_verify")):  # with --json, stdout holds the JSON alone
             if dry_run:
                 launch_options = dataclasses.asdict(launch) if launch is not None else {}
                 result = command.plan(cfg, **launch_options)

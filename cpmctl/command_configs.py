@@ -23,6 +23,8 @@ from cpmctl.options import check_value, option, specs
 DEVICE_HELP = "cpu or cuda (default: cuda when present)."
 FORCE_HELP = "Replace OUT if it exists."
 RUN_FORCE_HELP = "Delete an existing run in OUT and start over."
+RESUME_CHANGES_HELP = ("--resume: accept these changed settings (e.g. batch_size,lr), which alter the run's trajectory; "
+                       "they are written to metrics.jsonl.")
 KERNELS_HELP = "MoE FFN kernels: auto (Triton on CUDA, torch elsewhere), torch or triton."
 SEED_HELP = "Random seed."
 MIXED_PRECISION_HELP = "no, bf16 or fp16 (GPU)."
@@ -83,6 +85,7 @@ class PretrainConfig:
     device: str | None = option(None, help=DEVICE_HELP, renamed_from={"cpu": _cpu_flag})
     progress: bool = option(True, help=PROGRESS_HELP, off_with_json=True)
     resume: bool = option(False, help="Continue OUT from its newest training state.")
+    resume_with_changes: list[str] | None = option(None, metavar="NAME,NAME,...", help=RESUME_CHANGES_HELP)
     force: bool = option(False, help=RUN_FORCE_HELP)
     # knowledge inheritance
     teacher: Path | None = option(None, help="Knowledge inheritance from this checkpoint (same tokenizer).")
@@ -251,6 +254,7 @@ class PromptTuneConfig:
     seed: int = option(0, help=SEED_HELP)
     device: str | None = option(None, help=DEVICE_HELP)
     resume: bool = option(False, help="Continue an interrupted run from OUT.train/.")
+    resume_with_changes: list[str] | None = option(None, metavar="NAME,NAME,...", help=RESUME_CHANGES_HELP)
     force: bool = option(False, help="Replace OUT (and an earlier run's state) if they exist.")
     progress: bool = option(True, help=PROGRESS_HELP, off_with_json=True)
 
@@ -342,6 +346,7 @@ class DistillConfig:
     seed: int = option(0, help=SEED_HELP)
     device: str | None = option(None, help=DEVICE_HELP)
     resume: bool = option(False, help="Continue OUT from its newest training state.")
+    resume_with_changes: list[str] | None = option(None, metavar="NAME,NAME,...", help=RESUME_CHANGES_HELP)
     force: bool = option(False, help=RUN_FORCE_HELP)
     progress: bool = option(True, help=PROGRESS_HELP, off_with_json=True)
 

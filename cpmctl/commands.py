@@ -21,15 +21,18 @@ below; a new two-word group also needs its help line in cpmctl.cli.GROUPS.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import cpmctl.command_configs as configs
-from cpmctl.errors import UserError
-from cpmctl.options import spelling_map
+from cpmctl.errors import UserError, environment_error
+from cpmctl.fsutil import any_of, check_output, holding, written_by
+from cpmctl.options import base_type, spelling_map, specs
 
 
 def lazy(module: str, name: str) -> Callable[..., Any]:
@@ -67,15 +70,75 @@ def in_command_terms(exc: UserError, configs: tuple[type, ...]) -> UserError:
     return exc
 
 
-def speaking_flags(fn: Callable[..., Any], configs: tuple[type, ...]) -> Callable[..., Any]:
-    """`fn` (a command's run or plan) whose user errors name the command's flags."""
+# What marks OUT as an earlier output of a command, which --force may replace (fsutil.check_output).
+# A command not listed here is recognised by the stage its checkpoint's cpmctl.json records: its
+# own name (a new checkpoint-writing command, `quantize`, `relufy`, needs no entry when it saves
+# with stage="quantize"). A run directory (pretrain, distill) by what the training loop writes.
+_RUN_DIRECTORY = any_of(holding("metrics.jsonl"), holding("state"), holding("checkpoint"))
+OUTPUT_OF: dict[str, Callable[[Path], bool]] = {
+    "convert hf": any_of(written_by("convert-hf"), holding("config.json", "model.safetensors"),
+                         holding("config.json", "model.safetensors.index.json")),
+    "convert cpm2": written_by("convert-cpm2"),
+    "tokenizer train": holding("cpmctl_tokenizer.json"),
+    "data prepare": holding("index.json"),
+    "data stdlib": holding("corpus.txt", "task"),
+    "moefy": written_by("moefy", "moefy-restore"),
+    "prompt-tune": holding("adapter_config.json", "cpmctl_adapter.json"),
+    "pretrain": _RUN_DIRECTORY,
+    "distill": _RUN_DIRECTORY,
+    "run": holding("pipeline.json"),
+}
+# Path options that are not inputs to keep OUT apart from: a cache the run may keep anywhere,
+# the recipe of `run` (which writes copies of it into OUT and replaces nothing there).
+NOT_INPUTS = {"teacher_cache", "recipe"}
+# Commands that add to an existing OUT rather than replace it (a pipeline's steps each check
+# their own outputs).
+CONTINUES_OUT = {"run"}
+
+
+def input_paths(cfg: Any) -> list[Any]:
+    """The values of every path option of `cfg` but OUT (and NOT_INPUTS)."""
+    paths = []
+    for spec in specs(type(cfg)):
+        if spec.name == "out" or spec.name in NOT_INPUTS or base_type(spec.type) is not Path:
+            continue
+        paths.append(getattr(cfg, spec.name))
+    return paths
+
+
+def guard_output(name: str, cfg: Any) -> None:
+    """Before a command runs or plans: OUT is apart from every input, and an existing OUT is
+    replaced only with --force and only when it is an earlier output of this command; --resume
+    continues OUT and cannot be combined with --force."""
+    if not dataclasses.is_dataclass(cfg) or not hasattr(cfg, "out") or not hasattr(cfg, "force"):
+        return
+    resume = bool(getattr(cfg, "resume", False))
+    if resume and cfg.force:
+        raise UserError("--resume continues OUT and --force deletes it: give one of them")
+    if hasattr(cfg, "resume") and not resume and not cfg.force and Path(cfg.out).exists():
+        raise UserError(f"output {cfg.out} already exists; pass --resume to continue it or --force to start over")
+    ours = OUTPUT_OF.get(name) or written_by(name)
+    check_output(cfg.out, overwrite=cfg.force, inputs=input_paths(cfg), ours=ours, keep=resume or name in CONTINUES_OUT)
+
+
+def speaking_flags(fn: Callable[..., Any], configs: tuple[type, ...], name: str | None = None) -> Callable[..., Any]:
+    """`fn` (a command's run or plan) whose user errors name the command's flags; with `name`,
+    OUT is checked first (guard_output); a full disk, a read-only or forbidden path is a user
+    error naming the path (errors.environment_error)."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
+            if name is not None and args:
+                guard_output(name, args[0])
             return fn(*args, **kwargs)
         except UserError as exc:
             in_command_terms(exc, configs)
             raise
+        except OSError as exc:
+            user = environment_error(exc)
+            if user is None:
+                raise
+            raise user from exc
 
     call.__qualname__ = call.__name__ = getattr(fn, "__name__", "call")
     return call
@@ -95,9 +158,9 @@ class Command:
 
     def __post_init__(self) -> None:
         configs = (self.config,) + ((self.launch_config,) if self.launch_config else ())
-        object.__setattr__(self, "run", speaking_flags(self.run, configs))
+        object.__setattr__(self, "run", speaking_flags(self.run, configs, self.name))
         if self.plan is not None:
-            object.__setattr__(self, "plan", speaking_flags(self.plan, configs))
+            object.__setattr__(self, "plan", speaking_flags(self.plan, configs, self.name))
 
     @property
     def name(self) -> str:

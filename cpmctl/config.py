@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cpmctl.errors import UserError
+from cpmctl.options import check_field_types
 
 ARCHS = ("encoder-decoder", "encoder", "decoder")
 NORMS = ("rms", "layer")
@@ -241,6 +242,9 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"config has unknown fields: {', '.join(unknown)}")
+        check_field_types(cls, data, "config")
+        if isinstance(data.get("moe"), dict):
+            check_field_types(MoEConfig, data["moe"], "config moe")
         try:
             return cls(**data)
         except TypeError as exc:  # a required field is missing

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cpmctl.errors import UserError
-from cpmctl.fsutil import atomic_directory, check_new_output, fsync_dir
+from cpmctl.fsutil import atomic_directory, check_new_output, current_umask, fsync_dir, remove_stale_temporaries
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -194,9 +194,11 @@ def _atomic_write_lines(path: Path, lines: Iterable[str], *, overwrite: bool) ->
     check_new_output(path, overwrite)
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=parent)
+    remove_stale_temporaries(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=parent)
     written = 0
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 is for secrets; this is an output
         with os.fdopen(fd, "wb") as fh:
             for line in lines:
                 data = (line + "\n").encode("utf-8")
@@ -236,6 +238,17 @@ def split_of(text: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1))
     return "test"
 
 
+def check_task_sizes(*, num_classes: int, min_per_class: int, max_per_class: int | None,
+                     max_docs: int | None = None) -> None:
+    """The sizes of a task to write, checked before the corpus is read: a task needs two classes
+    or more, and every limit is a positive count."""
+    if num_classes < 2:
+        raise UserError(f"a classification task needs at least 2 classes, got {num_classes}", option="num_classes")
+    for name, value in (("min_per_class", min_per_class), ("max_per_class", max_per_class), ("max_docs", max_docs)):
+        if value is not None and value < 1:
+            raise UserError(f"{name.replace('_', ' ')} must be >= 1, got {value}", option=name)
+
+
 def choose_classes(records: list[dict[str, Any]], num_classes: int, *, min_per_class: int) -> list[str]:
     """The `num_classes` best-populated public top-level modules, largest first (ties by name)."""
     counts = Counter(r["label"] for r in records if not r["label"].startswith("_"))
@@ -257,6 +270,7 @@ def write_task_jsonl(out_dir: str | os.PathLike, *, num_classes: int = 8, min_pe
     a fixed order (largest first). Splits are fixed by a hash of each text. `max_per_class` keeps
     the first documents of each class in corpus order, for a smaller, more balanced task.
     """
+    check_task_sizes(num_classes=num_classes, min_per_class=min_per_class, max_per_class=max_per_class)
     records = stdlib_corpus() if records is None else records
     if abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
         raise UserError(f"split fractions must be non-negative and sum to 1, got {fractions}")
@@ -287,6 +301,7 @@ def write_stdlib_dataset(out_dir: str | os.PathLike, *, num_classes: int = 8, mi
                          overwrite: bool = False) -> dict[str, Any]:
     """The embedded default data set: `OUT/corpus.txt` (the stdlib corpus, one document per line)
     and `OUT/task/` (its module-classification task, see write_task_jsonl), written atomically."""
+    check_task_sizes(num_classes=num_classes, min_per_class=min_per_class, max_per_class=max_per_class, max_docs=max_docs)
     records = stdlib_corpus(max_docs)
     if not records:
         raise UserError("no documents to write")

@@ -54,7 +54,7 @@ from cpmctl import losses
 from cpmctl.config import ModelConfig
 from cpmctl.data import EpochBatches
 from cpmctl.errors import UserError
-from cpmctl.fsutil import atomic_directory
+from cpmctl.fsutil import atomic_directory, verify_checksums, write_checksums
 from cpmctl.losses import IGNORE_INDEX
 from cpmctl.model import build_model
 from cpmctl.tasks import collate
@@ -387,11 +387,14 @@ class TeacherLogitsCache:
         with atomic_directory(path) as tmp:
             np.save(tmp / CACHE_LOGITS, logits)
             (tmp / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")
+            write_checksums(tmp, [CACHE_LOGITS, CACHE_META])
         return TeacherLogitsCache.open(path, teacher=teacher, examples=examples)
 
     @staticmethod
     def open(path: str | os.PathLike, *, teacher: str, examples: str) -> "TeacherLogitsCache":
         path = Path(path)
+        if (path / CACHE_META).is_file():
+            verify_checksums(path, "teacher-logits cache")
         try:
             meta = json.loads((path / CACHE_META).read_text())
         except (OSError, json.JSONDecodeError) as exc:

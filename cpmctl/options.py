@@ -217,6 +217,46 @@ def _convert(typ: Any, value: Any) -> Any:
     raise _Invalid
 
 
+def _exact(typ: Any, value: Any) -> bool:
+    """Whether a value read from JSON (a checkpoint's config.json, a state's trainer.json) has the
+    field's type as it is: no conversion from text, which is for command lines and --set."""
+    inner, optional = _without_none(typ)
+    if value is None:
+        return optional or inner is Any
+    origin = typing.get_origin(inner)
+    if inner is Any:
+        return True
+    if inner is bool:
+        return isinstance(value, bool)
+    if inner is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if inner is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if inner is str:
+        return isinstance(value, str)
+    if inner is Path:
+        return isinstance(value, str) and value != ""
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(inner) if a is not Ellipsis] or [Any]
+        return isinstance(value, (list, tuple)) and all(_exact(args[0], v) for v in value)
+    if origin is dict or inner is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(inner):
+        return isinstance(value, (dict, inner))  # its fields are checked by its own from_dict
+    if typing.get_origin(inner) in (typing.Union, types.UnionType):
+        return any(_exact(a, value) for a in typing.get_args(inner))
+    return isinstance(inner, type) and isinstance(value, inner)
+
+
+def check_field_types(cls: type, values: Mapping[str, Any], source: str) -> None:
+    """The one check of values read from JSON metadata against a dataclass's field types: a
+    UserError naming the source, the field, the expected type and the value."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if name in hints and not _exact(hints[name], value):
+            raise UserError(f"{source}: field {name} expects {type_name(hints[name])}, got {value!r}"[:400])
+
+
 def check_value(spec: OptionSpec, value: Any, source: str) -> Any:
     """`value` as the field's type, or a UserError naming the field, the type and the value."""
     try:

@@ -54,6 +54,7 @@ Metrics
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -68,6 +69,8 @@ from cpmctl.config import ModelConfig
 from cpmctl.data import EpochBatches
 from cpmctl.errors import UserError
 from cpmctl.jsonl import iter_records
+
+log = logging.getLogger("cpmctl")
 
 SCORING_MODES = ("lm", "linear")
 POOLINGS = ("mean", "last")
@@ -88,15 +91,25 @@ class Example:
 def load_examples(path: str | Path, *, require_labels: bool = True) -> list[Example]:
     """Examples from a JSONL file of {"text": str, "text_pair": str (optional), "label": str|int}."""
     examples = []
+    first_label: tuple[int, Any] | None = None  # (line, label): all labels are strings, or all integers
     for number, record in iter_records(path, what="task file"):
         pair = record.get("text_pair")
         if pair is not None and not isinstance(pair, str):
             raise UserError(f"{path}:{number}: 'text_pair' must be a string")
+        if isinstance(record.get("text"), str) and not record["text"].strip() and not (pair or "").strip():
+            log.warning(f"warning: {path}:{number}: empty text (the example is scored on the prompt alone)")
         label = record.get("label")
         if label is None:
             if require_labels:
                 raise UserError(f"{path}:{number} has no 'label'")
         elif isinstance(label, (str, int)) and not isinstance(label, bool):
+            if first_label is None:
+                first_label = (number, label)
+            elif isinstance(label, str) != isinstance(first_label[1], str):
+                line, seen = first_label
+                raise UserError(f"{path}:{number}: label {label!r} is {'a string' if isinstance(label, str) else 'an integer'}, "
+                                f"but line {line}'s label {seen!r} is {'a string' if isinstance(seen, str) else 'an integer'}; "
+                                "write every label the same way (1 and \"1\" would be two classes)")
             label = str(label)
         else:
             raise UserError(f"{path}:{number}: 'label' must be a string or an integer")

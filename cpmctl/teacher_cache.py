@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from cpmctl.errors import UserError
-from cpmctl.fsutil import atomic_directory
+from cpmctl.fsutil import atomic_directory, verify_checksums, write_checksums
 from cpmctl.losses import lm_forward, teacher_topk
 from cpmctl.training import default_tokens, forward_flops_per_token
 
@@ -114,6 +114,7 @@ def build_teacher_cache(out: Path, teacher: torch.nn.Module, batches, micro_batc
         np.save(tmp / "logits.npy", np.concatenate(logit_parts))
         np.save(tmp / "rows.npy", rows)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_checksums(tmp, ["ids.npy", "logits.npy", "rows.npy", "meta.json"])
     return meta
 
 
@@ -121,6 +122,8 @@ def check_cache(path: Path, fingerprint: dict[str, Any], micro_batches: int) -> 
     """The cache's meta, or a UserError when `path` is no cache, a stale one (another fingerprint)
     or one too short for `micro_batches`."""
     path = Path(path)
+    if (path / "meta.json").is_file():
+        verify_checksums(path, "teacher cache")
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):

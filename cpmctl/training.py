@@ -136,6 +136,11 @@ class TrainConfig:
     best_metric: str | None = None     # eval metric driving keep-the-best and early stopping
     best_mode: str = "min"             # min | max
     patience: int | None = None        # evaluations without improvement before stopping
+    # The stage's settings that decide the run's trajectory besides this config's (batch size,
+    # data, sequence length, ...): recorded in every state; a resume with other values is refused
+    # unless each changed name is listed in resume_with_changes (and then written to the log).
+    trajectory: dict[str, Any] = field(default_factory=dict)
+    resume_with_changes: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -417,8 +422,10 @@ class Trainer:
         clip_params = list(wrapped.parameters())
 
         state = {"step": 0, "tokens": 0, "flops": 0.0, "train_seconds": 0.0, "best": None, "bad_evals": 0}
+        changes: dict[str, Any] = {}
         if resume_dir is not None:
             saved = self._load_state(resume_dir)
+            changes = accepted_changes(saved.get("config"), cfg)
             batches.load_state_dict(saved["data"])
             state.update({k: saved[k] for k in state})
         saved_step = state["step"] if resume_dir is not None else None
@@ -432,6 +439,10 @@ class Trainer:
         progress = _Progress(cfg.progress and self.is_main, cfg.max_steps, state["step"])
         if resumed_from is not None:
             progress.note(f"resumed from {resume_dir} at step {resumed_from}")
+            if changes:
+                progress.note("resumed with changed settings: " + ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items()))
+                self._write_metrics({"step": resumed_from, "event": "resume_with_changes",
+                                     "changes": {k: {"before": v[0], "after": v[1]} for k, v in changes.items()}})
         window: dict[str, float] = {}
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
@@ -678,6 +689,36 @@ class Trainer:
         kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+# TrainConfig fields that change what a resumed run computes (max_steps may grow: that extends it).
+TRAJECTORY_FIELDS = ("lr", "optimizer", "weight_decay", "betas", "eps", "schedule", "warmup_steps", "min_lr_ratio",
+                     "grad_accum", "max_grad_norm", "mixed_precision", "seed")
+
+
+def trajectory_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The trajectory-deciding settings of a TrainConfig, as recorded (JSON) in a state."""
+    settings = {name: config.get(name) for name in TRAJECTORY_FIELDS}
+    settings.update(config.get("trajectory") or {})
+    return _jsonable(settings)
+
+
+def accepted_changes(saved_config: Any, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The trajectory settings that differ between a state and this run, {name: (saved, now)};
+    a UserError naming each unless every one is listed in cfg.resume_with_changes."""
+    if not isinstance(saved_config, dict):
+        return {}  # a state from before settings were recorded
+    before = trajectory_settings(saved_config)
+    now = trajectory_settings(_jsonable(asdict(cfg)))
+    changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
+               if k in before and before.get(k) != now.get(k)}
+    allowed = set(cfg.resume_with_changes or ())
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        listed = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in refused)
+        raise UserError(f"resuming with changed settings that alter the run's trajectory: {listed}; resume with the "
+                        f"earlier values, or list the names to accept ({','.join(refused)})", option="resume_with_changes")
+    return changed
 
 
 def _jsonable(value: Any) -> Any:

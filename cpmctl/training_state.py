@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from cpmctl.checkpoint import SafetensorsFile, write_safetensors
 from cpmctl.errors import UserError
-from cpmctl.fsutil import atomic_directory
+from cpmctl.fsutil import atomic_directory, verify_checksums, write_checksums
 
 STATE_DIR = "state"
 TRAINER_STATE_FILE = "trainer.json"
@@ -276,12 +276,28 @@ def write_state(root: Path, step: int, *, model_tensors: Mapping[str, Tensor], o
         write_safetensors(tmp / RNG_TENSORS_FILE, rng_tensors)
         (tmp / RNG_FILE).write_text(json.dumps({"ranks": rng_records}) + "\n")
         (tmp / TRAINER_STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        # The tensors' CRC-32s are in their files' headers; the JSON files get theirs here.
+        write_checksums(tmp, [OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE])
     return target
 
 
 def read_trainer_record(where: Path) -> dict[str, Any]:
-    """trainer.json of a state directory, refused unless it is in this cpmctl's format."""
-    saved = json.loads((where / TRAINER_STATE_FILE).read_text())
+    """trainer.json of a state directory, refused unless it is in this cpmctl's format and its
+    files match their recorded checksums."""
+    verify_checksums(where, "training state")
+    try:
+        saved = json.loads((where / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"training state {where}: {TRAINER_STATE_FILE} is unreadable ({exc}); the state is damaged, "
+                        "resume from an earlier one (delete this step directory) or start over") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"training state {where}: {TRAINER_STATE_FILE} is not a JSON object; the state is damaged")
+    for key, kinds in (("step", int), ("tokens", int), ("flops", (int, float)), ("train_seconds", (int, float)),
+                       ("bad_evals", int), ("data", dict)):
+        value = saved.get(key)
+        if key in saved and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise UserError(f"training state {where}: {TRAINER_STATE_FILE} field {key} expects "
+                            f"{'an integer' if kinds is int else 'a table' if kinds is dict else 'a number'}, got {value!r}")
     if saved.get("format") != STATE_FORMAT or not (where / MODEL_STATE_FILE).is_file():
         raise UserError(f"training state {where} is not in this cpmctl's format (an older, pickle-based one?); "
                         "start the run over")

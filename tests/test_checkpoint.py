@@ -345,8 +345,8 @@ def test_provenance_records_parents_options_tokenizer_and_files(tmp_path, config
     assert prov == read_provenance(tmp_path / "child")
     assert prov["stage"] == "distill"
     assert prov["parents"] == [
-        {"path": str((tmp_path / "p1").resolve()), "content_hash": p1["content_hash"]},
-        {"path": str((tmp_path / "p2").resolve()), "content_hash": p2["content_hash"]},
+        {"path": str((tmp_path / "p1").resolve()), "content_hash": p1["content_hash"], "verified": True},
+        {"path": str((tmp_path / "p2").resolve()), "content_hash": p2["content_hash"], "verified": True},
     ]
     assert p1["content_hash"] != p2["content_hash"]
     assert prov["options"] == {"temperature": 2.0} and prov["metrics"] == {"loss": 0.5}

@@ -32,8 +32,12 @@ def bert_tok():
 
 # -- data ----------------------------------------------------------------------------------------
 def test_load_examples_and_errors(tmp_path):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "text_pair": "c", "label": 3}])
-    assert load_examples(path) == [Example("a", "x"), Example("b", "3", "c")]
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 1}, {"text": "b", "text_pair": "c", "label": 3}])
+    assert load_examples(path) == [Example("a", "1"), Example("b", "3", "c")]
+    # an integer among string labels would be a class of its own (issue 23): refused with its line
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c", "label": 3}])
+    with pytest.raises(UserError, match=r"mixed.jsonl:3: label 3 is an integer, but line 1's label 'x' is a string"):
+        load_examples(mixed)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2 has no 'label'"):

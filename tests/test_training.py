@@ -154,7 +154,8 @@ def test_state_is_pickle_free_and_resumes_exactly(tmp_path, shards, sp_tokenizer
     assert [p.name for p in state_dirs(tmp_path / "full")] == ["step-00000003", "step-00000006"]
     for state in state_dirs(tmp_path / "full"):
         files = sorted(p.name for p in state.iterdir())
-        assert files == ["model.safetensors", "optimizer.json", "optimizer.safetensors", "rng.json", "rng.safetensors", "trainer.json"]
+        assert files == ["checksums.json", "model.safetensors", "optimizer.json", "optimizer.safetensors", "rng.json",
+                         "rng.safetensors", "trainer.json"]
 
     # Resume a copy of the run from step 3: a new process in all but name (fresh model and seed).
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")

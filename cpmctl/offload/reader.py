@@ -101,11 +101,10 @@ class DiskSource:
 def make_part(ckpt, name: str, block: int | None) -> Part:
     """Tensor `name` of `ckpt` as a Part: all of it, or expert block `block` of a 3-D tensor,
     with the CRC-32s the writer recorded for those bytes (None for checkpoints without them)."""
-    crcs = ckpt.provenance.get("tensor_crc32") if isinstance(ckpt.provenance, dict) else None
     info = ckpt.tensor_info(name)
     expected = None
-    if crcs and name in crcs:
-        values = tuple(int(v) for v in crcs[name])
+    values = ckpt.tensor_crc(name)  # checked for form when the checkpoint was opened
+    if values is not None:
         if block is None:
             expected = values
         elif len(values) == info.shape[0]:

@@ -62,6 +62,7 @@ from cpmctl.command_configs import DistillConfig  # the options, declared once
 from cpmctl.checkpoint import load_model
 from cpmctl.data import make_batches
 from cpmctl.errors import UserError
+from cpmctl.fsutil import content_id
 from cpmctl.plan import (ACTIVATION_FORMULA, activation_bytes, checkpoint_config, logits_bytes, make_plan,
                          meta_model, parameter_count, parameter_shapes, source_note, training_memory)
 from cpmctl.tokenizer import load_tokenizer
@@ -276,7 +277,12 @@ def _train_config(cfg: DistillConfig, steps_per_epoch: int):
         warmup_steps=int(cfg.warmup_ratio * max_steps), grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm or None,
         mixed_precision=cfg.mixed_precision, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
         eval_every=cfg.eval_every, log_every=cfg.log_every, resume=cfg.resume, cpu=cfg.device == "cpu",
-        progress=cfg.progress, best_metric=None,
+        progress=cfg.progress, best_metric=None, resume_with_changes=cfg.resume_with_changes,
+        trajectory={"batch_size": cfg.batch_size, "train": content_id(cfg.train), "data": content_id(cfg.data),
+                    "train_fraction": cfg.train_fraction, "max_length": cfg.max_length, "seq_len": cfg.seq_len,
+                    "ce_weight": cfg.ce_weight, "kd_weight": cfg.kd_weight, "mix_weight": cfg.mix_weight,
+                    "smix_weight": cfg.smix_weight, "temperature": cfg.temperature, "mixup_alpha": cfg.mixup_alpha,
+                    "augment": cfg.augment, "augment_prob": cfg.augment_prob},
     )
 
 

@@ -64,6 +64,11 @@ def run(cfg: InferConfig) -> dict:
     engine = None
     if cfg.offload == "none":
         model, ckpt = load_model(cfg.checkpoint, device=device, dtype=resolve_dtype(cfg.dtype))
+        if ckpt.nonfinite:
+            ckpt.close()
+            raise UserError(f"{cfg.checkpoint} holds NaN or infinite weights (in {', '.join(ckpt.nonfinite[:3])}"
+                            f"{', ...' if len(ckpt.nonfinite) > 3 else ''}): its outputs would be meaningless; "
+                            "re-create the checkpoint")
     else:
         _check_offload_device(cfg, device)
         with open_checkpoint(cfg.checkpoint) as headers:
@@ -200,6 +205,10 @@ def plan(cfg: InferConfig, *, stand_ins=None):
     elif config.arch == "encoder":
         tokens = None if rows is None else sum(len(r) for r in rows)
     else:
+        if (Path(cfg.checkpoint) / "tokenizer").is_dir():  # real prompt lengths, not stand-ins
+            check_generation_length(config, rows, cfg.max_new_tokens)
+        else:
+            check_generation_length(config, [[]] if rows is not None else None, cfg.max_new_tokens)
         applications = model.decoder.applications
         breakdown["kv_cache"] = kv_cache_bytes(config, applications, batch, longest, cfg.max_new_tokens, itemsize)
         tokens = None if prompts is None else prompts * cfg.max_new_tokens
@@ -291,6 +300,7 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
     rows = [tok.encode(t, add_eos=add_eos) for t in prompts]
     if bos is not None:
         rows = [row if row[:1] == [bos] else [bos] + row for row in rows]
+    check_generation_length(config, rows, cfg.max_new_tokens)
     generated_tokens, decode_seconds, first_token = 0, 0.0, None
     for batch in _length_batches(rows, cfg.batch_size):
         ids, mask = pad_rows([rows[i] for i in batch], pad_id, left=config.arch == "decoder")
@@ -318,6 +328,33 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
         tokens_per_second=round(generated_tokens / decode_seconds, 2) if decode_seconds else None,
     )
     return {"mode": "generate", "outputs": outputs, "stats": stats}
+
+
+def check_generation_length(config, rows: list[list[int]] | None, max_new_tokens: int) -> None:
+    """Generation stays within the positions the model has: a decoder-only model's longest
+    prompt plus the new tokens, an encoder-decoder's new tokens, at most max_positions (else a
+    UserError saying how many fit: past them a model has no trained positions, and a long run
+    would end in meaningless text after minutes). An encoder-decoder prompt longer than
+    max_positions is a warning (relative positions reach past it; quality drops)."""
+    if rows is None:
+        return
+    limit = config.max_positions
+    longest = max((len(r) for r in rows), default=0)
+    if config.arch == "decoder":
+        if longest + max_new_tokens > limit:
+            fit = limit - longest
+            hint = (f"at most {fit} new tokens fit after the longest prompt" if fit > 0
+                    else "the longest prompt alone fills them; shorten it")
+            raise UserError(f"the longest prompt ({longest} tokens) plus {max_new_tokens} new tokens exceeds the model's "
+                            f"{limit} positions; {hint}", option="max_new_tokens")
+        return
+    if max_new_tokens + 1 > limit:
+        raise UserError(f"{max_new_tokens} new tokens exceed the model's {limit} decoder positions; at most "
+                        f"{limit - 1} fit", option="max_new_tokens")
+    long = [i for i, r in enumerate(rows) if len(r) > limit]
+    if long:
+        log.warning(f"warning: {len(long)} prompt(s) (the first is number {long[0] + 1}) are longer than the model's "
+                    f"{limit} positions ({max(len(rows[i]) for i in long)} tokens)")
 
 
 def _classify(cfg: InferConfig, model, ckpt, tok, load_seconds: float) -> dict:

@@ -48,6 +48,7 @@ from cpmctl.config import ModelConfig
 from cpmctl.data import make_batches, random_spans_helper
 from cpmctl.command_configs import PretrainConfig  # the options, declared once
 from cpmctl.errors import UserError
+from cpmctl.fsutil import content_id
 from cpmctl.iterations import default_robust_iterations, flops_per_token, sampled_iterations
 from cpmctl.losses import KI_SCHEDULES, ki_loss, ki_weight, lm_forward, lm_loss
 from cpmctl.model import applied_block_parameters, build_model, set_iterations
@@ -240,6 +241,13 @@ def train_config(cfg: PretrainConfig):
     """The training core's config (its checks: steps, lr, optimizer, schedule, precision, ...)."""
     tcfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(cfg, f.name)})
     tcfg.allow_fsdp = True  # the model is saved through trainer.full_state_dict()
+    tcfg.trajectory = {
+        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "data": content_id(cfg.data), "objective": cfg.objective,
+        "valid_fraction": cfg.valid_fraction, "init": content_id(Path(cfg.init) / "cpmctl.json") if cfg.init else None,
+        "preset": cfg.preset, "model": dict(cfg.model), "teacher": str(cfg.teacher) if cfg.teacher else None,
+        "ki_steps": cfg.ki_steps, "ki_temperature": cfg.ki_temperature, "ki_schedule": cfg.ki_schedule,
+        "ki_alpha": cfg.ki_alpha, "step_robust": cfg.step_robust, "robust_iterations": cfg.robust_iterations,
+    }
     return tcfg
 
 

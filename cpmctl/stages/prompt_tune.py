@@ -30,7 +30,7 @@ from cpmctl.checkpoint import SafetensorsFile, load_model, save_checkpoint, writ
 from cpmctl.devices import current_memory_bytes, peak_memory_bytes
 from cpmctl.command_configs import PromptTuneConfig  # the options, declared once
 from cpmctl.errors import UserError
-from cpmctl.fsutil import atomic_directory
+from cpmctl.fsutil import any_of, atomic_directory, check_output, content_id, holding
 from cpmctl.plan import (ACTIVATION_FORMULA, activation_bytes, checkpoint_config, checkpointed_activation_bytes,
                          dtype_bytes, is_assumed, make_plan, meta_model, parameter_count, parameter_shapes,
                          source_note, stored_dtype, training_memory)
@@ -55,6 +55,9 @@ def _check_outputs(cfg: PromptTuneConfig) -> None:
         raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
     if cfg.run_dir.exists() and not cfg.resume and not cfg.force:
         raise UserError(f"{cfg.run_dir} holds an earlier run's training state; pass --resume to continue it or --force to start over")
+    # --force deletes the run directory too: only when it is one (the trainer's files, or empty)
+    check_output(cfg.run_dir, overwrite=True, inputs=[cfg.model, cfg.train, cfg.dev, cfg.test, cfg.verbalizer],
+                 ours=any_of(holding("state"), holding("metrics.jsonl"), holding(BEST_FILE)), keep=cfg.resume)
 
 
 def _train_config(cfg: PromptTuneConfig, *, has_dev: bool):
@@ -64,7 +67,11 @@ def _train_config(cfg: PromptTuneConfig, *, has_dev: bool):
         mixed_precision=cfg.mixed_precision, seed=cfg.seed, eval_every=cfg.eval_every if has_dev else 0,
         log_every=max(1, min(50, cfg.max_steps // 10 or 1)), resume=cfg.resume, cpu=cfg.device == "cpu",
         progress=cfg.progress, best_metric="accuracy" if has_dev else None, best_mode="max",
-        patience=cfg.patience if has_dev else None,
+        patience=cfg.patience if has_dev else None, resume_with_changes=cfg.resume_with_changes,
+        trajectory={"batch_size": cfg.batch_size, "train": content_id(cfg.train), "dev": content_id(cfg.dev),
+                    "max_train_examples": cfg.max_train_examples, "prompt_length": cfg.prompt_length,
+                    "position": cfg.position, "init": cfg.init, "reparam": cfg.reparam, "deep": cfg.deep,
+                    "head": cfg.head, "full": cfg.full, "max_length": cfg.max_length},
     )
 
 
@@ -162,6 +169,10 @@ def run(cfg: PromptTuneConfig) -> dict[str, Any]:
 
     scoring = "linear" if cfg.head == "linear" else "lm"
     label_ids = label_token_ids(tok, labels.words) if scoring == "lm" else None
+    # The head and the reparameterisation MLP draw their initial weights from torch's global
+    # generator before the Trainer seeds it, and torch seeds that generator at random in every
+    # process: seeded here, two runs with one --seed start (and so end) alike.
+    torch.manual_seed(cfg.seed)
     head = LinearHead(config.d_model, len(labels), cfg.pooling) if scoring == "linear" else None
     scorer = Scorer(model, label_ids=label_ids, head=head)
 
