@@ -70,7 +70,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -177,6 +179,45 @@ class TrainResult:
     best: dict[str, Any] | None = None          # {"step": s, "metrics": {...}} with best_metric
     stopped_early: bool = False
     resumed_from: int | None = None
+
+
+class Interrupted(UserError):
+    """SIGINT or SIGTERM stopped a run after it saved a resumable state; exit 128 + the signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message, option="resume")
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `received` (the loop saves a state at the next
+    step boundary and stops); a second signal of either kind acts at once, as by default. Only
+    the main thread can take signals; elsewhere this does nothing."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
 
 
 # -- pure helpers -------------------------------------------------------------------------------
@@ -382,6 +423,17 @@ class Trainer:
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def _any_process_signalled(self, signals: StopSignals) -> bool:
+        """Whether any process got SIGINT/SIGTERM: the state save that follows is collective, so
+        every process must agree (one tiny reduction per step under a multi-process launch)."""
+        if self.world == 1:
+            return signals.received is not None
+        flag = torch.tensor([0 if signals.received is None else signals.received], device=self.device)
+        flag = self.accelerator.reduce(flag, reduction="max") if hasattr(self.accelerator, "reduce") else flag
+        if int(flag.item()) and signals.received is None:
+            signals.received = int(flag.item())
+        return bool(int(flag.item()))
+
     def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
@@ -449,6 +501,7 @@ class Trainer:
         stopped_early = exhausted = False
         session_start, session_tokens = time.monotonic(), 0
         base_seconds = state["train_seconds"]
+        signals = StopSignals().__enter__()  # left in the finally below
         try:
             while state["step"] < cfg.max_steps and not stopped_early:
                 micro = []
@@ -487,12 +540,20 @@ class Trainer:
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                     self._save_state(batches, state)
                     saved_step = step
+                if self._any_process_signalled(signals) and step < cfg.max_steps:
+                    if saved_step != step:
+                        self._save_state(batches, state)
+                    name = signal.Signals(signals.received or signal.SIGTERM).name
+                    progress.note(f"{name}: saved a training state at step {step}")
+                    raise Interrupted(f"interrupted by {name} at step {step}; a training state was saved: continue it by "
+                                      "resuming", signals.received or signal.SIGTERM)
             if eval_fn is not None and (exhausted or stopped_early) and state["step"] and not last_eval:
                 last_eval = self._evaluate(wrapped, eval_fn, state["step"], state)
             if cfg.keep_state != "none" and saved_step != state["step"]:
                 self._save_state(batches, state)
             self._prune_states(completed=True)
         finally:
+            signals.restore()
             progress.close()
         if stopped_early:
             progress.note(f"stopped early at step {state['step']}: {cfg.best_metric} did not improve for {cfg.patience} evaluations")
