@@ -538,7 +538,17 @@ def _complete(kind: str, out: Path) -> str:
 
         adapter = load_adapter(out)
         return hashlib.sha256(adapter.prompt.numpy().tobytes()).hexdigest()
-    return verify_checkpoint(out / "checkpoint")["content_hash"]
+    if (out / "checkpoint").exists():
+        return verify_checkpoint(out / "checkpoint")["content_hash"]
+    # A run killed before its checkpoint: --force started it over (deleting the old run, as the
+    # option says), and what it left is resumable: every state in it complete and verified.
+    from cpmctl.training_state import read_safetensors, read_trainer_record, state_dirs
+
+    for state in state_dirs(out):
+        read_trainer_record(state)
+        for part in state.glob("*.safetensors"):
+            read_safetensors(part)
+    return f"resumable run ({len(state_dirs(out))} states)"
 
 
 @pytest.mark.slow
@@ -564,7 +574,7 @@ def test_kill_9_while_writing_leaves_the_old_or_the_new_output(w, name):
         if proc.returncode == 0:
             old = now
         else:
-            assert now == old
+            assert now == old or (kind == "run" and now.startswith("resumable run")), now
     leftovers = [p for p in w.iterdir() if p.name.startswith(".out.")]
     assert invoke(*(a.replace("{w}", str(w)).replace("{out}", str(out)) for a in argv), "--force").exit_code == 0
     assert not any(p.exists() for p in leftovers)
