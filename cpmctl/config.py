@@ -19,6 +19,8 @@ NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("relative", "absolute", "rotary")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 MOE_ROUTERS = ("linear", "center", "mlp", "oracle")
+# How a linear router turns logits into expert scores (Hugging Face MoE families).
+MOE_SCORINGS = ("softmax", "sigmoid")
 # Rotary scalings cpmctl computes exactly as transformers does (modeling_rope_utils); "dynamic"
 # NTK and "longrope" depend on the sequence seen at run time and are refused at import.
 ROPE_SCALINGS = ("linear", "llama3", "yarn")
@@ -45,6 +47,26 @@ class MoEConfig:
     ratio: float | None = None
     # Skipped experts contribute their output at typical activations (buffers act_fill, fill_out).
     fill_skipped: bool = False
+    # The linear router's scoring (the Hugging Face MoE families; the defaults are cpmctl's own
+    # router: softmax over the k selected logits). `scoring`: softmax over all experts or an
+    # independent sigmoid per expert. `norm_topk`: the k selected scores are divided by their
+    # sum (softmax + norm_topk is the softmax over the selected logits). `score_bias`: a learned
+    # per-expert bias (buffer `score_bias`) added to the scores to choose experts, not to weight
+    # them (DeepSeek-V3's e_score_correction_bias). `groups` / `topk_groups`: experts split into
+    # `groups` equal groups; a token picks its top_k among the experts of its best `topk_groups`
+    # groups, a group scored by the sum of its two best scores. `routed_scale`: the routed
+    # experts' weights are multiplied by it.
+    scoring: str = "softmax"
+    norm_topk: bool = True
+    score_bias: bool = False
+    groups: int = 1
+    topk_groups: int = 1
+    routed_scale: float = 1.0
+    # An always-on shared expert of `shared_size` neurons (0: none) added to the routed output,
+    # scaled by sigmoid(w . x) with `shared_gate` (Qwen2-MoE); DeepSeek's n shared experts are one
+    # FFN of n * expert_size neurons.
+    shared_size: int = 0
+    shared_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.experts < 1 or self.expert_size < 1:
@@ -53,6 +75,27 @@ class MoEConfig:
             raise UserError(f"MoE top_k must be in 1..{self.experts}, got {self.top_k}")
         if self.router not in MOE_ROUTERS:
             raise UserError(f"unknown MoE router {self.router!r}; expected one of {', '.join(MOE_ROUTERS)}")
+        if self.scoring not in MOE_SCORINGS:
+            raise UserError(f"unknown MoE scoring {self.scoring!r}; expected one of {', '.join(MOE_SCORINGS)}")
+        if not self.plain_routing and self.router != "linear":
+            raise UserError(f"MoE scoring, score bias, expert groups and scaling apply to the linear router, not {self.router!r}")
+        if self.groups < 1 or self.experts % self.groups:
+            raise UserError(f"MoE expert groups must divide the {self.experts} experts, got {self.groups}")
+        if not 1 <= self.topk_groups <= self.groups:
+            raise UserError(f"MoE topk_groups must be in 1..{self.groups}, got {self.topk_groups}")
+        if self.groups > 1 and self.top_k > self.topk_groups * (self.experts // self.groups):
+            raise UserError(f"MoE top_k {self.top_k} exceeds the {self.topk_groups * (self.experts // self.groups)} experts "
+                            f"of the {self.topk_groups} groups a token may use")
+        if self.groups > 1 and self.experts // self.groups < 2:
+            raise UserError("MoE expert groups score by their two best experts, so each group needs at least 2")
+        if self.shared_size < 0 or (self.shared_gate and not self.shared_size):
+            raise UserError(f"MoE shared_size must be >= 0 (and > 0 with a shared gate), got {self.shared_size}")
+
+    @property
+    def plain_routing(self) -> bool:
+        """The router's scores are cpmctl's own: softmax over the selected logits, nothing else."""
+        return (self.scoring == "softmax" and self.norm_topk and not self.score_bias and self.groups == 1
+                and self.routed_scale == 1.0)
 
 
 @dataclass
@@ -109,6 +152,10 @@ class ModelConfig:
     qkv_bias: bool = False
     # qk_norm: an RMSNorm over each head of q and of k, before the rotation (Qwen3).
     qk_norm: bool = False
+    # qk_norm_full: those norms cover each whole projection, all heads at once (OLMoE).
+    qk_norm_full: bool = False
+    # clip_qkv: q, k and v clamped to [-clip_qkv, clip_qkv] after projection (and q/k norm) (OLMoE).
+    clip_qkv: float | None = None
     # norm_offset: RMSNorm scales by (norm_offset + weight), computed in fp32 (Gemma's 1 + w).
     norm_offset: float = 0.0
     # scale_embeddings: token embeddings times sqrt(d_model) (Gemma).
@@ -172,7 +219,9 @@ class ModelConfig:
             raise UserError(f"sliding_window must be >= 1, got {self.sliding_window}")
         if self.sliding_layers is not None and self.sliding_window is None:
             raise UserError("sliding_layers needs a sliding_window")
-        for name in ("attn_softcap", "logit_softcap", "query_scale"):
+        if self.qk_norm_full and not self.qk_norm:
+            raise UserError("qk_norm_full needs qk_norm")
+        for name in ("attn_softcap", "logit_softcap", "query_scale", "clip_qkv"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"{name} must be > 0, got {value}")

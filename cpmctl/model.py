@@ -247,8 +247,11 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(d, inner + 2 * kv_inner, bias=config.bias or config.qkv_bias)
         self.o = nn.Linear(inner, d, bias=config.bias)
-        self.q_norm = make_norm(config, config.d_head) if config.qk_norm and not cross else None
-        self.k_norm = make_norm(config, config.d_head) if config.qk_norm and not cross else None
+        full = config.qk_norm_full  # OLMoE: one norm over all heads of q (of k) at once
+        self.q_norm = make_norm(config, inner if full else config.d_head) if config.qk_norm and not cross else None
+        self.k_norm = make_norm(config, kv_inner if full else config.d_head) if config.qk_norm and not cross else None
+        self.norm_full = full
+        self.clip = config.clip_qkv
         self.scale = None if config.attn_scale else 1.0  # T5 folds 1/sqrt(d) into its init
         if config.query_scale is not None:
             self.scale = config.query_scale
@@ -290,8 +293,12 @@ class Attention(nn.Module):
         else:
             inner, kv_inner = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
             q, k, v = self.qkv(x).split([inner, kv_inner, kv_inner], dim=-1)
+            if self.q_norm is not None and self.norm_full:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if self.clip is not None:
+                q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
             q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
-            if self.q_norm is not None:
+            if self.q_norm is not None and not self.norm_full:
                 q, k = self.q_norm(q), self.k_norm(k)
             if rotary is not None:
                 cos, sin = rotary
