@@ -99,6 +99,33 @@ class MoEConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): queries through an optional low-rank
+    bottleneck (`q_lora_rank`, None: one projection), keys and values expanded per head from a
+    shared latent of `kv_lora_rank` dims, which is what the KV cache holds, plus one
+    `qk_rope_dim`-wide rotary key shared by all heads. Each q/k head is `qk_nope_dim` unrotated
+    dims followed by `qk_rope_dim` rotated ones (ModelConfig.d_head is their sum, rotary_dim the
+    rotated part); value heads are `v_head_dim` wide. `rope_interleave`: the rotated dims are
+    stored as interleaved pairs (x0, x1), (x2, x3), ... rather than two halves."""
+
+    kv_lora_rank: int
+    qk_nope_dim: int
+    qk_rope_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    rope_interleave: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim"):
+            if getattr(self, name) < 1:
+                raise UserError(f"MLA {name} must be >= 1, got {getattr(self, name)}")
+        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+            raise UserError(f"MLA q_lora_rank must be >= 1 or none, got {self.q_lora_rank}")
+        if self.qk_rope_dim % 2:
+            raise UserError(f"MLA qk_rope_dim must be even, got {self.qk_rope_dim}")
+
+
+@dataclass
 class ModelConfig:
     """Everything needed to build a model; stored as config.json in a checkpoint.
 
@@ -142,6 +169,8 @@ class ModelConfig:
     share_layers: bool = False
     share_groups: int | None = None
     moe: MoEConfig | None = None
+    # mla: multi-head latent attention instead of q/k/v projections (DeepSeek-V3).
+    mla: MLAConfig | None = None
     pad_token_id: int = 0
     eos_token_id: int | None = 1
     bos_token_id: int | None = None
@@ -180,6 +209,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig(**self.mla)
         if self.d_head is None:
             if self.d_model % self.n_heads:
                 raise UserError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; set d_head")
@@ -219,6 +250,15 @@ class ModelConfig:
             raise UserError(f"sliding_window must be >= 1, got {self.sliding_window}")
         if self.sliding_layers is not None and self.sliding_window is None:
             raise UserError("sliding_layers needs a sliding_window")
+        if self.mla is not None:
+            mla = self.mla
+            if self.arch != "decoder" or self.position != "rotary":
+                raise UserError("multi-head latent attention is for rotary decoder-only models")
+            if self.d_head != mla.qk_nope_dim + mla.qk_rope_dim or self.rotary_dim != mla.qk_rope_dim:
+                raise UserError(f"with MLA, d_head must be qk_nope_dim + qk_rope_dim = {mla.qk_nope_dim + mla.qk_rope_dim} "
+                                f"and rotary_dim qk_rope_dim = {mla.qk_rope_dim}, got {self.d_head} and {self.rotary_dim}")
+            if self.qk_norm or self.qkv_bias or self.bias or self.sliding_window is not None or self.attn_softcap is not None:
+                raise UserError("MLA takes none of qk_norm, qkv_bias, bias, sliding_window or attn_softcap")
         if self.qk_norm_full and not self.qk_norm:
             raise UserError("qk_norm_full needs qk_norm")
         for name in ("attn_softcap", "logit_softcap", "query_scale", "clip_qkv"):

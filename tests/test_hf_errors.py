@@ -53,7 +53,7 @@ def test_sharded_import_works(tmp_path, sharded):
 
 def test_unknown_model_type_lists_families(tmp_path, sharded):
     edit_config(sharded, model_type="falcon")
-    assert_refused(tmp_path, sharded, "unsupported model_type 'falcon'; supported model types: bert, gemma, gemma2, gpt2, llama, mistral, mixtral, mt5, olmoe, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, t5")
+    assert_refused(tmp_path, sharded, "unsupported model_type 'falcon'; supported model types: bert, deepseek_v3, gemma, gemma2, gpt2, llama, mistral, mixtral, mt5, olmoe, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, t5")
 
 
 def test_missing_shard(tmp_path, sharded):

@@ -1,4 +1,4 @@
-"""The Hugging Face mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) against
+"""The Hugging Face mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) against
 transformers on tiny random models, every parameter random: fp32 logits within 1e-5 from both
 checkpoint layouts (the published per-expert tensors and transformers' fused 3-D ones, which
 give bit-identical cpmctl weights), `cpmctl infer --input` greedy generation token-identical to
@@ -51,6 +51,23 @@ MOE_FAMILIES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=64, num_experts_per_tok=8, intermediate_size=16, clip_qkv=3.0,
                                                      pad_token_id=3, eos_token_id=2),
               True, {"experts": 64, "top_k": 8, "norm_topk": False}),
+    # latent attention (q and kv low rank, decoupled rope dims, interleaved pairs, yarn with
+    # mscale_all_dim), a dense first layer, 2 shared experts, sigmoid scores with a selection
+    # bias, group-limited top-4 (2 of 4 groups), routed_scaling_factor
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=2,
+        moe_intermediate_size=16, routed_scaling_factor=2.5, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4, pad_token_id=3,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 32,
+                         "mscale": 1.0, "mscale_all_dim": 0.707}),
+        True, {"experts": 16, "top_k": 4, "scoring": "sigmoid", "score_bias": True, "groups": 4, "topk_groups": 2,
+               "routed_scale": 2.5, "shared_size": 32, "layers": ["decoder.1", "decoder.2"]}),
+    # without the q bottleneck, rotary dims as two halves, plain rope
+    "deepseek_v3-direct": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=0, n_shared_experts=1,
+        moe_intermediate_size=16, routed_scaling_factor=1.5, norm_topk_prob=False, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4, rope_interleave=False, pad_token_id=3),
+        True, {"experts": 8, "groups": 2, "topk_groups": 1, "norm_topk": False, "layers": None}),
 }
 
 
@@ -58,7 +75,13 @@ def build_moe(name: str, seed: int = 0, **overrides):
     cfg_cls, model_cls, kwargs, _, _ = MOE_FAMILIES[name]
     cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
-    return randomize(getattr(transformers, model_cls)(cfg), seed + 1)
+    model = randomize(getattr(transformers, model_cls)(cfg), seed + 1)
+    with torch.no_grad():  # DeepSeek's selection bias is a buffer: random too, at the scores' scale
+        gen = torch.Generator().manual_seed(seed + 2)
+        for buffer_name, buffer in model.named_buffers():
+            if buffer_name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.05 * torch.randn(buffer.shape, generator=gen))
+    return model
 
 
 def save_moe(name: str, tmp_path: Path, *, fused: bool = False, seed: int = 0, **overrides):
@@ -133,7 +156,8 @@ def test_moe_family_parity_generation_export(tmp_path, name):
 
 @pytest.mark.kernels
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter (no CUDA) or a GPU run")
-@pytest.mark.parametrize("name", ["mixtral", "olmoe", "qwen2_moe"])  # k=2 of 8, k=8 of 64, shared experts
+# k=2 of 8, k=8 of 64, shared experts, group-limited selection
+@pytest.mark.parametrize("name", ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3"])
 def test_triton_kernels_match_torch_for_each_routing(tmp_path, name):
     pytest.importorskip("triton")
     _, src = save_moe(name, tmp_path)
@@ -193,3 +217,10 @@ def test_unimplemented_features_are_named(tmp_path):
     _, src = save_moe("qwen2_moe", tmp_path)
     edit_config(src, use_sliding_window=True, sliding_window=4)
     assert "unsupported qwen2_moe feature use_sliding_window=True" in convert(src, tmp_path / "out")
+    for key, value in (("scoring_func", "softmax"), ("topk_method", "group_limited_greedy"), ("moe_layer_freq", 2)):
+        _, src = save_moe("deepseek_v3", tmp_path / key)
+        edit_config(src, **{key: value})
+        assert f"unsupported deepseek_v3 router feature {key}={value!r}" in convert(src, tmp_path / key / "out")
+    _, src = save_moe("deepseek_v3", tmp_path / "fp8")
+    edit_config(src, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
+    assert "quantization_config (quant_method='fp8')" in convert(src, tmp_path / "fp8" / "out")

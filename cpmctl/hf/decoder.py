@@ -35,6 +35,10 @@ class DecoderSpec:
     qk_norm: bool = False  # Qwen3
     qk_norm_full: bool = False  # OLMoE: the q/k norms span all heads
     moe: MoESpec | None = None  # the MoE families' layers and router
+    # Fields computed from the translated ones (DeepSeek's attention scale from its yarn scaling).
+    derive: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    # A family's own attention tensors (DeepSeek's latent attention): (config, ours, hf) -> rules.
+    attention_rules: Callable[[ModelConfig, str, str], list[Rule]] | None = None
     gemma: bool = False  # (1 + w) norms, embeddings scaled by sqrt(d), tied head
     sandwich: bool = False  # Gemma 2: pre- and post-norms around attention and FFN
     fused_qkv: bool = False  # Phi-3
@@ -187,6 +191,8 @@ def _to_config(spec: DecoderSpec):
             fields.update(spec.read_extra(hf))
         if spec.moe is not None:
             fields.update(spec.moe.read(hf, n_layers))
+        if spec.derive is not None:
+            fields.update(spec.derive(fields))
         return fields
 
     return to_config
@@ -248,14 +254,17 @@ def _rules(spec: DecoderSpec):
         for i in range(c.n_layers):
             ours, hf = f"decoder.blocks.{i}", f"{p}layers.{i}"
             attn = f"{hf}.self_attn"
-            if spec.fused_qkv:
+            if spec.attention_rules is not None:
+                out += spec.attention_rules(c, f"{ours}.attn", attn)
+            elif spec.fused_qkv:
                 out += linear(f"{ours}.attn.qkv", f"{attn}.qkv_proj", c.qkv_bias)
             else:
                 out += fused(f"{ours}.attn.qkv", tuple(f"{attn}.{n}_proj" for n in "qkv"), c.qkv_bias)
             if c.qk_norm:
                 out += norm(f"{ours}.attn.q_norm", f"{attn}.q_norm", c)
                 out += norm(f"{ours}.attn.k_norm", f"{attn}.k_norm", c)
-            out += linear(f"{ours}.attn.o", f"{attn}.o_proj", False)
+            if spec.attention_rules is None:
+                out += linear(f"{ours}.attn.o", f"{attn}.o_proj", False)
             if c.is_moe_layer("decoder", i):
                 out += expert_rules(spec.moe, c, f"{ours}.ffn", hf)
             elif spec.fused_gate_up:

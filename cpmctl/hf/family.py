@@ -23,7 +23,7 @@ log = logging.getLogger("cpmctl.hf")
 # Import order is the order export tries families in: the first that holds a config exactly wins
 # (a checkpoint imported from Hugging Face exports as its own family first).
 FAMILY_MODULES = ("t5", "bert", "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3",
-                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
 
 @dataclass(frozen=True)
