@@ -376,6 +376,7 @@ class InferConfig:
     iterations: int | None = option(None, help="Parameter-shared models: apply the shared blocks this many times (fewer = faster).")
     step_size: float | None = option(None, help="Parameter-shared models: residual step size (default: trained iterations / --iterations).")
     chat: bool = option(False, help="Each text is a user turn, rendered with the tokenizer's chat template (imported models keep theirs).")
+    bandwidth: str | None = option(None, help="With --dry-run --offload: the disk or PCIe bandwidth, e.g. 3GB/s, for the transfer-bound tokens/s.")
 
     def validate(self) -> None:
         if (self.texts is None) == (self.input_file is None):
@@ -400,6 +401,8 @@ class InferConfig:
             raise UserError("--memory-budget needs --offload cpu or --offload disk")
         if self.offload != "none" and self.memory_budget is None:
             raise UserError(f"--offload {self.offload} needs --memory-budget (e.g. 2GiB, or 25% of the weights)")
+        if self.bandwidth is not None and self.offload == "none":
+            raise UserError("--bandwidth needs --offload cpu or --offload disk (it sizes the expert transfers)")
 
 
 # -- tools -------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("relative", "absolute", "rotary")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 MOE_ROUTERS = ("linear", "center", "mlp", "oracle")
+# How a linear router turns logits into expert scores (Hugging Face MoE families).
+MOE_SCORINGS = ("softmax", "sigmoid")
 # Rotary scalings cpmctl computes exactly as transformers does (modeling_rope_utils); "dynamic"
 # NTK and "longrope" depend on the sequence seen at run time and are refused at import.
 ROPE_SCALINGS = ("linear", "llama3", "yarn")
@@ -46,6 +48,26 @@ class MoEConfig:
     ratio: float | None = None
     # Skipped experts contribute their output at typical activations (buffers act_fill, fill_out).
     fill_skipped: bool = False
+    # The linear router's scoring (the Hugging Face MoE families; the defaults are cpmctl's own
+    # router: softmax over the k selected logits). `scoring`: softmax over all experts or an
+    # independent sigmoid per expert. `norm_topk`: the k selected scores are divided by their
+    # sum (softmax + norm_topk is the softmax over the selected logits). `score_bias`: a learned
+    # per-expert bias (buffer `score_bias`) added to the scores to choose experts, not to weight
+    # them (DeepSeek-V3's e_score_correction_bias). `groups` / `topk_groups`: experts split into
+    # `groups` equal groups; a token picks its top_k among the experts of its best `topk_groups`
+    # groups, a group scored by the sum of its two best scores. `routed_scale`: the routed
+    # experts' weights are multiplied by it.
+    scoring: str = "softmax"
+    norm_topk: bool = True
+    score_bias: bool = False
+    groups: int = 1
+    topk_groups: int = 1
+    routed_scale: float = 1.0
+    # An always-on shared expert of `shared_size` neurons (0: none) added to the routed output,
+    # scaled by sigmoid(w . x) with `shared_gate` (Qwen2-MoE); DeepSeek's n shared experts are one
+    # FFN of n * expert_size neurons.
+    shared_size: int = 0
+    shared_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.experts < 1 or self.expert_size < 1:
@@ -54,6 +76,54 @@ class MoEConfig:
             raise UserError(f"MoE top_k must be in 1..{self.experts}, got {self.top_k}")
         if self.router not in MOE_ROUTERS:
             raise UserError(f"unknown MoE router {self.router!r}; expected one of {', '.join(MOE_ROUTERS)}")
+        if self.scoring not in MOE_SCORINGS:
+            raise UserError(f"unknown MoE scoring {self.scoring!r}; expected one of {', '.join(MOE_SCORINGS)}")
+        if not self.plain_routing and self.router != "linear":
+            raise UserError(f"MoE scoring, score bias, expert groups and scaling apply to the linear router, not {self.router!r}")
+        if self.groups < 1 or self.experts % self.groups:
+            raise UserError(f"MoE expert groups must divide the {self.experts} experts, got {self.groups}")
+        if not 1 <= self.topk_groups <= self.groups:
+            raise UserError(f"MoE topk_groups must be in 1..{self.groups}, got {self.topk_groups}")
+        if self.groups > 1 and self.top_k > self.topk_groups * (self.experts // self.groups):
+            raise UserError(f"MoE top_k {self.top_k} exceeds the {self.topk_groups * (self.experts // self.groups)} experts "
+                            f"of the {self.topk_groups} groups a token may use")
+        if self.groups > 1 and self.experts // self.groups < 2:
+            raise UserError("MoE expert groups score by their two best experts, so each group needs at least 2")
+        if self.shared_size < 0 or (self.shared_gate and not self.shared_size):
+            raise UserError(f"MoE shared_size must be >= 0 (and > 0 with a shared gate), got {self.shared_size}")
+
+    @property
+    def plain_routing(self) -> bool:
+        """The router's scores are cpmctl's own: softmax over the selected logits, nothing else."""
+        return (self.scoring == "softmax" and self.norm_topk and not self.score_bias and self.groups == 1
+                and self.routed_scale == 1.0)
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): queries through an optional low-rank
+    bottleneck (`q_lora_rank`, None: one projection), keys and values expanded per head from a
+    shared latent of `kv_lora_rank` dims, which is what the KV cache holds, plus one
+    `qk_rope_dim`-wide rotary key shared by all heads. Each q/k head is `qk_nope_dim` unrotated
+    dims followed by `qk_rope_dim` rotated ones (ModelConfig.d_head is their sum, rotary_dim the
+    rotated part); value heads are `v_head_dim` wide. `rope_interleave`: the rotated dims are
+    stored as interleaved pairs (x0, x1), (x2, x3), ... rather than two halves."""
+
+    kv_lora_rank: int
+    qk_nope_dim: int
+    qk_rope_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    rope_interleave: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim"):
+            if getattr(self, name) < 1:
+                raise UserError(f"MLA {name} must be >= 1, got {getattr(self, name)}")
+        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+            raise UserError(f"MLA q_lora_rank must be >= 1 or none, got {self.q_lora_rank}")
+        if self.qk_rope_dim % 2:
+            raise UserError(f"MLA qk_rope_dim must be even, got {self.qk_rope_dim}")
 
 
 @dataclass
@@ -100,6 +170,8 @@ class ModelConfig:
     share_layers: bool = False
     share_groups: int | None = None
     moe: MoEConfig | None = None
+    # mla: multi-head latent attention instead of q/k/v projections (DeepSeek-V3).
+    mla: MLAConfig | None = None
     pad_token_id: int = 0
     eos_token_id: int | None = 1
     bos_token_id: int | None = None
@@ -110,6 +182,10 @@ class ModelConfig:
     qkv_bias: bool = False
     # qk_norm: an RMSNorm over each head of q and of k, before the rotation (Qwen3).
     qk_norm: bool = False
+    # qk_norm_full: those norms cover each whole projection, all heads at once (OLMoE).
+    qk_norm_full: bool = False
+    # clip_qkv: q, k and v clamped to [-clip_qkv, clip_qkv] after projection (and q/k norm) (OLMoE).
+    clip_qkv: float | None = None
     # norm_offset: RMSNorm scales by (norm_offset + weight), computed in fp32 (Gemma's 1 + w).
     norm_offset: float = 0.0
     # scale_embeddings: token embeddings times sqrt(d_model) (Gemma).
@@ -134,6 +210,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig(**self.mla)
         if self.d_head is None:
             if self.d_model % self.n_heads:
                 raise UserError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; set d_head")
@@ -173,7 +251,18 @@ class ModelConfig:
             raise UserError(f"sliding_window must be >= 1, got {self.sliding_window}")
         if self.sliding_layers is not None and self.sliding_window is None:
             raise UserError("sliding_layers needs a sliding_window")
-        for name in ("attn_softcap", "logit_softcap", "query_scale"):
+        if self.mla is not None:
+            mla = self.mla
+            if self.arch != "decoder" or self.position != "rotary":
+                raise UserError("multi-head latent attention is for rotary decoder-only models")
+            if self.d_head != mla.qk_nope_dim + mla.qk_rope_dim or self.rotary_dim != mla.qk_rope_dim:
+                raise UserError(f"with MLA, d_head must be qk_nope_dim + qk_rope_dim = {mla.qk_nope_dim + mla.qk_rope_dim} "
+                                f"and rotary_dim qk_rope_dim = {mla.qk_rope_dim}, got {self.d_head} and {self.rotary_dim}")
+            if self.qk_norm or self.qkv_bias or self.bias or self.sliding_window is not None or self.attn_softcap is not None:
+                raise UserError("MLA takes none of qk_norm, qkv_bias, bias, sliding_window or attn_softcap")
+        if self.qk_norm_full and not self.qk_norm:
+            raise UserError("qk_norm_full needs qk_norm")
+        for name in ("attn_softcap", "logit_softcap", "query_scale", "clip_qkv"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"{name} must be > 0, got {value}")

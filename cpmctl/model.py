@@ -202,9 +202,12 @@ class KVCache:
         """`layers`: cache slots (layer applications; default the config's decoder depth)."""
         n = config.stack_depths()["decoder"] if layers is None else layers
         shape = (batch, config.n_kv_heads, max_length, config.d_head)
+        value_shape = shape
+        if config.mla is not None:  # latent attention caches its latent and its shared rotary key
+            shape, value_shape = (batch, 1, max_length, config.mla.kv_lora_rank), (batch, 1, max_length, config.mla.qk_rope_dim)
         return cls(
             keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            values=[torch.zeros(value_shape, device=device, dtype=dtype) for _ in range(n)],
             cross=[None] * n,
         )
 
@@ -247,8 +250,11 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(d, inner + 2 * kv_inner, bias=config.bias or config.qkv_bias)
         self.o = nn.Linear(inner, d, bias=config.bias)
-        self.q_norm = make_norm(config, config.d_head) if config.qk_norm and not cross else None
-        self.k_norm = make_norm(config, config.d_head) if config.qk_norm and not cross else None
+        full = config.qk_norm_full  # OLMoE: one norm over all heads of q (of k) at once
+        self.q_norm = make_norm(config, inner if full else config.d_head) if config.qk_norm and not cross else None
+        self.k_norm = make_norm(config, kv_inner if full else config.d_head) if config.qk_norm and not cross else None
+        self.norm_full = full
+        self.clip = config.clip_qkv
         self.scale = None if config.attn_scale else 1.0  # T5 folds 1/sqrt(d) into its init
         if config.query_scale is not None:
             self.scale = config.query_scale
@@ -290,8 +296,12 @@ class Attention(nn.Module):
         else:
             inner, kv_inner = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
             q, k, v = self.qkv(x).split([inner, kv_inner, kv_inner], dim=-1)
+            if self.q_norm is not None and self.norm_full:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if self.clip is not None:
+                q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
             q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
-            if self.q_norm is not None:
+            if self.q_norm is not None and not self.norm_full:
                 q, k = self.q_norm(q), self.k_norm(k)
             if rotary is not None:
                 cos, sin = rotary
@@ -330,12 +340,76 @@ class Attention(nn.Module):
         return torch.matmul(weights, v)
 
 
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V3, `ModelConfig.mla`), with Attention's interface.
+
+    q = q_b(norm(q_a x)) (or q x without a q bottleneck), split per head into unrotated and
+    rotated dims; the latent c = norm(kv_a x)[:kv_lora_rank] and the shared rotary key
+    r = rot(kv_a x)[kv_lora_rank:] are what the KV cache stores (its `keys` and `values` slots);
+    kv_b c gives each head's unrotated key and its value. The bottleneck norms use eps 1e-6, as
+    DeepSeek's do, whatever the model's norm_eps."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        mla = config.mla
+        self.mla, self.n_heads = mla, config.n_heads
+        d, h = config.d_model, config.n_heads
+        qk = mla.qk_nope_dim + mla.qk_rope_dim
+        if mla.q_lora_rank is None:
+            self.q = nn.Linear(d, h * qk, bias=False)
+            self.q_a = self.q_a_norm = self.q_b = None
+        else:
+            self.q = None
+            self.q_a = nn.Linear(d, mla.q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(mla.q_lora_rank, 1e-6)
+            self.q_b = nn.Linear(mla.q_lora_rank, h * qk, bias=False)
+        self.kv_a = nn.Linear(d, mla.kv_lora_rank + mla.qk_rope_dim, bias=False)
+        self.kv_a_norm = RMSNorm(mla.kv_lora_rank, 1e-6)
+        self.kv_b = nn.Linear(mla.kv_lora_rank, h * (mla.qk_nope_dim + mla.v_head_dim), bias=False)
+        self.o = nn.Linear(h * mla.v_head_dim, d, bias=False)
+        self.scale = config.query_scale
+        self.dropout = config.dropout
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        if self.mla.rope_interleave:  # pairs (x0, x1), ... -> halves, where the usual rotation applies
+            x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+        return apply_rotary(x, cos, sin)
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None, causal: bool = False,
+                rotary: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None, layer: int = 0,
+                memory: Tensor | None = None) -> Tensor:
+        mla, h = self.mla, self.n_heads
+        b, t, _ = x.shape
+        q = self.q(x) if self.q is not None else self.q_b(self.q_a_norm(self.q_a(x)))
+        q = q.view(b, t, h, mla.qk_nope_dim + mla.qk_rope_dim).transpose(1, 2)
+        q_pass, q_rot = q.split([mla.qk_nope_dim, mla.qk_rope_dim], dim=-1)
+        latent, k_rot = self.kv_a(x).split([mla.kv_lora_rank, mla.qk_rope_dim], dim=-1)
+        latent = self.kv_a_norm(latent)[:, None]  # [B, 1, T, rank]
+        k_rot = k_rot[:, None]
+        cos, sin = rotary
+        q_rot, k_rot = self._rotate(q_rot, cos, sin), self._rotate(k_rot, cos, sin)
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer][:, :, start : start + t] = latent.to(cache.keys[layer].dtype)
+            cache.values[layer][:, :, start : start + t] = k_rot.to(cache.values[layer].dtype)
+            latent = cache.keys[layer][:, :, : start + t].to(q.dtype)
+            k_rot = cache.values[layer][:, :, : start + t].to(q.dtype)
+        s = latent.shape[2]
+        kv = self.kv_b(latent[:, 0]).view(b, s, h, mla.qk_nope_dim + mla.v_head_dim).transpose(1, 2)
+        k_pass, v = kv.split([mla.qk_nope_dim, mla.v_head_dim], dim=-1)
+        k = torch.cat([k_pass, k_rot.expand(-1, h, -1, -1)], dim=-1)
+        q = torch.cat([q_pass, q_rot], dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                             dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+        return self.o(out.transpose(1, 2).reshape(b, t, h * mla.v_head_dim))
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, cross: bool, ffn: nn.Module) -> None:
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
         self.attn_norm = make_norm(config)
-        self.attn = Attention(config)
+        self.attn = LatentAttention(config) if config.mla is not None else Attention(config)
         self.cross_norm = make_norm(config) if cross else None
         self.cross_attn = Attention(config, cross=True) if cross else None
         self.ffn_norm = make_norm(config)

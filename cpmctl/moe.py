@@ -337,6 +337,38 @@ class MLPRouter(nn.Module):
         return self.mix(torch.tanh(self.proj(F.normalize(x, dim=-1))))
 
 
+def group_limited(scores: Tensor, groups: int, topk_groups: int) -> Tensor:
+    """`scores` [N, E] with the experts outside each token's best `topk_groups` of `groups` equal
+    groups set to -inf; a group's score is the sum of its two best scores (DeepSeek-V3)."""
+    n, e = scores.shape
+    grouped = scores.view(n, groups, e // groups)
+    best = grouped.topk(2, dim=-1).values.sum(-1)  # [N, G]
+    keep = torch.zeros_like(best, dtype=torch.bool).scatter(1, best.topk(topk_groups, dim=-1).indices, True)
+    return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(n, e)
+
+
+def select_experts(logits: Tensor, top_k: int, *, scoring: str, norm_topk: bool, score_bias: Tensor | None,
+                   groups: int, topk_groups: int, routed_scale: float) -> tuple[Tensor, Tensor]:
+    """(experts [N, k], fp32 weights [N, k]) from router logits [N, E] under a MoEConfig's scoring.
+
+    Scores are softmax(logits) over all experts or sigmoid(logits) per expert, in fp32; experts
+    are chosen on the scores plus `score_bias` (when given) within each token's best groups, and
+    weighted by their scores without the bias, renormalised to sum 1 (`norm_topk`; the 1e-20
+    keeps an all-zero sigmoid row finite) and scaled by `routed_scale`."""
+    logits = logits.float()
+    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+    choice = scores if score_bias is None else scores + score_bias.float()
+    if groups > 1:
+        choice = group_limited(choice, groups, topk_groups)
+    experts = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, experts)
+    if norm_topk:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    if routed_scale != 1.0:
+        weights = weights * routed_scale
+    return experts, weights
+
+
 def make_router(kind: str, d: int, experts: int) -> nn.Module | None:
     if kind == "linear":
         return nn.Linear(d, experts, bias=False)
@@ -362,6 +394,14 @@ class MoEFeedForward(nn.Module):
         self.b_gate = nn.Parameter(torch.zeros(e, de)) if (config.bias and config.gated) else None
         self.b_out = nn.Parameter(torch.zeros(d)) if config.bias else None
         self.router = make_router(moe.router, d, e)
+        self.routing = moe  # scoring, bias, groups and scale of the linear router (MoEConfig)
+        if moe.score_bias:
+            self.register_buffer("score_bias", torch.zeros(e))
+        else:
+            self.score_bias = None
+        # The always-on shared expert (a dense FFN beside the routed ones) and its sigmoid gate.
+        self.shared = FeedForward(config.replace(d_ff=moe.shared_size, moe=None)) if moe.shared_size else None
+        self.shared_gate = nn.Linear(d, 1, bias=False) if moe.shared_gate else None
         if moe.permuted:
             self.register_buffer("perm", torch.arange(e * de))
         else:
@@ -410,6 +450,8 @@ class MoEFeedForward(nn.Module):
             nn.init.eye_(self.router.mix.weight)
         elif isinstance(self.router, CenterRouter):
             nn.init.normal_(self.router.weight, std=std)
+        if self.score_bias is not None:
+            self.score_bias.zero_()
         if self.perm is not None:
             self.perm.copy_(torch.arange(self.perm.numel()))
         if self.act_fill is not None:
@@ -476,10 +518,25 @@ class MoEFeedForward(nn.Module):
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(experts [N, k], weights [N, k]) for flattened tokens x [N, d]."""
+        if not self.routing.plain_routing:
+            r = self.routing
+            experts, weights = select_experts(self.router_logits(x), self.top_k, scoring=r.scoring, norm_topk=r.norm_topk,
+                                              score_bias=self.score_bias, groups=r.groups, topk_groups=r.topk_groups,
+                                              routed_scale=r.routed_scale)
+            return experts, weights.to(x.dtype)
         logits, experts = self.router_logits(x).topk(self.top_k, dim=-1)
         if self.sums_experts:
             return experts, torch.ones_like(logits, dtype=x.dtype)
         return experts, torch.softmax(logits.float(), dim=-1).to(x.dtype)
+
+    def add_shared(self, x: Tensor, routed: Tensor) -> Tensor:
+        """The routed output [N, d] plus the shared expert's on x [N, d] (gated when it has a gate)."""
+        if self.shared is None:
+            return routed
+        shared = self.shared(x)
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(x)) * shared
+        return routed + shared
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -500,7 +557,7 @@ class MoEFeedForward(nn.Module):
         out = ffn(flat, experts, weights, self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out, self.activation)
         if self.fill_out is not None and experts.shape[1] < self.num_experts:
             out = out + self.skipped_fill(experts).to(out.dtype)
-        return out.view(shape)
+        return self.add_shared(flat, out).view(shape)
 
 
 def triton_moe_ffn(*args):

@@ -45,6 +45,7 @@ from cpmctl.checkpoint import read_config
 from cpmctl.config import ModelConfig
 from cpmctl.devices import DTYPES
 from cpmctl.errors import UserError
+from cpmctl.hf import config_from_hf
 from cpmctl.model import build_model
 from cpmctl.report import human_bytes, human_count
 
@@ -93,10 +94,25 @@ def is_assumed(path: Any, stand_ins: StandIns | None = None) -> bool:
     return not (path / CONFIG_FILE).is_file() and _stand_in(path, stand_ins) is not None
 
 
+def hf_model_config(path: Any) -> dict[str, Any] | None:
+    """The config.json of a Hugging Face model directory (one naming a model_type), else None."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and "model_type" in data and "arch" not in data else None
+
+
 def checkpoint_config(path: Any, stand_ins: StandIns | None = None) -> ModelConfig:
     """The ModelConfig of the checkpoint at `path` from its config.json alone (no weights), or
-    its stand-in."""
+    its stand-in. A Hugging Face model directory's config.json is translated as import would."""
     path = Path(path)
+    hf_config = hf_model_config(path)
+    if hf_config is not None:
+        return config_from_hf(hf_config)
     if (path / CONFIG_FILE).is_file():
         return read_config(path)
     stand_in = _stand_in(path, stand_ins)
@@ -115,7 +131,12 @@ def source_note(path: Any, what: str, stand_ins: StandIns | None = None) -> str 
 
 
 def stored_dtype(path: Any) -> str | None:
-    """The dominant dtype the checkpoint writer recorded in cpmctl.json (None: unknown)."""
+    """The dominant dtype the checkpoint writer recorded in cpmctl.json, or a Hugging Face
+    config.json's torch_dtype (None: unknown)."""
+    hf_config = hf_model_config(path)
+    if hf_config is not None:
+        value = hf_config.get("dtype", hf_config.get("torch_dtype"))
+        return value if value in DTYPES else None
     provenance = Path(path) / PROVENANCE_FILE
     if not provenance.is_file():
         return None

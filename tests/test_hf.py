@@ -501,7 +501,7 @@ def test_error_bad_dtype(t5_dir, tmp_path):
 
 def test_error_unknown_family(t5_dir, tmp_path):
     edit_config(t5_dir, model_type="roberta")
-    with pytest.raises(UserError, match=r"unsupported model_type 'roberta'; supported model types: bert, gemma, gemma2, gpt2, llama, mistral, mt5, phi3, qwen2, qwen3, t5$"):
+    with pytest.raises(UserError, match=r"unsupported model_type 'roberta'; supported model types: bert, deepseek_v3, gemma, gemma2, gpt2, llama, mistral, mixtral, mt5, olmoe, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, t5$"):
         hf.import_hf(t5_dir, tmp_path / "out")
 
 

@@ -53,7 +53,7 @@ def test_sharded_import_works(tmp_path, sharded):
 
 def test_unknown_model_type_lists_families(tmp_path, sharded):
     edit_config(sharded, model_type="falcon")
-    assert_refused(tmp_path, sharded, "unsupported model_type 'falcon'; supported model types: bert, gemma, gemma2, gpt2, llama, mistral, mt5, phi3, qwen2, qwen3, t5")
+    assert_refused(tmp_path, sharded, "unsupported model_type 'falcon'; supported model types: bert, deepseek_v3, gemma, gemma2, gpt2, llama, mistral, mixtral, mt5, olmoe, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe, t5")
 
 
 def test_missing_shard(tmp_path, sharded):
@@ -105,5 +105,6 @@ def test_export_of_a_model_without_hf_form(tmp_path):
     from cpmctl.model import build_model
 
     ck = tmp_path / "moe"
-    save_model(build_model(ModelConfig.from_preset("llama-tiny", moe=dict(experts=4, expert_size=40))), ck)
-    assert_refused(tmp_path, ck, "cannot export a mixture-of-experts model to Hugging Face", "--export")
+    # a MoEfied router (experts summed with weight 1) is in no Hugging Face MoE family
+    save_model(build_model(ModelConfig.from_preset("llama-tiny", moe=dict(experts=4, expert_size=40, router="center"))), ck)
+    assert_refused(tmp_path, ck, "cannot export this mixture-of-experts model to Hugging Face: its center router", "--export")

@@ -10,7 +10,9 @@ config.json's `model_type`, never from file names.
     decoder.py  the Llama-shaped decoders' shared translation, one switch per difference
     weights.py  reading config.json and the weights lazily (safetensors' safe_open, or .bin)
     convert.py  import_hf / export_hf and the rule engine, both directions
-    bert.py, t5.py, gpt2.py, llama.py, mistral.py, qwen2.py, qwen3.py, gemma.py, gemma2.py, phi3.py
+    experts.py  the MoE families' layers, router settings and expert tensors (both layouts)
+    bert.py, t5.py, gpt2.py, llama.py, mistral.py, qwen2.py, qwen3.py, gemma.py, gemma2.py, phi3.py,
+    mixtral.py, qwen2_moe.py, qwen3_moe.py, olmoe.py, deepseek_v3.py
 
 Adding a family is adding its module here and its name in family.FAMILY_MODULES; the model core
 gains whatever new feature it needs as a ModelConfig field.

@@ -30,6 +30,7 @@ from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
 from cpmctl.fsutil import atomic_directory, check_new_output
 from cpmctl.hf.family import Family, Rule, WeightFacts, families, find, get_family, head_tied, supported
+from cpmctl.hf.experts import check_expert_counts
 from cpmctl.hf.weights import HF_CONFIG, HF_SAFETENSORS, HF_SAFETENSORS_INDEX, HFWeights, read_hf_config, resolve_source
 
 log = logging.getLogger("cpmctl.hf")
@@ -97,6 +98,8 @@ def _lossless(family: Family, config: ModelConfig, hf: Mapping[str, Any]) -> lis
         return [str(exc)]
     head_fields = {"tie_embeddings", "scale_tied_logits", "lm_head_transform", "lm_head_bias"}
     skip = family.unused_fields | (set() if config.lm_head else head_fields)
+    if config.moe is not None and config.moe.layers is None:
+        skip = skip | {"d_ff"}  # every FFN is MoE: the dense width is never used
     return [
         f"{f.name}={getattr(config, f.name)!r} (a {family.model_type} config gives {getattr(back, f.name)!r})"
         for f in dataclasses.fields(ModelConfig)
@@ -106,6 +109,9 @@ def _lossless(family: Family, config: ModelConfig, hf: Mapping[str, Any]) -> lis
 
 def _family_config(family: Family, config: ModelConfig) -> tuple[dict[str, Any] | None, str]:
     """(config.json, "") when `family` holds `config` exactly, else (None, the reason)."""
+    if (config.moe is not None) != family.moe:
+        return None, ("it has no mixture-of-experts layers" if config.moe is not None
+                      else "it is a mixture-of-experts family and this model is dense")
     try:
         hf = family.from_config(config)
     except (KeyError, UserError) as exc:
@@ -114,9 +120,27 @@ def _family_config(family: Family, config: ModelConfig) -> tuple[dict[str, Any] 
     return (None, "it cannot represent " + "; ".join(mismatched)) if mismatched else (hf, "")
 
 
+# Why a MoEfied router (experts are pieces of one dense FFN, summed with weight 1) has no family.
+_MOEFIED_ROUTERS = {
+    "center": "scores the normalised input against expert centres",
+    "mlp": "is a tanh MLP on the normalised input",
+    "oracle": "computes every neuron to choose",
+}
+
+
 def _refuse_unexportable(config: ModelConfig) -> None:
-    if config.moe is not None:
-        raise UserError("cannot export a mixture-of-experts model to Hugging Face: no supported family has MoE layers; restore the dense model first")
+    moe = config.moe
+    if moe is not None and moe.router != "linear":
+        raise UserError(f"cannot export this mixture-of-experts model to Hugging Face: its {moe.router} router "
+                        f"{_MOEFIED_ROUTERS[moe.router]} and sums the chosen experts with weight 1, which no Hugging Face "
+                        "MoE family computes (their routers are a linear layer whose softmax or sigmoid scores weight the "
+                        "experts); restore the dense model first")
+    if moe is not None and (moe.permuted or moe.fill_skipped):
+        raise UserError("cannot export this mixture-of-experts model to Hugging Face: its skipped experts add fill values "
+                        "(MoEfication), which no Hugging Face MoE family computes; restore the dense model first"
+                        if moe.fill_skipped else
+                        "cannot export this MoEfied model to Hugging Face as a MoE: restore the dense model first "
+                        "(its neuron permutation has no place in a Hugging Face MoE family)")
     if config.share_layers:
         raise UserError("cannot export a model with shared layers to Hugging Face: no supported family shares layers")
 
@@ -136,7 +160,8 @@ def export_family(config: ModelConfig, prefer: str | None = None) -> str:
             return name
         reasons[name] = why
     closest = prefer if prefer in reasons else next(
-        (n for n in candidates if ModelConfig(**get_family(n).to_config({}, WeightFacts())).arch == config.arch), candidates[0])
+        (n for n in candidates if get_family(n).moe == (config.moe is not None)
+         and ModelConfig(**get_family(n).to_config({}, WeightFacts())).arch == config.arch), candidates[0])
     raise UserError(f"cannot export this model as Hugging Face {closest}: {reasons[closest]} "
                     f"(no supported family holds it: {supported()})")
 
@@ -177,6 +202,14 @@ def _piece_shapes(rule: Rule, shape: tuple[int, ...], config: ModelConfig) -> li
         return [shape]
     if rule.op == "split":
         return [(shape[0] * rule.parts, *shape[1:])]
+    if rule.op == "stack":
+        return [tuple(shape[1:])] * len(rule.hf)
+    if rule.op == "stack_t":
+        return [tuple(reversed(shape[1:]))] * len(rule.hf)
+    if rule.op == "split1":
+        return [(shape[0], shape[1] * rule.parts, *shape[2:])]
+    if rule.op == "t12":
+        return [(shape[0], shape[2], shape[1])]
     inner, kv_inner = config.n_heads * config.d_head, config.n_kv_heads * config.d_head
     sizes = [inner, kv_inner, kv_inner] if len(rule.hf) == 3 else [kv_inner, kv_inner]
     return [(size, *shape[1:]) for size in sizes]
@@ -208,9 +241,27 @@ def _concatenated(pieces: list[Callable[[], torch.Tensor]], shape: tuple[int, ..
     return out
 
 
+def _stacked(pieces: list[Callable[[], torch.Tensor]], shape: tuple[int, ...], dtype: torch.dtype,
+             transpose: bool) -> torch.Tensor:
+    """torch.stack along a new dim 0 (each piece transposed first with `transpose`), reading one
+    piece at a time so only one source piece is alive."""
+    out = torch.empty(shape, dtype=dtype)
+    for i, read in enumerate(pieces):
+        piece = read()
+        out[i].copy_(piece.t() if transpose else piece)
+        del piece
+    return out
+
+
 def _producer(rule: Rule, tensors: Mapping[str, torch.Tensor], names: list[str], shape: tuple[int, ...],
               dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     """Reads a rule's HF pieces from `tensors` and makes our tensor, when called."""
+    if rule.op in ("stack", "stack_t"):
+        return lambda: _stacked([functools.partial(tensors.__getitem__, n) for n in names], shape, dtype, rule.op == "stack_t")
+    if rule.op == "split1":
+        return lambda: tensors[names[0]].chunk(rule.parts, dim=1)[rule.part]
+    if rule.op == "t12":
+        return lambda: tensors[names[0]].transpose(1, 2)
     if rule.op == "cat":
         return lambda: _concatenated([functools.partial(tensors.__getitem__, n) for n in names], shape, dtype)
     if rule.op == "t":
@@ -264,15 +315,21 @@ def lazy_state_dict_from_hf(
     expected = _expected_shapes(config)
     if {r.ours for r in rules} != set(expected):  # a gap in our own table, not the user's mistake
         raise RuntimeError(f"hf rules for {family} do not cover the model: {sorted(set(expected) ^ {r.ours for r in rules})}")
+    check_expert_counts(config, tensors, source)
     plan: list[tuple[Rule, list[str]]] = []
     used: set[str] = set()
     for rule in rules:
+        rule = _layout_in(rule, tensors)
         found_names = []
         for hf_name, want in zip(rule.hf, _piece_shapes(rule, expected[rule.ours], config)):
             found = find(tensors, hf_name)
             if found is None:
                 raise UserError(f"{source} is missing HF tensor {hf_name}")
             shape = _shape_of(tensors, found)
+            per_expert = rule.op in ("split1", "t12") or rule.ours.endswith((".ffn.router.weight", ".ffn.score_bias"))
+            if config.moe is not None and per_expert and shape and shape[0] != want[0]:
+                raise UserError(f"{source}: HF tensor {found} holds {shape[0]} experts, but config.json says {want[0]}; "
+                                "the checkpoint and its config disagree")
             if shape != want:
                 raise UserError(f"{source}: HF tensor {found} has shape {_shape_str(shape)}, but config.json implies {_shape_str(want)}")
             used.add(found)
@@ -286,6 +343,13 @@ def lazy_state_dict_from_hf(
         shape = expected[rule.ours]
         out[rule.ours] = LazyTensor(dtype, shape, _producer(rule, tensors, names, shape, dtype))
     return out
+
+
+def _layout_in(rule: Rule, tensors: Mapping[str, torch.Tensor]) -> Rule:
+    """The rule, or the first of its alternatives whose tensors the checkpoint uses (fused experts)."""
+    if find(tensors, rule.hf[0]) is not None:
+        return rule
+    return next((alt for alt in rule.alternatives if find(tensors, alt.hf[0]) is not None), rule)
 
 
 def _check_leftovers(fam: Family, config: ModelConfig, tensors, used: set[str], prefix: str, source: str) -> None:
@@ -318,6 +382,12 @@ def _as_lazy(tensor: torch.Tensor | LazyTensor) -> LazyTensor:
 def _piece_of(whole: LazyTensor, sizes: list[int], index: int) -> LazyTensor:
     return LazyTensor(whole.dtype, (sizes[index], *whole.shape[1:]),
                       lambda: torch.split(whole.produce(), sizes, dim=0)[index])
+
+
+def _expert_of(whole: LazyTensor, expert: int, transpose: bool) -> LazyTensor:
+    """Expert `expert` of a stacked [E, a, b] tensor, as [a, b] (or [b, a] transposed)."""
+    shape = tuple(reversed(whole.shape[1:])) if transpose else tuple(whole.shape[1:])
+    return LazyTensor(whole.dtype, shape, lambda: whole.produce()[expert].t() if transpose else whole.produce()[expert])
 
 
 def _transposed(lazy: LazyTensor) -> LazyTensor:
@@ -356,6 +426,8 @@ def lazy_state_dict_to_hf(config: ModelConfig, state_dict: Mapping[str, torch.Te
             out.update((hf_name, _piece_of(lazy, sizes, i)) for i, hf_name in enumerate(rule.hf))
         elif rule.op == "t":
             out[rule.hf[0]] = _transposed(lazy)
+        elif rule.op in ("stack", "stack_t"):
+            out.update((hf_name, _expert_of(lazy, e, rule.op == "stack_t")) for e, hf_name in enumerate(rule.hf))
         elif rule.op == "split":
             parts = splits.setdefault(rule.hf[0], [None] * rule.parts)
             parts[rule.part] = lazy

@@ -6,6 +6,7 @@ Layer tensors (under `model.layers.{i}.`), per switch:
     self_attn.{q,k,v}_proj (+ .bias with qkv_bias) | self_attn.qkv_proj (fused_qkv)
     self_attn.{q,k}_norm (qk_norm), self_attn.o_proj
     mlp.{gate,up,down}_proj | mlp.gate_up_proj (fused_gate_up: gate rows first, then up)
+    MoE layers (moe): the family's MoESpec (cpmctl/hf/experts.py): router, experts, shared expert
     input_layernorm, post_attention_layernorm (the FFN's pre-norm; with sandwich norms it is the
     attention's post-norm and pre_/post_feedforward_layernorm surround the FFN)
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
+from cpmctl.hf.experts import MoESpec, expert_rules
 from cpmctl.hf.family import ACT_TO_HF, Family, Rule, WeightFacts, activation, fused, integer, linear, norm, number, register, special_ids
 
 ROTARY_BUFFERS = ("rotary_emb.inv_freq",)  # recomputed from the config by transformers and by us
@@ -31,6 +33,12 @@ class DecoderSpec:
     act_key: str = "hidden_act"
     qkv_bias: bool = False  # always biased q/k/v (Qwen2)
     qk_norm: bool = False  # Qwen3
+    qk_norm_full: bool = False  # OLMoE: the q/k norms span all heads
+    moe: MoESpec | None = None  # the MoE families' layers and router
+    # Fields computed from the translated ones (DeepSeek's attention scale from its yarn scaling).
+    derive: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    # A family's own attention tensors (DeepSeek's latent attention): (config, ours, hf) -> rules.
+    attention_rules: Callable[[ModelConfig, str, str], list[Rule]] | None = None
     gemma: bool = False  # (1 + w) norms, embeddings scaled by sqrt(d), tied head
     sandwich: bool = False  # Gemma 2: pre- and post-norms around attention and FFN
     fused_qkv: bool = False  # Phi-3
@@ -167,6 +175,7 @@ def _to_config(spec: DecoderSpec):
             "bias": False,
             "qkv_bias": spec.qkv_bias,
             "qk_norm": spec.qk_norm,
+            "qk_norm_full": spec.qk_norm_full,
             "norm_offset": 1.0 if spec.gemma else 0.0,
             "scale_embeddings": spec.gemma,
             "post_norms": spec.sandwich,
@@ -180,6 +189,10 @@ def _to_config(spec: DecoderSpec):
         }
         if spec.read_extra is not None:
             fields.update(spec.read_extra(hf))
+        if spec.moe is not None:
+            fields.update(spec.moe.read(hf, n_layers))
+        if spec.derive is not None:
+            fields.update(spec.derive(fields))
         return fields
 
     return to_config
@@ -228,6 +241,8 @@ def _from_config(spec: DecoderSpec):
                 hf["max_window_layers"] = next((i for i in range(c.n_layers) if c.is_sliding_layer(i)), c.n_layers)
         if spec.write_extra is not None:
             hf.update(spec.write_extra(c))
+        if spec.moe is not None:
+            hf.update(spec.moe.write(c))
         return hf
 
     return from_config
@@ -239,21 +254,27 @@ def _rules(spec: DecoderSpec):
         for i in range(c.n_layers):
             ours, hf = f"decoder.blocks.{i}", f"{p}layers.{i}"
             attn = f"{hf}.self_attn"
-            if spec.fused_qkv:
+            if spec.attention_rules is not None:
+                out += spec.attention_rules(c, f"{ours}.attn", attn)
+            elif spec.fused_qkv:
                 out += linear(f"{ours}.attn.qkv", f"{attn}.qkv_proj", c.qkv_bias)
             else:
                 out += fused(f"{ours}.attn.qkv", tuple(f"{attn}.{n}_proj" for n in "qkv"), c.qkv_bias)
             if c.qk_norm:
                 out += norm(f"{ours}.attn.q_norm", f"{attn}.q_norm", c)
                 out += norm(f"{ours}.attn.k_norm", f"{attn}.k_norm", c)
-            out += linear(f"{ours}.attn.o", f"{attn}.o_proj", False)
-            if spec.fused_gate_up:
+            if spec.attention_rules is None:
+                out += linear(f"{ours}.attn.o", f"{attn}.o_proj", False)
+            if c.is_moe_layer("decoder", i):
+                out += expert_rules(spec.moe, c, f"{ours}.ffn", hf)
+            elif spec.fused_gate_up:
                 up = f"{hf}.mlp.gate_up_proj.weight"
                 out += [Rule(f"{ours}.ffn.w_gate.weight", (up,), "split", 0, 2), Rule(f"{ours}.ffn.w_in.weight", (up,), "split", 1, 2)]
             else:
                 out += linear(f"{ours}.ffn.w_gate", f"{hf}.mlp.gate_proj", False)
                 out += linear(f"{ours}.ffn.w_in", f"{hf}.mlp.up_proj", False)
-            out += linear(f"{ours}.ffn.w_out", f"{hf}.mlp.down_proj", False)
+            if not c.is_moe_layer("decoder", i):
+                out += linear(f"{ours}.ffn.w_out", f"{hf}.mlp.down_proj", False)
             out += norm(f"{ours}.attn_norm", f"{hf}.input_layernorm", c)
             if c.post_norms:
                 out += norm(f"{ours}.attn_post_norm", f"{hf}.post_attention_layernorm", c)
@@ -279,6 +300,7 @@ def register_decoder(spec: DecoderSpec) -> Family:
         head=("embed_tokens.weight", "lm_head.weight"),
         redundant=ROTARY_BUFFERS,
         unused_fields=spec.unused_fields,
+        moe=spec.moe is not None,
     ))
 
 

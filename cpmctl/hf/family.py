@@ -22,7 +22,8 @@ log = logging.getLogger("cpmctl.hf")
 
 # Import order is the order export tries families in: the first that holds a config exactly wins
 # (a checkpoint imported from Hugging Face exports as its own family first).
-FAMILY_MODULES = ("t5", "bert", "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+FAMILY_MODULES = ("t5", "bert", "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3",
+                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class Rule:
     op "copy": the same tensor; "cat": the HF tensors concatenated along dim 0 (our fused qkv /
     kv from separate projections); "split": one HF tensor holding several of ours along dim 0
     (Phi-3's fused gate_up), `part` of `parts`; "t": transposed (GPT-2's Conv1D [in, out]).
+    Experts: "stack": one HF tensor per expert stacked along a new dim 0; "stack_t": the same,
+    each transposed (per-expert down projections); "split1": a fused 3-D tensor holding several
+    of ours along dim 1 (gate_up_proj [E, 2 d_e, d]); "t12": a 3-D tensor with its last two dims
+    swapped (down_proj [E, d, d_e]).
+    `alternatives`: the same tensor in another layout a checkpoint may use (transformers' fused
+    experts), read when this rule's first HF tensor is absent; export writes this rule's layout.
     """
 
     ours: str
@@ -39,6 +46,7 @@ class Rule:
     op: str = "copy"
     part: int = 0
     parts: int = 1
+    alternatives: tuple["Rule", ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,8 @@ class Family:
     missing_head_is_tied: bool = False
     # Extra HF tensors export writes as copies of ours: {hf name: our name} (T5's tied, unscaled head).
     extra_exports: Callable[[ModelConfig], dict[str, str]] | None = None
+    # Whether the family has mixture-of-experts layers (only those hold a config with `moe`).
+    moe: bool = False
 
     def prefix_of(self, names) -> str:
         """The base-model prefix these weights use (the family's, or none)."""

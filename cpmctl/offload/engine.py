@@ -110,7 +110,7 @@ class OffloadedMoE(nn.Module):
             out = out + moe.b_out
         if moe.fill_out is not None and k < moe.num_experts:
             out = out + fill_for_skipped(moe.fill_out, experts).to(out.dtype)
-        return out.view(shape)
+        return moe.add_shared(flat, out).view(shape)
 
     @torch.no_grad()
     def prefetch_for(self, x: Tensor) -> None:

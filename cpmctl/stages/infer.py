@@ -31,7 +31,7 @@ from cpmctl.model import iteration_info, set_iterations
 from cpmctl.moe import resolve_kernels, set_kernels
 from cpmctl.offload import (StoredTensor, load_offloaded, offload_run_dtype, plan_offload, run_weight_bytes,
                             stored_tensors)
-from cpmctl.plan import checkpoint_config, is_assumed, make_plan, meta_model, source_note, stored_dtype
+from cpmctl.plan import checkpoint_config, hf_model_config, is_assumed, make_plan, meta_model, source_note, stored_dtype
 from cpmctl.prompt import classify
 from cpmctl.tasks import Example, load_examples
 from cpmctl.tokenizer import load_tokenizer
@@ -139,6 +139,8 @@ def kv_cache_bytes(config, applications: int, batch: int, prompt: int, new_token
     if config.arch == "encoder" or new_tokens == 0:
         return 0
     per_position = 2 * config.n_kv_heads * config.d_head * itemsize * batch * applications
+    if config.mla is not None:  # latent attention caches its latent and one shared rotary key
+        per_position = (config.mla.kv_lora_rank + config.mla.qk_rope_dim) * itemsize * batch * applications
     if config.arch == "encoder-decoder":
         return per_position * (1 + new_tokens + prompt)
     return per_position * (prompt + new_tokens)
@@ -155,10 +157,13 @@ def plan(cfg: InferConfig, *, stand_ins=None):
     resolve_kernels(cfg.kernels, device)
     if cfg.iterations is not None or cfg.step_size is not None:
         set_iterations(model, cfg.iterations, cfg.step_size)
-    if not is_assumed(cfg.checkpoint, stand_ins) and not (Path(cfg.checkpoint) / "tokenizer").is_dir():
+    hf_dir = hf_model_config(cfg.checkpoint) is not None  # a Hugging Face model: planned from config.json alone
+    if hf_dir:
+        notes.append(f"{cfg.checkpoint} is a Hugging Face model: planned from its config.json (convert hf to run it)")
+    if not is_assumed(cfg.checkpoint, stand_ins) and not hf_dir and not (Path(cfg.checkpoint) / "tokenizer").is_dir():
         raise UserError(f"checkpoint {cfg.checkpoint} has no tokenizer/ directory; copy the tokenizer it was trained with there")
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    headers = _weight_headers(cfg.checkpoint) if not is_assumed(cfg.checkpoint, stand_ins) else None
+    headers = _weight_headers(cfg.checkpoint) if not (is_assumed(cfg.checkpoint, stand_ins) or hf_dir) else None
     try:
         if headers is not None:
             check_state_dict_matches(shapes, headers.shapes())
@@ -187,7 +192,7 @@ def plan(cfg: InferConfig, *, stand_ins=None):
             itemsize = run_dtype.itemsize
             offload = plan_offload(model, tensors, mode=cfg.offload, budget=_budget_bytes(cfg, tensors, requested),
                                    dtype=run_dtype, device=device)
-            breakdown, details = _offload_rows(model, offload)
+            breakdown, details = _offload_rows(model, offload, _bandwidth(cfg))
             if headers is None and device.type == "cpu":
                 notes.append("slot alignment assumed (no weight headers): slots may be a few 64-byte lines larger")
     finally:
@@ -219,7 +224,27 @@ def plan(cfg: InferConfig, *, stand_ins=None):
                                            **details})
 
 
-def _offload_rows(model, offload) -> tuple[dict[str, int], dict]:
+def _bandwidth(cfg: InferConfig) -> int | None:
+    """--bandwidth in bytes per second ("3GB/s", "3GB" or bytes)."""
+    if cfg.bandwidth is None:
+        return None
+    try:
+        value = parse_size(str(cfg.bandwidth).strip().lower().removesuffix("/s"))
+    except UserError as exc:
+        raise UserError(f"--bandwidth {cfg.bandwidth}: {exc}") from None
+    if value < 1:
+        raise UserError(f"--bandwidth {cfg.bandwidth}: must be more than 0 bytes per second")
+    return value
+
+
+def expected_expert_bytes(top_k: int, layers: int, slot_bytes: int, slots: int, units: int) -> int:
+    """Expert bytes moved per generated token (batch 1) at a budget, when routing spreads tokens
+    evenly over the experts: each of the k experts per layer is cached with probability
+    slots / units, else loaded."""
+    return round(top_k * layers * slot_bytes * (1 - slots / units))
+
+
+def _offload_rows(model, offload, bandwidth: int | None = None) -> tuple[dict[str, int], dict]:
     """The dry run's memory rows and explanation rows of the offload engine's plan."""
     arithmetic, kind, slots, budget, mode = offload.arithmetic, offload.unit_kind, offload.slots, offload.budget, offload.mode
     breakdown = {"resident": arithmetic.resident_bytes, "offload slots": slots * arithmetic.slot_bytes}
@@ -240,6 +265,15 @@ def _offload_rows(model, offload) -> tuple[dict[str, int], dict]:
         details["bytes per token moved (top-k)"] = (
             f"at most {config.moe.top_k} expert(s) x {human_bytes(arithmetic.slot_bytes)} x {layers} MoE layers = "
             f"{human_bytes(moved)} per generated token when none is cached")
+        expected = expected_expert_bytes(config.moe.top_k, layers, arithmetic.slot_bytes, slots, arithmetic.units)
+        details["expert bytes per token at this budget"] = (
+            f"{human_bytes(expected)} ({expected:,} B): {slots} of {arithmetic.units} experts cached, routing spread evenly")
+        details["expert_bytes_per_token"] = expected
+        if bandwidth is not None:
+            rate = math.inf if expected == 0 else bandwidth / expected
+            details["transfer-bound tokens/s"] = (
+                f"{rate:.3g} at {human_bytes(bandwidth)}/s (batch 1; {bandwidth / moved:.3g} when nothing is cached)")
+            details["transfer_bound_tokens_per_s"] = None if math.isinf(rate) else round(rate, 4)
     else:
         moved = (arithmetic.units - slots) * arithmetic.slot_bytes
         details["bytes per token moved"] = f"{arithmetic.units - slots} streamed blocks x {human_bytes(arithmetic.slot_bytes)} = {human_bytes(moved)} per forward pass"

@@ -1,0 +1,226 @@
+"""The Hugging Face mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) against
+transformers on tiny random models, every parameter random: fp32 logits within 1e-5 from both
+checkpoint layouts (the published per-expert tensors and transformers' fused 3-D ones, which
+give bit-identical cpmctl weights), `cpmctl infer --input` greedy generation token-identical to
+transformers' `generate` on a left-padded batch, `convert hf --export` loading back with
+AutoModelForCausalLM, the Triton MoE kernels (under the interpreter) giving the torch path's
+logits for each routing, and the bad inputs the issue lists (exit 2, one line, nothing written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+from test_hf_families import COMMON, PROMPTS, VOCAB, randomize, word_tokenizer  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from cpmctl import hf  # noqa: E402
+from cpmctl.checkpoint import load_model  # noqa: E402
+from cpmctl.cli import app  # noqa: E402
+from cpmctl.moe import MoEFeedForward, set_kernels  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+TOL = 1e-5
+
+# name -> (config class, model class, config kwargs, pad token, what our config must show)
+MOE_FAMILIES = {
+    # k = 2 of 8, softmax over the chosen experts, a sliding window on every layer
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=6,
+                                                            intermediate_size=48, pad_token_id=None),
+                False, {"experts": 8, "top_k": 2, "norm_topk": True}),
+    # a sigmoid-gated shared expert, unnormalised top-k, a dense layer (mlp_only_layers), biased q/k/v
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                               shared_expert_intermediate_size=48, mlp_only_layers=[1],
+                                                               norm_topk_prob=False, pad_token_id=3),
+                  True, {"experts": 8, "shared_size": 48, "shared_gate": True, "norm_topk": False,
+                         "layers": ["decoder.0", "decoder.2"]}),
+    # normalised top-k, per-head q/k norm, decoder_sparse_step 2 (layer 1 sparse only)
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32,
+                                                               head_dim=24, norm_topk_prob=True, decoder_sparse_step=2,
+                                                               pad_token_id=3),
+                  True, {"experts": 16, "top_k": 4, "norm_topk": True, "layers": ["decoder.1"]}),
+    # k = 8 of 64 small experts, q/k norms over all heads, clip_qkv
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=64, num_experts_per_tok=8, intermediate_size=16, clip_qkv=3.0,
+                                                     pad_token_id=3, eos_token_id=2),
+              True, {"experts": 64, "top_k": 8, "norm_topk": False}),
+    # latent attention (q and kv low rank, decoupled rope dims, interleaved pairs, yarn with
+    # mscale_all_dim), a dense first layer, 2 shared experts, sigmoid scores with a selection
+    # bias, group-limited top-4 (2 of 4 groups), routed_scaling_factor
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, n_shared_experts=2,
+        moe_intermediate_size=16, routed_scaling_factor=2.5, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4, pad_token_id=3,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 32,
+                         "mscale": 1.0, "mscale_all_dim": 0.707}),
+        True, {"experts": 16, "top_k": 4, "scoring": "sigmoid", "score_bias": True, "groups": 4, "topk_groups": 2,
+               "routed_scale": 2.5, "shared_size": 32, "layers": ["decoder.1", "decoder.2"]}),
+    # without the q bottleneck, rotary dims as two halves, plain rope
+    "deepseek_v3-direct": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=0, n_shared_experts=1,
+        moe_intermediate_size=16, routed_scaling_factor=1.5, norm_topk_prob=False, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, num_key_value_heads=4, rope_interleave=False, pad_token_id=3),
+        True, {"experts": 8, "groups": 2, "topk_groups": 1, "norm_topk": False, "layers": None}),
+}
+
+
+def build_moe(name: str, seed: int = 0, **overrides):
+    cfg_cls, model_cls, kwargs, _, _ = MOE_FAMILIES[name]
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = randomize(getattr(transformers, model_cls)(cfg), seed + 1)
+    with torch.no_grad():  # DeepSeek's selection bias is a buffer: random too, at the scores' scale
+        gen = torch.Generator().manual_seed(seed + 2)
+        for buffer_name, buffer in model.named_buffers():
+            if buffer_name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.05 * torch.randn(buffer.shape, generator=gen))
+    return model
+
+
+def save_moe(name: str, tmp_path: Path, *, fused: bool = False, seed: int = 0, **overrides):
+    model = build_moe(name, seed, **overrides)
+    src = tmp_path / f"{name}-{'fused' if fused else 'hf'}"
+    model.save_pretrained(src, save_original_format=not fused)
+    word_tokenizer(bos=True, pad=MOE_FAMILIES[name][3]).save_pretrained(src)
+    return model, src
+
+
+def batch_inputs():
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, VOCAB, (3, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("name", list(MOE_FAMILIES))
+def test_moe_family_parity_generation_export(tmp_path, name):
+    ref, src = save_moe(name, tmp_path)
+    names = load_file(src / "model.safetensors")
+    assert any(".experts.0." in n for n in names)  # the published per-expert layout
+    ck = hf.import_hf(src, tmp_path / f"{name}-ck")
+    ours, handle = load_model(ck)
+    handle.close()
+    for key, want in MOE_FAMILIES[name][4].items():
+        assert getattr(ours.config.moe, key) == want, key
+
+    ids, mask, positions = batch_inputs()
+    with torch.inference_mode():
+        want = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = ours(ids, mask, position_ids=positions)
+        want_full, got_full = ref(input_ids=ids).logits, ours(ids)
+    assert float((want - got).abs()[mask.bool()].max()) <= TOL
+    assert float((want_full - got_full).abs().max()) <= TOL
+
+    # transformers' fused 3-D layout imports to the same weights, bit for bit
+    _, fused_src = save_moe(name, tmp_path, fused=True)
+    assert any(n.endswith("experts.gate_up_proj") for n in load_file(fused_src / "model.safetensors"))
+    fused_ck = hf.import_hf(fused_src, tmp_path / f"{name}-fused-ck")
+    assert load_file(fused_ck / "model.safetensors").keys() == load_file(ck / "model.safetensors").keys()
+    for key, tensor in load_file(fused_ck / "model.safetensors").items():
+        assert torch.equal(tensor, load_file(ck / "model.safetensors")[key]), key
+
+    # export: the published layout, which transformers loads as the same family
+    exported = hf.export_hf(ck, tmp_path / f"{name}-export")
+    assert any(".experts.0." in n for n in load_file(exported / "model.safetensors"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert type(back) is type(ref)
+    with torch.inference_mode():
+        assert float((back(input_ids=ids).logits - want_full).abs().max()) <= TOL
+
+    # cpmctl infer --input: greedy, a padded batch of prompts of different lengths
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": t}) + "\n" for t in PROMPTS))
+    result = CliRunner().invoke(app, ["infer", str(ck), "--input", str(prompts), "--max-new-tokens", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    outputs = json.loads(result.stdout)["result"]["outputs"]
+    tok = word_tokenizer(bos=True, pad=MOE_FAMILIES[name][3])
+    tok.padding_side = "left"
+    if tok.pad_token is None:  # as Mixtral ships: pad with eos for transformers
+        tok.pad_token = tok.eos_token
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = ref.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=2)
+    for row, o in zip(out[:, batch["input_ids"].shape[1]:].tolist(), outputs):
+        row = row[: row.index(2)] if 2 in row else row
+        assert o["generated"] == tok.decode(row, skip_special_tokens=True), (o, row)
+
+
+@pytest.mark.kernels
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter (no CUDA) or a GPU run")
+# k=2 of 8, k=8 of 64, shared experts, group-limited selection
+@pytest.mark.parametrize("name", ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3"])
+def test_triton_kernels_match_torch_for_each_routing(tmp_path, name):
+    pytest.importorskip("triton")
+    _, src = save_moe(name, tmp_path)
+    ours, handle = load_model(hf.import_hf(src, tmp_path / "ck"))
+    handle.close()
+    ids, mask, positions = batch_inputs()
+    with torch.inference_mode():
+        torch_logits = ours(ids, mask, position_ids=positions)
+        assert set_kernels(ours, "triton") == sum(isinstance(m, MoEFeedForward) for m in ours.modules())
+        triton_logits = ours(ids, mask, position_ids=positions)
+    assert float((torch_logits - triton_logits).abs().max()) <= TOL
+
+
+# -- bad input: exit 2, one line, nothing written ------------------------------------------------
+def convert(src: Path, out: Path):
+    result = CliRunner().invoke(app, ["convert", "hf", str(src), str(out)])
+    assert result.exit_code == 2, result.output
+    assert not out.exists()
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def edit_config(src: Path, **changes) -> None:
+    path = src / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def test_expert_count_disagreeing_with_config(tmp_path):
+    _, src = save_moe("mixtral", tmp_path)
+    edit_config(src, num_local_experts=6)
+    line = convert(src, tmp_path / "out")
+    assert "holds 8 experts in layer 0" in line and "says 6" in line
+    _, fused = save_moe("mixtral", tmp_path, fused=True)
+    edit_config(fused, num_local_experts=10)
+    line = convert(fused, tmp_path / "out2")
+    assert "holds 8 experts" in line and "says 10" in line
+
+
+def test_missing_expert_tensor(tmp_path):
+    _, src = save_moe("qwen3_moe", tmp_path)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.5.down_proj.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    assert "missing HF tensor model.layers.1.mlp.experts.5.down_proj.weight" in convert(src, tmp_path / "out")
+
+
+def test_top_k_above_expert_count(tmp_path):
+    _, src = save_moe("olmoe", tmp_path)
+    edit_config(src, num_experts_per_tok=65)
+    assert "num_experts_per_tok=65 of 64 experts" in convert(src, tmp_path / "out")
+
+
+def test_unimplemented_features_are_named(tmp_path):
+    _, src = save_moe("qwen2_moe", tmp_path)
+    edit_config(src, use_sliding_window=True, sliding_window=4)
+    assert "unsupported qwen2_moe feature use_sliding_window=True" in convert(src, tmp_path / "out")
+    for key, value in (("scoring_func", "softmax"), ("topk_method", "group_limited_greedy"), ("moe_layer_freq", 2)):
+        _, src = save_moe("deepseek_v3", tmp_path / key)
+        edit_config(src, **{key: value})
+        assert f"unsupported deepseek_v3 router feature {key}={value!r}" in convert(src, tmp_path / key / "out")
+    _, src = save_moe("deepseek_v3", tmp_path / "fp8")
+    edit_config(src, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
+    assert "quantization_config (quant_method='fp8')" in convert(src, tmp_path / "fp8" / "out")
