@@ -134,6 +134,15 @@ class InheritConfig:
     force: bool = option(False, help=FORCE_HELP)
 
 
+@dataclass
+class QuantizeConfig:
+    checkpoint: Path = option(help="A MoE checkpoint (float weights).", argument=True)
+    out: Path = option(help="Output checkpoint directory.", argument=True)
+    experts: str = option(help="Store the routed experts' weights as int8 (one scale per output row) or int4 (groups, with zeros).")
+    group_size: int | None = option(None, help="int4: inputs per scale and zero (32, 64, 128 or 256; default 64).")
+    force: bool = option(False, help=FORCE_HELP)
+
+
 # The value sets of choice options live here, at the bottom of the layers; the library modules that
 # implement them (moefication, prompt, offload) import them from here.
 SPLITS = ("cluster", "coactivation", "random")
