@@ -35,6 +35,13 @@ from cpmctl.errors import UserError
 
 SCALE_DTYPE = torch.bfloat16
 INT4_OFFSET = 8
+# The tensors a quantized weight NAME is stored as: NAME.qweight, NAME.scales (, NAME.zeros).
+QUANT_PARTS = ("qweight", "scales", "zeros")
+
+
+def is_quantized_part(name: str) -> bool:
+    """Whether a stored tensor is a piece of a quantized weight (kept in its stored dtype when run)."""
+    return name.rpartition(".")[2] in QUANT_PARTS
 
 
 @dataclass(frozen=True)

@@ -161,3 +161,50 @@ def test_cli_quantize_and_its_bad_input(moe_ckpt, tmp_path):
     assert "(--group-size)" in bad.output and not (tmp_path / "x").exists()
     again = runner.invoke(app, ["quantize", str(tmp_path / "q4"), str(tmp_path / "y"), "--experts", "int8"])
     assert again.exit_code == 2 and "already quantized" in again.output and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32)])
+def test_offloaded_quantized_experts_equal_resident_bit_for_bit(moe_ckpt, tmp_path, scheme, group):
+    from cpmctl.generate import generate
+    from cpmctl.offload import checkpoint_weight_bytes, load_offloaded
+
+    out = tmp_path / scheme
+    quantize_checkpoint(moe_ckpt, out, experts=scheme, group_size=group)
+    prompts = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(4))
+    resident, ckpt = load_model(out)
+    with torch.no_grad():
+        want_logits = resident(prompts)
+        want_tokens, _ = generate(resident, prompts, max_new_tokens=4)
+        want_one, _ = generate(resident, prompts[:1], max_new_tokens=4)
+    ckpt.close()
+    total = checkpoint_weight_bytes(out)
+    with open_checkpoint(out) as q:
+        assert total == sum(q.tensor_info(n).nbytes if n.rpartition(".")[2] in ("qweight", "scales", "zeros")
+                            else q.tensor_info(n).nbytes for n in q.tensor_names())  # fp32 model: stored bytes
+    model, ckpt, engine = load_offloaded(out, mode="disk", budget=total, device=torch.device("cpu"), dtype=None)
+    minimum, slot = engine.stats()["minimum_bytes"], engine.stats()["slot_bytes"]
+    assert engine.stats()["slots"] == 8
+    engine.close()
+    ckpt.close()
+    for budget in (minimum, minimum + 3 * slot):  # 1 and 4 of the 8 experts' slots
+        model, ckpt, engine = load_offloaded(out, mode="disk", budget=budget, device=torch.device("cpu"), dtype=None)
+        try:
+            with torch.no_grad():
+                assert torch.equal(model(prompts), want_logits)
+                assert torch.equal(generate(model, prompts, max_new_tokens=4)[0], want_tokens)
+                assert torch.equal(generate(model, prompts[:1], max_new_tokens=4)[0], want_one)
+            stats = engine.stats()
+            assert stats["slots"] < 8 and stats["misses"] > 0
+            per_expert = sum(p.nbytes for p in engine.units[0].parts)
+            assert stats["bytes_moved"] == stats["loads"] * per_expert
+        finally:
+            engine.close()
+            ckpt.close()
+
+
+def test_a_budget_below_one_quantized_slot_states_the_minimum(moe_ckpt, tmp_path):
+    from cpmctl.offload import load_offloaded
+
+    quantize_checkpoint(moe_ckpt, tmp_path / "q", experts="int4", group_size=64)
+    with pytest.raises(UserError, match=r"below this model's minimum of .* one quantized expert slot"):
+        load_offloaded(tmp_path / "q", mode="disk", budget=1000, device=torch.device("cpu"), dtype=None)

@@ -17,6 +17,7 @@ from cpmctl.moe import expert_jobs, expert_output, fill_for_skipped
 from cpmctl.offload.cache import CopySlots, UnitCache
 from cpmctl.offload.plan import OffloadPlan, check_offload_device, offload_run_dtype, plan_offload, run_weight_bytes, stored_tensors
 from cpmctl.offload.reader import DiskSource, Part, Unit, make_part, resident_copy
+from cpmctl.quant import QuantizedView
 
 
 
@@ -162,11 +163,15 @@ class OffloadEngine:
         self.staging_bytes = 0  # host buffers that convert stored dtypes (counted on a CPU)
         self._compute = (0.0, 0.0)  # seconds = c0 + c1 * rows for one expert
         self._staging = threading.local()
+        # Quantized experts stay in their stored bytes, in byte slots (plan.raw).
+        self.slot_dtype = torch.uint8 if plan.raw else dtype
+        self.quant = next(((m.w_in.scheme, m.w_in.group_size) for m in model.modules() if getattr(m, "quantized", False)), None)
         if plan.mode == "cpu":
             self._pack_in_host_memory()
         self.cache = None
         if units:
-            store = CopySlots(plan.slots, plan.arithmetic.slot_bytes // dtype.itemsize, dtype, device, self._read_unit)
+            store = CopySlots(plan.slots, plan.arithmetic.slot_bytes // self.slot_dtype.itemsize, self.slot_dtype, device,
+                              self._read_unit, raw=plan.raw)
             self.cache = UnitCache(plan.slots, store)
         self._swap_modules(model)
         if plan.unit_kind == "expert" and units:
@@ -177,8 +182,7 @@ class OffloadEngine:
         """--offload cpu: every unit packed once into (pinned, on CUDA) host memory."""
         pin = self.device.type == "cuda"
         for unit in self.units:
-            span = unit.offsets[-1] + math.prod(unit.parts[-1].shape)
-            packed = torch.empty(span, dtype=self.dtype, pin_memory=pin)
+            packed = torch.empty(self._span(unit), dtype=self.slot_dtype, pin_memory=pin)
             self._fill(unit, packed)
             self.host[unit.key] = packed
 
@@ -194,8 +198,17 @@ class OffloadEngine:
             buffers[part.stored_dtype] = buf
         return buf[:numel]
 
+    def _span(self, unit: Unit) -> int:
+        """Elements of the slot dtype from the start of `unit`'s layout to its end (padding included)."""
+        last = unit.parts[-1]
+        return unit.offsets[-1] + (last.nbytes if self.plan.raw else math.prod(last.shape))
+
     def _fill(self, unit: Unit, target: Tensor) -> None:
-        """Read `unit` from disk into `target` (a host tensor of the run dtype), part by part."""
+        """Read `unit` from disk into `target` (a host tensor of the slot dtype), part by part."""
+        if self.plan.raw:
+            for p, offset in zip(unit.parts, unit.offsets):
+                self.source.read_part(p, target[offset : offset + p.nbytes])
+            return
         for p, offset in zip(unit.parts, unit.offsets):
             numel = math.prod(p.shape)
             dest = target[offset : offset + numel]
@@ -207,16 +220,18 @@ class OffloadEngine:
                 dest.copy_(staged, non_blocking=True)
 
     def _read_unit(self, unit: Unit, slot: Tensor) -> int:
-        span = unit.offsets[-1] + math.prod(unit.parts[-1].shape)  # the unit's layout, padding included
+        span = self._span(unit)
         if self.plan.mode == "cpu":
             slot[:span].copy_(self.host[unit.key], non_blocking=True)
         elif slot.device.type == "cpu":
             self._fill(unit, slot)
         else:
-            staging = self._stage(Part("", (span,), Path(), 0, span * self.dtype.itemsize, self.dtype, None))
+            staging = self._stage(Part("", (span,), Path(), 0, span * self.slot_dtype.itemsize, self.slot_dtype, None))
             self._fill(unit, staging)
             slot[:span].copy_(staging, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()  # the staging buffer is reused next
+        if self.plan.raw:
+            return sum(p.nbytes for p in unit.parts)
         return unit.numel * self.dtype.itemsize
 
     # -- module swapping --
@@ -247,7 +262,13 @@ class OffloadEngine:
             if previous_block is not None and first is not previous_block:
                 previous_block.link_next(first)  # the next token starts over
 
-    def expert_views(self, views: list[Tensor]) -> tuple[Tensor, Tensor | None, Tensor]:
+    def expert_views(self, views: list[Tensor]) -> tuple:
+        if self.quant is not None:  # (qweight, scales[, zeros]) per weight, in w_in, w_gate, w_out order
+            scheme, group = self.quant
+            per = 3 if scheme == "int4" else 2
+            weights = [QuantizedView(scheme, group, v[0], v[1], v[2] if per == 3 else None)
+                       for v in (views[i : i + per] for i in range(0, len(views), per))]
+            return (weights[0], weights[1], weights[2]) if len(weights) == 3 else (weights[0], None, weights[1])
         if len(views) == 3:
             return views[0], views[1], views[2]
         return views[0], None, views[1]
@@ -262,7 +283,8 @@ class OffloadEngine:
         times = []
         with torch.no_grad():
             for rows in (1, 16):
-                x = torch.zeros(rows, w_in.shape[1], dtype=self.dtype, device=self.device)
+                width = w_in.in_features if isinstance(w_in, QuantizedView) else w_in.shape[1]
+                x = torch.zeros(rows, width, dtype=self.dtype, device=self.device)
                 expert_output(x, w_in, w_gate, w_out, None, None, activation)
                 self._sync()
                 start = time.perf_counter()
