@@ -121,3 +121,55 @@ def test_recorded_routing_matches_the_layers_and_their_pre_gated_guesses():
         if j:  # layer j's router on layer j-1's input
             guess = sorted(set(ffn.route(seen[layers[j - 1][1]])[0].flatten().tolist()))
             assert trace.guesses[j] == [(stack, i, e) for e in guess]
+
+
+# -- where experts compute (Fiddler's cost model, llama.cpp's per-layer pin) -------------------------
+from cpmctl.errors import UserError  # noqa: E402
+from cpmctl.offload.placement import (ComputeCosts, ExpertShape, check_expert_compute, choose_route,  # noqa: E402
+                                      crossover_rows, device_seconds, host_pinned, host_seconds)
+
+# A 1 MiB fp32 expert (d 256, d_e 512, gated = 3 * 256 * 512 * 4 bytes = 1.5 MiB), a GPU 100x the
+# host's GEMM rate, 10 GB/s over PCIe.
+SHAPE = ExpertShape(d_model=256, expert_size=512, gated=True, weight_bytes=3 * 256 * 512 * 4)
+COSTS = ComputeCosts(host_flops=50e9, device_flops=5e12, h2d_bytes=10e9)
+
+
+def test_costs_follow_the_model():
+    flops = 2 * 256 * 512 * 3
+    assert SHAPE.flops_per_row == flops
+    assert device_seconds(4, SHAPE, COSTS, cached=False) == pytest.approx(SHAPE.weight_bytes / 10e9 + 4 * flops / 5e12)
+    assert device_seconds(4, SHAPE, COSTS, cached=True) == pytest.approx(4 * flops / 5e12)
+    assert host_seconds(4, SHAPE, COSTS) == pytest.approx(4 * flops / 50e9 + 2 * 4 * 256 * 4 / 10e9)
+
+
+def test_few_rows_compute_on_the_host_many_rows_copy_the_expert():
+    cross = crossover_rows(SHAPE, COSTS)
+    assert 5 < cross < 100  # ~157 us of copy against ~16 us of host compute per row
+    below, above = int(cross), int(cross) + 1
+    assert choose_route("auto", 1, SHAPE, COSTS, cached=False) == "host"
+    assert choose_route("auto", below, SHAPE, COSTS, cached=False) == "host"
+    assert choose_route("auto", above, SHAPE, COSTS, cached=False) == "device"
+    # an expert already in a device slot never goes back to the host in auto mode
+    assert choose_route("auto", 1, SHAPE, COSTS, cached=True) == "device"
+    # a host as fast as the device: never worth the copy
+    assert crossover_rows(SHAPE, ComputeCosts(5e12, 5e12, 10e9)) == float("inf")
+
+
+def test_modes_and_the_per_layer_pin():
+    assert choose_route("device", 1, SHAPE, COSTS, cached=False) == "device"
+    assert choose_route("host", 1000, SHAPE, COSTS, cached=True) == "host"
+    pinned = [host_pinned(i, 2) for i in range(4)]
+    assert pinned == [True, True, False, False]
+    assert choose_route("auto", 1000, SHAPE, COSTS, cached=False, pinned=True) == "host"
+    assert choose_route("auto", 1000, SHAPE, COSTS, cached=True, pinned=True) == "device"  # nothing to move
+    with pytest.raises(UserError, match="must be >= 0"):
+        host_pinned(0, -1)
+
+
+def test_host_compute_needs_a_host_copy():
+    check_expert_compute("host", host_copy=True)
+    check_expert_compute("device", host_copy=False)
+    with pytest.raises(UserError, match=r"computing experts on the host \(host\) needs a host copy"):
+        check_expert_compute("host", host_copy=False)
+    with pytest.raises(UserError, match="unknown expert compute"):
+        check_expert_compute("gpu", host_copy=True)
