@@ -151,8 +151,9 @@ def test_few_rows_compute_on_the_host_many_rows_copy_the_expert():
     assert choose_route("auto", above, SHAPE, COSTS, cached=False) == "device"
     # an expert already in a device slot never goes back to the host in auto mode
     assert choose_route("auto", 1, SHAPE, COSTS, cached=True) == "device"
-    # a host as fast as the device: never worth the copy
-    assert crossover_rows(SHAPE, ComputeCosts(5e12, 5e12, 10e9)) == float("inf")
+    # a host faster per row than the device (activations included): the copy never pays
+    assert crossover_rows(SHAPE, ComputeCosts(1e14, 5e12, 1e12)) == float("inf")
+    assert choose_route("auto", 10_000, SHAPE, ComputeCosts(1e14, 5e12, 1e12), cached=False) == "host"
 
 
 def test_modes_and_the_per_layer_pin():
