@@ -62,13 +62,15 @@ def host_seconds(rows: int, shape: ExpertShape, costs: ComputeCosts) -> float:
     return rows * shape.flops_per_row / costs.host_flops + 2 * rows * shape.activation_bytes / costs.h2d_bytes
 
 
-def check_expert_compute(mode: str, *, host_copy: bool) -> None:
-    """UserError for an unknown mode, or for host compute with no host copy of the experts
-    (offloading to disk keeps none: the weights only pass through a staging buffer)."""
+def check_expert_compute(mode: str, *, host_copy: bool, host_layers: int = 0) -> None:
+    """UserError for an unknown mode, or for host compute (the mode, or layers pinned to the host)
+    with no host copy of the experts (offloading to disk keeps none: the weights only pass
+    through a staging buffer)."""
     if mode not in EXPERT_COMPUTE:
         raise UserError(f"unknown expert compute {mode!r}; expected one of {', '.join(EXPERT_COMPUTE)}", option="expert_compute")
-    if mode in ("host", "auto") and not host_copy:
-        raise UserError(f"computing experts on the host ({mode}) needs a host copy of them; offload to host memory (cpu) "
+    if (mode in ("host", "auto") or host_layers > 0) and not host_copy:
+        what = mode if mode != "device" else f"the first {host_layers} MoE layers"
+        raise UserError(f"computing experts on the host ({what}) needs a host copy of them; offload to host memory (cpu) "
                         "instead of disk, or compute on the device", option="expert_compute")
 
 
@@ -81,14 +83,15 @@ def host_pinned(layer_position: int, host_layers: int) -> bool:
 
 def choose_route(mode: str, rows: int, shape: ExpertShape, costs: ComputeCosts | None, *, cached: bool,
                  pinned: bool = False) -> str:
-    """"device" or "host" for one expert needed by `rows` tokens this step. An expert already in a
-    device slot computes there (nothing to move); a pinned layer's experts compute on the host;
-    "auto" takes the cheaper route by the cost model."""
-    if mode == "device":
-        return "device"
-    if mode == "host" or pinned:
-        return "device" if cached and mode != "host" else "host"
-    if cached:
+    """"device" or "host" for one expert needed by `rows` tokens this step. "host" computes every
+    expert on the host; a pinned layer's experts compute on the host unless already in a device
+    slot (nothing to move); "device" copies the rest in; "auto" takes the cheaper route by the
+    cost model."""
+    if mode == "host":
+        return "host"
+    if pinned:  # the layer's experts live on the host; one already in a slot has nothing to move
+        return "device" if cached else "host"
+    if mode == "device" or cached:
         return "device"
     if costs is None:
         raise ValueError("auto placement needs measured costs")
