@@ -346,3 +346,15 @@ def test_host_compute_without_a_host_copy_is_refused(tmp_path):
         with pytest.raises(UserError, match="needs a host copy"):
             load_offloaded(path, mode="disk", budget=_budget(path, "70%"), device=torch.device("cpu"), dtype=None,
                            expert_compute=compute, host_layers=layers)
+
+
+def test_cli_host_compute_without_a_host_copy_is_one_line_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from cpmctl.cli import app
+
+    path = make_checkpoint(tmp_path / "m", "decoder", MOE)
+    done = CliRunner().invoke(app, ["infer", str(path), "hello", "--offload", "disk", "--memory-budget", "70%",
+                                    "--expert-compute", "host"])
+    assert done.exit_code == 2 and done.output.strip().count("\n") == 0, done.output
+    assert "needs a host copy" in done.output and "(--expert-compute)" in done.output
