@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/trained_moe.py train [--work runs/bench-trained-moe] [--threads 1]
     .venv/bin/python benchmarks/trained_moe.py measure [--work runs/bench-trained-moe] [--json]
+    .venv/bin/python benchmarks/trained_moe.py speed [--work runs/bench-trained-moe] [--json]   (after measure)
 
 `train` makes the MoE with cpmctl itself, on real text (../shared/data/wordnet/corpus.txt):
 1. a unigram tokenizer and token shards (as benchmarks/ki.py makes them);
@@ -18,6 +19,7 @@ prompts) and reports per trace: expert-use skew, token-to-token reuse, Belady's 
 10%, 25% and 50% of the experts, LRU, LFU (cpmctl's policy), the InfMoE order (FIFO) against it,
 and the precision/recall of pre-gated prefetching. It also reports held-out perplexity of the
 fp32 model and of its int8 / int4 (group 64) expert quantizations (`cpmctl quantize`).
+`speed` times decoding (see `speed`).
 """
 
 from __future__ import annotations
@@ -181,9 +183,58 @@ def measure(args) -> dict:
     return out
 
 
+def speed(args) -> dict:
+    """Decode tokens/s of the trained MoE, resident and offloaded to disk with slots for 25% and 50% of the experts,
+    fp32 and int8/int4 experts, batch 1 and 8 (held-out prompts), with the expert bytes moved per
+    generated token. One run each, in one process, so the ratios compare like with like."""
+    import torch
+
+    from cpmctl.checkpoint import load_model
+    from cpmctl.generate import generate
+    from cpmctl.offload import checkpoint_weight_bytes, load_offloaded
+    from cpmctl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.work / "tokenizer")
+    out = {}
+    for scheme in ("fp32", "int8", "int4"):
+        path = args.work / "moe" / "checkpoint" if scheme == "fp32" else args.work / f"moe-{scheme}"
+        model, ckpt, engine = load_offloaded(path, mode="disk", budget=checkpoint_weight_bytes(path), device=torch.device("cpu"), dtype=None)
+        arithmetic = {k: engine.stats()[k] for k in ("resident_bytes", "slot_bytes", "units")}
+        engine.close()
+        ckpt.close()
+        out[f"{scheme} arithmetic"] = arithmetic
+        for batch in (1, 8):
+            prompts = torch.tensor(held_out_prompts(tok, batch, 16))
+            for setting in ("resident", "25%", "50%"):
+                if setting == "resident":
+                    model, ckpt = load_model(path)
+                    engine = None
+                else:  # resident weights + slots for that share of the experts (this small model is mostly embeddings)
+                    budget = arithmetic["resident_bytes"] + round(int(setting[:-1]) / 100 * arithmetic["units"]) * arithmetic["slot_bytes"]
+                    model, ckpt, engine = load_offloaded(path, mode="disk", budget=budget, device=torch.device("cpu"), dtype=None)
+                try:
+                    with torch.no_grad():
+                        generate(model, prompts, max_new_tokens=2)  # warm-up
+                        moved = engine.cache.bytes_moved if engine else 0
+                        start = time.perf_counter()
+                        tokens, _ = generate(model, prompts, max_new_tokens=args.new_tokens)
+                        seconds = time.perf_counter() - start
+                    row = {"tokens_per_s": round(batch * args.new_tokens / seconds, 2)}
+                    if engine is not None:
+                        stats = engine.stats()
+                        row.update(slots=stats["slots"], units=stats["units"], hit_rate=stats["hit_rate"],
+                                   expert_bytes_per_token=round((engine.cache.bytes_moved - moved) / (batch * args.new_tokens)))
+                    out[f"{scheme} batch{batch} {setting}"] = row
+                finally:
+                    if engine is not None:
+                        engine.close()
+                    ckpt.close()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("train", "measure"))
+    parser.add_argument("phase", choices=("train", "measure", "speed"))
     parser.add_argument("--work", type=Path, default=Path("runs/bench-trained-moe"))
     parser.add_argument("--vocab", type=int, default=4000)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -205,7 +256,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    result = train(args) if args.phase == "train" else measure(args)
+    result = {"train": train, "measure": measure, "speed": speed}[args.phase](args)
     record = {"benchmark": f"trained_moe {args.phase}", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": cpu_model(), "threads": args.threads, "wall_s": round(time.monotonic() - started, 1), "result": result}
     (args.work / f"{args.phase}.json").write_text(json.dumps(record, indent=2) + "\n")
