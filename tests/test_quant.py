@@ -208,3 +208,33 @@ def test_a_budget_below_one_quantized_slot_states_the_minimum(moe_ckpt, tmp_path
     quantize_checkpoint(moe_ckpt, tmp_path / "q", experts="int4", group_size=64)
     with pytest.raises(UserError, match=r"below this model's minimum of .* one quantized expert slot"):
         load_offloaded(tmp_path / "q", mode="disk", budget=1000, device=torch.device("cpu"), dtype=None)
+
+
+def test_int4_experts_on_the_host_route_equal_resident_bit_for_bit(moe_ckpt, tmp_path):
+    """Host copies and slots hold int4 in the CPU kernel's layout (repacked once per read):
+    both routes, and the resident model, give the same bits."""
+    from cpmctl.offload import checkpoint_weight_bytes, load_offloaded
+    from cpmctl.offload.placement import ComputeCosts
+
+    out = tmp_path / "int4"
+    quantize_checkpoint(moe_ckpt, out, experts="int4", group_size=32)
+    prompts = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(6))
+    resident, ckpt = load_model(out)
+    with torch.no_grad():
+        want = resident(prompts)
+    ckpt.close()
+    costs = ComputeCosts(host_flops=1e12, device_flops=1e12, h2d_bytes=1e6)  # a few rows: host
+    model, ckpt, engine = load_offloaded(out, mode="disk", budget=checkpoint_weight_bytes(out), device=torch.device("cpu"), dtype=None)
+    minimum = engine.stats()["minimum_bytes"]
+    engine.close()
+    ckpt.close()
+    model, ckpt, engine = load_offloaded(out, mode="cpu", budget=minimum, device=torch.device("cpu"), dtype=None,
+                                         expert_compute="auto", costs=costs)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(prompts), want)
+            assert torch.equal(model(prompts[:1, :2]), resident(prompts[:1, :2]))
+        assert engine.stats()["experts_computed_on_host"] > 0
+    finally:
+        engine.close()
+        ckpt.close()

@@ -19,7 +19,7 @@ from cpmctl.offload.placement import (ComputeCosts, ExpertShape, check_expert_co
                                       measure_host_flops)
 from cpmctl.offload.plan import OffloadPlan, check_offload_device, offload_run_dtype, plan_offload, run_weight_bytes, stored_tensors
 from cpmctl.offload.reader import DiskSource, Part, Unit, make_part, resident_copy
-from cpmctl.quant import QuantizedView
+from cpmctl.quant import QuantizedView, cpu_int4_pack
 
 
 
@@ -185,6 +185,9 @@ class OffloadEngine:
         # Quantized experts stay in their stored bytes, in byte slots (plan.raw).
         self.slot_dtype = torch.uint8 if plan.raw else dtype
         self.quant = next(((m.w_in.scheme, m.w_in.group_size) for m in model.modules() if getattr(m, "quantized", False)), None)
+        # On a CPU, int4 experts are repacked into the fused kernel's layout (same size) as they are
+        # read, once per load, instead of on every call that uses them.
+        self.cpu_int4_layout = plan.raw and self.quant is not None and self.quant[0] == "int4" and device.type == "cpu"
         if plan.mode == "cpu":
             self._pack_in_host_memory()
         self.cache = None
@@ -231,7 +234,11 @@ class OffloadEngine:
         """Read `unit` from disk into `target` (a host tensor of the slot dtype), part by part."""
         if self.plan.raw:
             for p, offset in zip(unit.parts, unit.offsets):
-                self.source.read_part(p, target[offset : offset + p.nbytes])
+                piece = target[offset : offset + p.nbytes]
+                self.source.read_part(p, piece)  # checked against its CRC-32 as stored
+                if self.cpu_int4_layout and p.name.endswith(".qweight"):
+                    values = piece.view(p.shape)
+                    values.copy_(cpu_int4_pack(QuantizedView("int4", self.quant[1], values, values, values)))
             return
         for p, offset in zip(unit.parts, unit.offsets):
             numel = math.prod(p.shape)
@@ -291,7 +298,9 @@ class OffloadEngine:
         if self.quant is not None:  # (qweight, scales[, zeros]) per weight, in w_in, w_gate, w_out order
             scheme, group = self.quant
             per = 3 if scheme == "int4" else 2
-            weights = [QuantizedView(scheme, group, v[0], v[1], v[2] if per == 3 else None)
+            # cpu_int4_layout: the slot's qweight already holds the CPU kernel's layout (see _fill)
+            weights = [QuantizedView(scheme, group, v[0], v[1], v[2] if per == 3 else None,
+                                     v[0] if self.cpu_int4_layout else None)
                        for v in (views[i : i + per] for i in range(0, len(views), per))]
             return (weights[0], weights[1], weights[2]) if len(weights) == 3 else (weights[0], None, weights[1])
         if len(views) == 3:
