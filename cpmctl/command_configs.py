@@ -137,6 +137,15 @@ class InheritConfig:
     force: bool = option(False, help=FORCE_HELP)
 
 
+@dataclass
+class QuantizeConfig:
+    checkpoint: Path = option(help="A MoE checkpoint (float weights).", argument=True)
+    out: Path = option(help="Output checkpoint directory.", argument=True)
+    experts: str = option(help="Store the routed experts' weights as int8 (one scale per output row) or int4 (groups, with zeros).")
+    group_size: int | None = option(None, help="int4: inputs per scale and zero (32, 64, 128 or 256; default 64).")
+    force: bool = option(False, help=FORCE_HELP)
+
+
 # The value sets of choice options live here, at the bottom of the layers; the library modules that
 # implement them (moefication, prompt, offload) import them from here.
 SPLITS = ("cluster", "coactivation", "random")
@@ -373,6 +382,8 @@ class InferConfig:
     offload: str = option("none", help="none; disk: weights beyond --memory-budget are read from the checkpoint as needed; cpu: they wait in host memory (GPU runs).")
     memory_budget: str | None = option(None, help="With --offload: memory for weights on the device (GPU) or in RAM (CPU), e.g. 2GiB, 512MB or 25% of the weights.")
     prefetch: bool = option(True, help="With --offload: load the next layer's weights while the current one computes.")
+    expert_compute: str = option("device", help="With --offload cpu: where a missing expert computes: device (copy it in), host (the CPU, where it lives; Fiddler) or auto (per expert per step, by measured costs).")
+    host_layers: int = option(0, help="With --offload cpu: the experts of the first N MoE layers compute on the host (llama.cpp's --n-cpu-moe).")
     iterations: int | None = option(None, help="Parameter-shared models: apply the shared blocks this many times (fewer = faster).")
     step_size: float | None = option(None, help="Parameter-shared models: residual step size (default: trained iterations / --iterations).")
     chat: bool = option(False, help="Each text is a user turn, rendered with the tokenizer's chat template (imported models keep theirs).")

@@ -328,6 +328,12 @@ def _render_inherit(result: dict, cfg) -> None:
              else f"verify: {result['verify']}")
 
 
+def _render_quantize(result: dict, cfg) -> None:
+    group = "" if result["group_size"] is None else f", group size {result['group_size']}"
+    echo(f"wrote {cfg.out}: {result['tensors_quantized']} expert tensors as {result['scheme']}{group}; weights "
+         f"{result['weight_bytes_before']:,} -> {result['weight_bytes_after']:,} bytes ({result['ratio']:.3f}x)")
+
+
 def render_plan(plan, cfg) -> None:
     from cpmctl.plan import render_plan as render
 
@@ -379,6 +385,9 @@ COMMANDS: tuple[Command, ...] = (
     _stage("inherit", configs.InheritConfig,
            "Grow a checkpoint wider/deeper (bert2BERT FPI/AKI, tiling, stacking), expand its vocabulary, upcycle to MoE.",
            render=_render_inherit),
+    Command(("quantize",), configs.QuantizeConfig,
+            "Store a MoE checkpoint's experts weight-only int8 or int4 (group scales); other weights stay as they are.",
+            lazy("cpmctl.stages.quantize", "run"), render=_render_quantize),
     Command(("run",), configs.RunConfig, "Run a pipeline recipe: each step is a cpmctl command; ends with a summary table.",
             lazy("cpmctl.pipeline", "run_recipe"), plan=lazy("cpmctl.pipeline", "dry_run_recipe"),
             render=_shown_already, render_plan=_shown_already),

@@ -126,6 +126,38 @@ class MLAConfig:
             raise UserError(f"MLA qk_rope_dim must be even, got {self.qk_rope_dim}")
 
 
+QUANT_SCHEMES = ("int8", "int4")
+# Group sizes the int4 kernels take (torch's CPU kernel and cpmctl's Triton kernels).
+QUANT_GROUP_SIZES = (32, 64, 128, 256)
+QUANT_WEIGHTS = ("experts",)
+
+
+@dataclass
+class QuantConfig:
+    """Weight-only quantization of some linear weights (format and matmul: cpmctl.quant).
+
+    `scheme` int8 keeps one scale per output row (group_size None); int4 one scale and zero per
+    `group_size` inputs. `weights` names what is quantized: "experts", the routed experts'
+    w_in / w_gate / w_out; every other weight stays as it was.
+    """
+
+    scheme: str
+    group_size: int | None = None
+    weights: str = "experts"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in QUANT_SCHEMES:
+            raise UserError(f"unknown quantization {self.scheme!r}; expected one of {', '.join(QUANT_SCHEMES)}")
+        if self.scheme == "int8" and self.group_size is not None:
+            raise UserError(f"int8 keeps one scale per output row (the fused kernel's layout); a group size "
+                            f"({self.group_size}) applies to int4 only", option="group_size")
+        if self.scheme == "int4" and self.group_size not in QUANT_GROUP_SIZES:
+            raise UserError(f"unsupported int4 group size {self.group_size}; expected one of "
+                            f"{', '.join(map(str, QUANT_GROUP_SIZES))}", option="group_size")
+        if self.weights not in QUANT_WEIGHTS:
+            raise UserError(f"unknown quantized weights {self.weights!r}; expected one of {', '.join(QUANT_WEIGHTS)}")
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to build a model; stored as config.json in a checkpoint.
@@ -206,12 +238,16 @@ class ModelConfig:
     logit_softcap: float | None = None
     # post_norms: a norm on each sublayer's output before the residual add (Gemma 2's sandwich).
     post_norms: bool = False
+    # Weight-only quantized weights (cpmctl quantize); None: every weight in its float dtype.
+    quantization: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
         if isinstance(self.mla, dict):
             self.mla = MLAConfig(**self.mla)
+        if isinstance(self.quantization, dict):
+            self.quantization = QuantConfig(**self.quantization)
         if self.d_head is None:
             if self.d_model % self.n_heads:
                 raise UserError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; set d_head")

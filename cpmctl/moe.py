@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
 from cpmctl.ffn import ACTIVATIONS, FeedForward
+from cpmctl.quant import QuantizedView, QuantizedWeight, quantized_linear, quantized_matmul_out
 
 # Routers whose experts are pieces of one dense FFN (outputs summed with weight 1).
 MOEFIED_ROUTERS = ("center", "mlp", "oracle")
@@ -163,6 +164,13 @@ def expert_output(rows: Tensor, w_in: Tensor, w_gate: Tensor | None, w_out: Tens
     With `out` (inference only) the product is written there. The single definition of an
     expert's arithmetic: the resident torch path and the offload engine (cpmctl/offload.py,
     experts in cache slots) both call it on the same rows, so their outputs agree bit for bit."""
+    if isinstance(w_in, QuantizedView):  # weight-only quantized experts (cpmctl.quant)
+        up = _quantized_project(rows, w_in, b_in)
+        gate = None if w_gate is None else _quantized_project(rows, w_gate, b_gate)
+        hidden = _hidden(up, gate, activation)
+        if weights is not None:
+            hidden = hidden * weights[:, None].to(hidden.dtype)
+        return quantized_matmul_out(hidden, w_out, out)
     up = F.linear(rows, w_in, b_in)
     gate = None if w_gate is None else F.linear(rows, w_gate, b_gate)
     hidden = _hidden(up, gate, activation)
@@ -171,6 +179,11 @@ def expert_output(rows: Tensor, w_in: Tensor, w_gate: Tensor | None, w_out: Tens
     if out is not None:  # straight into the caller's buffer (no autograd): one copy fewer
         return torch.matmul(hidden, w_out, out=out)
     return hidden @ w_out
+
+
+def _quantized_project(rows: Tensor, w: QuantizedView, b: Tensor | None) -> Tensor:
+    y = quantized_linear(rows, w)
+    return y if b is None else y + b
 
 
 def combine_pairs(sorted_out: Tensor, plan: PairPlan, n: int, k: int) -> Tensor:
@@ -227,7 +240,8 @@ def _by_expert(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate,
     many tokens run one grouped GEMM per projection over all experts instead (the offload
     engine's bit-exact match with the resident model is a CPU guarantee)."""
     n, k = expert_ids.shape
-    if n > 1 and x.device.type != "cpu" and _grouped_mm_fits(x, w_in.transpose(1, 2)):
+    quantized = isinstance(w_in, QuantizedWeight)
+    if n > 1 and x.device.type != "cpu" and not quantized and _grouped_mm_fits(x, w_in.transpose(1, 2)):
         plan = plan_pairs(expert_ids)
         rows = x.index_select(0, plan.tokens)
         counts = torch.bincount(expert_ids.reshape(-1), minlength=w_in.shape[0])
@@ -247,6 +261,9 @@ def _by_expert(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate,
     jobs, width, finish = expert_jobs(x, expert_ids, expert_weights)
     out = x.new_empty(width, x.shape[-1])
     in_place = not torch.is_grad_enabled()
+    if quantized:  # one view of each stack (the int4 CPU layout is prepared once), indexed per expert
+        w_in, w_out = w_in.view_all(), w_out.view_all()
+        w_gate = None if w_gate is None else w_gate.view_all()
     for job in jobs:
         e = job.expert
         result = expert_output(job.rows, w_in[e], None if w_gate is None else w_gate[e], w_out[e],
@@ -281,7 +298,7 @@ def moe_ffn_reference(
     args = (x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation)
     if n == 0:
         out = torch.zeros_like(x)
-    elif k == e:
+    elif k == e and not isinstance(w_in, QuantizedWeight):
         out = _all_experts(*args)
     else:
         out = _by_expert(*args)
@@ -387,9 +404,18 @@ class MoEFeedForward(nn.Module):
         self.top_k, self.activation = moe.top_k, config.activation
         self.router_kind = moe.router
         self.kernels = "torch"  # or "triton": cpmctl_kernels.moe_ffn, imported on first use
-        self.w_in = nn.Parameter(torch.empty(e, de, d))
-        self.w_gate = nn.Parameter(torch.empty(e, de, d)) if config.gated else None
-        self.w_out = nn.Parameter(torch.empty(e, de, d))
+        quant = config.quantization
+        self.quantized = quant is not None and quant.weights == "experts"
+        if self.quantized:
+            # Weight-only int8/int4 experts (cpmctl quantize): buffers NAME.qweight/.scales/.zeros.
+            # w_out is quantized in its linear form [E, d, d_e] (groups along d_e).
+            self.w_in = QuantizedWeight((e,), de, d, quant.scheme, quant.group_size)
+            self.w_gate = QuantizedWeight((e,), de, d, quant.scheme, quant.group_size) if config.gated else None
+            self.w_out = QuantizedWeight((e,), d, de, quant.scheme, quant.group_size, transposed=True)
+        else:
+            self.w_in = nn.Parameter(torch.empty(e, de, d))
+            self.w_gate = nn.Parameter(torch.empty(e, de, d)) if config.gated else None
+            self.w_out = nn.Parameter(torch.empty(e, de, d))
         self.b_in = nn.Parameter(torch.zeros(e, de)) if config.bias else None
         self.b_gate = nn.Parameter(torch.zeros(e, de)) if (config.bias and config.gated) else None
         self.b_out = nn.Parameter(torch.zeros(d)) if config.bias else None
@@ -440,7 +466,7 @@ class MoEFeedForward(nn.Module):
     @torch.no_grad()
     def reset_expert_parameters(self, std: float) -> None:
         for p in (self.w_in, self.w_gate, self.w_out):
-            if p is not None:
+            if isinstance(p, nn.Parameter):  # quantized weights are not trained or initialised
                 nn.init.normal_(p, std=std)
         for p in (self.b_in, self.b_gate, self.b_out):
             if p is not None:
@@ -498,7 +524,9 @@ class MoEFeedForward(nn.Module):
         While w_out trains (calibration), the fill outputs are computed from it, so they follow
         the weights and pass their gradient; otherwise the stored `fill_out` (refreshed by
         `set_fill` once training is over) saves that [E, d_e] x [E, d_e, d] product per call."""
-        if torch.is_grad_enabled() and self.w_out.requires_grad:
+        if self.quantized:  # quantized experts never change: fill_out as stored
+            fill_out = self.fill_out
+        elif torch.is_grad_enabled() and self.w_out.requires_grad:
             fill_out = self._fill_outputs()
         else:
             # w_out may have changed since fill_out was stored (pretrain or calibration of a MoEfied
@@ -541,7 +569,7 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if self.selects_all:
+        if self.selects_all and not self.quantized:
             self.counts[0] += flat.shape[0]
             self.counts[1] += flat.shape[0] * self.num_experts
             out = all_experts_ffn(flat, self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out, self.activation)
@@ -552,7 +580,7 @@ class MoEFeedForward(nn.Module):
         ffn = moe_ffn_reference
         # The Triton kernels are forward-only: where autograd needs a backward (training,
         # calibration) the torch path runs instead.
-        if self.kernels == "triton" and not (torch.is_grad_enabled() and (flat.requires_grad or self.w_in.requires_grad)):
+        if self.kernels == "triton" and not self.quantized and not (torch.is_grad_enabled() and (flat.requires_grad or self.w_in.requires_grad)):
             ffn = triton_moe_ffn
         out = ffn(flat, experts, weights, self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out, self.activation)
         if self.fill_out is not None and experts.shape[1] < self.num_experts:

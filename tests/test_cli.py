@@ -312,6 +312,8 @@ def test_json_has_one_shape_on_every_command(planned, tmp_path, stdlib_text, sp_
     torch.manual_seed(0)
     save_model(build_model(ModelConfig.from_preset("llama-tiny", vocab_size=sp_tokenizer.vocab_size)), tmp_path / "llama",
                tokenizer_dir=tok)
+    save_model(build_model(ModelConfig.from_preset("llama-tiny", vocab_size=sp_tokenizer.vocab_size,
+                                                   moe=dict(experts=4, expert_size=64, top_k=2))), tmp_path / "moe")
     small = tmp_path / "small.txt"
     small.write_text("\n".join(stdlib_text.read_text().splitlines()[:200]) + "\n")
     sys.path.insert(0, str(Path(__file__).parent))
@@ -334,6 +336,8 @@ def test_json_has_one_shape_on_every_command(planned, tmp_path, stdlib_text, sp_
         "infer": (["infer", tmp_path / "llama", "Return the", "--max-new-tokens", "3", "--stream"],
                   lambda r: r["stats"]["generated_tokens"] >= 1),  # --stream is off under --json
         "run": (["run", root / "recipes" / "demo.toml", tmp_path / "demo", "--dry-run"], lambda r: r[0]["step"] == "data"),
+        "quantize": (["quantize", tmp_path / "moe", tmp_path / "moe-int8", "--experts", "int8"],
+                     lambda r: r["tensors_quantized"] == 6 and r["weight_bytes_after"] < r["weight_bytes_before"]),
     }
     for stage, (argv, key, _, read) in _stage_cases(planned).items():
         runs[stage] = ([*argv, "--set", f"{key}=4"], lambda r, read=read: read(r) == 4 and r["memory_per_device"] > 0)

@@ -312,3 +312,49 @@ def test_hook_based_offloaders_see_the_untied_head_weight():
         cpu_offload(model, execution_device=torch.device("cpu"))
         got = model(PROMPTS)
     assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("compute,host_layers", [("host", 0), ("device", 1), ("auto", 0)])
+def test_experts_computed_on_the_host_equal_resident_bit_for_bit(tmp_path, compute, host_layers):
+    """The CPU stands in for both sides: the device route copies experts into slots, the host
+    route computes them from the host copy; both must give the resident model's bits."""
+    from cpmctl.offload.placement import ComputeCosts
+
+    path = make_checkpoint(tmp_path / "m", "decoder", MOE)
+    resident, ckpt = load_model(path)
+    want = outputs(resident)
+    ckpt.close()
+    # costs that send 1-2 rows to the host and more to the device: both routes run in "auto"
+    costs = ComputeCosts(host_flops=1e9, device_flops=1e12, h2d_bytes=1e9)
+    model, ckpt, engine = load_offloaded(path, mode="cpu", budget=_budget(path, "70%"), device=torch.device("cpu"), dtype=None,
+                                         expert_compute=compute, host_layers=host_layers, costs=costs)
+    try:
+        got = outputs(model)
+        stats = engine.stats()
+    finally:
+        engine.close()
+        ckpt.close()
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert stats["experts_computed_on_host"] > 0
+    if compute == "host":
+        assert stats["misses"] == 1  # only the start-up measurement copies an expert in on demand
+
+
+def test_host_compute_without_a_host_copy_is_refused(tmp_path):
+    path = make_checkpoint(tmp_path / "m", "decoder", MOE)
+    for compute, layers in (("host", 0), ("device", 2)):
+        with pytest.raises(UserError, match="needs a host copy"):
+            load_offloaded(path, mode="disk", budget=_budget(path, "70%"), device=torch.device("cpu"), dtype=None,
+                           expert_compute=compute, host_layers=layers)
+
+
+def test_cli_host_compute_without_a_host_copy_is_one_line_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from cpmctl.cli import app
+
+    path = make_checkpoint(tmp_path / "m", "decoder", MOE)
+    done = CliRunner().invoke(app, ["infer", str(path), "hello", "--offload", "disk", "--memory-budget", "70%",
+                                    "--expert-compute", "host"])
+    assert done.exit_code == 2 and done.output.strip().count("\n") == 0, done.output
+    assert "needs a host copy" in done.output and "(--expert-compute)" in done.output

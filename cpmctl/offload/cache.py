@@ -237,8 +237,8 @@ class CopySlots:
     from host memory with --offload cpu; pread from the files with --offload disk)."""
 
     def __init__(self, slots: int, slot_numel: int, dtype: torch.dtype, device: torch.device,
-                 read_unit: Callable[[Unit, Tensor], int]) -> None:
-        self.device = device
+                 read_unit: Callable[[Unit, Tensor], int], *, raw: bool = False) -> None:
+        self.device, self.raw = device, raw  # raw: a byte buffer holding each part as stored
         self.buffer = torch.empty(slots, slot_numel, dtype=dtype, device=device)
         self.nbytes = self.buffer.nbytes
         self._read_unit = read_unit
@@ -248,4 +248,6 @@ class CopySlots:
 
     def views(self, unit: Unit, slot: int) -> list[Tensor]:
         row = self.buffer[slot]
+        if self.raw:
+            return [row[o : o + p.nbytes].view(p.stored_dtype).view(p.shape) for p, o in zip(unit.parts, unit.offsets)]
         return [row[o : o + math.prod(p.shape)].view(p.shape) for p, o in zip(unit.parts, unit.offsets)]

@@ -15,8 +15,11 @@ from cpmctl.checkpoint import check_state_dict_matches, open_checkpoint
 from cpmctl.model import build_model
 from cpmctl.moe import expert_jobs, expert_output, fill_for_skipped
 from cpmctl.offload.cache import CopySlots, UnitCache
+from cpmctl.offload.placement import (ComputeCosts, ExpertShape, check_expert_compute, choose_route, host_pinned,
+                                      measure_host_flops)
 from cpmctl.offload.plan import OffloadPlan, check_offload_device, offload_run_dtype, plan_offload, run_weight_bytes, stored_tensors
 from cpmctl.offload.reader import DiskSource, Part, Unit, make_part, resident_copy
+from cpmctl.quant import QuantizedView, cpu_int4_pack
 
 
 
@@ -52,6 +55,7 @@ class OffloadedMoE(nn.Module):
         self.units = units
         self.engine = engine
         self.next_layer: OffloadedMoE | None = None
+        self.position = 0  # this layer's place among the offloaded MoE layers (the per-layer host pin)
 
     def link_next(self, layer: "OffloadedMoE") -> None:
         # Stored past nn.Module's __setattr__: a link is not a child module (no cycles, no
@@ -73,6 +77,10 @@ class OffloadedMoE(nn.Module):
         hits = cache.pin_cached([self.units[e].key for e in job_of])
         resident = {e: engine.compute_seconds(j.end - j.start) for e, j in job_of.items() if self.units[e].key in hits}
         missing = {e: engine.compute_seconds(j.end - j.start) for e, j in job_of.items() if e not in resident}
+        # Fiddler: a missing expert may compute on the host, from its host copy, instead of moving in.
+        on_host = [e for e in missing if engine.route(self.position, job_of[e].end - job_of[e].start) == "host"]
+        for e in on_host:
+            del missing[e]
         order, hidden = infmoe_order(resident, missing, engine.load_seconds())
         engine.layer_calls += 1
         engine.hidden_calls += hidden
@@ -83,6 +91,12 @@ class OffloadedMoE(nn.Module):
             self.next_layer.prefetch_for(flat)
         out = flat.new_empty(width, flat.shape[-1])
         b_in, b_gate = moe.b_in, moe.b_gate
+        for e in on_host:  # outputs land in fixed rows: computing these first changes no bit
+            job = job_of[e]
+            w_in, w_gate, w_out = engine.expert_views(engine.host_views(self.units[e]))
+            expert_output(job.rows, w_in, w_gate, w_out, None if b_in is None else b_in[e],
+                          None if b_gate is None else b_gate[e], moe.activation, job.weights, out=out[job.start : job.end])
+            engine.host_computed += 1
         # Compute in that order, except that an expert whose load is done goes before one still
         # loading (prefetches queued earlier can complete out of order): the outputs land in
         # fixed rows, so the order changes no bit, and a slot is never held by an expert that
@@ -152,8 +166,14 @@ class OffloadEngine:
     """Owns the plan, the cache and the swapped-in modules of one offloaded model."""
 
     def __init__(self, model: nn.Module, plan: OffloadPlan, units: list[Unit], device: torch.device, dtype: torch.dtype,
-                 source: DiskSource, *, prefetch: bool = True) -> None:
+                 source: DiskSource, *, prefetch: bool = True, expert_compute: str = "device", host_layers: int = 0,
+                 costs: ComputeCosts | None = None) -> None:
         self.plan, self.units, self.device, self.dtype, self.prefetch = plan, units, device, dtype, prefetch
+        check_expert_compute(expert_compute, host_copy=plan.mode == "cpu", host_layers=host_layers)
+        host_pinned(0, host_layers)  # checks the count
+        self.expert_compute, self.host_layers, self.costs = expert_compute, host_layers, costs
+        self.host_computed = 0
+        self.expert_shape: ExpertShape | None = None
         self.source = source
         self.host: dict[tuple, Tensor] = {}
         self.layer_calls = self.hidden_calls = 0
@@ -162,23 +182,34 @@ class OffloadEngine:
         self.staging_bytes = 0  # host buffers that convert stored dtypes (counted on a CPU)
         self._compute = (0.0, 0.0)  # seconds = c0 + c1 * rows for one expert
         self._staging = threading.local()
+        # Quantized experts stay in their stored bytes, in byte slots (plan.raw).
+        self.slot_dtype = torch.uint8 if plan.raw else dtype
+        self.quant = next(((m.w_in.scheme, m.w_in.group_size) for m in model.modules() if getattr(m, "quantized", False)), None)
+        # On a CPU, int4 experts are repacked into the fused kernel's layout (same size) as they are
+        # read, once per load, instead of on every call that uses them.
+        self.cpu_int4_layout = plan.raw and self.quant is not None and self.quant[0] == "int4" and device.type == "cpu"
         if plan.mode == "cpu":
             self._pack_in_host_memory()
         self.cache = None
         if units:
-            store = CopySlots(plan.slots, plan.arithmetic.slot_bytes // dtype.itemsize, dtype, device, self._read_unit)
+            store = CopySlots(plan.slots, plan.arithmetic.slot_bytes // self.slot_dtype.itemsize, self.slot_dtype, device,
+                              self._read_unit, raw=plan.raw)
             self.cache = UnitCache(plan.slots, store)
         self._swap_modules(model)
         if plan.unit_kind == "expert" and units:
-            self._measure(next(m.moe.activation for m in model.modules() if isinstance(m, OffloadedMoE)))
+            first = next(m for m in model.modules() if isinstance(m, OffloadedMoE))
+            self._measure(first.moe.activation)
+            self.expert_shape = ExpertShape(model.config.d_model, first.moe.expert_size, first.moe.w_gate is not None,
+                                            sum(p.nbytes for p in units[0].parts), dtype.itemsize)
+            if self.costs is None and expert_compute == "auto":
+                self.costs = self._measured_costs()
 
     # -- reading --
     def _pack_in_host_memory(self) -> None:
         """--offload cpu: every unit packed once into (pinned, on CUDA) host memory."""
         pin = self.device.type == "cuda"
         for unit in self.units:
-            span = unit.offsets[-1] + math.prod(unit.parts[-1].shape)
-            packed = torch.empty(span, dtype=self.dtype, pin_memory=pin)
+            packed = torch.empty(self._span(unit), dtype=self.slot_dtype, pin_memory=pin)
             self._fill(unit, packed)
             self.host[unit.key] = packed
 
@@ -194,8 +225,21 @@ class OffloadEngine:
             buffers[part.stored_dtype] = buf
         return buf[:numel]
 
+    def _span(self, unit: Unit) -> int:
+        """Elements of the slot dtype from the start of `unit`'s layout to its end (padding included)."""
+        last = unit.parts[-1]
+        return unit.offsets[-1] + (last.nbytes if self.plan.raw else math.prod(last.shape))
+
     def _fill(self, unit: Unit, target: Tensor) -> None:
-        """Read `unit` from disk into `target` (a host tensor of the run dtype), part by part."""
+        """Read `unit` from disk into `target` (a host tensor of the slot dtype), part by part."""
+        if self.plan.raw:
+            for p, offset in zip(unit.parts, unit.offsets):
+                piece = target[offset : offset + p.nbytes]
+                self.source.read_part(p, piece)  # checked against its CRC-32 as stored
+                if self.cpu_int4_layout and p.name.endswith(".qweight"):
+                    values = piece.view(p.shape)
+                    values.copy_(cpu_int4_pack(QuantizedView("int4", self.quant[1], values, values, values)))
+            return
         for p, offset in zip(unit.parts, unit.offsets):
             numel = math.prod(p.shape)
             dest = target[offset : offset + numel]
@@ -207,16 +251,18 @@ class OffloadEngine:
                 dest.copy_(staged, non_blocking=True)
 
     def _read_unit(self, unit: Unit, slot: Tensor) -> int:
-        span = unit.offsets[-1] + math.prod(unit.parts[-1].shape)  # the unit's layout, padding included
+        span = self._span(unit)
         if self.plan.mode == "cpu":
             slot[:span].copy_(self.host[unit.key], non_blocking=True)
         elif slot.device.type == "cpu":
             self._fill(unit, slot)
         else:
-            staging = self._stage(Part("", (span,), Path(), 0, span * self.dtype.itemsize, self.dtype, None))
+            staging = self._stage(Part("", (span,), Path(), 0, span * self.slot_dtype.itemsize, self.slot_dtype, None))
             self._fill(unit, staging)
             slot[:span].copy_(staging, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()  # the staging buffer is reused next
+        if self.plan.raw:
+            return sum(p.nbytes for p in unit.parts)
         return unit.numel * self.dtype.itemsize
 
     # -- module swapping --
@@ -229,6 +275,7 @@ class OffloadEngine:
                     continue
                 units = [by_key[(stack, i, e)] for e in range(ffn.num_experts)]
                 wrapped = OffloadedMoE(ffn, units, self)
+                wrapped.position = sum(1 for m in model.modules() if isinstance(m, OffloadedMoE))
                 model.replace_ffn(stack, i, wrapped)
                 if stack in previous:
                     previous[stack].link_next(wrapped)
@@ -247,7 +294,15 @@ class OffloadEngine:
             if previous_block is not None and first is not previous_block:
                 previous_block.link_next(first)  # the next token starts over
 
-    def expert_views(self, views: list[Tensor]) -> tuple[Tensor, Tensor | None, Tensor]:
+    def expert_views(self, views: list[Tensor]) -> tuple:
+        if self.quant is not None:  # (qweight, scales[, zeros]) per weight, in w_in, w_gate, w_out order
+            scheme, group = self.quant
+            per = 3 if scheme == "int4" else 2
+            # cpu_int4_layout: the slot's qweight already holds the CPU kernel's layout (see _fill)
+            weights = [QuantizedView(scheme, group, v[0], v[1], v[2] if per == 3 else None,
+                                     v[0] if self.cpu_int4_layout else None)
+                       for v in (views[i : i + per] for i in range(0, len(views), per))]
+            return (weights[0], weights[1], weights[2]) if len(weights) == 3 else (weights[0], None, weights[1])
         if len(views) == 3:
             return views[0], views[1], views[2]
         return views[0], None, views[1]
@@ -262,7 +317,8 @@ class OffloadEngine:
         times = []
         with torch.no_grad():
             for rows in (1, 16):
-                x = torch.zeros(rows, w_in.shape[1], dtype=self.dtype, device=self.device)
+                width = w_in.in_features if isinstance(w_in, QuantizedView) else w_in.shape[1]
+                x = torch.zeros(rows, width, dtype=self.dtype, device=self.device)
                 expert_output(x, w_in, w_gate, w_out, None, None, activation)
                 self._sync()
                 start = time.perf_counter()
@@ -273,6 +329,30 @@ class OffloadEngine:
         self.cache.release(unit)
         slope = max(0.0, (times[1] - times[0]) / 15)
         self._compute = (max(0.0, times[0] - slope), slope)
+
+    def _measured_costs(self) -> ComputeCosts:
+        """Host GEMM rate, device rate (the expert compute slope measured above, on the device)
+        and host-to-device bandwidth (the first load's bytes over its time)."""
+        shape, rows = self.expert_shape, 16
+        device_seconds = max(self.compute_seconds(rows), 1e-9)
+        bandwidth = self.cache.bytes_moved / max(self.cache.load_seconds, 1e-9)
+        return ComputeCosts(host_flops=measure_host_flops(shape.d_model, shape.expert_size),
+                            device_flops=rows * shape.flops_per_row / device_seconds, h2d_bytes=bandwidth)
+
+    def route(self, position: int, rows: int) -> str:
+        """"device" or "host" for a missing expert of the MoE layer at `position` needed by `rows` tokens."""
+        if self.expert_compute == "device" and not self.host_layers:
+            return "device"
+        return choose_route(self.expert_compute, rows, self.expert_shape, self.costs, cached=False,
+                            pinned=host_pinned(position, self.host_layers))
+
+    def host_views(self, unit: Unit) -> list[Tensor]:
+        """Views of `unit`'s parts in its host copy (laid out as in a slot, so computing from it
+        gives the same bits as computing from a slot)."""
+        packed = self.host[unit.key]
+        if self.plan.raw:
+            return [packed[o : o + p.nbytes].view(p.stored_dtype).view(p.shape) for p, o in zip(unit.parts, unit.offsets)]
+        return [packed[o : o + math.prod(p.shape)].view(p.shape) for p, o in zip(unit.parts, unit.offsets)]
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -325,6 +405,9 @@ class OffloadEngine:
             "hit_rate": round(cache.hits / requests, 4) if requests else None,
             "load_ms_per_unit": round(1e3 * self.load_seconds(), 3),
             "layers_with_hidden_loads": round(self.hidden_calls / self.layer_calls, 4) if self.layer_calls else None,
+            "expert_compute": self.expert_compute,
+            "host_layers": self.host_layers,
+            "experts_computed_on_host": self.host_computed,
             "checksums": "crc32" if any(p.expected_crc for u in self.units for p in u.parts) else "not recorded",
         }
 
@@ -349,10 +432,17 @@ def checkpoint_weight_bytes(path, dtype: torch.dtype | None = None) -> int:
 
 
 def load_offloaded(path, *, mode: str, budget: int, device: torch.device, dtype: torch.dtype | None,
-                   prefetch: bool = True) -> tuple[nn.Module, object, OffloadEngine]:
+                   prefetch: bool = True, expert_compute: str = "device", host_layers: int = 0,
+                   costs: ComputeCosts | None = None) -> tuple[nn.Module, object, OffloadEngine]:
     """The checkpoint's model with resident weights assigned and the rest behind an engine that
-    keeps within `budget` bytes; `mode` is "cpu" (pinned host memory, for a GPU) or "disk"."""
-    check_offload_device(mode, device)
+    keeps within `budget` bytes; `mode` is "cpu" (pinned host memory, for a GPU) or "disk".
+    `expert_compute` (device, host or auto, with measured or given `costs`) and `host_layers`
+    (the first N MoE layers' experts computed on the host) choose where missing experts compute;
+    host compute needs the host copy that mode "cpu" keeps (on a CPU the host stands in for both
+    sides: the device route copies into a slot, the host route computes from the host copy)."""
+    check_expert_compute(expert_compute, host_copy=mode == "cpu", host_layers=host_layers)
+    if expert_compute == "device" and not host_layers:
+        check_offload_device(mode, device)
     ckpt = open_checkpoint(path)
     source = DiskSource()
     try:
@@ -368,7 +458,8 @@ def load_offloaded(path, *, mode: str, budget: int, device: torch.device, dtype:
         if set(expected) - set(state) != streamed:
             raise RuntimeError("offload plan does not cover the model's weights")  # a bug, not the user's
         model.load_state_dict(state, assign=True, strict=False)
-        engine = OffloadEngine(model, plan, units, device, run_dtype, source, prefetch=prefetch)
+        engine = OffloadEngine(model, plan, units, device, run_dtype, source, prefetch=prefetch, expert_compute=expert_compute,
+                               host_layers=host_layers, costs=costs)
         engine.resident_tensor_bytes = sum(t.nbytes for t in state.values())
     except BaseException:
         source.close()

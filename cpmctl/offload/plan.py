@@ -12,6 +12,7 @@ from torch import nn
 
 from cpmctl.errors import UserError
 from cpmctl.offload.reader import ALIGN_BYTES
+from cpmctl.quant import QUANT_PARTS, is_quantized_part
 from cpmctl.units import human_bytes
 
 from cpmctl.command_configs import OFFLOAD_MODES
@@ -46,8 +47,9 @@ def stored_tensors(ckpt, names) -> dict[str, StoredTensor]:
 
 
 def run_weight_bytes(tensors: Mapping[str, StoredTensor], dtype: torch.dtype) -> int:
-    """Bytes of every weight in the run dtype: what a percentage budget is a percentage of."""
-    return sum(t.numel for t in tensors.values()) * dtype.itemsize
+    """Bytes of every weight as it runs (the run dtype; quantized pieces as stored): what a
+    percentage budget is a percentage of."""
+    return sum(t.nbytes if is_quantized_part(name) else t.numel * dtype.itemsize for name, t in tensors.items())
 
 
 @dataclass
@@ -61,6 +63,7 @@ class OffloadPlan:
     unit_kind: str                 # "expert" or "block"
     slots: int
     arithmetic: "SlotArithmetic"   # resident and slot bytes, the minimum budget, the slots' layouts
+    raw: bool = False              # slots hold the units' stored bytes (quantized experts), offsets in bytes
 
 
 def offload_units(model: nn.Module) -> tuple[str, list[tuple[tuple, list[tuple[str, int | None]]]]]:
@@ -74,6 +77,8 @@ def offload_units(model: nn.Module) -> tuple[str, list[tuple[tuple, list[tuple[s
         for stack, i, ffn in routed:
             prefix = f"{stack}.blocks.{i}.ffn."
             tensors = [prefix + w for w in ("w_in", "w_gate", "w_out") if getattr(ffn, w) is not None]
+            if getattr(ffn, "quantized", False):  # each weight is stored as its quantized pieces
+                tensors = [f"{t}.{part}" for t in tensors for part in QUANT_PARTS if getattr(getattr(ffn, t.rpartition(".")[2]), part) is not None]
             for e in range(ffn.num_experts):
                 units.append(((stack, i, e), [(t, e) for t in tensors]))
         return "expert", units
@@ -116,10 +121,10 @@ class SlotArithmetic:
     minimum: int         # resident_bytes + one slot
     offsets: tuple[tuple[int, ...], ...]  # element offset of each part in its unit's slot
 
-    def slots(self, budget: int, unit_kind: str) -> int:
+    def slots(self, budget: int, unit_kind: str, *, quantized: bool = False) -> int:
         """Slots the budget buys (at most one per unit); UserError below the minimum."""
         if budget < self.minimum:
-            what = "one expert slot" if unit_kind == "expert" else "one layer"
+            what = ("one quantized expert slot" if quantized else "one expert slot") if unit_kind == "expert" else "one layer"
             raise UserError(f"a memory budget of {human_bytes(budget)} is below this model's minimum of {human_bytes(self.minimum)} "
                             f"(resident weights {human_bytes(self.resident_bytes)} + {what} {human_bytes(self.slot_bytes)}); raise it")
         return min(self.units, (budget - self.resident_bytes) // self.slot_bytes) if self.units else 0
@@ -154,9 +159,10 @@ def check_offload_device(mode: str, device: torch.device) -> None:
 
 
 def offload_run_dtype(stored: set, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype offloaded weights run in: the requested one, else the stored one if there is
-    a single one, else float32."""
-    return dtype or (next(iter(stored)) if len(stored) == 1 else torch.float32)
+    """The dtype offloaded weights run in: the requested one, else the stored floating dtype if
+    there is a single one (a quantized checkpoint's integer pieces do not count), else float32."""
+    floats = {d for d in stored if d.is_floating_point}
+    return dtype or (next(iter(floats)) if len(floats) == 1 else torch.float32)
 
 
 def plan_offload(model: nn.Module, tensors: Mapping[str, StoredTensor], *, mode: str, budget: int, dtype: torch.dtype,
@@ -167,6 +173,9 @@ def plan_offload(model: nn.Module, tensors: Mapping[str, StoredTensor], *, mode:
     if mode not in ("cpu", "disk"):
         raise ValueError(f"offload mode must be cpu or disk, got {mode!r}")
     kind, layout = offload_units(model)
+    # Quantized experts move and sit in their slots as stored bytes (int8/uint8 values, bf16
+    # scales): the slots are byte buffers, every piece on its own 64-byte line.
+    raw = any(is_quantized_part(name) for _, parts in layout for name, _ in parts)
     unit_parts, pieces = [], []
     for _, parts in layout:
         placed = []
@@ -175,7 +184,9 @@ def plan_offload(model: nn.Module, tensors: Mapping[str, StoredTensor], *, mode:
             shape = t.shape[1:] if block is not None else t.shape
             numel = math.prod(shape)
             want = 0
-            if t.byte_offset is not None:
+            if raw:
+                numel *= t.dtype.itemsize
+            elif t.byte_offset is not None:
                 offset = t.byte_offset + (block * (t.nbytes // t.shape[0]) if block is not None else 0)
                 want = part_alignment(device=device, stored_dtype=t.dtype, dtype=dtype, byte_offset=offset)
             placed.append((numel, want))
@@ -183,7 +194,10 @@ def plan_offload(model: nn.Module, tensors: Mapping[str, StoredTensor], *, mode:
         unit_parts.append(placed)
     streamed = {name for _, parts in layout for name, _ in parts}
     resident_names = [name for name in tensors if name not in streamed]
-    arithmetic = slot_arithmetic(
-        resident_numel=sum(tensors[name].numel for name in resident_names), unit_parts=unit_parts,
-        itemsize=dtype.itemsize, staging=staging_bytes(device=device, mode=mode, pieces=pieces, dtype=dtype))
-    return OffloadPlan(mode, budget, resident_names, layout, kind, arithmetic.slots(budget, kind), arithmetic)
+    resident_numel = sum(tensors[name].numel for name in resident_names)
+    if raw:
+        arithmetic = slot_arithmetic(resident_numel=resident_numel * dtype.itemsize, unit_parts=unit_parts, itemsize=1)
+    else:
+        arithmetic = slot_arithmetic(resident_numel=resident_numel, unit_parts=unit_parts, itemsize=dtype.itemsize,
+                                     staging=staging_bytes(device=device, mode=mode, pieces=pieces, dtype=dtype))
+    return OffloadPlan(mode, budget, resident_names, layout, kind, arithmetic.slots(budget, kind, quantized=raw), arithmetic, raw)

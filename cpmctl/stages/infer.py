@@ -75,7 +75,8 @@ def run(cfg: InferConfig) -> dict:
             tensors = stored_tensors(headers, headers.shapes())
         budget = _budget_bytes(cfg, tensors, resolve_dtype(cfg.dtype))
         model, ckpt, engine = load_offloaded(cfg.checkpoint, mode=cfg.offload, budget=budget, device=device,
-                                             dtype=resolve_dtype(cfg.dtype), prefetch=cfg.prefetch)
+                                             dtype=resolve_dtype(cfg.dtype), prefetch=cfg.prefetch,
+                                             expert_compute=cfg.expert_compute, host_layers=cfg.host_layers)
     try:
         result = _run_loaded(cfg, model, ckpt, texts, device, started)
     finally:

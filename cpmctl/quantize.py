@@ -1,0 +1,156 @@
+"""`cpmctl quantize`: a checkpoint with its routed experts stored weight-only int8 or int4.
+
+The quantizer is torchao's (`choose_qparams_affine` / `quantize_affine`): int8 symmetric with
+one scale per output row, int4 asymmetric with an integer zero point per group of inputs,
+rewritten into the stored form (cpmctl.quant: W = (q - 8) * scale + zero). Scales are rounded to
+bf16 before the values are quantized against them, so the stored scales are the ones the values
+were chosen for. Every other weight is copied as it is. The result is an ordinary checkpoint
+(checksums recorded, written atomically) whose config says what was quantized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cpmctl.checkpoint import LazyTensor, open_checkpoint, save_checkpoint
+from cpmctl.config import QuantConfig
+from cpmctl.errors import UserError
+from cpmctl.model import build_model
+from cpmctl.quant import INT4_OFFSET, SCALE_DTYPE, check_scheme, pack_int4
+
+EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out")
+
+
+@contextlib.contextmanager
+def _quiet_import():
+    """torchao logs a warning per optional CUDA extension it cannot load on a CPU machine; a
+    command's output is one line, so those loggers are raised to ERROR while it imports."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _primitives():
+    try:
+        with _quiet_import():
+            from torchao.quantization import quant_primitives  # optional dependency (torchao), imported by quantize only
+    except ImportError:
+        raise UserError("quantizing needs torchao's quantizer: pip install 'cpmctl[quant]' (torchao)") from None
+    return quant_primitives
+
+
+def quantize_rows(w: Tensor, scheme: str, group_size: int | None) -> dict[str, Tensor]:
+    """W [rows, in] (float) -> {"qweight", "scales"[, "zeros"]} in the stored form."""
+    qp = _primitives()
+    w = w.float()
+    rows, width = w.shape
+    if scheme == "int8":
+        block = (1, width)
+        scale, zero_point = qp.choose_qparams_affine(w, qp.MappingType.SYMMETRIC, block, torch.int8, -127, 127,
+                                                     eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32)
+        scale = scale.reshape(rows, 1).to(SCALE_DTYPE)
+        q = qp.quantize_affine(w, block, scale.float().view(-1), zero_point.view(-1), torch.int8, -127, 127)
+        return {"qweight": q.to(torch.int8), "scales": scale}
+    block = (1, group_size)
+    scale, zero_point = qp.choose_qparams_affine(w, qp.MappingType.ASYMMETRIC, block, torch.uint8, 0, 15,
+                                                 eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32,
+                                                 zero_point_dtype=torch.int32)
+    groups = width // group_size
+    scale = scale.reshape(rows, groups).to(SCALE_DTYPE)
+    zero_point = zero_point.reshape(rows, groups)
+    q = qp.quantize_affine(w, block, scale.float().view(-1), zero_point.view(-1), torch.uint8, 0, 15)
+    # (q - zp) * s == (q - 8) * s + (8 - zp) * s: the zero in the form the fused kernels take
+    zeros = ((INT4_OFFSET - zero_point).float() * scale.float()).to(SCALE_DTYPE)
+    return {"qweight": pack_int4(q), "scales": scale, "zeros": zeros}
+
+
+def quantize_stack(w: Tensor, scheme: str, group_size: int | None, *, transposed: bool) -> dict[str, Tensor]:
+    """A stack [*lead, a, b] of linear weights ([*lead, in, out] when `transposed`)."""
+    if transposed:
+        w = w.transpose(-1, -2)
+    lead, (out_f, in_f) = w.shape[:-2], w.shape[-2:]
+    parts = quantize_rows(w.reshape(-1, in_f), scheme, group_size)
+    return {k: v.reshape(*lead, out_f, v.shape[-1]).contiguous() for k, v in parts.items()}
+
+
+def expert_tensors(config) -> dict[str, bool]:
+    """Names of the routed experts' weights of a model with this config -> used transposed."""
+    model = build_model(config, device="meta")
+    names = {}
+    for stack, i, ffn in model.ffn_modules():
+        if not hasattr(ffn, "route"):
+            continue
+        for w in EXPERT_WEIGHTS:
+            if getattr(ffn, w) is not None:
+                names[f"{stack}.blocks.{i}.ffn.{w}"] = w == "w_out"
+    return names
+
+
+def quantize_checkpoint(src, out, *, experts: str, group_size: int | None = None, overwrite: bool = False) -> dict:
+    """Write `out`: `src` with its routed experts quantized (`experts` int8 or int4). Returns a
+    summary (bytes before and after, tensors quantized)."""
+    spec = QuantConfig(experts, group_size)
+    ckpt = open_checkpoint(src)
+    try:
+        config = ckpt.config
+        if config.quantization is not None:
+            q = config.quantization
+            raise UserError(f"{src} is already quantized ({q.weights} {q.scheme}"
+                            f"{'' if q.group_size is None else f', group size {q.group_size}'}); quantize its unquantized parent")
+        if config.moe is None:
+            raise UserError(f"{src} has no experts to quantize (it is a dense model)")
+        names = expert_tensors(config)
+        shapes = ckpt.shapes()
+        for name in names:
+            check_scheme(experts, group_size, shapes[name][-1])
+            check_scheme(experts, group_size, shapes[name][-2])
+        state: dict[str, Tensor | LazyTensor] = {}
+        cache: dict[str, dict[str, Tensor]] = {}
+
+        def producer(name: str, part: str):
+            def produce() -> Tensor:
+                if name not in cache:
+                    cache.clear()  # one source tensor's parts alive at a time
+                    cache[name] = quantize_stack(ckpt.get(name), experts, group_size, transposed=names[name])
+                return cache[name][part]
+            return produce
+
+        before = after = 0
+        for name in ckpt.tensor_names():
+            info = ckpt.tensor_info(name)
+            before += info.nbytes
+            if name not in names:
+                state[name] = LazyTensor(info.dtype, tuple(info.shape), lambda name=name: ckpt.get(name))
+                after += info.nbytes
+                continue
+            *lead, a, b = info.shape
+            out_f, in_f = (b, a) if names[name] else (a, b)
+            groups = in_f // group_size if experts == "int4" else 1
+            layout = {"qweight": ((torch.uint8, in_f // 2) if experts == "int4" else (torch.int8, in_f)),
+                      "scales": (SCALE_DTYPE, groups)}
+            if experts == "int4":
+                layout["zeros"] = (SCALE_DTYPE, groups)
+            for part, (dtype, last) in layout.items():
+                shape = (*lead, out_f, last)
+                state[f"{name}.{part}"] = LazyTensor(dtype, shape, producer(name, part))
+                after += torch.Size(shape).numel() * dtype.itemsize
+        new_config = config.replace(quantization=spec.__dict__)
+        tokenizer = Path(src) / "tokenizer"
+        save_checkpoint(out, new_config, state, tokenizer_dir=tokenizer if tokenizer.is_dir() else None, stage="quantize",
+                        parents=[src], options={"experts": experts, "group_size": group_size}, overwrite=overwrite,
+                        metrics={"weight_bytes_before": before, "weight_bytes_after": after})
+    finally:
+        ckpt.close()
+    return {"out": str(out), "scheme": experts, "group_size": group_size, "tensors_quantized": len(names),
+            "weight_bytes_before": before, "weight_bytes_after": after, "ratio": round(after / before, 4)}
