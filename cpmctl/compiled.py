@@ -61,6 +61,10 @@ def check_compilable(model: Transformer) -> None:
     config = model.config
     if config.arch != "decoder":
         raise UserError(f"compiled generation serves decoder-only models; this one is {config.arch}", option="compile")
+    if config.moe is not None:
+        # Routing sends a data-dependent number of tokens to each expert: no fixed-shape graph.
+        raise UserError("compiled generation does not cover MoE layers (their expert batches change shape with "
+                        "the routing); run this model eagerly", option="compile")
     if model.training:
         raise UserError("compiled generation needs a model in eval mode", option="compile")
 

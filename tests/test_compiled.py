@@ -124,9 +124,12 @@ def test_no_compiler_is_a_user_error():
             CompiledDecoder(make("llama-tiny"))
 
 
-def test_compile_refuses_encoder_decoders():
+def test_compile_refuses_encoder_decoders_and_moe():
     with pytest.raises(UserError, match="decoder-only"):
         CompiledDecoder(make("t5-tiny"))
+    moe = dict(experts=4, expert_size=40, top_k=1, router="linear")
+    with pytest.raises(UserError, match="MoE layers"):
+        CompiledDecoder(make("llama-tiny", moe=moe))
 
 
 def test_infer_compile_without_compiler_exits_2(tmp_path, sp_tokenizer):
