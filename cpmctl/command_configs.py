@@ -388,10 +388,16 @@ class InferConfig:
     step_size: float | None = option(None, help="Parameter-shared models: residual step size (default: trained iterations / --iterations).")
     chat: bool = option(False, help="Each text is a user turn, rendered with the tokenizer's chat template (imported models keep theirs).")
     bandwidth: str | None = option(None, help="With --dry-run --offload: the disk or PCIe bandwidth, e.g. 3GB/s, for the transfer-bound tokens/s.")
+    compile: bool = option(False, help="Decoder-only generation through torch.compile'd prefill/decode steps (static KV cache, frozen weights, "
+                                        "GEMM kernels chosen by measurement); the first run of each shape compiles, later runs reuse inductor's cache.")
 
     def validate(self) -> None:
         if (self.texts is None) == (self.input_file is None):
             raise UserError("give either TEXT or --input FILE.jsonl")
+        if self.compile and self.offload != "none":
+            raise UserError("--compile needs the weights resident (--offload none): offloading swaps them during the forward")
+        if self.compile and self.prompt is not None:
+            raise UserError("--compile applies to generation; a --prompt adapter classifies")
         if self.max_new_tokens < 0:
             raise UserError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:

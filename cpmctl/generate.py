@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from cpmctl.compiled import CompiledDecoder
 from cpmctl.errors import UserError
 from cpmctl.model import KVCache, Transformer
 
@@ -149,6 +150,7 @@ def generate(
     eos_token_id: int | None = None,
     seed: int | None = None,
     on_token: Callable[[int, Tensor], None] | None = None,
+    compiled: CompiledDecoder | None = None,
 ) -> tuple[Tensor, dict]:
     """Generate up to `max_new_tokens` per sequence; returns (new tokens [B, n], stats).
 
@@ -158,12 +160,17 @@ def generate(
     afterwards; the loop ends when every sequence has stopped, so n <= max_new_tokens.
     eos_token_id=None never stops early (pass `model.config.eos_token_id` to stop at the model's).
     `on_token(step, tokens [B])` is called with each step's tokens as soon as they are chosen.
+    `compiled` (decoder-only models): run the prefill and decode steps through its compiled
+    graphs on a static KV cache instead of eagerly (same tokens; see cpmctl.compiled).
     Stats: time_to_first_token_s, decode_s, decode_tokens_per_s (the tokens after the first, of
     unfinished sequences, per second of the decode phase), generated_tokens (real tokens, eos
-    included, over the batch), steps.
+    included, over the batch), steps; with `compiled`, compile_s (seconds of the steps that
+    built a graph, included in the times above).
     """
     config = model.config
     _check_generation(model, input_ids, attention_mask, max_new_tokens)
+    if compiled is not None and compiled.model is not model:
+        raise ValueError("the compiled steps were built for another model")
     sample = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     _check_sampling(temperature, top_k, top_p)
 
@@ -198,6 +205,9 @@ def generate(
 
             def next_kwargs(length: int) -> dict:
                 return step_kwargs
+        elif compiled is not None:
+            compile_before = compiled.stats.compile_s
+            cache, logits, next_kwargs = _compiled_prefill(compiled, input_ids, mask, prompt_length, max_new_tokens)
         else:
             cache = KVCache.for_model(model, batch, prompt_width + max_new_tokens, device=device, dtype=dtype)
             if mask is None:
@@ -237,14 +247,40 @@ def generate(
                 on_token(step, tokens)
             if step + 1 == max_new_tokens or bool(finished.all()):
                 break
-            logits = decode_one_token(model, tokens[:, None], cache, **next_kwargs(cache.length))
+            if compiled is not None:
+                logits = compiled.decode(tokens[:, None], cache, **next_kwargs(prompt_width + step))
+            else:
+                logits = decode_one_token(model, tokens[:, None], cache, **next_kwargs(cache.length))
         if decode_start is not None:
             stats["decode_s"] = time.perf_counter() - decode_start
         stats["steps"] = len(out)
         stats["decode_tokens_per_s"] = decode_tokens / stats["decode_s"] if stats["decode_s"] > 0 else 0.0
+        if compiled is not None:
+            stats["compile_s"] = compiled.stats.compile_s - compile_before
         return torch.stack(out, dim=1), stats
     finally:
         model.train(was_training)
+
+
+def _compiled_prefill(compiled: CompiledDecoder, input_ids: Tensor, mask: Tensor | None, prompt_length: int,
+                      max_new_tokens: int):
+    """The static cache, the prompt's logits and the decode steps' extra inputs, as `generate`'s
+    eager branch makes them, for the compiled steps: the padding mask covers every cache slot
+    (one shape for every step) and positions are passed as tensors."""
+    batch, prompt_width = input_ids.shape
+    needed = max(prompt_width + max_new_tokens, compiled.prefill_width(prompt_width))
+    cache = compiled.allocate(batch, needed, max_position=prompt_length + max_new_tokens - 1)
+    if mask is None:
+        return cache, compiled.prefill(input_ids, cache), lambda length: {}
+    full_mask = torch.cat([mask, mask.new_ones(batch, cache.max_length - prompt_width)], dim=1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    last_position = positions[:, -1:]
+    logits = compiled.prefill(input_ids, cache, attention_mask=full_mask, position_ids=positions)
+
+    def next_kwargs(length: int) -> dict:
+        return dict(attention_mask=full_mask, position_ids=last_position + (length + 1 - prompt_width))
+
+    return cache, logits, next_kwargs
 
 
 # -- embeddings ------------------------------------------------------------------------------

@@ -189,6 +189,14 @@ class KVCache:
     `keys[i]`/`values[i]`: [B, kv_heads, max_length, d_head] for layer application i.
     `cross[i]`: the (keys, values) of the encoder output for decoder layer i.
     `length`: how many positions are filled.
+
+    The interface the model uses (a static cache, `cpmctl.static_cache.StaticKVCache`, gives the
+    same methods with tensor positions, so that one compiled graph serves every position):
+    `positions(t, device)` (query and key positions of the next t tokens), `masks_future`
+    (whether attention must mask cache slots after the query: False here, since only the filled
+    prefix is attended), `update(layer, k, v)` (store the new keys/values, return those to
+    attend to), `advance(t)`, and `last_position(t)` (the largest position id, for the absolute
+    position table's bounds check).
     """
 
     keys: list[Tensor]
@@ -219,6 +227,28 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.keys[0].shape[2]
+
+    masks_future = False  # attention reads the filled prefix only, so nothing after the query
+
+    def positions(self, t: int, device) -> tuple[Tensor, Tensor]:
+        """Query positions of the next `t` tokens and the key positions they attend over."""
+        start = self.length
+        return torch.arange(start, start + t, device=device), torch.arange(start + t, device=device)
+
+    def last_position(self, t: int) -> int:
+        return self.length + t - 1
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store keys/values [B, kv_heads, t, d_head] after the filled prefix; the keys and values
+        the new queries attend to (the prefix and the new ones), in k's dtype."""
+        start, t = self.length, k.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, start : start + t] = k.to(keys.dtype)
+        values[:, :, start : start + t] = v.to(values.dtype)
+        return keys[:, :, : start + t].to(k.dtype), values[:, :, : start + t].to(v.dtype)
+
+    def advance(self, t: int) -> None:
+        self.length += t
 
     def match_applications(self, n: int) -> None:
         """Make the slots follow a stack that runs n block applications: an empty cache is resized
@@ -307,11 +337,7 @@ class Attention(nn.Module):
                 cos, sin = rotary
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             if cache is not None:
-                start = cache.length
-                cache.keys[layer][:, :, start : start + t] = k.to(cache.keys[layer].dtype)
-                cache.values[layer][:, :, start : start + t] = v.to(cache.values[layer].dtype)
-                k = cache.keys[layer][:, :, : start + t].to(q.dtype)
-                v = cache.values[layer][:, :, : start + t].to(q.dtype)
+                k, v = cache.update(layer, k, v)
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
@@ -671,12 +697,17 @@ class Transformer(nn.Module):
         return out
 
     # -- forward pieces ---------------------------------------------------------------------------
+    def rope(self) -> tuple[Tensor, float]:
+        """The rotary inverse frequencies and attention factor, computed once (a compiled step
+        calls this before tracing, so that its graph never sees them missing)."""
+        if self._rope is None:
+            self._rope = rope_frequencies(self.config)
+        return self._rope
+
     def _rotary(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
         if self.config.position != "rotary":
             return None
-        if self._rope is None:
-            self._rope = rope_frequencies(self.config)
-        cos, sin = rotary_tables(positions, *self._rope)
+        cos, sin = rotary_tables(positions, *self.rope())
         # positions [T] -> [1, 1, T, D]; positions [B, T] -> [B, 1, T, D]
         return (cos[None, None], sin[None, None]) if positions.dim() == 1 else (cos[:, None], sin[:, None])
 
@@ -726,26 +757,38 @@ class Transformer(nn.Module):
         source = input_ids if inputs_embeds is None else inputs_embeds
         b, t = source.shape[:2]
         device = source.device
-        start = cache.length if cache is not None else 0
-        if cache is not None and start + t > cache.max_length:
-            raise ValueError(f"KV cache holds {cache.max_length} positions, {start + t} requested")
-        query_pos = torch.arange(start, start + t, device=device)
-        key_pos = torch.arange(start + t, device=device)
-        if position_ids is None:
-            x = self.embed(input_ids, query_pos, last_position=start + t - 1, inputs_embeds=inputs_embeds)
+        masks_future = cache is not None and cache.masks_future
+        if cache is None:
+            start, last_position = 0, t - 1
+            query_pos = key_pos = torch.arange(t, device=device)
         else:
-            x = self.embed(input_ids, position_ids, inputs_embeds=inputs_embeds)
+            # A static cache's positions are tensors (one compiled graph for every position), so
+            # it has no Python length to read here; it bounds its own positions.
+            start = None if masks_future else cache.length
+            if start is not None and start + t > cache.max_length:
+                raise ValueError(f"KV cache holds {cache.max_length} positions, {start + t} requested")
+            query_pos, key_pos = cache.positions(t, device)
+            last_position = cache.last_position(t)
+        if position_ids is None:
+            x = self.embed(input_ids, query_pos, last_position=last_position, inputs_embeds=inputs_embeds)
+        else:
+            # Explicit positions (left padding): their largest is read from them, but for a static
+            # cache, which knows the largest it will see without a device sync.
+            x = self.embed(input_ids, position_ids, last_position=last_position if masks_future else None,
+                           inputs_embeds=inputs_embeds)
         dtype = x.dtype
 
-        attention_mask = _drop_full_mask(attention_mask)
+        if not masks_future:  # a static cache's graph takes its mask as it comes (no sync on its values)
+            attention_mask = _drop_full_mask(attention_mask)
         mask = padding_mask(attention_mask, dtype) if attention_mask is not None else None
         if self.decoder.relative_bias is not None:
             mask = _add(self.decoder.relative_bias(query_pos, key_pos).to(dtype), mask)
         # Causality: SDPA's own flag when the square case allows it, else an explicit mask.
-        # A single new token after a cache sees every key, so it needs none.
+        # A single new token after an eager cache sees every key, so it needs none; a static
+        # cache always masks its slots after the query.
         causal = False
-        if t > 1:
-            if mask is None and start == 0:
+        if t > 1 or masks_future:
+            if mask is None and start == 0 and not masks_future:
                 causal = True
             else:
                 mask = _add(causal_mask(query_pos, key_pos, dtype), mask)
@@ -760,7 +803,7 @@ class Transformer(nn.Module):
             cache=cache, memory=memory, cross_mask=cross_mask, sliding_mask=sliding_mask,
         )
         if cache is not None:
-            cache.length = start + t
+            cache.advance(t)
         return out
 
     def logits(self, hidden: Tensor) -> Tensor:

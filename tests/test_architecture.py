@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["cpmctl", "cpmctl.errors", "cpmctl.fsutil", "cpmctl.jsonl", "cpmctl.units", "cpmctl.config",
                     "cpmctl.recipes", "cpmctl.options", "*.configs", "*.configs.*", "*_config", "*_configs", "*.config_*"]),
     ("core", ["cpmctl.devices", "cpmctl.ffn", "cpmctl.moe", "cpmctl.model", "cpmctl.checkpoint", "cpmctl.tokenizer", "cpmctl.tokenizer_base",
-              "cpmctl.corpus", "cpmctl.data", "cpmctl.hf", "cpmctl.hf.*", "cpmctl.cpm2", "cpmctl.cpm2.*", "cpmctl.generate", "cpmctl.losses", "cpmctl.quant"]),
+              "cpmctl.corpus", "cpmctl.data", "cpmctl.hf", "cpmctl.hf.*", "cpmctl.cpm2", "cpmctl.cpm2.*", "cpmctl.static_cache", "cpmctl.compiled", "cpmctl.generate", "cpmctl.losses", "cpmctl.quant"]),
     ("library", ["cpmctl.tasks", "cpmctl.prompt", "cpmctl.task_model", "cpmctl.distill", "cpmctl.growth",
                  "cpmctl.iterations", "cpmctl.moefication", "cpmctl.moefication.*", "cpmctl.offload", "cpmctl.offload.*",
                  "cpmctl.training", "cpmctl.training_state", "cpmctl.teacher_cache", "cpmctl.plan", "cpmctl.report", "cpmctl.quantize"]),

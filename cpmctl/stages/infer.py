@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
+from cpmctl.compiled import CompiledDecoder
 from cpmctl.checkpoint import INDEX_FILE, WEIGHTS_FILE, check_state_dict_matches, load_model, open_checkpoint
 from cpmctl.data import pad_rows
 from cpmctl.devices import peak_memory_bytes, planned_device, resolve_device, resolve_dtype
@@ -336,6 +337,7 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
     if bos is not None:
         rows = [row if row[:1] == [bos] else [bos] + row for row in rows]
     check_generation_length(config, rows, cfg.max_new_tokens)
+    compiled = CompiledDecoder(model) if cfg.compile else None
     generated_tokens, decode_seconds, first_token = 0, 0.0, None
     for batch in _length_batches(rows, cfg.batch_size):
         ids, mask = pad_rows([rows[i] for i in batch], pad_id, left=config.arch == "decoder")
@@ -345,7 +347,7 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
         tokens, gen_stats = generate(
             model, ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=config.eos_token_id,
-            seed=cfg.seed, on_token=on_token,
+            seed=cfg.seed, on_token=on_token, compiled=compiled,
         )
         if on_token is not None:
             sys.stdout.write("\n")
@@ -362,6 +364,8 @@ def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started
         time_to_first_token=None if first_token is None else round(first_token, 4),
         tokens_per_second=round(generated_tokens / decode_seconds, 2) if decode_seconds else None,
     )
+    if compiled is not None:
+        stats["compile"] = {"seconds": round(compiled.stats.compile_s, 3), "graphs": compiled.stats.graphs}
     return {"mode": "generate", "outputs": outputs, "stats": stats}
 
 
@@ -449,6 +453,9 @@ def render(result: dict, *, streamed: bool = False) -> None:
             console.print(f"[bold]{escape(o['text'])}[/bold] -> {escape(o['generated'])}", highlight=False)
     s = result["stats"]
     console.print(f"[dim]{s['generated_tokens']} tokens, {s['tokens_per_second']} tokens/s, first token after {s['time_to_first_token']} s[/dim]")
+    if "compile" in s:
+        console.print(f"[dim]compiled {len(s['compile']['graphs'])} graph(s) in {s['compile']['seconds']} s (inside the times above; "
+                      f"later runs reuse inductor's cache)[/dim]")
     if "iterations" in s:
         it = s["iterations"]
         console.print(f"[dim]{it['iterations']} of {it['trained_iterations']} block applications, step {it['step_size']:g}: "

@@ -1,0 +1,307 @@
+"""Greedy decode and prefill on the CPU: cpmctl (eager and `--compile`) against llama.cpp, side by side.
+
+    .venv/bin/python benchmarks/decode_vs_llamacpp.py --llama-cpp-src DIR [--rounds 3] [--new-tokens 128] [--out FILE]
+
+Needs the `llamacpp` extra (`pip install -e '.[llamacpp]'`: llama-cpp-python, built from source)
+and llama-cpp-python's unpacked source distribution (`pip download --no-binary :all: --no-deps
+llama-cpp-python==0.3.36`, then untar), whose vendor/llama.cpp/convert_hf_to_gguf.py and gguf-py
+convert the model (--llama-cpp-src, or the LLAMA_CPP_PYTHON_SRC environment variable).
+
+One run:
+1. makes a random Llama-shaped transformers model (default ~97M parameters: 12 layers, d 768,
+   FFN 2048, vocabulary 8,000, untied output) with a SentencePiece vocabulary of its size (the
+   converter wants one; the engines are fed token ids), imports it with `cpmctl.hf.import_hf`,
+   and converts it to GGUF f32, f16, bf16 and q8_0 with llama.cpp's converter, then q4_0 with
+   llama.cpp's own quantizer (`llama_model_quantize`);
+2. checks that cpmctl (eager and compiled) and llama.cpp f32 generate the same greedy tokens
+   from the same prompt ids;
+3. times decode (`--new-tokens` after a 16-token prompt) in rounds that alternate the engines
+   (order flipped every round), medians per engine and the median of per-round ratios;
+4. times prefill of a 512-token prompt the same way;
+5. measures the read bandwidth (a 1 GiB fp32 sum) and reports each decode as a fraction of the
+   bound it implies (weight bytes read per token / bandwidth).
+
+Compile time is measured cold (a fresh inductor cache directory for this process, unless
+--warm-cache) and warm (new compiled steps in the same process: dynamo traces again, inductor's
+cache returns the code); break-even = cold compile seconds / (eager - compiled seconds per token).
+Figures are printed as JSON as they come and written to --out before anything optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))
+
+GB = 1e9
+PROMPT = 16
+PREFILL = 512
+
+
+def log(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+# -- the model, in both formats ---------------------------------------------------------------------
+def make_hf_llama(out: Path, args) -> None:
+    import torch
+    import transformers
+    from sentencepiece import sentencepiece_model_pb2 as sp_model
+
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_ff, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=2048,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # every parameter random, at scales that keep activations O(1) and logits apart
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape) * (0.2 if p.dim() == 1 else (0.5 if "embed" in name else p.shape[1] ** -0.5)))
+            if p.dim() == 1:
+                p.add_(1.0)
+    model.save_pretrained(out)
+    # A SentencePiece vocabulary of the model's size: <unk>, <s>, </s>, then plain pieces.
+    proto = sp_model.ModelProto()
+    for i in range(args.vocab):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = {0: "<unk>", 1: "<s>", 2: "</s>"}.get(i, f"\u2581p{i}"), -float(i)
+        piece.type = {0: 2, 1: 3, 2: 3}.get(i, 1)  # UNKNOWN, CONTROL, NORMAL
+    proto.trainer_spec.model_type = 1  # unigram
+    proto.trainer_spec.vocab_size = args.vocab
+    (out / "tokenizer.model").write_bytes(proto.SerializeToString())
+
+
+def convert_gguf(src: Path, hf_dir: Path, out: Path, outtype: str) -> Path:
+    converter = src / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    env = {**os.environ, "PYTHONPATH": str(src / "vendor" / "llama.cpp" / "gguf-py")}
+    subprocess.run([sys.executable, str(converter), str(hf_dir), "--outfile", str(out), "--outtype", outtype],
+                   env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return out
+
+
+def quantize_gguf(source: Path, out: Path, ftype_name: str) -> Path:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype_name)
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize failed for {out}")
+    return out
+
+
+# -- engines --------------------------------------------------------------------------------------------
+class LlamaCpp:
+    def __init__(self, path: Path, threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(path), n_ctx=1024, n_batch=PREFILL, n_ubatch=PREFILL, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        import numpy as np
+
+        llm = self.llm
+        llm.reset()
+        llm.eval(prompt)
+        out = []
+        for _ in range(n):
+            # The binding keeps logits in `scores` only with logits_all; the context has the last row.
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+            token = int(np.argmax(logits))
+            out.append(token)
+            if len(out) < n:
+                llm.eval([token])
+        return out
+
+    def prefill(self, prompt: list[int]) -> None:
+        self.llm.reset()
+        self.llm.eval(prompt)
+
+
+class Cpmctl:
+    def __init__(self, model, compiled) -> None:
+        self.model, self.compiled = model, compiled
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        import torch
+
+        from cpmctl.generate import generate
+
+        tokens, self.last_stats = generate(self.model, torch.tensor([prompt]), max_new_tokens=n, compiled=self.compiled)
+        return tokens[0].tolist()
+
+    def prefill(self, prompt: list[int]) -> None:
+        import torch
+
+        from cpmctl.generate import prefill
+        from cpmctl.model import KVCache
+
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            if self.compiled is None:
+                prefill(self.model, ids, KVCache.for_model(self.model, 1, len(prompt)))
+            else:
+                self.compiled.prefill(ids, self.compiled.allocate(1, len(prompt), max_position=len(prompt) - 1))
+
+
+# -- timing ---------------------------------------------------------------------------------------------
+def read_bandwidth_gbps() -> float:
+    import torch
+
+    x = torch.ones(2**28)  # 1 GiB of fp32
+    x.sum()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return x.nbytes / statistics.median(times) / GB
+
+
+def rounds(engines: dict, work, n_rounds: int) -> dict[str, list[float]]:
+    """Seconds of `work(engine)` per engine per round; the order rotates every round."""
+    names = list(engines)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:  # untimed: any graph these shapes need is compiled here
+        work(engines[name])
+    for r in range(n_rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        if r % 2:
+            order = order[::-1]
+        for name in order:
+            start = time.perf_counter()
+            work(engines[name])
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def summarise(seconds: dict[str, list[float]], units: int, reference: str) -> dict:
+    """Median units/s per engine and the median per-round ratio of each to `reference`
+    (> 1: faster than the reference)."""
+    out = {}
+    for name, times in seconds.items():
+        out[name] = {"per_s": units / statistics.median(times),
+                     f"ratio_vs_{reference}": statistics.median(r / t for r, t in zip(seconds[reference], times))}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llama-cpp-src", type=Path, default=os.environ.get("LLAMA_CPP_PYTHON_SRC"),
+                        help="unpacked llama-cpp-python source distribution (for its converter)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--d-ff", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warm-cache", action="store_true", help="keep inductor's usual cache (compile time not cold)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.llama_cpp_src is None or not (Path(args.llama_cpp_src) / "vendor/llama.cpp/convert_hf_to_gguf.py").is_file():
+        parser.error("--llama-cpp-src must be llama-cpp-python's unpacked source distribution (vendor/llama.cpp/convert_hf_to_gguf.py)")
+    tmp = Path(tempfile.mkdtemp(prefix="decode-vs-llamacpp-"))
+    if not args.warm_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor")  # before torch reads it: a cold compile
+
+    import importlib.util
+
+    import torch
+
+    from cpmctl import hf
+    from cpmctl.checkpoint import load_model
+    from cpmctl.compiled import CompiledDecoder
+
+    torch.set_num_threads(args.threads)
+    spec = importlib.util.spec_from_file_location("bench_machine", HERE / "machine.py")
+    machine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(machine)
+    results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine.cpu_model(),
+                     "threads": args.threads, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
+
+    def write() -> None:
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    hf_dir = tmp / "hf"
+    make_hf_llama(hf_dir, args)
+    ckpt = hf.import_hf(hf_dir, tmp / "cpmctl")
+    ggufs = {kind: convert_gguf(args.llama_cpp_src, hf_dir, tmp / f"model-{kind}.gguf", kind)
+             for kind in ("f32", "f16", "bf16", "q8_0")}
+    ggufs["q4_0"] = quantize_gguf(ggufs["f32"], tmp / "model-q4_0.gguf", "LLAMA_FTYPE_MOSTLY_Q4_0")
+    results["bandwidth_read_gbps"] = read_bandwidth_gbps()
+    log({"bandwidth_read_gbps": results["bandwidth_read_gbps"]})
+
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, args.vocab, (PROMPT,), generator=gen).tolist()
+    long_prompt = torch.randint(3, args.vocab, (PREFILL,), generator=gen).tolist()
+    llama = {kind: LlamaCpp(path, args.threads) for kind, path in ggufs.items()}
+
+    for precision, dtype, gguf_kinds in (("fp32", torch.float32, ["f32"]), ("bf16", torch.bfloat16, ["bf16", "f16"])):
+        model, handle = load_model(ckpt, dtype=dtype)
+        handle.close()
+        weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed.tokens.weight")
+        eager = Cpmctl(model, None)
+        # Cold compile: prefill (16-token bucket) and the decode graph, timed inside generate.
+        compiled_steps = CompiledDecoder(model)
+        compiled = Cpmctl(model, compiled_steps)
+        start = time.perf_counter()
+        compiled_tokens = compiled.greedy(prompt, 8)
+        cold = time.perf_counter() - start
+        compiled.prefill(long_prompt)  # the 512 bucket's graph, compiled before timing
+        cold_prefill_512 = compiled_steps.stats.compile_s - compiled.last_stats["compile_s"]
+        warm_steps = CompiledDecoder(model)
+        start = time.perf_counter()
+        Cpmctl(model, warm_steps).greedy(prompt, 8)
+        warm = time.perf_counter() - start
+        row: dict = {"weight_bytes_per_token": weight_bytes,
+                     "compile": {"cold_s": cold, "cold_prefill_512_s": cold_prefill_512, "warm_s": warm,
+                                 "graphs": compiled_steps.stats.graphs}}
+        engines = {"cpmctl_eager": eager, "cpmctl_compiled": compiled, **{f"llama_{k}": llama[k] for k in gguf_kinds}}
+        if precision == "fp32":
+            want = llama["f32"].greedy(prompt, 32)
+            same = {name: engines[name].greedy(prompt, 32) == want for name in ("cpmctl_eager", "cpmctl_compiled")}
+            row["greedy_tokens_identical_to_llama_f32"] = same
+            log({"greedy_tokens_identical_to_llama_f32": same})
+        reference = f"llama_{gguf_kinds[0]}"
+        decode = rounds(engines, lambda e: e.greedy(prompt, args.new_tokens), args.rounds)
+        # greedy() times the prompt too; the decode figure subtracts each engine's own prefill
+        # of the same 16 tokens, measured in the same rounds.
+        short = rounds(engines, lambda e: e.greedy(prompt, 1), args.rounds)
+        per_token = {name: [max(t - statistics.median(short[name]), 1e-9) for t in decode[name]] for name in engines}
+        row["decode"] = summarise(per_token, args.new_tokens - 1, reference)
+        for name, figures in row["decode"].items():
+            figures["fraction_of_bandwidth_bound"] = None if not name.startswith("cpmctl") and name != reference else (
+                figures["per_s"] * weight_bytes / (results["bandwidth_read_gbps"] * GB))
+        eager_s, compiled_s = (1 / row["decode"][n]["per_s"] for n in ("cpmctl_eager", "cpmctl_compiled"))
+        row["compile"]["break_even_tokens"] = cold / (eager_s - compiled_s) if eager_s > compiled_s else None
+        prefill = rounds(engines, lambda e: e.prefill(long_prompt), args.rounds)
+        row["prefill_512"] = summarise(prefill, PREFILL, reference)
+        results[precision] = row
+        log({precision: row})
+        write()
+
+    quantized = rounds({k: llama[k] for k in ("q8_0", "q4_0")}, lambda e: e.greedy(prompt, args.new_tokens), args.rounds)
+    results["llama_quantized_decode_per_s"] = {k: (args.new_tokens - 1) / statistics.median(v) for k, v in quantized.items()}
+    log({"llama_quantized_decode_per_s": results["llama_quantized_decode_per_s"]})
+    write()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
