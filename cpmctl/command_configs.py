@@ -215,6 +215,50 @@ class MoefyConfig:
             raise UserError(f"--max-task-examples must be >= 1, got {self.max_task_examples}")
 
 
+RELU_KINDS = ("relu", "drelu")
+
+
+@dataclass
+class RelufyConfig:
+    checkpoint: Path = option(help="A dense cpmctl checkpoint with GELU/SiLU FFNs (or a task model directory).", argument=True)
+    out: Path = option(help="Output checkpoint directory.", argument=True)
+    data: Path | None = option(None, help="Text/JSONL corpus for the recovery training and the report (required).")
+    eval_data: Path | None = option(None, help="Held-out text for the report (default: documents of --data kept out of training).")
+    field: str = option("text", help="JSONL field holding the text.")
+    activation: str = option("relu", help="relu (on the gate branch of a gated FFN) or drelu (ReLU on both branches; gated FFNs).")
+    steps: int = option(200, help="Recovery training steps (0: swap only).")
+    lr: float = option(1e-4, help="Recovery learning rate (AdamW, warm-up then linear decay).")
+    kd: float = option(0.5, help="Weight of KD from the original model in the LM loss, in [0, 1] (encoders always match its embeddings).")
+    l1: float = option(0.0, help="Peak weight of the L1 activation-sparsity term (ProSparse); 0 turns it off.")
+    l1_ramp: float = option(0.5, help="Fraction of the steps over which the L1 weight rises from 0 to its peak.")
+    max_docs: int = option(4000, help="Documents sampled from --data for training.")
+    eval_docs: int = option(200, help="Documents held out for the report (when no --eval-data).")
+    min_tokens: int = option(1024, help="Fewer training tokens than this: the data is too small.")
+    seq_len: int = option(128, help="Tokens per document row.")
+    batch_size: int = option(16, help="Rows per step.")
+    seed: int = option(0, help=SEED_HELP)
+    force: bool = option(False, help=FORCE_HELP)
+
+    def validate(self) -> None:
+        if self.activation not in RELU_KINDS:
+            raise UserError(f"unknown --activation {self.activation!r}; expected one of {', '.join(RELU_KINDS)}")
+        if self.data is None:
+            raise UserError("relufy trains and measures on text: give --data FILE")
+        if self.steps < 0:
+            raise UserError(f"--steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.kd <= 1:
+            raise UserError(f"--kd must be in [0, 1], got {self.kd}")
+        if self.l1 < 0:
+            raise UserError(f"--l1 must be >= 0, got {self.l1}")
+        if not 0 < self.l1_ramp <= 1:
+            raise UserError(f"--l1-ramp must be in (0, 1], got {self.l1_ramp}")
+        for name in ("max_docs", "eval_docs", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
 HEADS = ("lm", "linear")
 
 

@@ -17,7 +17,9 @@ ARCHS = ("encoder-decoder", "encoder", "decoder")
 NORMS = ("rms", "layer")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("relative", "absolute", "rotary")
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "drelu")
+# Activations whose zeros are exact (ReLU-fied models): MoEfication splits by their zero pattern.
+RELU_ACTIVATIONS = ("relu", "drelu")
 MOE_ROUTERS = ("linear", "center", "mlp", "oracle")
 # Rotary scalings cpmctl computes exactly as transformers does (modeling_rope_utils); "dynamic"
 # NTK and "longrope" depend on the sequence seen at run time and are refused at import.
@@ -129,6 +131,10 @@ class ModelConfig:
     logit_softcap: float | None = None
     # post_norms: a norm on each sublayer's output before the residual add (Gemma 2's sandwich).
     post_norms: bool = False
+    # threshold_sparsity: the FFNs skip the small activations (TEAL-style): the fraction of FFN
+    # inputs and hidden activations, per layer, that their stored magnitude thresholds
+    # (`threshold_in`, `threshold_hidden`) were calibrated to zero. None: dense FFNs.
+    threshold_sparsity: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -155,6 +161,10 @@ class ModelConfig:
         check(self.norm_position, NORM_POSITIONS, "norm position")
         check(self.position, POSITIONS, "position encoding")
         check(self.activation, ACTIVATIONS, "activation")
+        if self.activation == "drelu" and not self.gated:
+            raise UserError("activation drelu (a ReLU on both branches) needs a gated FFN")
+        if self.threshold_sparsity is not None and not 0 < self.threshold_sparsity < 1:
+            raise UserError(f"threshold_sparsity must be in (0, 1), got {self.threshold_sparsity}")
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers"):
             if getattr(self, name) < 1:
                 raise UserError(f"config field {name} must be >= 1, got {getattr(self, name)}")
