@@ -143,10 +143,15 @@ REPARAMS = ("none", "mlp")
 OFFLOAD_MODES = ("none", "cpu", "disk")
 
 
+METHODS = ("moe", "threshold")
+
+
 @dataclass
 class MoefyConfig:
     checkpoint: Path = option(help="A dense cpmctl checkpoint (or, with --restore, a MoEfied one).", argument=True)
     out: Path = option(help="Output checkpoint directory.", argument=True)
+    method: str = option("moe", help="moe (experts and routers) or threshold (training-free activation sparsity, TEAL: per-layer magnitude thresholds).")
+    sparsity: float = option(0.4, help="--method threshold: fraction of FFN input and hidden entries each layer's thresholds skip, in (0, 1).")
     experts: int | None = option(None, help="Experts per FFN (E).")
     expert_size: int | None = option(None, help="Neurons per expert (32 in the paper).")
     split: str = option("cluster", help="How neurons are grouped: cluster, coactivation or random.")
@@ -186,6 +191,29 @@ class MoefyConfig:
             return
         if self.kernels not in ("auto", "torch", "triton"):
             raise UserError(f"unknown --kernels {self.kernels!r}; expected auto, torch or triton")
+        if self.method not in METHODS:
+            raise UserError(f"unknown --method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method == "threshold":
+            self._validate_threshold()
+        else:
+            self._validate_moe()
+        for name in ("max_docs", "max_tokens", "seq_len", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.verbalizer is not None and self.task is None:
+            raise UserError("--verbalizer names the label words of --task: give --task FILE.jsonl")
+        if self.max_task_examples is not None and self.max_task_examples < 1:
+            raise UserError(f"--max-task-examples must be >= 1, got {self.max_task_examples}")
+
+    def _validate_threshold(self) -> None:
+        if not 0 < self.sparsity < 1:
+            raise UserError(f"--sparsity must be in (0, 1), got {self.sparsity}")
+        if self.data is None:
+            raise UserError("--method threshold calibrates its thresholds on activations: give --data FILE")
+        if self.calibrate:
+            raise UserError("--calibrate tunes MoE experts; --method threshold is training-free")
+
+    def _validate_moe(self) -> None:
         if self.split not in SPLITS:
             raise UserError(f"unknown --split {self.split!r}; expected one of {', '.join(SPLITS)}")
         if self.router not in ROUTERS:
@@ -206,13 +234,6 @@ class MoefyConfig:
             raise UserError(f"--calibrate must be >= 0 steps, got {self.calibrate}")
         if self.calibrate and self.data is None:
             raise UserError("--calibrate trains on --data: give --data FILE")
-        for name in ("max_docs", "max_tokens", "seq_len", "batch_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.verbalizer is not None and self.task is None:
-            raise UserError("--verbalizer names the label words of --task: give --task FILE.jsonl")
-        if self.max_task_examples is not None and self.max_task_examples < 1:
-            raise UserError(f"--max-task-examples must be >= 1, got {self.max_task_examples}")
 
 
 RELU_KINDS = ("relu", "drelu")

@@ -100,6 +100,10 @@ class ThresholdFeedForward(FeedForward):
         """The hidden activations the down projection reads (both thresholds applied)."""
         return below_threshold_zeroed(super().hidden(below_threshold_zeroed(x, self.threshold_in)), self.threshold_hidden)
 
+    def unthresholded_hidden(self, x: Tensor) -> Tensor:
+        """The dense FFN's activations on x, no threshold applied (calibration measures these)."""
+        return super().hidden(x)
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
