@@ -42,13 +42,14 @@ from rich.table import Table
 
 from cpmctl import moefication as mf
 from cpmctl import task_model
-from cpmctl.checkpoint import load_model, read_config, save_checkpoint_with
+from cpmctl.checkpoint import load_model, read_config, read_provenance, save_checkpoint_with
 from cpmctl.corpus import sample_documents
 from cpmctl.data import TokenShards
 from cpmctl.command_configs import MoefyConfig  # the options, declared once
 from cpmctl.errors import UserError
 from cpmctl.ffn import ThresholdFeedForward
 from cpmctl.moe import MoEFeedForward, dense_from_moe, moe_from_dense, resolve_kernels, set_kernels
+from cpmctl.prompt import PRESERVES_FUNCTION_OF
 from cpmctl.plan import (checkpoint_config, dtype_bytes, make_plan, meta_model, parameter_count, source_note,
                          stored_dtype)
 from cpmctl.tokenizer import load_tokenizer
@@ -389,13 +390,23 @@ def write_output(model, cfg: MoefyConfig, checkpoint: Path, *, stage: str, optio
     """OUT in one atomic step: the checkpoint, report.json, and the task head a task model
     carries (distill's task.json + head.safetensors, copied as they are: the head reads the
     final hidden states, which MoEfication approximates and restore gives back exactly)."""
+    full_run = task_model.full_run_task(Path(cfg.checkpoint)) if not (checkpoint / task_model.TASK_FILE).is_file() else None
+
     def write_extra(tmp: Path) -> None:
         for name in (task_model.TASK_FILE, task_model.HEAD_FILE):
             if (checkpoint / name).is_file():
                 shutil.copyfile(checkpoint / name, tmp / name)
+        if full_run is not None:  # a `prompt-tune --full` run: its head lives in the adapter beside the model
+            head_state, labels, words, pooling = full_run
+            task_model.write_task_files(tmp, head_state, labels=labels, words=words, pooling=pooling,
+                                        metrics={"source": str(cfg.checkpoint)})
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
+    if metrics is not None:
+        # Prompts and heads trained on the dense model apply to this copy (prompt.check_base_model).
+        parent_hash = read_provenance(checkpoint).get("content_hash")
+        metrics = {**metrics, PRESERVES_FUNCTION_OF: parent_hash} if parent_hash else metrics
     tokenizer_dir = checkpoint / "tokenizer"
     return save_checkpoint_with(cfg.out, write_extra, model.config, model.state_dict(), overwrite=cfg.overwrite,
                                 tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None, stage=stage,
