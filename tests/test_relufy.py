@@ -144,3 +144,27 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, checkpoint
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and result.output.count("\n") == 1, result.output
         assert not (tmp_path / "o").exists()
+
+
+def test_a_relufied_llama_exports_to_hugging_face_and_matches_transformers(tmp_path):
+    """ReLU-fied gated FFNs are Llama's `hidden_act: relu`: the export keeps the family, and
+    transformers computes the same logits; dReLU has no HF equivalent and is refused by name."""
+    transformers = pytest.importorskip("transformers")
+    from cpmctl import hf
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("llama-tiny", activation="relu", vocab_size=128)
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    save_model(model, tmp_path / "relu")
+    hf.export_hf(tmp_path / "relu", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_act"] == "relu"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids), theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    save_model(build_model(config.replace(activation="drelu")), tmp_path / "drelu")
+    with pytest.raises(UserError, match="dReLU"):
+        hf.export_hf(tmp_path / "drelu", tmp_path / "hf2")

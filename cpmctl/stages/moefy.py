@@ -251,6 +251,10 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
         per_layer[name].update(stats)
     timings["routers_s"] = round(time.perf_counter() - t0, 2)
     model.config = moe_config
+    # The routers are trained: their sample of FFN inputs (max_tokens x d_model per layer) and
+    # targets are not needed any more, and calibration should not hold them.
+    inputs.clear()
+    targets.clear()
     calibration = None
     if cfg.calibrate:
         t0 = time.perf_counter()
