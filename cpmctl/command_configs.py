@@ -155,10 +155,15 @@ REPARAMS = ("none", "mlp")
 OFFLOAD_MODES = ("none", "cpu", "disk")
 
 
+METHODS = ("moe", "threshold")
+
+
 @dataclass
 class MoefyConfig:
     checkpoint: Path = option(help="A dense cpmctl checkpoint (or, with --restore, a MoEfied one).", argument=True)
     out: Path = option(help="Output checkpoint directory.", argument=True)
+    method: str = option("moe", help="moe (experts and routers) or threshold (training-free activation sparsity, TEAL: per-layer magnitude thresholds).")
+    sparsity: float = option(0.4, help="--method threshold: fraction of FFN input and hidden entries each layer's thresholds skip, in (0, 1).")
     experts: int | None = option(None, help="Experts per FFN (E).")
     expert_size: int | None = option(None, help="Neurons per expert (32 in the paper).")
     split: str = option("cluster", help="How neurons are grouped: cluster, coactivation or random.")
@@ -198,6 +203,29 @@ class MoefyConfig:
             return
         if self.kernels not in ("auto", "torch", "triton"):
             raise UserError(f"unknown --kernels {self.kernels!r}; expected auto, torch or triton")
+        if self.method not in METHODS:
+            raise UserError(f"unknown --method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method == "threshold":
+            self._validate_threshold()
+        else:
+            self._validate_moe()
+        for name in ("max_docs", "max_tokens", "seq_len", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.verbalizer is not None and self.task is None:
+            raise UserError("--verbalizer names the label words of --task: give --task FILE.jsonl")
+        if self.max_task_examples is not None and self.max_task_examples < 1:
+            raise UserError(f"--max-task-examples must be >= 1, got {self.max_task_examples}")
+
+    def _validate_threshold(self) -> None:
+        if not 0 < self.sparsity < 1:
+            raise UserError(f"--sparsity must be in (0, 1), got {self.sparsity}")
+        if self.data is None:
+            raise UserError("--method threshold calibrates its thresholds on activations: give --data FILE")
+        if self.calibrate:
+            raise UserError("--calibrate tunes MoE experts; --method threshold is training-free")
+
+    def _validate_moe(self) -> None:
         if self.split not in SPLITS:
             raise UserError(f"unknown --split {self.split!r}; expected one of {', '.join(SPLITS)}")
         if self.router not in ROUTERS:
@@ -218,13 +246,50 @@ class MoefyConfig:
             raise UserError(f"--calibrate must be >= 0 steps, got {self.calibrate}")
         if self.calibrate and self.data is None:
             raise UserError("--calibrate trains on --data: give --data FILE")
-        for name in ("max_docs", "max_tokens", "seq_len", "batch_size", "epochs"):
+
+
+RELU_KINDS = ("relu", "drelu")
+
+
+@dataclass
+class RelufyConfig:
+    checkpoint: Path = option(help="A dense cpmctl checkpoint with GELU/SiLU FFNs (or a task model directory).", argument=True)
+    out: Path = option(help="Output checkpoint directory.", argument=True)
+    data: Path | None = option(None, help="Text/JSONL corpus for the recovery training and the report (required).")
+    eval_data: Path | None = option(None, help="Held-out text for the report (default: documents of --data kept out of training).")
+    field: str = option("text", help="JSONL field holding the text.")
+    activation: str = option("relu", help="relu (on the gate branch of a gated FFN) or drelu (ReLU on both branches; gated FFNs).")
+    steps: int = option(200, help="Recovery training steps (0: swap only).")
+    lr: float = option(1e-4, help="Recovery learning rate (AdamW, warm-up then linear decay).")
+    kd: float = option(0.5, help="Weight of KD from the original model in the LM loss, in [0, 1] (encoders always match its embeddings).")
+    l1: float = option(0.0, help="Peak weight of the L1 activation-sparsity term (ProSparse); 0 turns it off.")
+    l1_ramp: float = option(0.5, help="Fraction of the steps over which the L1 weight rises from 0 to its peak.")
+    max_docs: int = option(4000, help="Documents sampled from --data for training.")
+    eval_docs: int = option(200, help="Documents held out for the report (when no --eval-data).")
+    min_tokens: int = option(1024, help="Fewer training tokens than this: the data is too small.")
+    seq_len: int = option(128, help="Tokens per document row.")
+    batch_size: int = option(16, help="Rows per step.")
+    seed: int = option(0, help=SEED_HELP)
+    force: bool = option(False, help=FORCE_HELP)
+
+    def validate(self) -> None:
+        if self.activation not in RELU_KINDS:
+            raise UserError(f"unknown --activation {self.activation!r}; expected one of {', '.join(RELU_KINDS)}")
+        if self.data is None:
+            raise UserError("relufy trains and measures on text: give --data FILE")
+        if self.steps < 0:
+            raise UserError(f"--steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.kd <= 1:
+            raise UserError(f"--kd must be in [0, 1], got {self.kd}")
+        if self.l1 < 0:
+            raise UserError(f"--l1 must be >= 0, got {self.l1}")
+        if not 0 < self.l1_ramp <= 1:
+            raise UserError(f"--l1-ramp must be in (0, 1], got {self.l1_ramp}")
+        for name in ("max_docs", "eval_docs", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.verbalizer is not None and self.task is None:
-            raise UserError("--verbalizer names the label words of --task: give --task FILE.jsonl")
-        if self.max_task_examples is not None and self.max_task_examples < 1:
-            raise UserError(f"--max-task-examples must be >= 1, got {self.max_task_examples}")
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 HEADS = ("lm", "linear")

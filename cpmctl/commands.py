@@ -318,6 +318,13 @@ def _render_moefy(result: dict, cfg) -> None:
     echo(f"wrote {cfg.out}")
 
 
+def _render_relufy(result: dict, cfg) -> None:
+    from cpmctl.stages import relufy
+
+    relufy.render(result)
+    echo(f"wrote {cfg.out}")
+
+
 def _render_inherit(result: dict, cfg) -> None:
     echo(f"wrote {cfg.out}: {result['parameters_src']:,} -> {result['parameters_out']:,} parameters ({cfg.method})")
     if result.get("vocab"):
@@ -382,6 +389,9 @@ COMMANDS: tuple[Command, ...] = (
            render=_render_prompt_tune),
     _stage("moefy", configs.MoefyConfig, "Split dense FFNs into experts with routers (MoEfication); only the chosen experts run.",
            render=_render_moefy),
+    _stage("relufy", configs.RelufyConfig,
+           "ReLU-fy a GELU/SiLU model's FFNs and recover its quality with a short training run (sparse activations for MoEfication).",
+           render=_render_relufy),
     _stage("inherit", configs.InheritConfig,
            "Grow a checkpoint wider/deeper (bert2BERT FPI/AKI, tiling, stacking), expand its vocabulary, upcycle to MoE.",
            render=_render_inherit),

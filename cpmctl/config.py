@@ -18,7 +18,9 @@ ARCHS = ("encoder-decoder", "encoder", "decoder")
 NORMS = ("rms", "layer")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("relative", "absolute", "rotary")
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "drelu")
+# Activations whose zeros are exact (ReLU-fied models): MoEfication splits by their zero pattern.
+RELU_ACTIVATIONS = ("relu", "drelu")
 MOE_ROUTERS = ("linear", "center", "mlp", "oracle")
 # How a linear router turns logits into expert scores (Hugging Face MoE families).
 MOE_SCORINGS = ("softmax", "sigmoid")
@@ -240,6 +242,10 @@ class ModelConfig:
     post_norms: bool = False
     # Weight-only quantized weights (cpmctl quantize); None: every weight in its float dtype.
     quantization: QuantConfig | None = None
+    # threshold_sparsity: the FFNs skip the small activations (TEAL-style): the fraction of FFN
+    # inputs and hidden activations, per layer, that their stored magnitude thresholds
+    # (`threshold_in`, `threshold_hidden`) were calibrated to zero. None: dense FFNs.
+    threshold_sparsity: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -270,6 +276,10 @@ class ModelConfig:
         check(self.norm_position, NORM_POSITIONS, "norm position")
         check(self.position, POSITIONS, "position encoding")
         check(self.activation, ACTIVATIONS, "activation")
+        if self.activation == "drelu" and not self.gated:
+            raise UserError("activation drelu (a ReLU on both branches) needs a gated FFN")
+        if self.threshold_sparsity is not None and not 0 < self.threshold_sparsity < 1:
+            raise UserError(f"threshold_sparsity must be in (0, 1), got {self.threshold_sparsity}")
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers"):
             if getattr(self, name) < 1:
                 raise UserError(f"config field {name} must be >= 1, got {getattr(self, name)}")

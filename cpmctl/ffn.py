@@ -1,5 +1,13 @@
 """The dense feed-forward block and its activations: what every Transformer block holds, and what
-MoEfication regroups into experts (cpmctl.moe builds on it, cpmctl.model places it)."""
+MoEfication regroups into experts (cpmctl.moe builds on it, cpmctl.model places it).
+
+`ThresholdFeedForward` is the dense FFN with training-free activation sparsity (TEAL, Liu et al.
+2024): each matrix skips the input entries whose magnitude is below the layer's calibrated
+threshold. The FFN input below `threshold_in` is dropped before the up (and gate) projections,
+the hidden activation below `threshold_hidden` before the down projection. A dropped input
+entry is a row of the transposed weight that is never read, so a decoding token reads only the
+kept rows: one gather-and-sum over rows (`torch.nn.functional.embedding_bag`, the row gather the
+MoE experts' transposed down projection also uses) per matrix."""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpmctl.config import ModelConfig
+from cpmctl.errors import UserError
 
 
 ACTIVATIONS = {
@@ -17,7 +26,19 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": partial(F.gelu, approximate="tanh"),
     "silu": F.silu,
+    # dReLU (Turbo Sparse, 2024): a ReLU on the gate *and* the up branch of a gated FFN
+    # (`gated_hidden` applies the second one); on a single tensor it is a ReLU.
+    "drelu": F.relu,
 }
+
+
+def gated_hidden(gate: Tensor, up: Tensor, activation: str, *, in_place: bool = False) -> Tensor:
+    """act(gate) * up (dReLU: relu(gate) * relu(up)). `in_place` reuses the activation's buffer
+    (inference only: one [tokens, d_ff] allocation less)."""
+    act = ACTIVATIONS[activation](gate)
+    if activation == "drelu":
+        up = F.relu(up)
+    return act.mul_(up) if in_place else act * up
 
 
 class FeedForward(nn.Module):
@@ -36,13 +57,101 @@ class FeedForward(nn.Module):
 
     def hidden(self, x: Tensor) -> Tensor:
         """The FFN's neuron activations (what routers and MoEfication statistics look at)."""
-        act = ACTIVATIONS[self.activation]
         if self.w_gate is None:
-            return act(self.w_in(x))
-        gate = act(self.w_gate(x))
+            return ACTIVATIONS[self.activation](self.w_in(x))
         # Without autograd the product can reuse the activation's buffer: one large
         # [tokens, d_ff] allocation less per layer (about 2% of a CPU forward).
-        return gate.mul_(self.w_in(x)) if not torch.is_grad_enabled() else gate * self.w_in(x)
+        return gated_hidden(self.w_gate(x), self.w_in(x), self.activation, in_place=not torch.is_grad_enabled())
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_out(self.hidden(x))
+
+
+def below_threshold_zeroed(x: Tensor, threshold: Tensor) -> Tensor:
+    """x with the entries of magnitude <= threshold set to 0 (TEAL's sparsification)."""
+    return x.masked_fill(x.abs() <= threshold, 0.0)
+
+
+# Tokens up to which the FFN reads only the kept weight rows; beyond, the masked dense matmuls
+# are faster (every row is needed by some token anyway).
+GATHER_MAX_TOKENS = 8
+
+
+class ThresholdFeedForward(FeedForward):
+    """A dense FFN that skips small activations: `threshold_in` on its input, `threshold_hidden`
+    on its hidden activations (buffers, calibrated by `cpmctl moefy --method threshold`).
+
+    The weights are the dense FFN's, unchanged (restoring the dense model drops the two
+    buffers). Training and many tokens run the masked dense matmuls; up to GATHER_MAX_TOKENS
+    tokens without autograd, each matrix reads only the rows of its transposed weight that a
+    kept entry multiplies (`embedding_bag` over the kept (token, entry) pairs). The transposed
+    copies are made on the first such call and kept while the weights do not change.
+    `kernels = "triton"` runs those gathers as the masked decode GEMV of `cpmctl_kernels`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.register_buffer("threshold_in", torch.zeros(()))
+        self.register_buffer("threshold_hidden", torch.zeros(()))
+        self.kernels = "torch"
+        self._rows: dict[str, Tensor] = {}
+        self._rows_key: tuple | None = None
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """The hidden activations the down projection reads (both thresholds applied)."""
+        return below_threshold_zeroed(super().hidden(below_threshold_zeroed(x, self.threshold_in)), self.threshold_hidden)
+
+    def unthresholded_hidden(self, x: Tensor) -> Tensor:
+        """The dense FFN's activations on x, no threshold applied (calibration measures these)."""
+        return super().hidden(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if flat.shape[0] > GATHER_MAX_TOKENS or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            return self.w_out(self.hidden(x))
+        rows = self.weight_rows()
+        if self.kernels == "triton":
+            return triton_threshold_ffn(self, flat, rows).view(shape)
+        up = gathered_matmul(flat, rows["w_in"], self.threshold_in, self.w_in.bias)
+        if self.w_gate is None:
+            hidden = ACTIVATIONS[self.activation](up)
+        else:
+            hidden = gated_hidden(gathered_matmul(flat, rows["w_gate"], self.threshold_in, self.w_gate.bias), up,
+                                  self.activation, in_place=True)
+        return gathered_matmul(hidden, rows["w_out"], self.threshold_hidden, self.w_out.bias).view(shape)
+
+    def weight_rows(self) -> dict[str, Tensor]:
+        """Each matrix transposed ([inputs, outputs], contiguous): a kept input entry reads one row."""
+        linears = {"w_in": self.w_in, "w_gate": self.w_gate, "w_out": self.w_out}
+        key = tuple((l.weight.data_ptr(), l.weight._version) for l in linears.values() if l is not None)
+        if key != self._rows_key:
+            with torch.no_grad():
+                self._rows = {name: l.weight.detach().T.contiguous() for name, l in linears.items() if l is not None}
+            self._rows_key = key
+        return self._rows
+
+
+def gathered_matmul(x: Tensor, rows: Tensor, threshold: Tensor, bias: Tensor | None) -> Tensor:
+    """`x @ rows` (+ bias) for x [n, k], rows [k, m], reading only the rows whose x entry is
+    above the threshold in magnitude: a weighted sum of gathered rows per token."""
+    keep = x.abs() > threshold
+    token, entry = keep.nonzero(as_tuple=True)
+    offsets = torch.searchsorted(token, torch.arange(x.shape[0], device=x.device))
+    out = F.embedding_bag(entry, rows, offsets, mode="sum", per_sample_weights=x[token, entry].to(rows.dtype))
+    return out if bias is None else out + bias
+
+
+def triton_threshold_ffn(ffn: ThresholdFeedForward, x: Tensor, rows: dict[str, Tensor]) -> Tensor:
+    """The thresholded FFN through `cpmctl_kernels.threshold_gemv` (a GEMV that skips the weight
+    rows of entries below the threshold), one launch per matrix."""
+    from cpmctl_kernels import KernelInputError, threshold_gemv  # optional dependency (triton): imported on first use
+
+    try:
+        up = threshold_gemv(x, rows["w_in"], ffn.threshold_in, ffn.w_in.bias)
+        if ffn.w_gate is None:
+            hidden = ACTIVATIONS[ffn.activation](up)
+        else:
+            hidden = gated_hidden(threshold_gemv(x, rows["w_gate"], ffn.threshold_in, ffn.w_gate.bias), up, ffn.activation)
+        return threshold_gemv(hidden, rows["w_out"], ffn.threshold_hidden, ffn.w_out.bias)
+    except KernelInputError as exc:
+        raise UserError(str(exc)) from None

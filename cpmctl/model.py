@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpmctl.config import ModelConfig
-from cpmctl.ffn import ACTIVATIONS, FeedForward
+from cpmctl.ffn import ACTIVATIONS, FeedForward, ThresholdFeedForward
 from cpmctl.moe import MoEFeedForward
 
 class RMSNorm(nn.Module):
@@ -516,6 +516,8 @@ class Stack(nn.Module):
 def make_ffn(config: ModelConfig, stack: str, index: int) -> nn.Module:
     if config.is_moe_layer(stack, index):
         return MoEFeedForward(config)
+    if config.threshold_sparsity is not None:
+        return ThresholdFeedForward(config)
     return FeedForward(config)
 
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
-from cpmctl.ffn import ACTIVATIONS, FeedForward
+from cpmctl.ffn import ACTIVATIONS, FeedForward, gated_hidden
 from cpmctl.quant import QuantizedView, QuantizedWeight, quantized_linear, quantized_matmul_out
 
 # Routers whose experts are pieces of one dense FFN (outputs summed with weight 1).
@@ -56,8 +56,7 @@ MOEFIED_ROUTERS = ("center", "mlp", "oracle")
 
 # -- the expert computation on raw tensors ------------------------------------------------------
 def _hidden(up: Tensor, gate: Tensor | None, activation: str) -> Tensor:
-    act = ACTIVATIONS[activation]
-    return act(up) if gate is None else act(gate) * up
+    return ACTIVATIONS[activation](up) if gate is None else gated_hidden(gate, up, activation)
 
 
 def _all_experts(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation) -> Tensor:

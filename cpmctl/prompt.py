@@ -401,12 +401,42 @@ def load_adapter(path: str | Path) -> Adapter:
     return adapter
 
 
-def check_base_model(adapter: Adapter, base_hash: str, base_path: str | Path, adapter_path: str | Path) -> None:
-    """Loading a prompt on a model other than the one it was trained on is a user error."""
+# The provenance metric in which MoEfication (and thresholding) records the content hash of the
+# dense model whose function its output approximates: prompts and heads of that model apply.
+PRESERVES_FUNCTION_OF = "preserves_function_of"
+
+
+def check_base_model(adapter: Adapter, base_hash: str, base_path: str | Path, adapter_path: str | Path,
+                     provenance: dict[str, Any] | None = None) -> None:
+    """Loading a prompt on a model other than the one it was trained on is a user error, except on
+    a MoEfied (or thresholded) copy of that model: its provenance records that it keeps the base
+    model's function, so the prompt applies, with a note. The error names a checkpoint that fits."""
     expected = adapter.meta.get("base_model_hash")
-    if expected != base_hash:
-        raise UserError(f"prompt {adapter_path} was trained on base model {expected}, but {base_path} is {base_hash}; "
-                        "use the model it was trained with")
+    if expected == base_hash:
+        return
+    derived_from = ((provenance or {}).get("metrics") or {}).get(PRESERVES_FUNCTION_OF)
+    if expected is not None and derived_from == expected:
+        log.warning("note: prompt %s was trained on %s, and %s is a MoEfied copy of that model (it keeps the base "
+                    "function up to the quality loss in its report); using it", adapter_path, expected, base_path)
+        return
+    fits = checkpoint_with_hash(expected, adapter_path, adapter)
+    hint = f"use {fits}, which is that model" if fits else "use the model it was trained with"
+    raise UserError(f"prompt {adapter_path} was trained on base model {expected}, but {base_path} is {base_hash}; {hint}")
+
+
+def checkpoint_with_hash(expected: str | None, adapter_path: str | Path, adapter: Adapter) -> Path | None:
+    """A checkpoint whose recorded content hash is `expected`: the model a `prompt-tune --full` run
+    wrote beside its adapter (ADAPTER/model), or the base model the adapter names, when still there."""
+    if expected is None:
+        return None
+    candidates = [Path(adapter_path) / "model"]
+    named = (adapter.peft or {}).get("base_model_name_or_path")
+    if named:
+        candidates.append(Path(named))
+    for candidate in candidates:
+        if (candidate / "config.json").is_file() and read_provenance(candidate).get("content_hash") == expected:
+            return candidate
+    return None
 
 
 # -- using a trained adapter ------------------------------------------------------------------------
@@ -435,7 +465,7 @@ def load_classifier(model, ckpt, adapter_path: Path):
     LabelSet and Adapter; the adapter must have been trained on this very model."""
     adapter = load_adapter(adapter_path)
     meta = adapter.meta
-    check_base_model(adapter, base_model_hash(ckpt, model), ckpt.path, adapter_path)
+    check_base_model(adapter, base_model_hash(ckpt, model), ckpt.path, adapter_path, ckpt.provenance)
     if meta.get("d_model") != model.config.d_model:
         raise UserError(f"prompt {adapter_path} has width {meta.get('d_model')}, the model {model.config.d_model}")
     labels = LabelSet(tuple(meta["labels"]), tuple(meta["verbalizer"][label] for label in meta["labels"]))

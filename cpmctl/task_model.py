@@ -114,16 +114,33 @@ def save_task_model(out: Path, model: nn.Module, head: nn.Module | None, *, labe
     """Write OUT atomically: the checkpoint files, then task.json (labels, words; scoring "linear"
     with head.safetensors beside it, or "lm" when the LM head scores the label words)."""
     def write_task(tmp: Path) -> None:
-        if head is not None:
-            write_safetensors(tmp / HEAD_FILE, {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
-        if labels is not None:
-            task = {"format": TASK_FORMAT, "version": 1, "labels": list(labels), "words": list(words),
-                    "scoring": "linear" if head is not None else "lm", "pooling": pooling,
-                    "head": HEAD_FILE if head is not None else None, "metrics": metrics}
-            (tmp / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
+        write_task_files(tmp, head.state_dict() if head is not None else None, labels=labels, words=words, pooling=pooling,
+                         metrics=metrics)
 
     return save_checkpoint_with(out, write_task, model.config, model.state_dict(), overwrite=True, tokenizer_dir=tokenizer_dir,
                                 stage="distill", parents=parents, options=options, metrics=metrics)
+
+
+def write_task_files(directory: Path, head_state: dict | None, *, labels, words, pooling: str, metrics: dict) -> None:
+    """task.json (labels, words; scoring "linear" with head.safetensors beside it, or "lm" when the
+    LM head scores the label words) into `directory`; nothing without labels."""
+    if head_state is not None:
+        write_safetensors(directory / HEAD_FILE, {k: v.detach().cpu().contiguous() for k, v in head_state.items()})
+    if labels is not None:
+        task = {"format": TASK_FORMAT, "version": 1, "labels": list(labels), "words": list(words),
+                "scoring": "linear" if head_state is not None else "lm", "pooling": pooling,
+                "head": HEAD_FILE if head_state is not None else None, "metrics": metrics}
+        (directory / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n")
+
+
+def full_run_task(given: Path):
+    """(head state or None, labels, words, pooling) of a `cpmctl prompt-tune --full` output
+    directory, or None when `given` is not one (its task then lives in the checkpoint itself)."""
+    given = Path(given)
+    if not ((given / PROMPT_TUNE_MODEL_DIR / "config.json").is_file() and (given / "adapter_config.json").is_file()):
+        return None
+    head_state, labels, words, pooling, _ = _prompt_tune_head(given)
+    return head_state, labels, words, pooling
 
 
 def planned_model_dir(path: Path, stand_ins=None) -> Path:

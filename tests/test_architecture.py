@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("core", ["cpmctl.devices", "cpmctl.ffn", "cpmctl.moe", "cpmctl.model", "cpmctl.checkpoint", "cpmctl.tokenizer", "cpmctl.tokenizer_base",
               "cpmctl.corpus", "cpmctl.data", "cpmctl.hf", "cpmctl.hf.*", "cpmctl.cpm2", "cpmctl.cpm2.*", "cpmctl.static_cache", "cpmctl.compiled", "cpmctl.generate", "cpmctl.losses", "cpmctl.quant"]),
     ("library", ["cpmctl.tasks", "cpmctl.prompt", "cpmctl.task_model", "cpmctl.distill", "cpmctl.growth",
-                 "cpmctl.iterations", "cpmctl.moefication", "cpmctl.moefication.*", "cpmctl.offload", "cpmctl.offload.*",
+                 "cpmctl.iterations", "cpmctl.moefication", "cpmctl.moefication.*", "cpmctl.relufication", "cpmctl.offload", "cpmctl.offload.*",
                  "cpmctl.training", "cpmctl.training_state", "cpmctl.teacher_cache", "cpmctl.plan", "cpmctl.report", "cpmctl.quantize"]),
     ("stages", ["cpmctl.stages.*"]),
     ("pipeline", ["cpmctl.stages", "cpmctl.commands", "cpmctl.pipeline"]),

@@ -241,13 +241,14 @@ def _stage_cases(root: Path) -> dict[str, tuple[list[str], str, str, Any]]:
         "moefy": (["moefy", m, out, "--router", "center", "--dry-run"], "experts", "--experts",
                   lambda p: p["output_config"]["moe"]["experts"]),
         "prompt-tune": (["prompt-tune", m, out, "--train", train, "--dry-run"], "max_steps", "--max-steps", lambda p: p["steps"]),
+        "relufy": (["relufy", m, out, "--data", train, "--dry-run"], "steps", "--steps", lambda p: p["steps"]),
         "distill": (["distill", out, "--teacher", m, "--train", train, "--dry-run"], "max_steps", "--max-steps", lambda p: p["steps"]),
         "pretrain": (["pretrain", str(root / "recipe.toml"), out, "--init", m, "--data", str(root / "shards"), "--dry-run"],
                      "max_steps", "--max-steps", lambda p: p["steps"]),
     }
 
 
-@pytest.mark.parametrize("stage", ["infer", "inherit", "moefy", "prompt-tune", "distill", "pretrain"])
+@pytest.mark.parametrize("stage", ["infer", "inherit", "moefy", "prompt-tune", "distill", "pretrain", "relufy"])
 def test_config_file_and_set_change_every_stage_and_flags_win(planned, tmp_path, stage):
     from cpmctl.commands import COMMANDS
 

@@ -446,3 +446,13 @@ def test_minilm_moefy_keeps_embeddings_close(tmp_path):
                              split="coactivation", router="mlp", data=WORDNET / "corpus.txt", max_docs=1000, eval_docs=100))
     assert report["quality"]["mean_cosine"] > 0.9
     assert all(layer["recall"] > 0.5 for layer in report["layers"].values())
+
+
+def test_task_labels_that_the_task_head_does_not_know_exit_2(tmp_path, encoder_ckpts):
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"text": "a b c", "label": "short"}\n{"text": "d e", "label": "medium"}\n')
+    result = _cli(["moefy", str(encoder_ckpts["task_model"]), str(tmp_path / "out"), "--experts", "4", "--router", "center",
+                   "--task", str(task)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "medium" in result.output
+    assert not (tmp_path / "out").exists()

@@ -332,3 +332,26 @@ def test_deep_mlm_adapter_round_trips_through_infer_loading(tiny_encoder, tmp_pa
     assert (got - want).abs().max() <= TOL
     classifier.remove_hooks()
     ck.close()
+
+
+def test_full_run_head_applies_to_its_moefied_copy_and_a_mismatch_names_the_model(tiny_encoder, tmp_path, caplog):
+    """moefy of a `prompt-tune --full` run carries its linear head; `infer MOE --prompt RUN` is
+    accepted with a note (the MoEfied copy keeps the base function); on another model the error
+    names RUN/model, the model the prompt was trained on."""
+    from cpmctl.stages.moefy import MoefyConfig, run as moefy
+
+    root = tiny_encoder
+    train = _keyword_task(tmp_path / "train.jsonl", 64, 3)
+    stage.run(stage.PromptTuneConfig(model=root / "model", train=train, out=tmp_path / "full", head="linear", full=True,
+                                     batch_size=16, max_steps=4, device="cpu", progress=False))
+    report = moefy(MoefyConfig(checkpoint=tmp_path / "full", out=tmp_path / "moe", experts=4, top_k=4, router="center", task=train))
+    assert report["task"]["scoring"] == "linear" and report["task"]["moe_accuracy"] == report["task"]["dense_accuracy"]
+    assert (tmp_path / "moe" / "task.json").is_file() and (tmp_path / "moe" / "head.safetensors").is_file()
+    runner = CliRunner()
+    dense = runner.invoke(app, ["infer", str(tmp_path / "full" / "model"), "--prompt", str(tmp_path / "full"), "--input", str(train), "--json"])
+    moe = runner.invoke(app, ["infer", str(tmp_path / "moe"), "--prompt", str(tmp_path / "full"), "--input", str(train), "--json"])
+    assert moe.exit_code == 0, moe.output
+    assert json.loads(moe.stdout)["result"]["stats"]["accuracy"] == json.loads(dense.stdout)["result"]["stats"]["accuracy"]
+    assert "MoEfied copy of that model" in caplog.text
+    wrong = runner.invoke(app, ["infer", str(root / "model"), "--prompt", str(tmp_path / "full"), "--input", str(train)])
+    assert wrong.exit_code == 2 and f"use {tmp_path / 'full' / 'model'}, which is that model" in wrong.output, wrong.output

@@ -143,6 +143,12 @@ def _refuse_unexportable(config: ModelConfig) -> None:
                         "(its neuron permutation has no place in a Hugging Face MoE family)")
     if config.share_layers:
         raise UserError("cannot export a model with shared layers to Hugging Face: no supported family shares layers")
+    if config.activation == "drelu":
+        raise UserError("cannot export a dReLU model to Hugging Face: no supported family has a ReLU on the up branch "
+                        "(hidden_act applies to the gate only); relufy with activation relu for an exportable model")
+    if config.threshold_sparsity is not None:
+        raise UserError("cannot export a thresholded model to Hugging Face: no supported family skips small activations; "
+                        "restore the dense model first")
 
 
 def export_family(config: ModelConfig, prefer: str | None = None) -> str:

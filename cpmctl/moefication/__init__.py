@@ -8,7 +8,8 @@ One job per module:
   router recall;
 - `calibration`: the experts' down projections fine-tuned with the routers active;
 - `evaluation`: recall and executed compute per layer, held-out quality, task accuracy;
-- `batches`: model inputs for batches of documents.
+- `batches`: model inputs for batches of documents;
+- `thresholds`: training-free activation sparsity (TEAL): per-layer magnitude thresholds.
 
 The names below are the package's public API (`from cpmctl import moefication as mf`).
 """
@@ -23,9 +24,12 @@ from cpmctl.moefication.split import (SPLITS, NeuronSample, activation_profiles,
                                       choose_layers, coactivation_partition, expert_layout, ffn_names, neuron_sample,
                                       perm_from_labels, random_partition, split_layer, typical_activations)
 from cpmctl.moefication.statistics import FFNInputRecorder, Reservoir, collect_inputs
+from cpmctl.moefication.thresholds import (SkipMeter, check_sparsity, dense_from_threshold, magnitude_quantile,
+                                          threshold_ffn_from_dense)
 
 __all__ = [
-    "FFNInputRecorder", "NeuronSample", "ROUTERS", "RecallMeter", "Reservoir", "RowBatches", "SPLITS", "TaskSet",
+    "FFNInputRecorder", "NeuronSample", "SkipMeter", "check_sparsity", "dense_from_threshold", "magnitude_quantile",
+    "threshold_ffn_from_dense", "ROUTERS", "RecallMeter", "Reservoir", "RowBatches", "SPLITS", "TaskSet",
     "activation_profiles", "balanced_assign", "balanced_kmeans", "calibrate", "choose_layers", "coactivation_partition",
     "collect_inputs", "expert_layout", "ffn_names", "load_task_set",
     "encode_documents", "evaluate", "evaluate_task", "expert_centres", "expert_mass", "init_router", "length_sorted", "lm_targets",

@@ -19,6 +19,12 @@ def mean_pooled(hidden, mask):
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
+# Rows per forward/backward pass of calibration: a step of batch_size rows accumulates gradients
+# over micro-batches of at most this many, so the activations kept for the backward pass (every
+# layer's, for the lowest layer's w_out) are those of MICRO_ROWS rows, not of the whole batch.
+MICRO_ROWS = 8
+
+
 def calibrate(model, teacher, rows: list[list[int]], work: Path, *, steps: int, lr: float, batch_size: int,
               seed: int) -> dict[str, Any]:
     """Fine-tune the MoE layers' down projections (w_out, b_out, as the paper re-tunes W2) with
@@ -41,10 +47,11 @@ def calibrate(model, teacher, rows: list[list[int]], work: Path, *, steps: int, 
         parts = name.split(".")
         return len(parts) >= 2 and parts[-2] == "ffn" and parts[-1] in ("w_out", "b_out")
 
+    micro = min(batch_size, MICRO_ROWS)
     trainer = Trainer(TrainConfig(out=work, max_steps=steps, lr=lr, schedule="linear",
                                   warmup_steps=max(1, steps // 10), seed=seed, cpu=True, progress=False,
-                                  log_every=max(1, steps // 5)))
-    result = trainer.fit(model, loss_fn, RowBatches(rows, config, batch_size, seed), trainable=trainable)
+                                  log_every=max(1, steps // 5), grad_accum=-(-batch_size // micro)))
+    result = trainer.fit(model, loss_fn, RowBatches(rows, config, micro, seed), trainable=trainable)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cpmctl.command_configs import SPLITS
+from cpmctl.config import RELU_ACTIVATIONS
 from cpmctl.errors import UserError
 
 
@@ -182,7 +183,12 @@ def split_layer(ffn, sample: NeuronSample | None, experts: int, size: int, split
         labels = balanced_kmeans(rows, experts, size, seed=seed)
     else:
         with torch.no_grad():
-            profiles = activation_profiles(sample.hidden[:profile_tokens], sample.median, ffn.w_out.weight.norm(dim=0))
+            if ffn.activation in RELU_ACTIVATIONS:
+                # Exact zeros (ReLU, ReLU-fied models): the measured zero pattern is the co-activation
+                # graph of the paper; edge weights count the tokens on which two neurons both fire.
+                profiles = (sample.hidden[:profile_tokens] != 0).float().T
+            else:
+                profiles = activation_profiles(sample.hidden[:profile_tokens], sample.median, ffn.w_out.weight.norm(dim=0))
         labels = coactivation_partition(profiles, experts, size, seed=seed)
     return perm_from_labels(labels, experts, size)
 

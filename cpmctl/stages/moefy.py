@@ -42,12 +42,14 @@ from rich.table import Table
 
 from cpmctl import moefication as mf
 from cpmctl import task_model
-from cpmctl.checkpoint import load_model, read_config, save_checkpoint_with
+from cpmctl.checkpoint import load_model, read_config, read_provenance, save_checkpoint_with
 from cpmctl.corpus import sample_documents
 from cpmctl.data import TokenShards
 from cpmctl.command_configs import MoefyConfig  # the options, declared once
 from cpmctl.errors import UserError
+from cpmctl.ffn import ThresholdFeedForward
 from cpmctl.moe import MoEFeedForward, dense_from_moe, moe_from_dense, resolve_kernels, set_kernels
+from cpmctl.prompt import PRESERVES_FUNCTION_OF
 from cpmctl.plan import (checkpoint_config, dtype_bytes, make_plan, meta_model, parameter_count, source_note,
                          stored_dtype)
 from cpmctl.tokenizer import load_tokenizer
@@ -111,6 +113,8 @@ def moe_layout(cfg: MoefyConfig, config, checkpoint: Path) -> MoeLayout:
     OUT must be free (or --force)."""
     if config.moe is not None:
         raise UserError(f"{checkpoint} is already a MoE model; MoEfy its dense parent, or restore it with --restore")
+    if config.threshold_sparsity is not None:
+        raise UserError(f"{checkpoint} has thresholded FFNs; restore its dense FFNs with --restore first")
     experts, size = mf.expert_layout(config.d_ff, cfg.experts, cfg.expert_size, cfg.allow_uneven)
     ratio = cfg.ratio if (cfg.ratio is not None or cfg.top_k is not None) else 0.2
     top_k = mf.top_k_for(experts, top_k=cfg.top_k, ratio=ratio)
@@ -133,9 +137,9 @@ def moe_output_config(cfg: MoefyConfig, config, layout: MoeLayout, *, fill_skipp
 
 
 def _check_restore(cfg: MoefyConfig, checkpoint: Path, config) -> None:
-    if config.moe is None:
-        raise UserError(f"{checkpoint} is not a MoE model; nothing to restore")
-    if not config.moe.permuted:
+    if config.moe is None and config.threshold_sparsity is None:
+        raise UserError(f"{checkpoint} is neither a MoE model nor thresholded; nothing to restore")
+    if config.moe is not None and not config.moe.permuted:
         raise UserError(f"{checkpoint} stores no neuron permutation (not made by moefy); it cannot be restored to a dense model")
     if os.path.exists(cfg.out) and not cfg.overwrite:
         raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
@@ -150,13 +154,15 @@ def plan(cfg: MoefyConfig, *, stand_ins=None):
     dense_params = parameter_count(meta_model(config))
     if cfg.restore:
         _check_restore(cfg, checkpoint, config)
-        out_config = config.replace(moe=None)
+        out_config = config.replace(moe=None, threshold_sparsity=None)
         itemsize = dtype_bytes(stored_dtype(checkpoint))
         out_params = parameter_count(meta_model(out_config))
         return make_plan("moefy", output=Path(cfg.out), output_config=out_config, parameters=dense_params, trainable=0,
                          parameter_bytes=dense_params * itemsize, devices=1,
                          breakdown={"weights": dense_params * itemsize, "output weights": out_params * itemsize},
                          steps=None, tokens=None, notes=notes, details={"restore": "MoE -> dense, neurons un-permuted"})
+    if cfg.method == "threshold":
+        return plan_threshold(cfg, checkpoint, config, dense_params, notes)
     layout = moe_layout(cfg, config, checkpoint)
     if cfg.data is not None and not Path(cfg.data).exists():
         notes.append(f"--data {cfg.data}: not there yet")
@@ -190,6 +196,8 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     cfg.validate()
     if cfg.restore:
         return restore(cfg)
+    if cfg.method == "threshold":
+        return run_threshold(cfg)
     started = time.perf_counter()
     given = Path(cfg.checkpoint)
     checkpoint = resolve_checkpoint(given)
@@ -243,6 +251,10 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
         per_layer[name].update(stats)
     timings["routers_s"] = round(time.perf_counter() - t0, 2)
     model.config = moe_config
+    # The routers are trained: their sample of FFN inputs (max_tokens x d_model per layer) and
+    # targets are not needed any more, and calibration should not hold them.
+    inputs.clear()
+    targets.clear()
     calibration = None
     if cfg.calibrate:
         t0 = time.perf_counter()
@@ -291,6 +303,85 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     return report
 
 
+# -- --method threshold -----------------------------------------------------------------------------
+def _check_threshold_input(cfg: MoefyConfig, config, checkpoint: Path) -> None:
+    if config.moe is not None:
+        raise UserError(f"{checkpoint} is a MoE model; threshold its dense parent (restore it with --restore)")
+    if config.threshold_sparsity is not None:
+        raise UserError(f"{checkpoint} is already thresholded (sparsity {config.threshold_sparsity}); threshold its dense parent")
+    if os.path.exists(cfg.out) and not cfg.overwrite:
+        raise UserError(f"output {cfg.out} already exists; choose a new path or pass --force")
+
+
+def plan_threshold(cfg: MoefyConfig, checkpoint: Path, config, dense_params: int, notes: list):
+    _check_threshold_input(cfg, config, checkpoint)
+    layers = mf.choose_layers(config, cfg.layers)
+    if not Path(cfg.data).exists():
+        notes.append(f"--data {cfg.data}: not there yet")
+    breakdown = {"weights": 4 * dense_params, "activation sample": cfg.max_tokens * config.d_model * 4 * len(layers)}
+    return make_plan("moefy", output=Path(cfg.out), output_config=config.replace(threshold_sparsity=cfg.sparsity),
+                     parameters=dense_params, trainable=0, parameter_bytes=4 * dense_params, devices=1, breakdown=breakdown,
+                     steps=None, tokens=min(cfg.max_docs * cfg.seq_len, cfg.max_tokens), notes=notes,
+                     details={"method": f"threshold, sparsity {cfg.sparsity} per FFN input and hidden activation",
+                              "layers": ", ".join(layers)})
+
+
+def run_threshold(cfg: MoefyConfig) -> dict[str, Any]:
+    """TEAL-style thresholds for every chosen FFN, calibrated on --data; the other FFNs get
+    thresholds of 0 (they skip exact zeros only, i.e. stay the dense FFN)."""
+    started = time.perf_counter()
+    given = Path(cfg.checkpoint)
+    checkpoint = resolve_checkpoint(given)
+    config = read_config(checkpoint)
+    _check_threshold_input(cfg, config, checkpoint)
+    layers = mf.choose_layers(config, cfg.layers)
+    train_rows, eval_rows, tok = load_documents(cfg, config, checkpoint)
+    torch.manual_seed(cfg.seed)
+    model, ckpt = load_model(checkpoint, dtype=torch.float32)
+    stored_dtype = _dominant(ckpt.dtype_summary())
+    kernels = resolve_kernels(cfg.kernels, next(model.parameters()).device)
+    task = (mf.load_task_set(cfg.task, model, given, checkpoint, tok, verbalizer=cfg.verbalizer,
+                            max_examples=cfg.max_task_examples, seed=cfg.seed) if cfg.task is not None else None)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    inputs = mf.collect_inputs(model, train_rows, layers, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+    timings["statistics_s"] = round(time.perf_counter() - t0, 2)
+    dense_eval = mf.evaluate(model, eval_rows, cfg.batch_size)
+    dense_task = mf.evaluate_task(model, task, cfg.batch_size) if task is not None else None
+    out_config = config.replace(threshold_sparsity=cfg.sparsity)
+    t0 = time.perf_counter()
+    for stack, index, ffn in model.ffn_modules():
+        name = f"{stack}.{index}"
+        sample = inputs.pop(name, None)
+        sparsity = cfg.sparsity if sample is not None else None
+        sparse = mf.threshold_ffn_from_dense(ffn, out_config, sample if sample is not None else ffn.w_in.weight[:0].detach(), sparsity)
+        sparse.kernels = kernels
+        model.replace_ffn(stack, index, sparse)
+    timings["thresholds_s"] = round(time.perf_counter() - t0, 2)
+    model.config = out_config
+    meter = mf.SkipMeter({f"{s}.{i}": f for s, i, f in model.ffn_modules() if f"{s}.{i}" in layers})
+    try:
+        sparse_eval = mf.evaluate(model, eval_rows, cfg.batch_size, meter)
+    finally:
+        meter.close()
+    report: dict[str, Any] = {
+        "method": "threshold", "sparsity": cfg.sparsity, "layers": meter.results(),
+        "train_documents": len(train_rows), "eval_documents": len(eval_rows),
+        "quality": {k.replace("moe_", "sparse_"): v for k, v in mf.quality(dense_eval, sparse_eval).items()},
+    }
+    if task is not None:
+        report["task"] = {k.replace("moe_", "sparse_"): v for k, v in
+                          mf.task_quality(task, dense_task, mf.evaluate_task(model, task, cfg.batch_size)).items()}
+    timings["total_s"] = round(time.perf_counter() - started, 2)
+    report["timings"] = timings
+    if stored_dtype is not None and stored_dtype != torch.float32:
+        model.to(stored_dtype)
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("out", "force")}
+    write_output(model, cfg, checkpoint, stage="moefy", options=options, metrics=report, report=report)
+    ckpt.close()
+    return report
+
+
 def _dominant(summary: dict[str, int]):
     if not summary:
         return None
@@ -303,13 +394,23 @@ def write_output(model, cfg: MoefyConfig, checkpoint: Path, *, stage: str, optio
     """OUT in one atomic step: the checkpoint, report.json, and the task head a task model
     carries (distill's task.json + head.safetensors, copied as they are: the head reads the
     final hidden states, which MoEfication approximates and restore gives back exactly)."""
+    full_run = task_model.full_run_task(Path(cfg.checkpoint)) if not (checkpoint / task_model.TASK_FILE).is_file() else None
+
     def write_extra(tmp: Path) -> None:
         for name in (task_model.TASK_FILE, task_model.HEAD_FILE):
             if (checkpoint / name).is_file():
                 shutil.copyfile(checkpoint / name, tmp / name)
+        if full_run is not None:  # a `prompt-tune --full` run: its head lives in the adapter beside the model
+            head_state, labels, words, pooling = full_run
+            task_model.write_task_files(tmp, head_state, labels=labels, words=words, pooling=pooling,
+                                        metrics={"source": str(cfg.checkpoint)})
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
+    if metrics is not None:
+        # Prompts and heads trained on the dense model apply to this copy (prompt.check_base_model).
+        parent_hash = read_provenance(checkpoint).get("content_hash")
+        metrics = {**metrics, PRESERVES_FUNCTION_OF: parent_hash} if parent_hash else metrics
     tokenizer_dir = checkpoint / "tokenizer"
     return save_checkpoint_with(cfg.out, write_extra, model.config, model.state_dict(), overwrite=cfg.overwrite,
                                 tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None, stage=stage,
@@ -327,7 +428,10 @@ def restore(cfg: MoefyConfig) -> dict[str, Any]:
         if isinstance(ffn, MoEFeedForward):
             model.replace_ffn(stack, index, dense_from_moe(ffn, config))
             restored += 1
-    model.config = config.replace(moe=None)
+        elif isinstance(ffn, ThresholdFeedForward):
+            model.replace_ffn(stack, index, mf.dense_from_threshold(ffn, config))
+            restored += 1
+    model.config = config.replace(moe=None, threshold_sparsity=None)
     provenance = write_output(model, cfg, checkpoint, stage="moefy-restore", options={"restore": True}, metrics=None)
     ckpt.close()
     return {"restored_layers": restored, "content_hash": provenance["content_hash"]}
@@ -337,6 +441,9 @@ def render(report: dict[str, Any]) -> None:
     console = Console()
     if "restored_layers" in report:
         console.print(f"restored {report['restored_layers']} FFN layer(s); content hash {report['content_hash']}")
+        return
+    if report.get("method") == "threshold":
+        render_threshold(report, console)
         return
     table = Table(title=f"moefy: {report['experts']} experts x {report['expert_size']} neurons, top-{report['top_k']}, "
                         f"split {report['split']}, router {report['router']}")
@@ -357,4 +464,24 @@ def render(report: dict[str, Any]) -> None:
         console.print(f"task {t['file']} ({t['examples']} examples, {t['classes']} classes, {t['scoring']} scoring): accuracy "
                       f"dense {t['dense_accuracy']:.4f}, MoE {t['moe_accuracy']:.4f}; macro-F1 dense {t['dense_macro_f1']:.4f}, "
                       f"MoE {t['moe_macro_f1']:.4f}; same prediction on {t['agreement']:.1%}", soft_wrap=True)
+    console.print(f"[dim]{report['timings']}[/dim]")
+
+
+def render_threshold(report: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"moefy --method threshold: target sparsity {report['sparsity']} per FFN (held-out measurement)")
+    for column in ("layer", "input skipped", "hidden skipped", "threshold in", "threshold hidden"):
+        table.add_column(column)
+    for name, v in report["layers"].items():
+        table.add_row(name, str(v["input_skipped"]), str(v["hidden_skipped"]), str(v["threshold_in"]), str(v["threshold_hidden"]))
+    console.print(table)
+    q = report["quality"]
+    if q["metric"] == "embedding cosine":
+        console.print(f"held-out embeddings, dense vs thresholded: mean cosine {q['mean_cosine']}, min {q['min_cosine']}")
+    else:
+        console.print(f"held-out perplexity: dense {q['dense_perplexity']}, thresholded {q['sparse_perplexity']} "
+                      f"({100 * q['perplexity_increase']:+.2f}%)")
+    t = report.get("task")
+    if t:
+        console.print(f"task {t['file']} ({t['examples']} examples): accuracy dense {t['dense_accuracy']:.4f}, "
+                      f"thresholded {t['sparse_accuracy']:.4f}; same prediction on {t['agreement']:.1%}", soft_wrap=True)
     console.print(f"[dim]{report['timings']}[/dim]")

@@ -7,6 +7,7 @@ name `kernels` belongs to a PyPI package).
 from cpmctl_kernels._common import ACTIVATION_CODES, INTERPRETER, KernelInputError
 from cpmctl_kernels.ops import DECODE_MAX_TOKENS, decode_moe_ffn, grouped_moe_ffn, moe_ffn
 from cpmctl_kernels.routing import MoEAlignment, moe_align, route
+from cpmctl_kernels.threshold_gemv import threshold_gemv
 
 ACTIVATIONS = tuple(ACTIVATION_CODES)
 
@@ -21,4 +22,5 @@ __all__ = [
     "moe_align",
     "moe_ffn",
     "route",
+    "threshold_gemv",
 ]

@@ -1,0 +1,170 @@
+"""`cpmctl relufy`: activation swap (ReLU, dReLU), sparsity measurement, the progressive L1 term,
+recovery training, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from cpmctl import relufication as rf
+from cpmctl.checkpoint import load_model, save_model
+from cpmctl.cli import app
+from cpmctl.config import ModelConfig
+from cpmctl.errors import UserError
+from cpmctl.ffn import FeedForward
+from cpmctl.model import build_model
+from cpmctl.stages.relufy import RelufyConfig, run
+
+
+def test_drelu_is_relu_on_both_branches_and_needs_a_gated_ffn():
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("llama-tiny", activation="drelu")
+    ffn = FeedForward(config)
+    x = torch.randn(5, config.d_model)
+    want = ffn.w_out(F.relu(ffn.w_gate(x)) * F.relu(ffn.w_in(x)))
+    torch.testing.assert_close(ffn(x), want, rtol=0, atol=0)
+    with torch.no_grad():  # the in-place inference path gives the same values
+        torch.testing.assert_close(ffn(x), want, rtol=0, atol=0)
+    with pytest.raises(UserError, match="needs a gated FFN"):
+        ModelConfig.from_preset("bert-tiny", activation="drelu")
+
+
+def test_relufied_config_refuses_relu_moe_and_thresholded_models():
+    silu = ModelConfig.from_preset("llama-tiny", activation="silu")
+    assert rf.relufied_config(silu, "relu", "m").activation == "relu"
+    assert rf.relufied_config(silu, "drelu", "m").activation == "drelu"
+    with pytest.raises(UserError, match="already a ReLU model"):
+        rf.relufied_config(silu.replace(activation="relu"), "relu", "m")
+    with pytest.raises(UserError, match="MoE model"):
+        rf.relufied_config(silu.replace(moe=dict(experts=4, expert_size=32, top_k=1, router="mlp", permuted=True)), "relu", "m")
+    with pytest.raises(UserError, match="thresholded"):
+        rf.relufied_config(silu.replace(threshold_sparsity=0.4), "relu", "m")
+    with pytest.raises(UserError, match="plain FFNs"):
+        rf.relufied_config(ModelConfig.from_preset("bert-tiny"), "drelu", "m")
+
+
+def test_l1_weight_rises_progressively_then_holds():
+    weights = [rf.l1_weight(s, 10, 0.5, 0.4) for s in range(10)]
+    assert weights[:4] == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    assert weights[4:] == [0.5] * 6
+    assert rf.l1_weight(3, 10, 0.0, 0.4) == 0.0
+
+
+def test_activation_sparsity_counts_exact_zeros_of_real_tokens_only():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("llama-tiny", vocab_size=50, activation="relu", gated=False, pad_token_id=0))
+    rows = [[5, 6, 7, 8], [9, 10]]
+    got = rf.activation_sparsity(model, rows, batch_size=2)
+    zeros, total = {}, {}
+    for row in rows:  # each row alone: no padding at all
+        tap = rf.HiddenTap(model)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([row]))
+        for name, h in tap.hidden.items():
+            zeros[name] = zeros.get(name, 0) + int((h == 0).sum())
+            total[name] = total.get(name, 0) + h.numel()
+        tap.close()
+    assert got == {name: round(zeros[name] / total[name], 4) for name in zeros}
+    assert all(0.3 < v < 0.7 for v in got.values())  # a random ReLU layer: about half
+
+
+# -- the stage on tiny models ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, sp_tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("relufy")
+    tok_dir = sp_tokenizer.save(root / "tok")
+    out = {}
+    torch.manual_seed(0)
+    for name, preset, kw in (("llama", "llama-tiny", dict(activation="silu", eos_token_id=sp_tokenizer.eos_id, bos_token_id=None)),
+                             ("bert", "bert-tiny", {})):
+        config = ModelConfig.from_preset(preset, vocab_size=sp_tokenizer.vocab_size, pad_token_id=sp_tokenizer.pad_id, **kw)
+        save_model(build_model(config), root / name, tokenizer_dir=tok_dir, stage="test")
+        out[name] = root / name
+    return out
+
+
+def _cfg(ckpt, out, corpus, **kw):
+    base = dict(checkpoint=ckpt, out=out, data=corpus, max_docs=96, eval_docs=24, seq_len=48, batch_size=8, lr=3e-3, steps=6)
+    return RelufyConfig(**{**base, **kw})
+
+
+def test_relufy_llama_swaps_trains_and_writes_a_relu_checkpoint(tmp_path, checkpoints, stdlib_text, one_torch_thread):
+    report = run(_cfg(checkpoints["llama"], tmp_path / "plain", stdlib_text, kd=0.5))
+    assert report["activation"] == "silu -> relu" and report["metric"] == "perplexity"
+    assert all(v == 0.0 for v in report["original"]["sparsity"].values())  # SiLU is never exactly 0
+    assert all(0.3 < v < 0.7 for v in report["swapped"]["sparsity"].values())
+    # 6 steps at lr 3e-3 on a random model: the LM loss falls far below the untrained model's
+    assert report["recovered"]["quality"]["perplexity"] < 0.8 * report["swapped"]["quality"]["perplexity"]
+    assert report["recovery"]["steps"] == 6 and report["recovery"]["flops"] > 0
+    model, ckpt = load_model(tmp_path / "plain")
+    ckpt.close()
+    assert model.config.activation == "relu"
+    assert all(f.activation == "relu" for _, _, f in model.ffn_modules())
+    assert json.loads((tmp_path / "plain" / "report.json").read_text())["recovered"] == report["recovered"]
+    sparse = run(_cfg(checkpoints["llama"], tmp_path / "l1", stdlib_text, kd=0.5, l1=1.0, l1_ramp=0.5))
+    for name, value in sparse["recovered"]["sparsity"].items():  # the L1 term makes more activations zero
+        assert value > report["recovered"]["sparsity"][name] + 0.02
+
+
+def test_relufy_encoder_matches_the_original_embeddings(tmp_path, checkpoints, stdlib_text, one_torch_thread):
+    report = run(_cfg(checkpoints["bert"], tmp_path / "b", stdlib_text, steps=6, lr=1e-4))
+    assert report["metric"] == "embedding cosine"
+    assert report["original"]["quality"]["mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert report["recovered"]["quality"]["mean_cosine"] > report["swapped"]["quality"]["mean_cosine"]
+    assert all(0.3 < v < 0.7 for v in report["swapped"]["sparsity"].values())
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, checkpoints, stdlib_text):
+    relu_dir = tmp_path / "relu"
+    model, ckpt = load_model(checkpoints["llama"])
+    ckpt.close()
+    save_model(build_model(model.config.replace(activation="relu")), relu_dir, tokenizer_dir=checkpoints["llama"] / "tokenizer")
+    moe_dir = tmp_path / "moe"
+    save_model(build_model(model.config.replace(moe=dict(experts=4, expert_size=64, top_k=1, router="mlp", permuted=True))), moe_dir,
+               tokenizer_dir=checkpoints["llama"] / "tokenizer")
+    cases = [
+        ((relu_dir, tmp_path / "o", "--data", stdlib_text), "already a ReLU model"),
+        ((moe_dir, tmp_path / "o", "--data", stdlib_text), "is a MoE model"),
+        ((checkpoints["bert"], tmp_path / "o", "--data", stdlib_text, "--activation", "drelu"), "plain FFNs"),
+        ((checkpoints["llama"], tmp_path / "o"), "give --data"),
+        ((checkpoints["llama"], tmp_path / "o", "--data", tmp_path / "missing.txt"), "not a text or JSONL file"),
+        ((checkpoints["llama"], tmp_path / "o", "--data", stdlib_text, "--kd", "2"), "--kd must be in [0, 1]"),
+    ]
+    for args, message in cases:
+        result = _cli("relufy", *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and result.output.count("\n") == 1, result.output
+        assert not (tmp_path / "o").exists()
+
+
+def test_a_relufied_llama_exports_to_hugging_face_and_matches_transformers(tmp_path):
+    """ReLU-fied gated FFNs are Llama's `hidden_act: relu`: the export keeps the family, and
+    transformers computes the same logits; dReLU has no HF equivalent and is refused by name."""
+    transformers = pytest.importorskip("transformers")
+    from cpmctl import hf
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("llama-tiny", activation="relu", vocab_size=128)
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    save_model(model, tmp_path / "relu")
+    hf.export_hf(tmp_path / "relu", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_act"] == "relu"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids), theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    save_model(build_model(config.replace(activation="drelu")), tmp_path / "drelu")
+    with pytest.raises(UserError, match="dReLU"):
+        hf.export_hf(tmp_path / "drelu", tmp_path / "hf2")
