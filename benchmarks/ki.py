@@ -1,236 +1,313 @@
-"""Knowledge-inheritance benchmark on real text (WordNet glosses): does a grown and/or
-teacher-guided student reach the from-scratch run's validation loss in fewer steps and FLOPs?
+"""Knowledge-inheritance benchmark on real text: does a grown and/or teacher-guided student reach
+the from-scratch run's validation losses in fewer steps and FLOPs, over several seeds?
 
-    .venv/bin/python benchmarks/ki.py [--work runs/bench-ki] [--steps 200] [--teacher-steps 600] [--threads 1] [--json]
+    .venv/bin/python benchmarks/ki.py [--data DIR] [--seeds 3] [--steps 1000] [--work runs/bench-ki]
 
-1. Trains a unigram tokenizer (vocabulary --vocab) on ../shared/data/wordnet/corpus.txt and
-   tokenizes the corpus into shards (once; reused from --work).
-2. Trains a small decoder-only teacher (RMS norm, rotary, SwiGLU; --teacher-layers x --teacher-d)
-   for --teacher-steps steps.
-3. Pre-trains a student twice as wide and twice as deep four ways, same data order, steps,
-   learning-rate schedule and seed: from scratch; scratch init + KI (teacher online, linear a_t
-   over the first half of the steps, T = 2); grown from the teacher with `inherit --method aki`;
-   grown + KI.
-4. Reports, for each run, the first evaluation step whose validation loss is <= the scratch run's
-   final validation loss, with the wall-clock and FLOPs (teacher forward passes included) spent
-   to get there, and the final validation loss; saves the four curves as a PNG.
-Everything runs through the same code as `cpmctl pretrain` / `cpmctl inherit` (the stage
-functions). Wall-clock is the machine's and includes contention from anything else running.
+The papers' setting (Qin et al. 2021, "Knowledge Inheritance for Pre-trained Language Models"):
+the teacher is smaller and weaker than what the student becomes, and the student trains long
+enough to pass it clearly. So:
+1. a unigram tokenizer (--vocab) is trained on DATA/corpus.txt and the corpus tokenized (once,
+   reused from --work);
+2. a teacher of --teacher-layers x --teacher-d trains for --teacher-steps (short: it ends well
+   above the loss the student reaches), once, shared by every seed;
+3. per seed, a student twice as wide and deep trains --steps steps from scratch, with KI at each
+   --temperatures value (teacher online, a_t linear from 1 to 0 over --ki-fraction of the run),
+   grown from the teacher (`inherit --method aki`), and grown + KI (at the first temperature);
+   same data order, schedule and seed within a seed;
+4. two targets per seed, both from that seed's scratch run: its final loss, and the loss it had
+   at 50% of its run. No run starts below either (checked and printed). Validation every 2% of
+   the run (--eval-every).
+
+For each run and target: the first evaluation step at or below it, and the FLOPs spent to get
+there, teacher forward passes included; the speed-up over scratch per seed, then the mean and 95%
+interval over seeds, and a verdict per target (met, missed, or not resolved when the interval
+straddles it). Everything runs through `cpmctl pretrain` / `cpmctl inherit` (the stage
+functions). The results JSON is rewritten after every run, so nothing is lost to a later failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_model  # noqa: E402
+import harness  # noqa: E402
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wordnet" / "corpus.txt"
-RUNS = ("scratch", "ki", "aki", "aki+ki")
-
-
-def model_shape(layers: int, d: int, d_head: int) -> dict:
-    heads = d // d_head
-    return {"d_model": d, "n_heads": heads, "n_kv_heads": heads, "d_head": d_head, "d_ff": 3 * d, "n_layers": layers}
+TARGETS = ("final", "half")  # scratch's final loss, and its loss at 50% of the run
+KI_STEP_TARGET, KI_FLOP_TARGET, AKI_KI_TARGET = 1.3, 1.2, 1.5
 
 
-def prepare_data(work: Path, vocab: int):
-    from cpmctl.data import prepare
-    from cpmctl.tokenizer import load_tokenizer, train_sentencepiece
-
-    tok_dir, shards = work / "tokenizer", work / "shards"
-    if not tok_dir.exists():
-        t0 = time.monotonic()
-        train_sentencepiece(CORPUS, tok_dir, vocab, sentinels=0, input_sentence_size=200_000)
-        print(f"tokenizer: {time.monotonic() - t0:.1f}s", flush=True)
-    tok = load_tokenizer(tok_dir)
-    if not shards.exists():
-        prepare(CORPUS, tok, shards, progress=False)
-    return tok_dir, shards
+def arms(temperatures: list[float]) -> list[str]:
+    """Run names: scratch, KI at each temperature, grown, grown + KI (first temperature)."""
+    return ["scratch", *(f"ki-T{t:g}" for t in temperatures), "aki", "aki+ki"]
 
 
-def add_run_arguments(parser, work: Path) -> None:
-    """The options every pre-training benchmark here shares: WORK, the data and the threads."""
-    parser.add_argument("--work", type=Path, default=work)
-    parser.add_argument("--vocab", type=int, default=4000)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on a shared 2-core machine OpenMP spinning makes 2 threads several times slower)")
+def arm_setup(name: str, temperatures: list[float]) -> tuple[bool, float | None]:
+    """(grown from the teacher?, KI temperature or None)."""
+    if name == "scratch":
+        return False, None
+    if name == "aki":
+        return True, None
+    if name == "aki+ki":
+        return True, temperatures[0]
+    return False, float(name.removeprefix("ki-T"))
 
 
-def finish_plot(fig, ax, path: Path, title: str, legend_size: float | None = None) -> None:
-    """Title, legend and grid, then the figure written to `path`."""
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=legend_size)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def start_run(args) -> tuple[float, Path, Path] | None:
-    """One torch thread count, WORK, and the tokenizer and shards prepared in it: (start time,
-    tokenizer, shards); None (after an error line) when the corpus is missing."""
-    started = time.monotonic()
-    if not CORPUS.is_file():
-        print(f"error: {CORPUS} not found", file=sys.stderr)
-        return None
-    import torch
-
-    torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
-    return (started, *prepare_data(args.work, args.vocab))
-
-
-def pretrain(out: Path, shards: Path, tok_dir: Path, args, *, steps: int, lr: float, init=None, model=None, teacher=None):
+def pretrain(out: Path, lm, args, *, steps: int, lr: float, seed: int, eval_every: int, init=None, model=None,
+             teacher=None, temperature: float = 2.0) -> dict:
     from cpmctl.stages import pretrain as stage
 
     cfg = stage.PretrainConfig(
-        out=out, data=shards, init=init, preset=None if init else "llama-tiny", tokenizer=tok_dir,
+        out=out, data=lm.shards, init=init, preset=None if init else "llama-tiny", tokenizer=lm.tokenizer,
         model=model or {}, seq_len=args.seq_len, batch_size=args.batch, max_steps=steps, lr=lr,
         schedule="cosine", warmup_steps=max(steps // 20, 1), min_lr_ratio=0.1, weight_decay=0.01,
-        eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=20, seed=args.seed,
-        valid_fraction=0.01, teacher=teacher, ki_steps=steps // 2 if teacher else None, ki_temperature=args.ki_temperature,
-        force=True,
+        eval_every=eval_every, eval_batches=args.eval_batches, log_every=max(steps // 10, 1), seed=seed,
+        valid_fraction=0.01, teacher=teacher, ki_steps=max(1, round(steps * args.ki_fraction)) if teacher else None,
+        ki_temperature=temperature, force=True, progress=False,
     )
     if model:
         cfg.model = {**model, "max_positions": args.seq_len + 1, "norm_eps": 1e-6}
     return stage.run(cfg)
 
 
-def curve(out: Path) -> list[dict]:
+def evaluations(out: Path) -> list[dict]:
     from cpmctl.training import read_metrics
 
-    return [r for r in read_metrics(out) if r["kind"] == "eval"]
+    return [{"step": r["step"], "loss": r["loss"], "flops": r["flops"]} for r in read_metrics(out) if r["kind"] == "eval"]
 
 
-def steps_to_reach(evals: list[dict], target: float) -> dict | None:
-    for r in evals:
-        if r["loss"] <= target:
-            return r
-    return None
+def first_at_or_below(curve: list[dict], target: float) -> dict | None:
+    return next((r for r in curve if r["loss"] <= target), None)
 
 
-def plot(results: dict, target: float, path: Path, title: str) -> None:
+def loss_at(curve: list[dict], step: int) -> float:
+    """The evaluation at `step`, else the last one before it."""
+    before = [r for r in curve if r["step"] <= step]
+    return (before or curve)[-1]["loss"]
+
+
+def seed_figures(curves: dict[str, list[dict]], steps: int) -> dict:
+    """Targets from scratch's curve, and per run the step/FLOPs to reach each and the speed-ups."""
+    scratch = curves["scratch"]
+    targets = {"final": scratch[-1]["loss"], "half": loss_at(scratch, steps // 2)}
+    figures = {"targets": targets, "runs": {}}
+    for name, curve in curves.items():
+        row = {"first_eval_loss": curve[0]["loss"], "final_loss": curve[-1]["loss"]}
+        for key, target in targets.items():
+            hit, base = first_at_or_below(curve, target), first_at_or_below(scratch, target)
+            row[key] = {"step": hit["step"] if hit else None, "flops": hit["flops"] if hit else None,
+                        "step_speedup": base["step"] / hit["step"] if hit else None,
+                        "flop_speedup": base["flops"] / hit["flops"] if hit else None,
+                        "starts_below": curve[0]["loss"] <= target}
+        figures["runs"][name] = row
+    return figures
+
+
+def summarise(per_seed: list[dict], names: list[str]) -> dict:
+    """Mean and 95% interval over seeds of each run's speed-ups (None while a seed never reached
+    the target: that run's row says how many did)."""
+    out = {}
+    for name in names:
+        out[name] = {"final_loss": harness.mean_ci(s["runs"][name]["final_loss"] for s in per_seed)}
+        for key in TARGETS:
+            for kind in ("step_speedup", "flop_speedup"):
+                values = [s["runs"][name][key][kind] for s in per_seed]
+                reached = [v for v in values if v is not None]
+                out[name][f"{key}_{kind}"] = harness.mean_ci(reached) if len(reached) == len(values) else None
+                out[name][f"{key}_reached"] = len(reached)
+    return out
+
+
+def target_lines(summary: dict, temperatures: list[float]) -> list[dict]:
+    lines = []
+    for key, label in (("final", "scratch's final loss"), ("half", "scratch's loss at 50%")):
+        checks = [(f"ki-T{t:g}", kind, goal, f"KI alone (T={t:g}), {what}") for t in temperatures
+                  for kind, goal, what in (("step_speedup", KI_STEP_TARGET, "fewer steps"),
+                                           ("flop_speedup", KI_FLOP_TARGET, "fewer FLOPs incl. teacher"))]
+        checks.append(("aki+ki", "step_speedup", AKI_KI_TARGET, f"inherit + KI (T={temperatures[0]:g}), fewer steps"))
+        for run, kind, goal, what in checks:
+            if run not in summary:
+                continue
+            estimate = summary[run][f"{key}_{kind}"]
+            name = f"{what} to {label}"
+            if estimate is None:
+                lines.append({"target": name, "figure": f"reached in {summary[run][f'{key}_reached']} seeds only",
+                              "goal": f">= {goal:.2f}x", "verdict": "missed"})
+            else:
+                lines.append(harness.target_line(name, estimate, goal, spec=".2f", suffix="x"))
+    return lines
+
+
+def temperature_comparison(per_seed: list[dict], temperatures: list[float]) -> list[dict]:
+    """Paired per-seed difference of KI's step speed-up between each temperature and the first:
+    what chooses the default temperature."""
+    out = []
+    first = f"ki-T{temperatures[0]:g}"
+    for t in temperatures[1:]:
+        other = f"ki-T{t:g}"
+        for key in TARGETS:
+            a = [s["runs"][other][key]["step_speedup"] for s in per_seed]
+            b = [s["runs"][first][key]["step_speedup"] for s in per_seed]
+            if None in a or None in b:
+                continue
+            diff = harness.paired_difference(a, b)
+            out.append({"comparison": f"T={t:g} minus T={temperatures[0]:g}, step speed-up to {key}",
+                        "figure": diff.format(".2f", "x"), "estimate": diff,
+                        "verdict": ("no difference resolved" if diff.low <= 0 <= diff.high
+                                    else f"T={t:g} better" if diff.low > 0 else f"T={temperatures[0]:g} better")})
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name in results:
-        evals = results[name]["curve"]
-        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], marker=".", label=name)
-    ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="scratch final")
+    seed0 = report["seeds"][0]
+    for name, curve in seed0["curves"].items():
+        ax.plot([r["step"] for r in curve], [r["loss"] for r in curve], marker=".", markersize=3, label=name)
+    for key, style in zip(TARGETS, ("--", ":")):
+        ax.axhline(seed0["figures"]["targets"][key], color="grey", linestyle=style, linewidth=0.8, label=f"target: scratch {key}")
+    ax.axhline(report["teacher"]["final_val_loss"], color="black", linewidth=0.8, label="teacher")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
-    finish_plot(fig, ax, path, title)
+    ax.set_title(f"KI, seed {seed0['seed']}: {report['title']}", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_run_arguments(parser, Path("runs/bench-ki"))
-    parser.add_argument("--teacher-layers", type=int, default=4)
+    harness.add_arguments(parser, work=Path("runs/bench-ki"), seeds=3)
+    harness.add_lm_arguments(parser)
+    parser.add_argument("--teacher-layers", type=int, default=2)
     parser.add_argument("--teacher-d", type=int, default=64)
     parser.add_argument("--d-head", type=int, default=32)
-    parser.add_argument("--teacher-steps", type=int, default=600)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--teacher-steps", type=int, default=300)
+    parser.add_argument("--teacher-lr", type=float, default=3e-3)
+    parser.add_argument("--steps", type=int, default=1000, help="student steps per run")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--eval-batches", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ki-temperature", type=float, default=2.0)
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS) + " (scratch is always run)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: 2%% of --steps)")
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--temperatures", default="1,2", help="KI temperatures compared (the first also drives aki+ki)")
+    parser.add_argument("--ki-fraction", type=float, default=0.5, help="a_t decays linearly to 0 over this share of the run")
+    parser.add_argument("--runs", default=None, help="comma-separated subset of the runs (scratch is always run)")
     parser.add_argument("--reuse-teacher", action="store_true", help="reuse WORK/teacher/checkpoint from an earlier run")
-    parser.add_argument("--plot", type=Path, default=Path(__file__).with_name("ki_loss.png"))
-    parser.add_argument("--results", type=Path, default=None, help="results JSON (default WORK/results.json)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--plot-file", type=Path, default=Path(__file__).with_name("ki_loss.png"))
     args = parser.parse_args()
-    prepared = start_run(args)
-    if prepared is None:
-        return 2
+    temperatures = [float(t) for t in args.temperatures.split(",")]
+    names = arms(temperatures)
+    if args.runs:
+        asked = set(args.runs.split(","))
+        unknown = asked - set(names)
+        if unknown:
+            harness.exit_usage(f"--runs: unknown {', '.join(sorted(unknown))} (choose from {', '.join(names)})")
+        names = [n for n in names if n == "scratch" or n in asked]
+    eval_every = args.eval_every or max(1, args.steps // 50)
+    if eval_every > args.steps // 50 and args.steps >= 50:
+        harness.exit_usage(f"--eval-every {eval_every} is more than 2% of --steps {args.steps}")
+    data = harness.start(args, corpus=True, task=False)
+    started = time.monotonic()
     import torch
 
+    from cpmctl.checkpoint import read_provenance
     from cpmctl.stages import inherit
 
-    started, tok_dir, shards = prepared
-    work = args.work
-    teacher_shape = model_shape(args.teacher_layers, args.teacher_d, args.d_head)
-    student_shape = model_shape(2 * args.teacher_layers, 2 * args.teacher_d, args.d_head)
-
-    t0 = time.monotonic()
-    if args.reuse_teacher and (work / "teacher" / "checkpoint").is_dir():
-        from cpmctl.checkpoint import read_provenance
-
-        teacher = {**read_provenance(work / "teacher" / "checkpoint")["metrics"], "checkpoint": str(work / "teacher" / "checkpoint")}
-    else:
-        teacher = pretrain(work / "teacher", shards, tok_dir, args, steps=args.teacher_steps, lr=3e-3, model=teacher_shape)
-    teacher_ckpt = Path(teacher["checkpoint"])
-    print(f"teacher: {teacher['steps']} steps, val loss {teacher['final_eval_loss']:.4f}, {time.monotonic() - t0:.0f}s", flush=True)
-
-    grown = work / "grown-aki"
-    inherit.run(inherit.InheritConfig(src=teacher_ckpt, out=grown, method="aki", seed=args.seed, force=True,
-                                      to=",".join(f"{k}={v}" for k, v in student_shape.items())))
-
-    runs = [r for r in RUNS if r == "scratch" or r in args.runs.split(",")]
-    results = {}
-    for name in runs:
-        t0 = time.monotonic()
-        init = grown if name.startswith("aki") else None
-        summary = pretrain(work / name, shards, tok_dir, args, steps=args.steps, lr=args.lr, init=init,
-                           model=None if init else student_shape, teacher=teacher_ckpt if name in ("ki", "aki+ki") else None)
-        results[name] = {"summary": summary, "curve": curve(work / name), "wall_s": time.monotonic() - t0}
-        print(f"{name}: final val loss {summary['final_eval_loss']:.4f}, {results[name]['wall_s']:.0f}s", flush=True)
-
-    target = results["scratch"]["curve"][-1]["loss"]
-    rows = []
-    base_steps = results["scratch"]["curve"][-1]["step"]
-    for name in runs:
-        hit = steps_to_reach(results[name]["curve"], target)
-        rows.append({
-            "run": name, "steps_to_target": hit["step"] if hit else None,
-            "step_ratio": (base_steps / hit["step"]) if hit else None,
-            "seconds_to_target": hit["train_seconds"] if hit else None,
-            "flops_to_target": hit["flops"] if hit else None,
-            "final_val_loss": results[name]["curve"][-1]["loss"],
-            "total_flops": results[name]["summary"]["flops"],
-        })
-    scratch_flops = rows[0]["flops_to_target"]
-    for row in rows:
-        row["flops_ratio"] = scratch_flops / row["flops_to_target"] if row["flops_to_target"] else None
-    title = (f"KI on WordNet glosses: teacher {args.teacher_layers}x{args.teacher_d} -> student "
+    torch.set_num_threads(args.threads)
+    lm = harness.prepare_lm_data(args.work, data.corpus, args.vocab)
+    teacher_shape = harness.model_shape(args.teacher_layers, args.teacher_d, args.d_head)
+    student_shape = harness.model_shape(2 * args.teacher_layers, 2 * args.teacher_d, args.d_head)
+    title = (f"teacher {args.teacher_layers}x{args.teacher_d} ({args.teacher_steps} steps) -> student "
              f"{2 * args.teacher_layers}x{2 * args.teacher_d}, {args.steps} steps, batch {args.batch}x{args.seq_len}")
-    plot(results, target, args.plot, title)
-    report = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
-        "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()},
-        "teacher": {"shape": teacher_shape, "steps": teacher["steps"], "final_val_loss": teacher["final_eval_loss"],
-                    "flops": teacher["flops"], "train_seconds": teacher["train_seconds"]},
-        "student_shape": student_shape, "target_val_loss": target, "rows": rows,
-        "total_seconds": time.monotonic() - started, "plot": str(args.plot),
-    }
-    results_path = args.results or work / "results.json"
-    results_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"# KI: {title}; {data.describe()}", flush=True)
+
+    teacher_dir = args.work / "teacher" / "checkpoint"
+    t0 = time.monotonic()
+    if args.reuse_teacher and teacher_dir.is_dir():
+        teacher = {**read_provenance(teacher_dir)["metrics"], "checkpoint": str(teacher_dir)}
+    else:
+        teacher = pretrain(args.work / "teacher", lm, args, steps=args.teacher_steps, lr=args.teacher_lr, seed=0,
+                           eval_every=max(1, args.teacher_steps // 10), model=teacher_shape)
+    print(f"teacher: {teacher['steps']} steps, val loss {teacher['final_eval_loss']:.4f}, {time.monotonic() - t0:.0f}s", flush=True)
+    results_path = args.results or args.work / "results.json"
+    report = {"benchmark": "ki", "machine": harness.machine(), "args": {k: str(v) for k, v in vars(args).items()},
+              "data": data.describe(), "title": title, "eval_every": eval_every,
+              "teacher": {"shape": teacher_shape, "steps": teacher["steps"], "final_val_loss": teacher["final_eval_loss"],
+                          "flops": teacher["flops"]},
+              "student_shape": student_shape, "runs": names, "seeds": []}
+
+    for seed in harness.seeds_of(args):
+        grown = args.work / f"seed{seed}" / "grown-aki"
+        if any(arm_setup(n, temperatures)[0] for n in names):
+            inherit.run(inherit.InheritConfig(src=Path(teacher["checkpoint"]), out=grown, method="aki", seed=seed, force=True,
+                                              to=",".join(f"{k}={v}" for k, v in student_shape.items())))
+        curves = {}
+        for name in names:
+            t0 = time.monotonic()
+            is_grown, temperature = arm_setup(name, temperatures)
+            out = args.work / f"seed{seed}" / name
+            summary = pretrain(out, lm, args, steps=args.steps, lr=args.lr, seed=seed, eval_every=eval_every,
+                               init=grown if is_grown else None, model=None if is_grown else student_shape,
+                               teacher=Path(teacher["checkpoint"]) if temperature is not None else None,
+                               temperature=temperature or 2.0)
+            curves[name] = evaluations(out)
+            print(f"seed {seed} {name}: val loss {curves[name][0]['loss']:.4f} at step {curves[name][0]['step']} -> "
+                  f"{summary['final_eval_loss']:.4f}, {time.monotonic() - t0:.0f}s", flush=True)
+        report["seeds"].append({"seed": seed, "curves": curves, "figures": seed_figures(curves, args.steps)})
+        report["total_seconds"] = time.monotonic() - started
+        harness.write_results(results_path, report)
+
+    summary = summarise([s["figures"] for s in report["seeds"]], names)
+    report["summary"] = summary
+    report["targets"] = target_lines(summary, temperatures)
+    report["temperature_comparison"] = temperature_comparison([s["figures"] for s in report["seeds"]], temperatures)
+    scratch_final = harness.mean_ci(s["figures"]["targets"]["final"] for s in report["seeds"])
+    report["student_passes_teacher"] = scratch_final.high < teacher["final_eval_loss"]
+    report["total_seconds"] = time.monotonic() - started
+    harness.write_results(results_path, report)
     if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"\n{title}\ntarget = scratch final val loss {target:.4f} (step {base_steps}); teacher: val loss "
-          f"{teacher['final_eval_loss']:.4f} after {teacher['steps']} steps, {teacher['flops']:.3g} FLOPs")
-    print("| run | steps to target | step speed-up | wall-clock to target (s) | FLOPs to target (incl. teacher fwd) | FLOP speed-up | final val loss |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        fmt = lambda v, f: (f.format(v) if v is not None else "not reached")  # noqa: E731
-        print(f"| {r['run']} | {fmt(r['steps_to_target'], '{}')} | {fmt(r['step_ratio'], '{:.2f}x')} | "
-              f"{fmt(r['seconds_to_target'], '{:.0f}')} | {fmt(r['flops_to_target'], '{:.3g}')} | "
-              f"{fmt(r['flops_ratio'], '{:.2f}x')} | {r['final_val_loss']:.4f} |")
-    print(f"\ntotal {report['total_seconds']:.0f}s; plot {args.plot}; details {results_path}")
+        import json
+
+        print(json.dumps(report, indent=2, default=harness._jsonable))
+    else:
+        print_report(report, names, scratch_final)
+        print(f"\nresults {results_path}")
+    if args.plot:
+        plot(report, args.plot_file)
+        print(f"plot {args.plot_file}")
     return 0
+
+
+def print_report(report: dict, names: list[str], scratch_final) -> None:
+    seeds = report["seeds"]
+    print(f"\nKI: {report['title']}; {len(seeds)} seeds; evaluation every {report['eval_every']} steps")
+    print(f"teacher val loss {report['teacher']['final_val_loss']:.4f}; scratch final {scratch_final.format('.4f')} "
+          f"({'the student passes the teacher' if report['student_passes_teacher'] else 'the student does NOT pass the teacher'})")
+    starts = [f"{n} seed {s['seed']}" for s in seeds for n in names
+              if any(s["figures"]["runs"][n][k]["starts_below"] for k in TARGETS)]
+    print("runs starting at or below a target: " + (", ".join(starts) if starts else "none"))
+    rows = []
+    for name in names:
+        s = report["summary"][name]
+        cells = [name]
+        for key in TARGETS:
+            for kind in ("step_speedup", "flop_speedup"):
+                est = s[f"{key}_{kind}"]
+                cells.append(est.format(".2f", "x") if est is not None else f"reached in {s[f'{key}_reached']}/{len(seeds)}")
+        cells.append(s["final_loss"].format(".4f"))
+        rows.append(cells)
+    harness.print_table(["run", "steps, to final", "FLOPs, to final", "steps, to 50%", "FLOPs, to 50%", "final val loss"], rows)
+    print()
+    harness.print_targets(report["targets"])
+    for line in report["temperature_comparison"]:
+        print(f"{line['comparison']}: {line['figure']}: {line['verdict']}")
 
 
 if __name__ == "__main__":

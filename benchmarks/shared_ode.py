@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ki import add_run_arguments, finish_plot, model_shape, start_run  # noqa: E402
+import harness  # noqa: E402
+from harness import model_shape  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
 RUNS = ("plain", "robust")
@@ -44,7 +45,7 @@ def pretrain(out: Path, shards: Path, tok_dir: Path, args, *, step_robust: bool)
         out=out, data=shards, preset="llama-tiny", tokenizer=tok_dir, model=model, seq_len=args.seq_len,
         batch_size=args.batch, max_steps=args.steps, lr=args.lr, schedule="cosine", warmup_steps=max(args.steps // 20, 1),
         min_lr_ratio=0.1, weight_decay=0.01, eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=20,
-        seed=args.seed, valid_fraction=0.01, force=True, progress=False, share_layers=True, step_robust=step_robust,
+        seed=args.first_seed, valid_fraction=0.01, force=True, progress=False, share_layers=True, step_robust=step_robust,
         eval_iterations=",".join(map(str, args.iterations)),
     )
     return stage.run(cfg), cfg
@@ -162,12 +163,23 @@ def plot(runs: dict, path: Path, title: str) -> None:
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_xticks(sorted({r["iterations"] for result in runs.values() for r in result["eval"]["rows"]}))
     ax.invert_xaxis()
-    finish_plot(fig, ax, path, title, legend_size=7)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_run_arguments(parser, Path("runs/bench-ode"))
+    harness.add_arguments(parser, work=Path("runs/bench-ode"), seeds=1)
+    harness.add_lm_arguments(parser)
     parser.add_argument("--layers", type=int, default=12, help="L: applications of the shared block")
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--d-head", type=int, default=32)
@@ -178,22 +190,21 @@ def main() -> int:
     parser.add_argument("--final-batches", type=int, default=0, help="held-out batches of the final evaluation (0: all)")
     parser.add_argument("--iterations", default="12,8,6,4", help="n evaluated (L first)")
     parser.add_argument("--speed-repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--reuse", action="store_true", help="evaluate WORK/{plain,robust}/checkpoint from an earlier run")
-    parser.add_argument("--plot", type=Path, default=Path(__file__).with_name("shared_ode.png"))
-    parser.add_argument("--results", type=Path, default=None, help="results JSON (default WORK/results.json)")
-    parser.add_argument("--replot", type=Path, default=None, help="only redraw --plot from this results JSON")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--plot-file", type=Path, default=Path(__file__).with_name("shared_ode.png"))
+    parser.add_argument("--replot", type=Path, default=None, help="only redraw --plot-file from this results JSON")
     args = parser.parse_args()
     args.iterations = [int(n) for n in args.iterations.split(",")]
     if args.replot is not None:
         report = json.loads(args.replot.read_text())
-        plot(report["runs"], args.plot, report["title"])
+        plot(report["runs"], args.plot_file, report["title"])
         return 0
-    prepared = start_run(args)
-    if prepared is None:
-        return 2
+    data = harness.start(args, corpus=True, task=False)
+    started = time.monotonic()
+    torch_threads(args.threads)
+    lm = harness.prepare_lm_data(args.work, data.corpus, args.vocab)
+    prepared = (started, lm.tokenizer, lm.shards)
     import torch
 
     from cpmctl.checkpoint import read_provenance
@@ -232,11 +243,11 @@ def main() -> int:
                         "flops": r["summary"].get("flops"), "train_seconds": r["summary"].get("train_seconds"),
                         "robust_iterations": r["summary"].get("robust_iterations")}
                  for name, r in results.items()},
-        "total_seconds": time.monotonic() - started, "plot": str(args.plot), "title": title,
+        "total_seconds": time.monotonic() - started, "plot": str(args.plot_file), "title": title,
     }
-    plot(report["runs"], args.plot, title)
-    results_path = args.results or work / "results.json"
-    results_path.write_text(json.dumps(report, indent=2) + "\n")
+    results_path = harness.write_results(args.results or work / "results.json", report)
+    if args.plot:
+        plot(report["runs"], args.plot_file, title)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -247,7 +258,7 @@ def main() -> int:
             heun = f"{row['heun_loss']:.4f}" if "heun_loss" in row else "-"
             print(f"| {name} | {row['iterations']} | {row['step_size']:.3g} | {row['speedup']:.2f}x ({row['tokens_per_s']:.0f}) | "
                   f"{row['loss']:.4f} | {100 * row['loss_vs_full']:+.2f}% | {row['naive_loss']:.4f} | {heun} |")
-    print(f"total {report['total_seconds']:.0f}s; results in {results_path}, plot {args.plot}")
+    print(f"total {report['total_seconds']:.0f}s; results in {results_path}, plot {args.plot_file if args.plot else 'skipped'}")
     return 0
 
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py"))
 # helper modules imported by the scripts, not scripts themselves
-HELPERS = {"machine"}
+HELPERS = {"machine", "harness"}
 
 
 def _env() -> dict[str, str]:
