@@ -327,8 +327,8 @@ class LiveReads:
     def __init__(self, read):
         self.read, self.alive, self.names, self.peak = read, set(), [], 0
 
-    def __call__(self, path, name):
-        tensor = self.read(path, name)
+    def __call__(self, path, name, *rest):
+        tensor = self.read(path, name, *rest)
         storage = tensor.untyped_storage()  # views keep it alive; its finalizer fires with the map
         self.alive.add(id(storage))
         weakref.finalize(storage, self.alive.discard, id(storage))

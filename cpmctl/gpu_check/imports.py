@@ -21,6 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "project"
 PROJECT_MODULES = {"cpmctl", "cpmctl_kernels", "tests", "conftest"}
+# Optional packages the project imports only behind a fallback: `cpmctl quantize` says which
+# extra to install, and the tests that need them skip (pytest.importorskip) where they are absent.
+OPTIONAL_MODULES = {"torchao"}
 
 
 class ImportRecorder(importlib.abc.MetaPathFinder):
@@ -142,7 +145,8 @@ def foreign_modules(modules_by_section: dict[str, dict[str, list[str]]], allowed
     for section, modules in modules_by_section.items():
         bad = []
         for module, importers in modules.items():
-            if PROJECT not in importers or module in stdlib or module in PROJECT_MODULES or _in_repo(module):
+            if (PROJECT not in importers or module in stdlib or module in PROJECT_MODULES or module in OPTIONAL_MODULES
+                    or _in_repo(module)):
                 continue
             dists = owners.get(module, [])
             if not dists:
