@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "wordnet"
 CPMCTL = [sys.executable, "-m", "cpmctl.cli"]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import print_table  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
 
@@ -188,15 +189,6 @@ TENSOR_CHILD_FLAG = "--tensor-memory-child"
 TENSOR_WARMUP_STEPS = 1
 CATEGORIES = (("Parameter", "params"), ("Buffer", "buffers"), ("Gradient", "grads"), ("Optstate", "optimizer"),
               ("Activation", "activations"), ("Temp", "temp"), ("Other", "other"))
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    """A Markdown table after a blank line (BENCHMARKS.md takes it as printed)."""
-    print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
 
 
 def report_tensor_memory(tm_rows: list[tuple[str, str, list[str]]], args) -> None:
