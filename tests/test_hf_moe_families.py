@@ -224,3 +224,69 @@ def test_unimplemented_features_are_named(tmp_path):
     _, src = save_moe("deepseek_v3", tmp_path / "fp8")
     edit_config(src, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
     assert "quantization_config (quant_method='fp8')" in convert(src, tmp_path / "fp8" / "out")
+
+
+# -- DeepSeek-V3's multi-token-prediction layer ----------------------------------------------------
+def mtp_tensors(ref, layer: int) -> dict[str, torch.Tensor]:
+    """A multi-token-prediction module at model.layers.{layer}, laid out as in the published
+    DeepSeek-V3 checkpoints: enorm, hnorm, eh_proj [d, 2d], embed_tokens, a full MoE decoder layer
+    (per-expert tensors) and shared_head (norm, head), every tensor random."""
+    cfg = ref.config
+    block = type(ref.model.layers[-1])(cfg, layer_idx=layer)
+    gen = torch.Generator().manual_seed(11)
+    d, vocab, p = cfg.hidden_size, cfg.vocab_size, f"model.layers.{layer}."
+    out = {f"{p}enorm.weight": torch.randn(d, generator=gen), f"{p}hnorm.weight": torch.randn(d, generator=gen),
+           f"{p}eh_proj.weight": torch.randn(d, 2 * d, generator=gen), f"{p}embed_tokens.weight": torch.randn(vocab, d, generator=gen),
+           f"{p}shared_head.norm.weight": torch.randn(d, generator=gen), f"{p}shared_head.head.weight": torch.randn(vocab, d, generator=gen)}
+    for name, tensor in block.state_dict().items():
+        if name == "mlp.experts.gate_up_proj":
+            for e, (gate, up) in enumerate(t.chunk(2, dim=0) for t in tensor):
+                out[f"{p}mlp.experts.{e}.gate_proj.weight"] = torch.randn(gate.shape, generator=gen)
+                out[f"{p}mlp.experts.{e}.up_proj.weight"] = torch.randn(up.shape, generator=gen)
+        elif name == "mlp.experts.down_proj":
+            for e, down in enumerate(tensor):
+                out[f"{p}mlp.experts.{e}.down_proj.weight"] = torch.randn(down.shape, generator=gen)
+        else:
+            out[p + name] = torch.randn(tensor.shape, generator=gen)
+    return out
+
+
+def test_deepseek_multi_token_prediction_layer_is_dropped(tmp_path, caplog):
+    ref, src = save_moe("deepseek_v3", tmp_path)
+    edit_config(src, num_nextn_predict_layers=1)
+    tensors = load_file(src / "model.safetensors")
+    n = ref.config.num_hidden_layers
+    mtp = mtp_tensors(ref, n)
+    assert {"enorm", "hnorm", "eh_proj", "shared_head"} <= {k.split(".")[3] for k in mtp}
+    assert f"model.layers.{n}.mlp.experts.15.down_proj.weight" in mtp and f"model.layers.{n}.self_attn.kv_b_proj.weight" in mtp
+    save_file({**tensors, **mtp}, src / "model.safetensors", metadata={"format": "pt"})
+
+    with caplog.at_level("INFO", logger="cpmctl.hf"):
+        ck = hf.import_hf(src, tmp_path / "ck")
+    notes = [r.getMessage() for r in caplog.records if "multi-token-prediction" in r.getMessage()]
+    assert notes == [f"dropped deepseek_v3's multi-token-prediction layers (model.layers.{n}.*, {len(mtp)} tensors): "
+                     "cpmctl predicts the next token only"]
+    ours, handle = load_model(ck)
+    handle.close()
+    ids, mask, positions = batch_inputs()
+    with torch.inference_mode():
+        want = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = ours(ids, mask, position_ids=positions)
+    assert float((want - got).abs()[mask.bool()].max()) <= TOL
+    # transformers loads the same directory to the same model, ignoring the module too
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    with torch.inference_mode():
+        assert float((loaded(input_ids=ids).logits - ours(ids)).abs().max()) <= TOL
+
+    # transformers' own key for the count works the same
+    edit_config(src, num_nextn_predict_layers=None, num_mtp_layers=1)
+    hf.import_hf(src, tmp_path / "ck-mtp-key")
+
+    # only the declared layers are dropped: one more layer, or none declared, is refused
+    save_file({**tensors, **mtp, f"model.layers.{n + 1}.enorm.weight": torch.ones(64)}, src / "model.safetensors",
+              metadata={"format": "pt"})
+    assert f"has 1 HF tensor(s) that cpmctl's deepseek_v3 has no place for: model.layers.{n + 1}.enorm.weight" in convert(
+        src, tmp_path / "out")
+    save_file({**tensors, **mtp}, src / "model.safetensors", metadata={"format": "pt"})
+    edit_config(src, num_mtp_layers=0)
+    assert f"has {len(mtp)} HF tensor(s) that cpmctl's deepseek_v3 has no place for" in convert(src, tmp_path / "out2")

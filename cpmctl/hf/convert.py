@@ -341,7 +341,7 @@ def lazy_state_dict_from_hf(
             used.add(found)
             found_names.append(found)
         plan.append((rule, found_names))
-    _check_leftovers(fam, config, tensors, used, prefix, source)
+    _check_leftovers(fam, config, hf_config, tensors, used, prefix, source)
     out: dict[str, LazyTensor] = {}
     for rule, names in plan:
         dtypes = [_dtype_of(tensors, n) for n in names]
@@ -358,18 +358,34 @@ def _layout_in(rule: Rule, tensors: Mapping[str, torch.Tensor]) -> Rule:
     return next((alt for alt in rule.alternatives if find(tensors, alt.hf[0]) is not None), rule)
 
 
-def _check_leftovers(fam: Family, config: ModelConfig, tensors, used: set[str], prefix: str, source: str) -> None:
+def _check_leftovers(fam: Family, config: ModelConfig, hf_config: Mapping[str, Any], tensors, used: set[str],
+                     prefix: str, source: str) -> None:
     head = fam.head[1]
     leftovers = sorted(n for n in tensors if n not in used and not n.endswith(fam.redundant)
                        and not (config.tie_embeddings and n == head))
     heads = [n for n in leftovers if n.startswith(fam.task_heads)] if fam.task_heads else []
-    if heads:
-        log.info("dropped %s's task heads (%s): cpmctl's %s ends at the last hidden states", fam.model_type, ", ".join(heads), config.arch)
-    others = [n for n in leftovers if n not in heads]
+    extra, extra_note = _extra_layer_tensors(fam, hf_config, leftovers, prefix)
+    others = [n for n in leftovers if n not in heads and n not in extra]
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise UserError(f"{source} has {len(others)} HF tensor(s) that cpmctl's {fam.model_type} has no place for: {shown}; "
                         "they would change the model, so nothing was imported")
+    if heads:
+        log.info("dropped %s's task heads (%s): cpmctl's %s ends at the last hidden states", fam.model_type, ", ".join(heads), config.arch)
+    if extra:
+        log.info(extra_note)
+
+
+def _extra_layer_tensors(fam: Family, hf_config: Mapping[str, Any], leftovers: list[str], prefix: str) -> tuple[set[str], str]:
+    """The leftover tensors of the layers the family declares beyond the model (DeepSeek-V3's
+    multi-token-prediction module), which never feed the next-token logits, and the line saying so."""
+    if fam.extra_layers is None:
+        return set(), ""
+    layers, what = fam.extra_layers(hf_config)
+    starts = tuple(f"{prefix}layers.{i}." for i in layers)
+    extra = {n for n in leftovers if starts and n.startswith(starts)}
+    where = ", ".join(f"{s}*" for s in starts if any(n.startswith(s) for n in extra))
+    return extra, f"dropped {fam.model_type}'s {what} ({where}, {len(extra)} tensors): cpmctl predicts the next token only"
 
 
 def state_dict_to_hf(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], model_type: str | None = None) -> dict[str, torch.Tensor]:

@@ -49,6 +49,10 @@ class DecoderSpec:
     # Family-specific fields read from / written to config.json beyond the shared ones.
     read_extra: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     write_extra: Callable[[ModelConfig], dict[str, Any]] | None = None
+    # Decoder layers a published checkpoint carries after num_hidden_layers that the model does not
+    # run: (the config.json keys that may give how many, what they are). Import drops them with a
+    # log line; none are dropped when config.json names no count.
+    extra_layers: tuple[tuple[str, ...], str] | None = None
     # config.json features of the family cpmctl does not implement: (key, is_bad(value), why).
     refusals: tuple[tuple[str, Callable[[Any], bool], str], ...] = ()
     unused_fields: frozenset[str] = field(default_factory=lambda: frozenset(
@@ -301,7 +305,22 @@ def register_decoder(spec: DecoderSpec) -> Family:
         redundant=ROTARY_BUFFERS,
         unused_fields=spec.unused_fields,
         moe=spec.moe is not None,
+        extra_layers=None if spec.extra_layers is None else _extra_layers(spec),
     ))
+
+
+def _extra_layers(spec: DecoderSpec) -> Callable[[Mapping[str, Any]], tuple[range, str]]:
+    keys, what = spec.extra_layers
+
+    def extra_layers(hf: Mapping[str, Any]) -> tuple[range, str]:
+        n_layers = integer(hf, "num_hidden_layers", spec.defaults["num_hidden_layers"])
+        key = next((k for k in keys if hf.get(k) is not None), keys[0])
+        count = integer(hf, key, 0)
+        if count < 0:
+            raise UserError(f"config.json field {key} must be >= 0, got {count}")
+        return range(n_layers, n_layers + count), what
+
+    return extra_layers
 
 
 def is_true(value: Any) -> bool:

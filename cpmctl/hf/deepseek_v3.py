@@ -5,6 +5,12 @@ scores plus e_score_correction_bias within each token's best `topk_group` of `n_
 weighted by the unbiased scores (renormalised with norm_topk_prob) times routed_scaling_factor,
 plus `n_shared_experts` always-on experts (one FFN of n_shared_experts * moe_intermediate_size).
 
+Published checkpoints also carry the multi-token-prediction module used in training and for
+speculative decoding: `num_nextn_predict_layers` (transformers writes `num_mtp_layers`) layers
+after the last, at `model.layers.{num_hidden_layers}.*`: enorm, hnorm, eh_proj, a full MoE decoder
+layer, embed_tokens and shared_head. It never feeds the next-token logits, so import drops it with
+a log line (as transformers does); any other unexpected tensor is still refused.
+
 Not implemented, refused by name: other routers (scoring_func other than sigmoid, topk_method
 other than noaux_tc), MoE every few layers (moe_layer_freq > 1), attention biases, and fp8
 block-quantized weights (quantization_config: dequantize them first)."""
@@ -129,5 +135,7 @@ FAMILY = register_decoder(DecoderSpec(
     derive=query_scale,
     moe=MoESpec(read=read, write=write, shared="shared_experts", score_bias="e_score_correction_bias"),
     attention_rules=attention_rules,
+    # the published configs' key, and the one transformers 5 writes
+    extra_layers=(("num_nextn_predict_layers", "num_mtp_layers"), "multi-token-prediction layers"),
     refusals=(("attention_bias", is_true, "attention_bias is true; cpmctl's DeepSeek-V3 has no attention biases"),),
 ))

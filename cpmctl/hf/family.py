@@ -68,7 +68,10 @@ class Family:
     `head` names (embedding, output head) without the prefix on the embedding. `redundant`:
     suffixes of tensors that provably carry nothing (buffers recomputed from the config, copies
     of another tensor); `task_heads`: prefixes of task heads beyond what cpmctl imports (BERT's
-    pooler and classifiers), dropped with a log line. Anything else left over is an error.
+    pooler and classifiers), dropped with a log line; `extra_layers(config.json)`: the decoder
+    layers a published checkpoint carries beyond the ones the model runs (DeepSeek-V3's
+    multi-token-prediction module, `model.layers.{num_hidden_layers}.*`), as (layer indices, what
+    they are), dropped with a log line. Anything else left over is an error.
     `unused_fields`: ModelConfig fields this family has no place for (not checked on export).
     """
 
@@ -80,6 +83,7 @@ class Family:
     head: tuple[str, str] = ("embed_tokens.weight", "lm_head.weight")
     redundant: tuple[str, ...] = ()
     task_heads: tuple[str, ...] = ()
+    extra_layers: Callable[[Mapping[str, Any]], tuple[range, str]] | None = None
     unused_fields: frozenset[str] = field(default_factory=frozenset)
     export_prefix: Callable[[ModelConfig], str] | None = None
     # Tokenizer files renamed on export ("tokenizer.model" -> "spiece.model" for T5).
