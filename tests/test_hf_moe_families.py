@@ -42,11 +42,22 @@ MOE_FAMILIES = {
                                                                norm_topk_prob=False, pad_token_id=3),
                   True, {"experts": 8, "shared_size": 48, "shared_gate": True, "norm_topk": False,
                          "layers": ["decoder.0", "decoder.2"]}),
+    # a sliding window of 3 on layers 0 and 2 (Qwen2MoeConfig's even layers below max_window_layers)
+    "qwen2_moe-sliding": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                                       shared_expert_intermediate_size=48, norm_topk_prob=True,
+                                                                       use_sliding_window=True, sliding_window=3, max_window_layers=3,
+                                                                       pad_token_id=3),
+                          True, {"experts": 8, "norm_topk": True, "sliding_window": 3, "sliding_layers": [0, 2]}),
     # normalised top-k, per-head q/k norm, decoder_sparse_step 2 (layer 1 sparse only)
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32,
                                                                head_dim=24, norm_topk_prob=True, decoder_sparse_step=2,
                                                                pad_token_id=3),
                   True, {"experts": 16, "top_k": 4, "norm_topk": True, "layers": ["decoder.1"]}),
+    # a sliding window of 4 on every layer (Qwen3-MoE's one mask)
+    "qwen3_moe-sliding": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                                       norm_topk_prob=False, use_sliding_window=True, sliding_window=4,
+                                                                       pad_token_id=3),
+                          True, {"experts": 8, "norm_topk": False, "sliding_window": 4, "sliding_layers": None}),
     # k = 8 of 64 small experts, q/k norms over all heads, clip_qkv
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=64, num_experts_per_tok=8, intermediate_size=16, clip_qkv=3.0,
                                                      pad_token_id=3, eos_token_id=2),
@@ -109,8 +120,8 @@ def test_moe_family_parity_generation_export(tmp_path, name):
     ck = hf.import_hf(src, tmp_path / f"{name}-ck")
     ours, handle = load_model(ck)
     handle.close()
-    for key, want in MOE_FAMILIES[name][4].items():
-        assert getattr(ours.config.moe, key) == want, key
+    for key, want in MOE_FAMILIES[name][4].items():  # the MoE's settings, or the model's
+        assert getattr(ours.config.moe if hasattr(ours.config.moe, key) else ours.config, key) == want, key
 
     ids, mask, positions = batch_inputs()
     with torch.inference_mode():
@@ -171,6 +182,29 @@ def test_triton_kernels_match_torch_for_each_routing(tmp_path, name):
     assert float((torch_logits - triton_logits).abs().max()) <= TOL
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_qwen_moe_sliding_layers_as_transformers_configs_give_them(family):
+    """config.json without layer_types: the sliding layers transformers' config class derives from
+    use_sliding_window, sliding_window and max_window_layers (Qwen2-MoE: even layers below it;
+    Qwen3-MoE: every layer, max_window_layers unused)."""
+    cls = getattr(transformers, "Qwen2MoeConfig" if family == "qwen2_moe" else "Qwen3MoeConfig")
+    for use, window, below, n in [(True, 5, 28, 7), (True, 5, 3, 7), (True, 2, 0, 4), (False, 5, 28, 6), (True, None, 28, 3)]:
+        if family == "qwen2_moe" and use and window is None and below:
+            continue  # transformers has no window for its sliding layers; cpmctl refuses it (below)
+        ref = cls(use_sliding_window=use, sliding_window=window, max_window_layers=below, num_hidden_layers=n)
+        raw = {k: v for k, v in ref.to_dict().items() if k != "layer_types"}
+        raw["sliding_window"] = window  # as config.json states it (Qwen2MoeConfig stores 0 when switched off)
+        ours = hf.config_from_hf(raw)
+        if family == "qwen2_moe":
+            want = [i for i, t in enumerate(ref.layer_types) if t == "sliding_attention"]
+        else:
+            want = list(range(n)) if ref.sliding_window is not None else []
+        got = [i for i in range(n) if ours.is_sliding_layer(i)]
+        assert got == want, (use, window, below, n)
+        if want:
+            assert ours.sliding_window == window
+
+
 # -- bad input: exit 2, one line, nothing written ------------------------------------------------
 def convert(src: Path, out: Path):
     result = CliRunner().invoke(app, ["convert", "hf", str(src), str(out)])
@@ -214,9 +248,16 @@ def test_top_k_above_expert_count(tmp_path):
 
 
 def test_unimplemented_features_are_named(tmp_path):
+    # sliding layers transformers gives no window (Qwen2-MoE: 0 positions), and mixed layer types in
+    # Qwen3-MoE, whose one mask serves every layer
     _, src = save_moe("qwen2_moe", tmp_path)
-    edit_config(src, use_sliding_window=True, sliding_window=4)
-    assert "unsupported qwen2_moe feature use_sliding_window=True" in convert(src, tmp_path / "out")
+    edit_config(src, layer_types=["sliding_attention", "full_attention", "full_attention"])
+    assert "names sliding_attention layers in layer_types but use_sliding_window is false" in convert(src, tmp_path / "out")
+    edit_config(src, use_sliding_window=True, sliding_window=None)
+    assert "names sliding_attention layers in layer_types but no sliding_window" in convert(src, tmp_path / "out")
+    _, src = save_moe("qwen3_moe", tmp_path)
+    edit_config(src, use_sliding_window=True, sliding_window=4, layer_types=["sliding_attention", "full_attention", "full_attention"])
+    assert "unsupported qwen3_moe feature layer_types=" in convert(src, tmp_path / "out")
     for key, value in (("scoring_func", "softmax"), ("topk_method", "group_limited_greedy"), ("moe_layer_freq", 2)):
         _, src = save_moe("deepseek_v3", tmp_path / key)
         edit_config(src, **{key: value})

@@ -44,8 +44,14 @@ class DecoderSpec:
     fused_qkv: bool = False  # Phi-3
     fused_gate_up: bool = False  # Phi-3
     # "none": no sliding window; "all": every layer slides when sliding_window is set (Mistral,
-    # Phi-3); "layer_types": the layers named "sliding_attention" (Qwen2, Qwen3, Gemma 2).
+    # Phi-3, Mixtral, Qwen3-MoE); "layer_types": the layers config.json's layer_types names
+    # "sliding_attention" (Qwen2, Qwen3, Qwen2-MoE, Gemma 2), or when it names none, those
+    # `default_layer_types(config.json, n_layers, window)` gives (the family config class's rule).
     sliding: str = "none"
+    default_layer_types: Callable[[Mapping[str, Any], int, int | None], list[str]] | None = None
+    # The Qwen families: sliding_window counts only when use_sliding_window is true (and export
+    # writes use_sliding_window).
+    sliding_switch: bool = False
     # Family-specific fields read from / written to config.json beyond the shared ones.
     read_extra: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     write_extra: Callable[[ModelConfig], dict[str, Any]] | None = None
@@ -117,22 +123,19 @@ def _sliding(spec: DecoderSpec, hf: Mapping[str, Any], n_layers: int) -> dict[st
     none = {"sliding_window": None, "sliding_layers": None}
     if spec.sliding == "none":
         return none
-    window = integer(hf, "sliding_window", spec.defaults.get("sliding_window"))
-    if spec.model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    # an explicit null is no window (the class default applies only when the key is absent)
+    window = integer(hf, "sliding_window") if "sliding_window" in hf else spec.defaults.get("sliding_window")
+    switched_off = spec.sliding_switch and not hf.get("use_sliding_window", False)
+    if switched_off:
         window = None  # transformers ignores sliding_window unless use_sliding_window
+    types = hf.get("layer_types")
     if spec.sliding == "all":
-        types = hf.get("layer_types")
         if types is not None and len(set(types)) > 1:
             raise UserError(f"unsupported {spec.model_type} feature layer_types={types!r}: cpmctl's {spec.model_type} "
                             "slides every layer (alternating layers are Gemma 2's)")
         return {"sliding_window": window, "sliding_layers": None}
-    types = hf.get("layer_types")
     if types is None:
-        if spec.model_type == "gemma2":
-            types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
-        else:
-            first = integer(hf, "max_window_layers", spec.defaults.get("max_window_layers", 0))
-            types = ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n_layers)]
+        types = spec.default_layer_types(hf, n_layers, window)
     if not isinstance(types, list) or len(types) != n_layers:
         raise UserError(f"config.json field layer_types must list {n_layers} layer types, got {types!r}")
     unknown = sorted({t for t in types if t not in ("sliding_attention", "full_attention")})
@@ -140,9 +143,29 @@ def _sliding(spec: DecoderSpec, hf: Mapping[str, Any], n_layers: int) -> dict[st
         raise UserError(f"unsupported {spec.model_type} layer type(s) {', '.join(map(repr, unknown))} in layer_types; "
                         "cpmctl implements 'full_attention' and 'sliding_attention'")
     layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if layers and window is None and spec.sliding_switch:
+        # transformers has no window for these layers: Qwen2-MoE gives them 0 positions, Qwen2 fails
+        raise UserError(f"{spec.model_type} config.json names sliding_attention layers in layer_types but "
+                        + ("use_sliding_window is false" if switched_off else "no sliding_window"))
     if window is None or not layers:
         return none
     return {"sliding_window": window, "sliding_layers": None if len(layers) == n_layers else layers}
+
+
+def alternate_layer_types(hf: Mapping[str, Any], n_layers: int, window: int | None) -> list[str]:
+    """Gemma 2: layers 0, 2, 4, ... slide."""
+    return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
+
+
+def upper_layer_types(hf: Mapping[str, Any], n_layers: int, window: int | None) -> list[str]:
+    """Qwen2, Qwen3: the layers from max_window_layers on slide (when there is a window)."""
+    first = integer(hf, "max_window_layers", 28)  # both config classes' default
+    return ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n_layers)]
+
+
+def first_sliding_layer(c: ModelConfig) -> dict[str, Any]:
+    """Qwen2's and Qwen3's max_window_layers for a config whose sliding layers are the last ones."""
+    return {"max_window_layers": next((i for i in range(c.n_layers) if c.is_sliding_layer(i)), c.n_layers)}
 
 
 def _to_config(spec: DecoderSpec):
@@ -240,9 +263,8 @@ def _from_config(spec: DecoderSpec):
         elif spec.sliding == "layer_types":
             hf["sliding_window"] = c.sliding_window
             hf["layer_types"] = _layer_types(c)
-            if spec.model_type in ("qwen2", "qwen3"):
-                hf["use_sliding_window"] = c.sliding_window is not None
-                hf["max_window_layers"] = next((i for i in range(c.n_layers) if c.is_sliding_layer(i)), c.n_layers)
+        if spec.sliding_switch:
+            hf["use_sliding_window"] = c.sliding_window is not None
         if spec.write_extra is not None:
             hf.update(spec.write_extra(c))
         if spec.moe is not None:

@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cpmctl.config import ModelConfig
-from cpmctl.hf.decoder import DecoderSpec, is_true, register_decoder
+from cpmctl.hf.decoder import DecoderSpec, alternate_layer_types, is_true, register_decoder
 from cpmctl.hf.family import number
 
 DEFAULTS = {
@@ -47,6 +47,7 @@ FAMILY = register_decoder(DecoderSpec(
     gemma=True,
     sandwich=True,
     sliding="layer_types",
+    default_layer_types=alternate_layer_types,
     read_extra=read_extra,
     write_extra=write_extra,
     refusals=(

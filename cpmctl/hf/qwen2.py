@@ -1,6 +1,6 @@
 """Qwen2 / Qwen2.5: Llama's layout with biases on q, k and v (not o), optional sliding-window layers."""
 
-from cpmctl.hf.decoder import DecoderSpec, register_decoder
+from cpmctl.hf.decoder import DecoderSpec, first_sliding_layer, register_decoder, upper_layer_types
 
 DEFAULTS = {
     "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
@@ -15,4 +15,7 @@ FAMILY = register_decoder(DecoderSpec(
     defaults=DEFAULTS,
     qkv_bias=True,
     sliding="layer_types",
+    default_layer_types=upper_layer_types,
+    sliding_switch=True,
+    write_extra=first_sliding_layer,
 ))

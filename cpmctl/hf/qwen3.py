@@ -1,6 +1,6 @@
 """Qwen3: Qwen2 without the q/k/v biases, with a per-head RMSNorm on q and k and an explicit head_dim."""
 
-from cpmctl.hf.decoder import DecoderSpec, is_true, register_decoder
+from cpmctl.hf.decoder import DecoderSpec, first_sliding_layer, is_true, register_decoder, upper_layer_types
 
 DEFAULTS = {
     "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
@@ -15,5 +15,8 @@ FAMILY = register_decoder(DecoderSpec(
     defaults=DEFAULTS,
     qk_norm=True,
     sliding="layer_types",
+    default_layer_types=upper_layer_types,
+    sliding_switch=True,
+    write_extra=first_sliding_layer,
     refusals=(("attention_bias", is_true, "attention_bias is true; cpmctl's Qwen3 has no biases on q, k, v and o"),),
 ))

@@ -1,6 +1,8 @@
 """Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3's attention (per-head q/k RMSNorm, no biases)
 with MoE FFNs: softmax over all experts, the top-k kept and renormalised when norm_topk_prob, no
-shared expert. mlp_only_layers and decoder_sparse_step name the dense layers, as in Qwen2-MoE."""
+shared expert. mlp_only_layers and decoder_sparse_step name the dense layers, as in Qwen2-MoE.
+With use_sliding_window, every layer attends through sliding_window (transformers' Qwen3-MoE
+builds one mask for all layers; max_window_layers is unused)."""
 
 from collections.abc import Mapping
 from typing import Any
@@ -14,7 +16,7 @@ from cpmctl.hf.qwen2_moe import sparse_from_config, sparse_to_config
 DEFAULTS = {
     "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
     "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": None, "hidden_act": "silu",
-    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": None,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "sliding_window": 4096, "bos_token_id": None,
     "eos_token_id": None, "pad_token_id": None, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
 }
 
@@ -30,7 +32,7 @@ def read(hf: Mapping[str, Any], n_layers: int) -> dict[str, Any]:
 
 def write(c: ModelConfig) -> dict[str, Any]:
     return {"num_experts": c.moe.experts, "num_experts_per_tok": c.moe.top_k, "moe_intermediate_size": c.moe.expert_size,
-            "norm_topk_prob": c.moe.norm_topk, "use_sliding_window": False, "attention_bias": False, **sparse_to_config(c)}
+            "norm_topk_prob": c.moe.norm_topk, "attention_bias": False, **sparse_to_config(c)}
 
 
 FAMILY = register_decoder(DecoderSpec(
@@ -38,9 +40,10 @@ FAMILY = register_decoder(DecoderSpec(
     architecture="Qwen3MoeForCausalLM",
     defaults=DEFAULTS,
     qk_norm=True,
+    sliding="all",
+    sliding_switch=True,
     moe=MoESpec(read=read, write=write),
     refusals=(
         ("attention_bias", is_true, "attention_bias is true; cpmctl's Qwen3-MoE has no biases on q, k, v and o"),
-        ("use_sliding_window", is_true, "cpmctl's Qwen3-MoE attends to every position (no released Qwen MoE uses a sliding window)"),
     ),
 ))
