@@ -15,6 +15,12 @@ same model and budget, at batch 1 and batch 8.
    identical for every system). cpmctl runs use cpmctl.generate.generate (the loop `cpmctl infer`
    runs) on `load_model` (resident) or `load_offloaded` (disk, the budget in bytes); transformers
    uses model.generate(do_sample=False, min_new_tokens = max_new_tokens).
+   Cold cache: right before each timed generate (after the warm-up) the run evicts every file
+   its system reads from the page cache with posix_fadvise(POSIX_FADV_DONTNEED) (cpmctl: the
+   checkpoint's safetensors; accelerate: the source safetensors and its offload_folder), so
+   neither side starts from weights the page cache kept; `fincore` reports what stayed cached.
+   Each run records the bytes it read from storage (/proc/self/io read_bytes) per generated
+   token, and the main process measures the cold and warm read bandwidth of the checkpoint file.
 3. Output: a markdown table on stdout and --work/results.json, with the greedy tokens of each
    run compared with the resident cpmctl run's, and the issue's target (offload >= 5x accelerate
    at batch 1 and 8) stated as met or missed. Figures are written before anything optional.
@@ -55,6 +61,57 @@ def prepare(work: Path) -> None:
         model.save_pretrained(src)
     if not (ck / "config.json").is_file():
         hf.import_hf(src, ck)
+
+
+def evict(paths) -> None:
+    """Drop the files' clean pages from the page cache (no root needed for clean pages)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached_bytes(paths) -> int:
+    """Bytes of the files now in the page cache (util-linux fincore; 0 if it is missing)."""
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, paths)],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return 0
+    return sum(int(line) for line in out.split())
+
+
+def storage_read_bytes() -> int:
+    """Bytes this process has had read from storage (not from the page cache)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def read_bandwidth(path: Path) -> dict:
+    """Cold (after eviction) and warm (page-cached) sequential read rate of one file, 8 MiB preads."""
+    rates = {}
+    for kind in ("cold", "warm"):
+        if kind == "cold":
+            evict([path])
+        fd = os.open(path, os.O_RDONLY)
+        buf, offset, start = bytearray(8 << 20), 0, time.perf_counter()
+        try:
+            while (got := os.preadv(fd, [buf], offset)) > 0:
+                offset += got
+        finally:
+            os.close(fd)
+        rates[f"{kind}_bytes_per_s"] = round(offset / (time.perf_counter() - start))
+    return rates
+
+
+def system_files(work: Path, system: str) -> list[Path]:
+    if system == "accelerate":
+        return sorted((work / "olmoe-hf").glob("*.safetensors")) + sorted((work / "accelerate_offload").glob("*"))
+    return sorted((work / "olmoe-ck").glob("*.safetensors"))
 
 
 def prompts(batch: int, length: int):
@@ -101,15 +158,28 @@ def run_one(args) -> None:
                 return generate(model, ids, max_new_tokens=n)[0]
     load_s = time.perf_counter() - started
     gen(2)  # warm-up
+    files = system_files(work, args.system)
+    evict(files)
+    left_cached = cached_bytes(files)
+    read_before = storage_read_bytes()
+    moved_before = load_before = 0.0
+    if engine is not None:
+        moved_before, load_before = engine.cache.bytes_moved, engine.cache.load_seconds
     start = time.perf_counter()
     tokens = gen(args.new_tokens)
     seconds = time.perf_counter() - start
+    steps = args.new_tokens  # forward passes that produce the timed tokens (the first is the prefill)
     result = {"system": args.system, "batch": args.batch, "budget": args.budget, "load_s": round(load_s, 2),
               "seconds": round(seconds, 3), "tokens_per_s": round(args.batch * args.new_tokens / seconds, 3),
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "tokens": tokens.tolist()}
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "tokens": tokens.tolist(),
+              "cached_after_evict_bytes": left_cached,
+              "storage_read_bytes_per_step": round((storage_read_bytes() - read_before) / steps)}
     if engine is not None:
         stats = engine.stats()
         result["offload"] = {k: stats[k] for k in ("slots", "units", "hit_rate", "bytes_moved", "weights_peak_bytes")}
+        result["offload"]["bytes_moved_per_step"] = round((engine.cache.bytes_moved - moved_before) / steps)
+        # the loader thread's busy time (reads and CRC checks) as a share of the timed wall time
+        result["offload"]["loader_busy_share"] = round((engine.cache.load_seconds - load_before) / seconds, 3)
         engine.close()
     print(json.dumps(result))
 
@@ -135,6 +205,8 @@ def main() -> None:
                     f"from benchmarks.hf_moe_offload import prepare; from pathlib import Path; prepare(Path({str(args.work)!r}))"],
                    env=env, check=True, cwd=REPO)
     weights = sum(f.stat().st_size for f in (args.work / "olmoe-hf").glob("*.safetensors"))
+    bandwidth = read_bandwidth(next((args.work / "olmoe-ck").glob("*.safetensors")))
+    print(json.dumps({"checkpoint_read": bandwidth, "load_average": os.getloadavg()}), flush=True)
     runs = []
     for batch in [int(b) for b in args.batches.split(",")]:
         plan = [("resident", 0)] + [(system, int(weights * float(f))) for f in args.fractions.split(",")
@@ -154,12 +226,15 @@ def main() -> None:
         r["tokens_equal_resident"] = r["tokens"] == resident[r["batch"]]
     summary = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": cpu_model(),
                "weights_bytes": weights, "shape": SHAPE, "threads": args.threads, "new_tokens": args.new_tokens,
-               "prompt_tokens": args.prompt_tokens, "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs]}
+               "prompt_tokens": args.prompt_tokens, "checkpoint_read": bandwidth,
+               "load_average_end": os.getloadavg(), "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs]}
     (args.work / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"\nOLMoE-shaped random model, {weights / 1e9:.2f} GB fp32, {summary['machine']}, {args.threads} threads, "
           f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens\n")
-    print("| batch | system | budget | tokens/s | vs accelerate (same budget) | tokens = resident | peak RSS GB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"checkpoint read: cold {bandwidth['cold_bytes_per_s'] / 1e6:.0f} MB/s, warm {bandwidth['warm_bytes_per_s'] / 1e6:.0f} MB/s\n")
+    print("| batch | system | budget | tokens/s | vs accelerate (same budget) | vs resident | tokens = resident | "
+          "storage MB read / step | cpmctl MB moved / step | loader busy | peak RSS GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     verdicts = []
     for r in runs:
         acc = next((a for a in runs if a["system"] == "accelerate" and a["batch"] == r["batch"] and a["budget"] == r["budget"]), None)
@@ -167,8 +242,14 @@ def main() -> None:
         if ratio is not None:
             verdicts.append((r["batch"], r["budget"], ratio))
         budget = "all" if r["system"] == "resident" else f"{r['budget'] / weights:.0%}"
-        print(f"| {r['batch']} | {r['system']} | {budget} | {r['tokens_per_s']:.2f} | "
-              f"{'' if ratio is None else f'{ratio:.1f}x'} | {r['tokens_equal_resident']} | {r['peak_rss_bytes'] / 1e9:.2f} |")
+        res = next(a for a in runs if a["system"] == "resident" and a["batch"] == r["batch"])
+        off = r.get("offload")
+        moved = f"{off['bytes_moved_per_step'] / 1e6:.0f}" if off else ""
+        busy = f"{off['loader_busy_share']:.0%}" if off else ""
+        vs_acc = "" if ratio is None else f"{ratio:.1f}x"
+        print(f"| {r['batch']} | {r['system']} | {budget} | {r['tokens_per_s']:.2f} | {vs_acc} | "
+              f"{r['tokens_per_s'] / res['tokens_per_s']:.2f} | {r['tokens_equal_resident']} | "
+              f"{r['storage_read_bytes_per_step'] / 1e6:.0f} | {moved} | {busy} | {r['peak_rss_bytes'] / 1e9:.2f} |")
     for batch, budget, ratio in verdicts:
         print(f"target >= 5x accelerate, batch {batch}, budget {budget / weights:.0%}: {ratio:.1f}x "
               f"({'met' if ratio >= 5 else 'missed'})")
