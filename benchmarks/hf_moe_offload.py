@@ -188,7 +188,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "_run"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/hf_moe_offload"))
-    parser.add_argument("--threads", type=int, default=2)
+    # one thread: on a shared 2-core machine two OpenMP threads wait on each other at every barrier
+    # (measured 10-20x slower per token than one thread, for both systems)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--batches", default="1,8")
