@@ -579,7 +579,7 @@ class MoEFeedForward(nn.Module):
         ffn = moe_ffn_reference
         # The Triton kernels are forward-only: where autograd needs a backward (training,
         # calibration) the torch path runs instead.
-        if self.kernels == "triton" and not self.quantized and not (torch.is_grad_enabled() and (flat.requires_grad or self.w_in.requires_grad)):
+        if self.kernels == "triton" and not (torch.is_grad_enabled() and (flat.requires_grad or self.w_in.requires_grad)):
             ffn = triton_moe_ffn
         out = ffn(flat, experts, weights, self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out, self.activation)
         if self.fill_out is not None and experts.shape[1] < self.num_experts:
@@ -587,12 +587,18 @@ class MoEFeedForward(nn.Module):
         return self.add_shared(flat, out).view(shape)
 
 
-def triton_moe_ffn(*args):
-    """`cpmctl_kernels.moe_ffn` (same arguments as `moe_ffn_reference`), its input errors as UserError."""
-    from cpmctl_kernels import KernelInputError, moe_ffn  # optional dependency (triton): imported on first use
+def triton_moe_ffn(x, expert_ids, expert_weights, w_in, w_gate, w_out, *rest):
+    """`cpmctl_kernels.moe_ffn` (same arguments as `moe_ffn_reference`), its input errors as UserError.
+    Quantized expert stacks go in as stored (the kernels dequantize inside; w_out in its linear form)."""
+    from cpmctl_kernels import KernelInputError, QuantizedWeights, moe_ffn  # optional dependency (triton): imported on first use
+
+    def kernel_weight(w):
+        if not isinstance(w, QuantizedWeight):
+            return w
+        return QuantizedWeights(w.qweight, w.scales, w.zeros, w.group_size if w.scheme == "int4" else None)
 
     try:
-        return moe_ffn(*args)
+        return moe_ffn(x, expert_ids, expert_weights, kernel_weight(w_in), kernel_weight(w_gate), kernel_weight(w_out), *rest)
     except KernelInputError as exc:
         raise UserError(str(exc)) from None
 
