@@ -10,7 +10,11 @@ every int4 checkpoint was before: each miss repacks the expert as it is read). D
   resident fp32 / resident int4, and offloaded to disk with slots for 25% of the experts:
   fp32, int4 repacking on read, int4 reading the stored layout;
 with the engine's mean load time per miss (read + checksum on first read + repack) and the
-ratios against resident fp32 of the same batch. Random routers have no locality, so hit rates
+ratios against resident fp32 of the same batch. I/O bound: every offloaded run starts with the
+checkpoint's files evicted from the page cache (os.posix_fadvise POSIX_FADV_DONTNEED); the bound
+is the measured cold read bandwidth of the same files (read in expert-sized preads after the same
+eviction) divided by the expert bytes read per generated token, and the fraction is the run's
+tokens/s over that bound. Random routers have no locality, so hit rates
 are low: this measures the miss path, not the cache policy.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -54,13 +59,42 @@ def make_checkpoints(work: Path) -> dict[str, Path]:
     return paths
 
 
-def decode(model, prompts, new_tokens: int) -> float:
+def evict(path: Path) -> None:
+    """Drop the checkpoint's files from the page cache (the next read comes from the disk)."""
+    for f in path.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cold_read_bandwidth(path: Path, chunk: int) -> float:
+    """Bytes/s reading every weights file of `path` once, in `chunk`-byte preads, after eviction."""
+    evict(path)
+    total, start = 0, time.perf_counter()
+    buf = bytearray(chunk)
+    for f in sorted(path.glob("*.safetensors")):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            offset = 0
+            while (got := os.preadv(fd, [buf], offset)) > 0:
+                offset += got
+            total += offset
+        finally:
+            os.close(fd)
+    return total / (time.perf_counter() - start)
+
+
+def decode(model, prompts, new_tokens: int, on_start=lambda: None) -> float:
     import torch
 
     from cpmctl.generate import generate
 
     with torch.no_grad():
         generate(model, prompts, max_new_tokens=2)  # warm-up
+        on_start()
         start = time.perf_counter()
         generate(model, prompts, max_new_tokens=new_tokens)
         return prompts.shape[0] * new_tokens / (time.perf_counter() - start)
@@ -92,13 +126,22 @@ def run(args) -> dict:
                     engine.close()
                     ckpt.close()
                     budget = stats["resident_bytes"] + round(0.25 * stats["units"]) * stats["slot_bytes"]
+                    evict(path)
                     model, ckpt, engine = load_offloaded(path, mode="disk", budget=budget, device=cpu, dtype=None)
                 try:
-                    rate = decode(model, prompts, args.new_tokens)
+                    moved = []
+                    rate = decode(model, prompts, args.new_tokens,
+                                  lambda: moved.append(engine.cache.bytes_moved if engine is not None else 0))
                     row = dict(batch=batch, experts=label if setting == "25%" or label == "fp32" else "int4", setting=setting,
                                tokens_per_s=round(rate, 2))
                     if engine is not None:
                         stats = engine.stats()
+                        per_token = (engine.cache.bytes_moved - moved[0]) / (batch * args.new_tokens)  # prefill included
+                        bandwidth = cold_read_bandwidth(path, stats["slot_bytes"])
+                        bound = bandwidth / per_token if per_token else None
+                        row.update(expert_bytes_per_token=round(per_token), cold_read_mb_s=round(bandwidth / 1e6, 1),
+                                   io_bound_tokens_per_s=None if bound is None else round(bound, 1),
+                                   io_bound_fraction=None if bound is None else round(rate / bound, 4))
                         row.update(hit_rate=stats["hit_rate"], load_ms_per_miss=stats["load_ms_per_unit"],
                                    slots=stats["slots"], units=stats["units"],
                                    read_prepacked=any(p.name.endswith(PREPACKED_SUFFIX) for u in engine.units for p in u.parts))
@@ -135,11 +178,13 @@ def main() -> int:
         print(json.dumps(record))
         return 0
     print(f"{record['date']} | {record['machine']} | {args.threads} thread(s) | torch {torch.__version__}")
-    print("| batch | experts | setting | tokens/s | vs resident fp32 | hit rate | load ms per miss |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| batch | experts | setting | tokens/s | vs resident fp32 | hit rate | load ms per miss | expert bytes/token "
+          "| cold read MB/s | I/O bound tokens/s | fraction of the bound |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in result["rows"]:
         print(f"| {r['batch']} | {r['experts']} | {r['setting']} | {r['tokens_per_s']} | {r['vs_resident_fp32']} | "
-              f"{r.get('hit_rate', '-')} | {r.get('load_ms_per_miss', '-')} |")
+              + " | ".join(str(r.get(k, "-")) for k in ("hit_rate", "load_ms_per_miss", "expert_bytes_per_token",
+                                                         "cold_read_mb_s", "io_bound_tokens_per_s", "io_bound_fraction")) + " |")
     return 0
 
 
