@@ -9,7 +9,8 @@ every int4 checkpoint was before: each miss repacks the expert as it is read). D
 (greedy, random prompts of 16 tokens) at batch 1 and 8, one run each in one process, for:
   resident fp32 / resident int4, and offloaded to disk with slots for 25% of the experts:
   fp32, int4 repacking on read, int4 reading the stored layout;
-with the engine's mean load time per miss (read + checksum on first read + repack) and the
+and accelerate's disk offload of the fp32 model with the same bytes of memory (the competitor,
+`cpmctl.gpu_check.offload_bench.accelerate_device_map`), with the engine's mean load time per miss (read + checksum on first read + repack) and the
 ratios against resident fp32 of the same batch. I/O bound: every offloaded run starts with the
 checkpoint's files evicted from the page cache (os.posix_fadvise POSIX_FADV_DONTNEED); the bound
 is the measured cold read bandwidth of the same files (read in expert-sized preads after the same
@@ -21,6 +22,7 @@ are low: this measures the miss path, not the cache policy.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -59,9 +61,11 @@ def make_checkpoints(work: Path) -> dict[str, Path]:
     return paths
 
 
-def evict(path: Path) -> None:
-    """Drop the checkpoint's files from the page cache (the next read comes from the disk)."""
-    for f in path.glob("*.safetensors"):
+def evict(path: Path, pattern: str = "*.safetensors") -> None:
+    """Drop the checkpoint's files from the page cache (the next read comes from the disk). Pages
+    still memory-mapped (a resident model not yet collected) cannot be dropped: collect first."""
+    gc.collect()
+    for f in path.glob(pattern):
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -110,6 +114,7 @@ def run(args) -> dict:
     paths = make_checkpoints(args.work)
     cpu = torch.device("cpu")
     rows = []
+    budgets: dict[str, int] = {}
     for batch in (1, 8):
         prompts = torch.randint(3, SHAPE["vocab_size"], (batch, 16), generator=torch.Generator().manual_seed(batch))
         base = None
@@ -126,6 +131,7 @@ def run(args) -> dict:
                     engine.close()
                     ckpt.close()
                     budget = stats["resident_bytes"] + round(0.25 * stats["units"]) * stats["slot_bytes"]
+                    budgets[label] = budget
                     evict(path)
                     model, ckpt, engine = load_offloaded(path, mode="disk", budget=budget, device=cpu, dtype=None)
                 try:
@@ -153,7 +159,32 @@ def run(args) -> dict:
                     if engine is not None:
                         engine.close()
                     ckpt.close()
+        rows.append(accelerate_row(paths["fp32"], budgets["fp32"], prompts, args, base, rows))
     return {"rows": rows}
+
+
+def accelerate_row(path: Path, budget: int, prompts, args, base: float, rows: list) -> dict:
+    """accelerate's disk offload of the fp32 model (dispatch_model over infer_auto_device_map with
+    `budget` bytes of CPU memory, the rest in its offload folder), the same prompts, its offload
+    folder evicted from the page cache first."""
+    import torch
+
+    from cpmctl.gpu_check.offload_bench import accelerate_device_map
+
+    folder = args.work / "accelerate-offload"
+    shutil.rmtree(folder, ignore_errors=True)
+    model, ckpt, placed = accelerate_device_map(path, torch.device("cpu"), budget, folder)
+    try:
+        evict(folder, "**/*.dat")
+        rate = decode(model, prompts, args.new_tokens)
+    finally:
+        ckpt.close()
+    ours = next(r["tokens_per_s"] for r in rows if r["batch"] == prompts.shape[0] and r["experts"] == "fp32" and r["setting"] == "25%")
+    row = dict(batch=prompts.shape[0], experts="fp32, accelerate disk offload", setting=f"{budget / 1e6:.1f} MB in memory",
+               tokens_per_s=round(rate, 2), vs_resident_fp32=round(rate / base, 3), placed=placed,
+               cpmctl_fp32_25pct_over_accelerate=round(ours / rate, 2))
+    print(f"# {row}", file=sys.stderr, flush=True)
+    return row
 
 
 def main() -> int:
@@ -185,6 +216,10 @@ def main() -> int:
         print(f"| {r['batch']} | {r['experts']} | {r['setting']} | {r['tokens_per_s']} | {r['vs_resident_fp32']} | "
               + " | ".join(str(r.get(k, "-")) for k in ("hit_rate", "load_ms_per_miss", "expert_bytes_per_token",
                                                          "cold_read_mb_s", "io_bound_tokens_per_s", "io_bound_fraction")) + " |")
+    for r in result["rows"]:
+        if "cpmctl_fp32_25pct_over_accelerate" in r:
+            print(f"batch {r['batch']}: cpmctl fp32 at 25% / accelerate disk offload = {r['cpmctl_fp32_25pct_over_accelerate']}x "
+                  f"(accelerate placed: {', '.join(r['placed'])})")
     return 0
 
 
