@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/moe_kernels.py --device cuda [--quick] [--json]
     .venv/bin/python benchmarks/moe_kernels.py --device cpu  [--quick] [--json]   # interpreter check
+    .venv/bin/python benchmarks/moe_kernels.py --weights int8|int4 [--group-size 64] ...  # quantized experts
 
 CUDA: CPM-2 sizes (d 4096, d_ff 10240, gated gelu_tanh FFN), experts of 32, 80 and 320 neurons
 (E = 320, 128, 32), 10/20/50% of the experts per token, 1/8/64/2048 tokens, fp16 and bf16. For
@@ -20,6 +21,13 @@ the case must read (each selected expert's blocks once) plus x and the output; T
 2 * tokens * k * d_e * d * 3 for the MoE and 2 * tokens * d_ff * d * 3 for the dense FFN. The
 targets of issue 5 are checked at the end: 1 token at 20% of experts >= 3.5x faster than dense;
 2048 tokens: the grouped kernel's TFLOP/s >= 70% of the dense FFN's.
+
+--weights int8|int4: the experts quantized with cpmctl's quantizer (torchao; int4 in groups of
+--group-size), the layout `cpmctl quantize` stores. Then "torch" is the MoE layer's torch path on
+quantized weights (on CUDA: each selected expert dequantized, then multiplied; on a CPU torch's
+fused weight-only kernels), "triton" the int8/int4 kernels that dequantize tiles in registers,
+"dense" still the float FFN (what the quantized experts replace), GB/s counts the quantized bytes
+read (codes, scales and zeros) and err is measured against the dequantized weights' reference.
 
 CPU (no GPU): the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before
 the kernels are imported) on reduced sizes; the table then checks correctness against the torch
@@ -90,8 +98,32 @@ def dense_ffn(x, w_in, w_gate, w_out, act):
     return (act(x @ w_gate.T) * (x @ w_in.T)) @ w_out
 
 
-def run_case(torch, K, torch_moe, timer, graph_timer, device, dtype, d, d_ff, de, fraction, n, seed=0):
+def quantized_experts(torch, w_in, w_gate, w_out, scheme, group_size):
+    """(QuantizedWeight modules for the torch path, cpmctl_kernels.QuantizedWeights for the kernels),
+    quantized on the CPU with cpmctl's quantizer, then moved to the weights' device."""
+    import cpmctl_kernels as K
+    from cpmctl.quant import QuantizedWeight
+    from cpmctl.quantize import quantize_stack
+
+    e, de, d = w_in.shape
+    modules, stored = [], []
+    for w, transposed in ((w_in, False), (w_gate, False), (w_out, True)):
+        parts = quantize_stack(w.float().cpu(), scheme, group_size, transposed=transposed)
+        out_f, in_f = (d, de) if transposed else (de, d)
+        module = QuantizedWeight((e,), out_f, in_f, scheme, group_size, transposed=transposed)
+        for name, t in parts.items():
+            getattr(module, name).copy_(t)
+        module = module.to(w.device)
+        modules.append(module)
+        stored.append(K.QuantizedWeights(module.qweight, module.scales, module.zeros, group_size))
+    return modules, stored
+
+
+def run_case(torch, K, torch_moe, timer, graph_timer, device, dtype, d, d_ff, de, fraction, n, seed=0,
+             scheme="float", group_size=None):
     import torch.nn.functional as F
+
+    from cpmctl_kernels.reference import quantized_moe_ffn_reference
 
     e = d_ff // de
     k = max(1, round(fraction * e))
@@ -103,27 +135,36 @@ def run_case(torch, K, torch_moe, timer, graph_timer, device, dtype, d, d_ff, de
     x = torch.randn(n, d, generator=g, device=device).to(dtype)
     ids, weights = K.route(torch.randn(n, e, generator=g, device=device), k)
     weights = weights.to(dtype)
-    args = (x, ids, weights, w_in, w_gate, w_out, None, None, None, "gelu_tanh")
+    args = kernel_args = (x, ids, weights, w_in, w_gate, w_out, None, None, None, "gelu_tanh")
     act = lambda t: F.gelu(t, approximate="tanh")  # noqa: E731
     flat = [w.view(e * de, d) for w in (w_in, w_gate, w_out)]
+    expert_bytes = 3 * de * d * x.element_size()
+    if scheme != "float":
+        modules, stored = quantized_experts(torch, w_in, w_gate, w_out, scheme, group_size)
+        args = (x, ids, weights, *modules, None, None, None, "gelu_tanh")
+        kernel_args = (x, ids, weights, *stored, None, None, None, "gelu_tanh")
+        expert_bytes = sum(t.nbytes for m in modules for t in (m.qweight, m.scales, m.zeros) if t is not None) // e
 
     with torch.inference_mode():
-        want = torch_moe(*args)
-        got = K.moe_ffn(*args)
+        if scheme == "float":
+            want = torch_moe(*args)
+        else:
+            want = quantized_moe_ffn_reference(*kernel_args)
+        got = K.moe_ffn(*kernel_args)
         err = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-6)).item()
         t_dense = timer(lambda: dense_ffn(x, *flat, act))
         t_torch = timer(lambda: torch_moe(*args))
-        t_triton = timer(lambda: K.moe_ffn(*args))
+        t_triton = timer(lambda: K.moe_ffn(*kernel_args))
         g_dense = graph_timer(lambda: dense_ffn(x, *flat, act))
-        g_triton = graph_timer(lambda: K.moe_ffn(*args))
+        g_triton = graph_timer(lambda: K.moe_ffn(*kernel_args))
 
     experts_read = int(torch.unique(ids).numel())
     itemsize = x.element_size()
-    moe_bytes = (3 * experts_read * de * d + 2 * n * d) * itemsize
+    moe_bytes = experts_read * expert_bytes + 2 * n * d * itemsize
     moe_flops = 2 * n * k * de * d * 3
     dense_flops = 2 * n * d_ff * d * 3
     return dict(
-        dtype=str(dtype).replace("torch.", ""), tokens=n, expert_size=de, experts=e, k=k, fraction=fraction,
+        dtype=str(dtype).replace("torch.", ""), weights=scheme, tokens=n, expert_size=de, experts=e, k=k, fraction=fraction,
         experts_read=experts_read, max_rel_err=err, dense_ms=t_dense, torch_moe_ms=t_torch, triton_ms=t_triton,
         triton_path="decode" if n <= K.DECODE_MAX_TOKENS else "grouped",
         speedup_vs_dense=t_dense / t_triton, speedup_vs_torch_moe=t_torch / t_triton,
@@ -173,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few cases only")
     parser.add_argument("--runs", type=int, default=3, help="timed calls per method on CPU (CUDA uses do_bench)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--weights", choices=("float", "int8", "int4"), default="float",
+                        help="expert weights: float (the dtype) or weight-only int8 / int4 (quantized by cpmctl's quantizer)")
+    parser.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64)")
     args = parser.parse_args(argv)
+    group_size = args.group_size if args.weights == "int4" else None
 
     device = args.device
     if device is None:
@@ -206,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             for fraction in sizes["fractions"]:
                 for n in sizes["tokens"]:
                     row = run_case(torch, K, torch_moe, timer, graph_timer, device, getattr(torch, dtype_name),
-                                   sizes["d"], sizes["d_ff"], de, fraction, n)
+                                   sizes["d"], sizes["d_ff"], de, fraction, n, scheme=args.weights, group_size=group_size)
                     rows.append(row)
                     if not args.json:
                         print(f"# {row['dtype']} tokens={n} d_e={de} act={fraction:.0%}: triton {row['triton_ms']:.3f} ms",
@@ -217,13 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         interpreter=K.INTERPRETER, torch=torch.__version__, triton=triton.__version__,
         command="python benchmarks/moe_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
         d_model=sizes["d"], d_ff=sizes["d_ff"], ffn="gated gelu_tanh, no biases", rows=rows,
-        targets=target_checks(rows) if device == "cuda" else [],
+        expert_weights=args.weights if args.weights != "int4" else f"int4 g{group_size}",
+        targets=target_checks(rows) if device == "cuda" and args.weights == "float" else [],
     )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{report['date']} | {machine} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"d {sizes['d']}, d_ff {sizes['d_ff']}, {report['ffn']}")
+          f"d {sizes['d']}, d_ff {sizes['d_ff']}, {report['ffn']}, experts {report['expert_weights']}")
     if K.INTERPRETER:
         print("Triton INTERPRETER on CPU: 'triton ms' times numpy emulation, not a GPU; only 'err' is meaningful.")
     print_table(rows, device)

@@ -143,8 +143,9 @@ def plan_pairs(expert_ids: Tensor) -> PairPlan:
                 starts.append(place)
                 ends.append(place)
             ends[-1] = place + 1
-        order_t = torch.tensor(order)
-        return PairPlan(order_t, order_t // k, torch.tensor(inverse), experts, starts, ends)
+        # one tensor for the three index lists: a single small allocation instead of three ops
+        order_t, tokens, inverse_t = torch.tensor([order, [p // k for p in order], inverse]).unbind(0)
+        return PairPlan(order_t, tokens, inverse_t, experts, starts, ends)
     flat = expert_ids.reshape(-1)
     order = flat.argsort(stable=True)
     inverse = torch.empty_like(order)
@@ -172,12 +173,22 @@ def expert_output(rows: Tensor, w_in: Tensor, w_gate: Tensor | None, w_out: Tens
         return quantized_matmul_out(hidden, w_out, out)
     up = F.linear(rows, w_in, b_in)
     gate = None if w_gate is None else F.linear(rows, w_gate, b_gate)
-    hidden = _hidden(up, gate, activation)
+    if out is not None and gate is None and activation in _IN_PLACE_ACTIVATIONS:
+        # inference: the activation overwrites its fresh input (same values, one buffer fewer)
+        hidden = _IN_PLACE_ACTIVATIONS[activation](up)
+    elif out is not None and gate is not None:
+        hidden = gated_hidden(gate, up, activation, in_place=True)
+    else:
+        hidden = _hidden(up, gate, activation)
     if weights is not None:
         hidden = hidden * weights[:, None].to(hidden.dtype)
     if out is not None:  # straight into the caller's buffer (no autograd): one copy fewer
-        return torch.matmul(hidden, w_out, out=out)
+        return torch.mm(hidden, w_out, out=out) if hidden.dim() == 2 else torch.matmul(hidden, w_out, out=out)
     return hidden @ w_out
+
+
+# Activations with an in-place form that computes the same values as ACTIVATIONS' (for `out=` calls).
+_IN_PLACE_ACTIVATIONS = {"relu": torch.relu_, "drelu": torch.relu_, "silu": lambda t: F.silu(t, inplace=True)}
 
 
 def _quantized_project(rows: Tensor, w: QuantizedView, b: Tensor | None) -> Tensor:
@@ -222,16 +233,21 @@ def expert_jobs(x: Tensor, expert_ids: Tensor, expert_weights: Tensor) -> Expert
     are left out, which saves a multiply and changes nothing (x * 1 == x). One token (decoding)
     skips the sort: its k experts write rows 0..k-1 of a [k, d] buffer."""
     n, k = expert_ids.shape
-    ones = bool((expert_weights == 1).all())
-    if n == 1:
+    if n == 1:  # a handful of Python numbers: checked without tensor ops
+        ones = all(w == 1 for w in expert_weights[0].tolist())
         weights = None if ones else expert_weights[0]
         jobs = [ExpertJob(e, j, j + 1, x, None if ones else weights[j : j + 1]) for j, e in enumerate(expert_ids[0].tolist())]
-        return ExpertWork(jobs, k, lambda out: out.sum(0, keepdim=True))
+        return ExpertWork(jobs, k, _sum_rows)
+    ones = bool((expert_weights == 1).all())
     plan = plan_pairs(expert_ids)
     weights = None if ones else expert_weights.reshape(-1).index_select(0, plan.order)
     rows = x.index_select(0, plan.tokens)
     jobs = [ExpertJob(e, s, t, rows[s:t], None if ones else weights[s:t]) for e, s, t in zip(plan.experts, plan.starts, plan.ends)]
     return ExpertWork(jobs, n * k, lambda out: combine_pairs(out, plan, n, k))
+
+
+def _sum_rows(out: Tensor) -> Tensor:
+    return out.sum(0, keepdim=True)
 
 
 def _by_expert(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, activation) -> Tensor:
@@ -579,7 +595,7 @@ class MoEFeedForward(nn.Module):
         ffn = moe_ffn_reference
         # The Triton kernels are forward-only: where autograd needs a backward (training,
         # calibration) the torch path runs instead.
-        if self.kernels == "triton" and not self.quantized and not (torch.is_grad_enabled() and (flat.requires_grad or self.w_in.requires_grad)):
+        if self.kernels == "triton" and not (torch.is_grad_enabled() and (flat.requires_grad or self.w_in.requires_grad)):
             ffn = triton_moe_ffn
         out = ffn(flat, experts, weights, self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out, self.activation)
         if self.fill_out is not None and experts.shape[1] < self.num_experts:
@@ -587,12 +603,18 @@ class MoEFeedForward(nn.Module):
         return self.add_shared(flat, out).view(shape)
 
 
-def triton_moe_ffn(*args):
-    """`cpmctl_kernels.moe_ffn` (same arguments as `moe_ffn_reference`), its input errors as UserError."""
-    from cpmctl_kernels import KernelInputError, moe_ffn  # optional dependency (triton): imported on first use
+def triton_moe_ffn(x, expert_ids, expert_weights, w_in, w_gate, w_out, *rest):
+    """`cpmctl_kernels.moe_ffn` (same arguments as `moe_ffn_reference`), its input errors as UserError.
+    Quantized expert stacks go in as stored (the kernels dequantize inside; w_out in its linear form)."""
+    from cpmctl_kernels import KernelInputError, QuantizedWeights, moe_ffn  # optional dependency (triton): imported on first use
+
+    def kernel_weight(w):
+        if not isinstance(w, QuantizedWeight):
+            return w
+        return QuantizedWeights(w.qweight, w.scales, w.zeros, w.group_size if w.scheme == "int4" else None)
 
     try:
-        return moe_ffn(*args)
+        return moe_ffn(x, expert_ids, expert_weights, kernel_weight(w_in), kernel_weight(w_gate), kernel_weight(w_out), *rest)
     except KernelInputError as exc:
         raise UserError(str(exc)) from None
 

@@ -20,7 +20,9 @@ The matmul (`quantized_linear`): on a CPU torch's fused weight-only kernels,
 (measured on this project's CPU, benchmarks/quant_matmul.py: with fp32 activations both
 kernels ran slower than the fp32 dense matmul, in bf16 faster); int4 needs its weight repacked
 into the kernel's layout (`cpu_int4_pack`, done once per resident weight). Elsewhere the weight is
-dequantized and multiplied (`dequantize`), the reference every kernel is tested against.
+dequantized and multiplied (`dequantize`), the reference every kernel is tested against; with
+`--kernels triton` a CUDA MoE layer instead hands these tensors, as stored, to the int8/int4
+variants of the Triton MoE kernels (cpmctl_kernels.quant), which dequantize tiles in registers.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cpmctl.checkpoint import LazyTensor, open_checkpoint, save_checkpoint
+from cpmctl.checkpoint import LazyTensor, open_checkpoint, save_checkpoint_with
 from cpmctl.config import QuantConfig
+from cpmctl.cpu_int4 import write_cpu_int4_layout
 from cpmctl.errors import UserError
 from cpmctl.model import build_model
 from cpmctl.quant import INT4_OFFSET, SCALE_DTYPE, check_scheme, pack_int4
@@ -147,9 +148,16 @@ def quantize_checkpoint(src, out, *, experts: str, group_size: int | None = None
                 after += torch.Size(shape).numel() * dtype.itemsize
         new_config = config.replace(quantization=spec.__dict__)
         tokenizer = Path(src) / "tokenizer"
-        save_checkpoint(out, new_config, state, tokenizer_dir=tokenizer if tokenizer.is_dir() else None, stage="quantize",
-                        parents=[src], options={"experts": experts, "group_size": group_size}, overwrite=overwrite,
-                        metrics={"weight_bytes_before": before, "weight_bytes_after": after})
+
+        def write_cpu_layout(directory: Path) -> None:
+            # int4: the qweights again in the CPU kernel's layout, so offloaded misses need no repack
+            if experts == "int4":
+                with open_checkpoint(directory) as written:
+                    write_cpu_int4_layout(directory, written, [f"{name}.qweight" for name in names], group_size)
+
+        save_checkpoint_with(out, write_cpu_layout, new_config, state, tokenizer_dir=tokenizer if tokenizer.is_dir() else None,
+                             stage="quantize", parents=[src], options={"experts": experts, "group_size": group_size},
+                             overwrite=overwrite, metrics={"weight_bytes_before": before, "weight_bytes_after": after})
     finally:
         ckpt.close()
     return {"out": str(out), "scheme": experts, "group_size": group_size, "tensors_quantized": len(names),

@@ -70,6 +70,12 @@ def test_rehearsal_runs_every_section_and_reports_every_field(tmp_path):
         for other in ("resident", "accelerate cpu_offload", "accelerate device_map"):
             assert offload[f"batch {b}: cpmctl offload tokens/s / {other}"]["value"] > 0
     assert offload["cpmctl offload: weights on the device / budget"]["met"]
+    hybrid = figures(results, "hybrid")
+    assert 0 <= hybrid["cost model picks the faster route"]["value"] <= 1
+    assert {r["model_choice"] for r in results["sections"]["hybrid"]["rows"] if "model_choice" in r} <= {"host", "device"}
+    for b in (1, 8):  # the CPU stands in for both routes: the same arithmetic, the same tokens
+        assert hybrid[f"batch {b}: greedy tokens of auto equal to device's"]["value"] == 1.0
+    assert [s["case"] for s in results["sections"]["hybrid"]["skipped"]] == ["GPU route timing"]  # no CUDA: said so
 
     markdown = (tmp_path / "results.md").read_text()
     assert "(CPU REHEARSAL)" in markdown and all(f"#### {name}: ok" in markdown for name in SECTIONS)

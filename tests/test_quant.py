@@ -238,3 +238,51 @@ def test_int4_experts_on_the_host_route_equal_resident_bit_for_bit(moe_ckpt, tmp
     finally:
         engine.close()
         ckpt.close()
+
+
+def test_int4_misses_read_the_stored_cpu_layout_without_repacking(moe_ckpt, tmp_path, monkeypatch):
+    """`quantize --experts int4` stores the qweights again in the CPU kernel's layout; offloaded
+    misses read that (no repack) and stay bit-exact; without it, or when the running torch packs
+    differently, the engine falls back to repacking on read."""
+    import json
+
+    import cpmctl.cpu_int4 as cpu_int4
+    import cpmctl.offload.engine as engine_module
+    from cpmctl.offload import load_offloaded
+
+    out = tmp_path / "int4"
+    quantize_checkpoint(moe_ckpt, out, experts="int4", group_size=32)
+    manifest = json.loads((out / cpu_int4.MANIFEST_FILE).read_text())
+    assert manifest["torch"] == torch.__version__ and len(manifest["crc32"]) == 2 * 3  # 2 layers x w_in, w_gate, w_out
+    verify_checkpoint(out)  # the sidecar sits outside the checkpoint's provenance
+    prompts = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(8))
+    resident, ckpt = load_model(out)
+    with torch.no_grad():
+        want = resident(prompts)
+    ckpt.close()
+
+    def run(expect_prepacked: bool):
+        model, ckpt, engine = load_offloaded(out, mode="disk", budget=10**9, device=torch.device("cpu"), dtype=None)
+        minimum = engine.stats()["minimum_bytes"]
+        engine.close()
+        ckpt.close()
+        model, ckpt, engine = load_offloaded(out, mode="disk", budget=minimum, device=torch.device("cpu"), dtype=None)
+        try:
+            names = [p.name for u in engine.units for p in u.parts if "qweight" in p.name]
+            assert all(n.endswith(cpu_int4.PREPACKED_SUFFIX) for n in names) == expect_prepacked
+            assert any(n.endswith(cpu_int4.PREPACKED_SUFFIX) for n in names) == expect_prepacked
+            with torch.no_grad():
+                assert torch.equal(model(prompts), want)
+            assert engine.stats()["misses"] > 0
+        finally:
+            engine.close()
+            ckpt.close()
+
+    with monkeypatch.context() as m:
+        m.setattr(engine_module, "cpu_int4_pack", lambda *a: pytest.fail("a miss repacked int4"))
+        run(expect_prepacked=True)
+    with monkeypatch.context() as m:  # a torch whose layout differs: the one-expert check refuses the sidecar
+        m.setattr(cpu_int4, "cpu_int4_pack", lambda w: unpack_int4(w.qweight)[..., ::2].contiguous())
+        run(expect_prepacked=False)
+    (out / cpu_int4.MANIFEST_FILE).unlink()
+    run(expect_prepacked=False)

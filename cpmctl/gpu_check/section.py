@@ -22,6 +22,7 @@ MODULES = {
     "kernels": "cpmctl.gpu_check.kernel_bench",
     "model": "cpmctl.gpu_check.model_bench",
     "offload": "cpmctl.gpu_check.offload_bench",
+    "hybrid": "cpmctl.gpu_check.hybrid_bench",
 }
 
 

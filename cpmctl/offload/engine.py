@@ -18,6 +18,7 @@ from cpmctl.offload.cache import CopySlots, UnitCache
 from cpmctl.offload.placement import (ComputeCosts, ExpertShape, check_expert_compute, choose_route, host_pinned,
                                       measure_host_flops)
 from cpmctl.offload.plan import OffloadPlan, check_offload_device, offload_run_dtype, plan_offload, run_weight_bytes, stored_tensors
+from cpmctl.cpu_int4 import prepacked_units
 from cpmctl.offload.reader import DiskSource, Part, Unit, make_part, resident_copy
 from cpmctl.quant import QuantizedView, cpu_int4_pack
 
@@ -236,7 +237,7 @@ class OffloadEngine:
             for p, offset in zip(unit.parts, unit.offsets):
                 piece = target[offset : offset + p.nbytes]
                 self.source.read_part(p, piece)  # checked against its CRC-32 as stored
-                if self.cpu_int4_layout and p.name.endswith(".qweight"):
+                if self.cpu_int4_layout and p.name.endswith(".qweight"):  # not when read prepacked (cpmctl.cpu_int4)
                     values = piece.view(p.shape)
                     values.copy_(cpu_int4_pack(QuantizedView("int4", self.quant[1], values, values, values)))
             return
@@ -458,6 +459,9 @@ def load_offloaded(path, *, mode: str, budget: int, device: torch.device, dtype:
         if set(expected) - set(state) != streamed:
             raise RuntimeError("offload plan does not cover the model's weights")  # a bug, not the user's
         model.load_state_dict(state, assign=True, strict=False)
+        quant = ckpt.config.quantization
+        if plan.raw and device.type == "cpu" and quant is not None and quant.scheme == "int4":
+            units = prepacked_units(path, ckpt, units, quant.group_size, source)  # a miss reads, no repack
         engine = OffloadEngine(model, plan, units, device, run_dtype, source, prefetch=prefetch, expert_compute=expert_compute,
                                host_layers=host_layers, costs=costs)
         engine.resident_tensor_bytes = sum(t.nbytes for t in state.values())

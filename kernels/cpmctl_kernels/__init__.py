@@ -6,6 +6,7 @@ name `kernels` belongs to a PyPI package).
 
 from cpmctl_kernels._common import ACTIVATION_CODES, INTERPRETER, KernelInputError
 from cpmctl_kernels.ops import DECODE_MAX_TOKENS, decode_moe_ffn, grouped_moe_ffn, moe_ffn
+from cpmctl_kernels.quant import QuantizedWeights
 from cpmctl_kernels.routing import MoEAlignment, moe_align, route
 from cpmctl_kernels.threshold_gemv import threshold_gemv
 
@@ -17,6 +18,7 @@ __all__ = [
     "INTERPRETER",
     "KernelInputError",
     "MoEAlignment",
+    "QuantizedWeights",
     "decode_moe_ffn",
     "grouped_moe_ffn",
     "moe_align",

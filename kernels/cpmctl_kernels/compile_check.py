@@ -71,6 +71,7 @@ def _variants():
             const = dict(K=k, BLOCK_K=max(1, 1 << (k - 1).bit_length()), SOFTMAX_ALL=soft_all,
                          BLOCK_N=max(1, min(16, 4096 // e)), BLOCK_E=e)
             yield f"route {t} k={k} E={e}", routing._topk_softmax_kernel, pointers, const, 4, 1
+    yield from _quantized_variants(up, down, decode_ffn)
     for e in (8, 512, 4096):
         chunk = max(16, min(256, 8192 // e))
         yield f"align_count E={e}", routing._align_count_kernel, dict(ids_ptr="i64", chunk_counts_ptr="i32"), \
@@ -83,6 +84,32 @@ def _variants():
             dict(CHUNK=chunk, BLOCK_E=e), 4, 1
 
 
+def _quantized_variants(up, down, decode_ffn):
+    """The int8 (QUANT=1) and int4 (QUANT=2) weight variants of the FFN kernels: int8 / uint8
+    codes, bf16 scales and zeros (as cpmctl.quant stores them), group 64."""
+    for (scheme, code, q), t in itertools.product([("int8", 1, "i8"), ("int4", 2, "u8")], DTYPES.values()):
+        scale = dict(s_in_ptr="bf16", z_in_ptr="bf16", s_gate_ptr="bf16", z_gate_ptr="bf16")
+        pointers = dict(x_ptr=t, w_in_ptr=q, w_gate_ptr=q, b_in_ptr=t, b_gate_ptr=t, hidden_ptr=t,
+                        sorted_ids_ptr="i32", block_expert_ptr="i32", num_padded_ptr="i32", **scale)
+        const = dict(GATED=True, HAS_B_IN=True, HAS_B_GATE=True, ACTIVATION=3, UPCAST=t == "fp32",
+                     BLOCK_M=16, BLOCK_F=64, BLOCK_K=64, QUANT=code, GROUP=64)
+        yield f"grouped_up {scheme} {t}", up, pointers, const, 4, 3
+        pointers = dict(hidden_ptr=t, w_out_ptr=q, weights_ptr=t, b_out_ptr=t, out_ptr="fp32", sorted_ids_ptr="i32",
+                        block_expert_ptr="i32", num_padded_ptr="i32", s_out_ptr="bf16", z_out_ptr="bf16")
+        const = dict(COMBINE=2, HAS_B_OUT=True, UPCAST=t == "fp32", BLOCK_M=16, BLOCK_D=128, BLOCK_F=64,
+                     QUANT=code, GROUP=64)
+        yield f"grouped_down {scheme} {t}", down, pointers, const, 4, 3
+        pointers = dict(x_ptr=t, w_in_ptr=q, w_gate_ptr=q, b_in_ptr=t, b_gate_ptr=t, ids_ptr="i64", hidden_ptr="fp32",
+                        acc_ptr="fp32", **scale)
+        const = dict(GATED=True, HAS_B_IN=True, HAS_B_GATE=True, ACTIVATION=3, BLOCK_R=2, BLOCK_K=256, ZERO_BLOCK=16,
+                     QUANT=code, GROUP=64)
+        yield f"decode_up {scheme} {t}", decode_ffn._decode_up_kernel, pointers, const, 4, 3
+        pointers = dict(hidden_ptr="fp32", w_out_ptr=q, ids_ptr="i64", weights_ptr=t, b_out_ptr=t, out_ptr="fp32",
+                        s_out_ptr="bf16", z_out_ptr="bf16")
+        const = dict(HAS_B_OUT=True, ATOMIC=True, BLOCK_R=32, BLOCK_D=128, QUANT=code, GROUP=64)
+        yield f"decode_down {scheme} {t}", decode_ffn._decode_down_kernel, pointers, const, 4, 3
+
+
 # One or two variants of each kernel, the riskiest branches (bf16 dots, 16-wide tiles, atomics):
 # what the default test suite compiles; the slow test compiles them all.
 QUICK = (
@@ -90,6 +117,7 @@ QUICK = (
     "grouped_down fp16 D128 F16 combine=2", "grouped_down bf16 D256 F64 combine=0", "combine bf16",
     "decode_up fp16 R2 gated=True", "decode_down bf16 atomic=True", "route fp16 k=2 E=512",
     "align_count E=512", "align_offsets E=512", "align_scatter E=512",
+    "grouped_up int4 bf16", "grouped_down int8 fp16", "decode_up int4 fp16", "decode_down int8 bf16",
 )
 
 
@@ -114,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, fn, pointers, const, warps, stages in _variants():
         if args.only not in label or (args.quick and label not in QUICK):
             continue
+        if "QUANT" in fn.arg_names and "QUANT" not in const:
+            # float weights: the scale and zero pointers are placeholders the kernel never reads
+            const = dict(const, QUANT=0, GROUP=1)
+            pointers = dict({name: "fp32" for name in fn.arg_names if name[:2] in ("s_", "z_")}, **pointers)
         try:
             src = ASTSource(fn=fn, signature=_signature(fn, pointers, const), constexprs=const)
             compiled = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))

@@ -14,6 +14,9 @@ R = N * k * d_e rows, row r = (entry r // d_e, neuron r % d_e), entry = token * 
 Only the selected rows are read: no rows are padded, unlike a grouped GEMM's 16- to 64-row
 blocks, which is the point at 1 to 8 tokens. Under the interpreter bf16 loads are cast to fp32
 (every load is cast to fp32 in any case: the products are FMA, not tensor-core, work).
+Weight-only int8/int4 experts (QUANT = 1 / 2, see cpmctl_kernels.quant): the same programs read
+the stored codes and their group scales and dequantize each loaded tile in registers; w_out is
+then read in its linear form [E, d, d_e].
 Limits: N * k * d_e < 2**31.
 """
 
@@ -24,17 +27,21 @@ import triton
 import triton.language as tl
 
 from cpmctl_kernels._common import INTERPRETER, activate, combine_rows_kernel, next_power_of_2
+from cpmctl_kernels.quant import dequant_tile, kernel_weight, quant_code
 
 
 @triton.jit
 def _decode_up_kernel(
     x_ptr, w_in_ptr, w_gate_ptr, b_in_ptr, b_gate_ptr, ids_ptr, hidden_ptr, acc_ptr,
+    s_in_ptr, z_in_ptr, s_gate_ptr, z_gate_ptr,
     num_rows, d, d_e, top_k, acc_numel,
     stride_xn, stride_xd, stride_idn, stride_idk,
     stride_ie, stride_if, stride_id, stride_ge, stride_gf, stride_gd,
     stride_bie, stride_bif, stride_bge, stride_bgf,
+    stride_sie, stride_sif, stride_sig, stride_sge, stride_sgf, stride_sgg,
     GATED: tl.constexpr, HAS_B_IN: tl.constexpr, HAS_B_GATE: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ZERO_BLOCK: tl.constexpr,
+    QUANT: tl.constexpr = 0, GROUP: tl.constexpr = 1,
 ):
     if ZERO_BLOCK > 0:
         # zero the down kernel's atomic accumulator here: one launch less than a memset
@@ -57,9 +64,21 @@ def _decode_up_kernel(
     for k0 in range(0, d, BLOCK_K):
         mask = row_mask[:, None] & (offs_k < d - k0)[None, :]
         xt = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        up += tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) * xt
+        if QUANT == 0:
+            wt = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+        else:  # int8 / int4 rows dequantized in registers (cpmctl_kernels.quant)
+            wt = dequant_tile(w_in_ptr, s_in_ptr, z_in_ptr, (experts * stride_ie)[:, None], (experts * stride_sie)[:, None],
+                              neurons[:, None], (k0 + offs_k)[None, :], mask, stride_if, stride_id, stride_sif, stride_sig,
+                              QUANT, GROUP)
+        up += wt * xt
         if GATED:
-            gate += tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32) * xt
+            if QUANT == 0:
+                gt = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                gt = dequant_tile(w_gate_ptr, s_gate_ptr, z_gate_ptr, (experts * stride_ge)[:, None],
+                                  (experts * stride_sge)[:, None], neurons[:, None], (k0 + offs_k)[None, :], mask,
+                                  stride_gf, stride_gd, stride_sgf, stride_sgg, QUANT, GROUP)
+            gate += gt * xt
             g_ptrs += BLOCK_K * stride_gd
         x_ptrs += BLOCK_K * stride_xd
         w_ptrs += BLOCK_K * stride_id
@@ -78,10 +97,12 @@ def _decode_up_kernel(
 
 @triton.jit
 def _decode_down_kernel(
-    hidden_ptr, w_out_ptr, ids_ptr, weights_ptr, b_out_ptr, out_ptr,
+    hidden_ptr, w_out_ptr, ids_ptr, weights_ptr, b_out_ptr, out_ptr, s_out_ptr, z_out_ptr,
     d, d_e, top_k, rows_per_split,
     stride_idn, stride_idk, stride_wn, stride_wk, stride_oe, stride_of, stride_od, stride_b, stride_yn,
+    stride_soe, stride_sod, stride_sog,
     HAS_B_OUT: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr = 0, GROUP: tl.constexpr = 1,
 ):
     token = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -99,8 +120,14 @@ def _decode_down_kernel(
         experts = tl.load(ids_ptr + token * stride_idn + slots * stride_idk, mask=row_mask, other=0).to(tl.int64)
         route_w = tl.load(weights_ptr + token * stride_wn + slots * stride_wk, mask=row_mask, other=0.0).to(tl.float32)
         h = tl.load(hidden_ptr + token * rows_per_token + local, mask=row_mask, other=0.0) * route_w
-        w = tl.load(w_out_ptr + (experts * stride_oe + neurons * stride_of)[:, None] + offs_d[None, :] * stride_od,
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        w_mask = row_mask[:, None] & d_mask[None, :]
+        if QUANT == 0:
+            w = tl.load(w_out_ptr + (experts * stride_oe + neurons * stride_of)[:, None] + offs_d[None, :] * stride_od,
+                        mask=w_mask, other=0.0).to(tl.float32)
+        else:  # linear form [E, d, d_e]: output column offs_d is the quantized row, neurons its inputs
+            w = dequant_tile(w_out_ptr, s_out_ptr, z_out_ptr, (experts * stride_oe)[:, None], (experts * stride_soe)[:, None],
+                             offs_d[None, :], neurons[:, None], w_mask, stride_od, stride_of, stride_sod, stride_sog,
+                             QUANT, GROUP)
         acc += h[:, None] * w
     total = tl.sum(acc, axis=0)
     if ATOMIC:
@@ -135,7 +162,7 @@ def decode_ffn_forward(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in,
                        activation_code: int, split: int | None = None) -> torch.Tensor:
     """The decode path on checked inputs (see cpmctl_kernels.ops.decode_moe_ffn)."""
     n, d = x.shape
-    _, d_e, _ = w_in.shape
+    d_e = w_out.in_features if hasattr(w_out, "qweight") else w_in.shape[1]
     k = expert_ids.shape[1]
     num_rows = n * k * d_e
     out = torch.empty(n, d, dtype=x.dtype, device=x.device)
@@ -156,25 +183,31 @@ def decode_ffn_forward(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in,
     target = torch.empty(n, d, dtype=torch.float32, device=x.device) if atomic else out
     zero_block = max(16, next_power_of_2(triton.cdiv(n * d, up_programs))) if atomic else 0
     gated = w_gate is not None
-    w_g = w_gate if gated else w_in
+    quant, group = quant_code(w_in)
+    wi, wo = kernel_weight(w_in, False), kernel_weight(w_out, True)
+    wg = kernel_weight(w_gate, False) if gated else wi
     bi = b_in if b_in is not None else x
     bg = b_gate if (gated and b_gate is not None) else x
     _decode_up_kernel[(up_programs,)](
-        x, w_in, w_g, bi, bg, expert_ids, hidden, target,
+        x, wi.data, wg.data, bi, bg, expert_ids, hidden, target,
+        wi.scales, wi.zeros, wg.scales, wg.zeros,
         num_rows, d, d_e, k, n * d,
         x.stride(0), x.stride(1), expert_ids.stride(0), expert_ids.stride(1),
-        w_in.stride(0), w_in.stride(1), w_in.stride(2), w_g.stride(0), w_g.stride(1), w_g.stride(2),
+        *wi.strides, *wg.strides,
         bi.stride(0), bi.stride(-1), bg.stride(0), bg.stride(-1),
+        *wi.scale_strides, *wg.scale_strides,
         GATED=gated, HAS_B_IN=b_in is not None, HAS_B_GATE=gated and b_gate is not None,
-        ACTIVATION=activation_code, BLOCK_R=block_r_up, BLOCK_K=block_k, ZERO_BLOCK=zero_block, num_warps=4,
+        ACTIVATION=activation_code, BLOCK_R=block_r_up, BLOCK_K=block_k, ZERO_BLOCK=zero_block,
+        QUANT=quant, GROUP=group, num_warps=4,
     )
     bo = b_out if b_out is not None else x
     _decode_down_kernel[(n, triton.cdiv(d, block_d), split)](
-        hidden, w_out, expert_ids, expert_weights, bo, target,
+        hidden, wo.data, expert_ids, expert_weights, bo, target, wo.scales, wo.zeros,
         d, d_e, k, rows_per_split,
         expert_ids.stride(0), expert_ids.stride(1), expert_weights.stride(0), expert_weights.stride(1),
-        w_out.stride(0), w_out.stride(1), w_out.stride(2), bo.stride(-1), target.stride(0),
-        HAS_B_OUT=b_out is not None, ATOMIC=atomic, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        *wo.strides, bo.stride(-1), target.stride(0), *wo.scale_strides,
+        HAS_B_OUT=b_out is not None, ATOMIC=atomic, BLOCK_R=block_r, BLOCK_D=block_d,
+        QUANT=quant, GROUP=group, num_warps=4,
     )
     if atomic:
         block_n, block_d = (16, 32) if INTERPRETER else (8, 128)

@@ -19,6 +19,9 @@ stored transposed); b_in, b_gate [E, d_e]; b_out [d]; expert_ids / expert_weight
      small kernel sums each token's k rows in order (more memory traffic, bit-reproducible).
 Accumulation is fp32. fp16/bf16 tiles go to tl.dot as they are; fp32 tiles use IEEE dots (no
 TF32), so fp32 results match torch to ~1e-6. Under the interpreter bf16 tiles are cast to fp32.
+Weight-only int8/int4 experts (QUANT = 1 / 2, see cpmctl_kernels.quant): each weight tile is
+loaded as codes plus group scales, dequantized in registers and cast to x's dtype for the dot
+(w_out read in its linear form [E, d, d_e]).
 Limits: N * k < 2**31; E <= 4096; tensors of any strides (only the last dims are read as rows).
 """
 
@@ -29,6 +32,7 @@ import triton
 import triton.language as tl
 
 from cpmctl_kernels._common import INTERPRETER, activate, combine_rows_kernel, upcast_loads
+from cpmctl_kernels.quant import dequant_tile, kernel_weight, quant_code
 from cpmctl_kernels.routing import MoEAlignment, moe_align
 
 
@@ -66,19 +70,22 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.autotune(configs=_UP_CONFIGS, key=["d", "d_e", "BLOCK_M", "GATED"])
+@triton.autotune(configs=_UP_CONFIGS, key=["d", "d_e", "BLOCK_M", "GATED", "QUANT"])
 @triton.jit
 def _grouped_up_kernel(
     x_ptr, w_in_ptr, w_gate_ptr, b_in_ptr, b_gate_ptr, hidden_ptr,
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+    s_in_ptr, z_in_ptr, s_gate_ptr, z_gate_ptr,
     num_entries, d, d_e, top_k,
     stride_xn, stride_xd,
     stride_ie, stride_if, stride_id,
     stride_ge, stride_gf, stride_gd,
     stride_bie, stride_bif, stride_bge, stride_bgf,
     stride_hn,
+    stride_sie, stride_sif, stride_sig, stride_sge, stride_sgf, stride_sgg,
     GATED: tl.constexpr, HAS_B_IN: tl.constexpr, HAS_B_GATE: tl.constexpr, ACTIVATION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT: tl.constexpr = 0, GROUP: tl.constexpr = 1,
 ):
     pid_m = tl.program_id(0)
     pid_f = tl.program_id(1)
@@ -99,10 +106,21 @@ def _grouped_up_kernel(
     for k0 in range(0, d, BLOCK_K):
         k_mask = offs_k < d - k0
         xt = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=k_mask[:, None] & f_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & f_mask[None, :]
+        if QUANT == 0:
+            wt = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        else:  # int8 / int4 tile of W^T dequantized in registers, then in x's dtype for the dot
+            wt = dequant_tile(w_in_ptr, s_in_ptr, z_in_ptr, expert * stride_ie, expert * stride_sie, offs_f[None, :],
+                              (k0 + offs_k)[:, None], w_mask, stride_if, stride_id, stride_sif, stride_sig,
+                              QUANT, GROUP).to(x_ptr.dtype.element_ty)
         up = _dot(xt, wt, up, UPCAST)
         if GATED:
-            gt = tl.load(g_ptrs, mask=k_mask[:, None] & f_mask[None, :], other=0.0)
+            if QUANT == 0:
+                gt = tl.load(g_ptrs, mask=w_mask, other=0.0)
+            else:
+                gt = dequant_tile(w_gate_ptr, s_gate_ptr, z_gate_ptr, expert * stride_ge, expert * stride_sge,
+                                  offs_f[None, :], (k0 + offs_k)[:, None], w_mask, stride_gf, stride_gd, stride_sgf,
+                                  stride_sgg, QUANT, GROUP).to(x_ptr.dtype.element_ty)
             gate = _dot(xt, gt, gate, UPCAST)
             g_ptrs += BLOCK_K * stride_gd
         x_ptrs += BLOCK_K * stride_xd
@@ -121,15 +139,17 @@ def _grouped_up_kernel(
 
 
 # reset_to_zero: the atomic combine accumulates, so every timed config starts from zeros
-@triton.autotune(configs=_DOWN_CONFIGS, key=["d", "d_e", "BLOCK_M", "COMBINE"], reset_to_zero=["out_ptr"])
+@triton.autotune(configs=_DOWN_CONFIGS, key=["d", "d_e", "BLOCK_M", "COMBINE", "QUANT"], reset_to_zero=["out_ptr"])
 @triton.jit
 def _grouped_down_kernel(
     hidden_ptr, w_out_ptr, weights_ptr, b_out_ptr, out_ptr,
-    sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+    sorted_ids_ptr, block_expert_ptr, num_padded_ptr, s_out_ptr, z_out_ptr,
     num_entries, d, d_e, top_k,
     stride_hn, stride_oe, stride_of, stride_od, stride_wn, stride_wk, stride_b, stride_yn,
+    stride_soe, stride_sod, stride_sog,
     COMBINE: tl.constexpr, HAS_B_OUT: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    QUANT: tl.constexpr = 0, GROUP: tl.constexpr = 1,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -147,7 +167,13 @@ def _grouped_down_kernel(
     for f0 in range(0, d_e, BLOCK_F):
         f_mask = offs_f < d_e - f0
         ht = tl.load(h_ptrs, mask=valid[:, None] & f_mask[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=f_mask[:, None] & d_mask[None, :], other=0.0)
+        w_mask = f_mask[:, None] & d_mask[None, :]
+        if QUANT == 0:
+            wt = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        else:  # linear form [E, d, d_e]: output columns offs_d are the quantized rows
+            wt = dequant_tile(w_out_ptr, s_out_ptr, z_out_ptr, expert * stride_oe, expert * stride_soe, offs_d[None, :],
+                              (f0 + offs_f)[:, None], w_mask, stride_od, stride_of, stride_sod, stride_sog,
+                              QUANT, GROUP).to(hidden_ptr.dtype.element_ty)
         acc = _dot(ht, wt, acc, UPCAST)
         h_ptrs += BLOCK_F
         w_ptrs += BLOCK_F * stride_of
@@ -182,7 +208,8 @@ def grouped_ffn_forward(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in
                         deterministic: bool = False) -> torch.Tensor:
     """The grouped path on checked inputs (see cpmctl_kernels.ops.grouped_moe_ffn)."""
     n, d = x.shape
-    num_experts, d_e, _ = w_in.shape
+    num_experts = w_in.qweight.shape[0] if hasattr(w_in, "qweight") else w_in.shape[0]
+    d_e = w_out.in_features if hasattr(w_out, "qweight") else w_in.shape[1]
     k = expert_ids.shape[1]
     num_entries = n * k
     out = torch.empty(n, d, dtype=x.dtype, device=x.device)
@@ -195,20 +222,23 @@ def grouped_ffn_forward(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in
     upcast = upcast_loads(x.dtype)
     hidden = torch.empty(num_entries, d_e, dtype=x.dtype, device=x.device)
     gated = w_gate is not None
-    w_g = w_gate if gated else w_in
+    quant, group = quant_code(w_in)
+    wi, wo = kernel_weight(w_in, False), kernel_weight(w_out, True)
+    wg = kernel_weight(w_gate, False) if gated else wi
     bi = b_in if b_in is not None else x
     bg = b_gate if (gated and b_gate is not None) else x
     _grouped_up_kernel[lambda meta: (num_blocks, triton.cdiv(d_e, meta["BLOCK_F"]))](
-        x, w_in, w_g, bi, bg, hidden,
+        x, wi.data, wg.data, bi, bg, hidden,
         alignment.sorted_ids, alignment.block_expert_ids, alignment.num_padded,
+        wi.scales, wi.zeros, wg.scales, wg.zeros,
         num_entries, d, d_e, k,
         x.stride(0), x.stride(1),
-        w_in.stride(0), w_in.stride(1), w_in.stride(2),
-        w_g.stride(0), w_g.stride(1), w_g.stride(2),
+        *wi.strides, *wg.strides,
         bi.stride(0), bi.stride(-1), bg.stride(0), bg.stride(-1),
         hidden.stride(0),
+        *wi.scale_strides, *wg.scale_strides,
         GATED=gated, HAS_B_IN=b_in is not None, HAS_B_GATE=gated and b_gate is not None,
-        ACTIVATION=activation_code, UPCAST=upcast, BLOCK_M=block_m,
+        ACTIVATION=activation_code, UPCAST=upcast, BLOCK_M=block_m, QUANT=quant, GROUP=group,
     )
     combine = 0 if k == 1 else 1 if deterministic else 2
     if combine == 0:
@@ -219,12 +249,13 @@ def grouped_ffn_forward(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in
         target = torch.zeros(n, d, dtype=torch.float32, device=x.device)
     bo = b_out if b_out is not None else x
     _grouped_down_kernel[lambda meta: (num_blocks, triton.cdiv(d, meta["BLOCK_D"]))](
-        hidden, w_out, expert_weights, bo, target,
-        alignment.sorted_ids, alignment.block_expert_ids, alignment.num_padded,
+        hidden, wo.data, expert_weights, bo, target,
+        alignment.sorted_ids, alignment.block_expert_ids, alignment.num_padded, wo.scales, wo.zeros,
         num_entries, d, d_e, k,
-        hidden.stride(0), w_out.stride(0), w_out.stride(1), w_out.stride(2),
+        hidden.stride(0), *wo.strides,
         expert_weights.stride(0), expert_weights.stride(1), bo.stride(-1), target.stride(0),
-        COMBINE=combine, HAS_B_OUT=b_out is not None, UPCAST=upcast, BLOCK_M=block_m,
+        *wo.scale_strides,
+        COMBINE=combine, HAS_B_OUT=b_out is not None, UPCAST=upcast, BLOCK_M=block_m, QUANT=quant, GROUP=group,
     )
     if combine:
         # per-entry rows: sum each token's k of them; atomic accumulator: one "row" per token

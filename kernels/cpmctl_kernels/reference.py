@@ -85,3 +85,22 @@ def moe_ffn_reference(x: Tensor, expert_ids: Tensor, expert_weights: Tensor, w_i
     if b_out is not None:
         out = out + f32(b_out)
     return out.to(x.dtype)
+
+
+def dequantize_reference(w) -> Tensor:
+    """A `QuantizedWeights` stack [E, out, in] in fp32, by the format's definition
+    (cpmctl_kernels.quant): int8 q * scale, int4 (q - 8) * scale + zero per group."""
+    if w.scheme == "int8":
+        return w.qweight.float() * w.scales.float()
+    q = torch.stack((w.qweight & 0x0F, w.qweight >> 4), dim=-1).flatten(-2).float() - 8
+    grouped = q.view(*q.shape[:-1], -1, w.group_size)
+    return (grouped * w.scales.float()[..., None] + w.zeros.float()[..., None]).view(q.shape)
+
+
+def quantized_moe_ffn_reference(x: Tensor, expert_ids: Tensor, expert_weights: Tensor, w_in, w_gate, w_out,
+                                b_in: Tensor | None = None, b_gate: Tensor | None = None, b_out: Tensor | None = None,
+                                activation: str = "relu") -> Tensor:
+    """`moe_ffn_reference` on the dequantized weights (w_out given in its linear form [E, d, d_e])."""
+    return moe_ffn_reference(x, expert_ids, expert_weights, dequantize_reference(w_in),
+                             None if w_gate is None else dequantize_reference(w_gate),
+                             dequantize_reference(w_out).transpose(1, 2), b_in, b_gate, b_out, activation)
