@@ -87,3 +87,50 @@ def test_ki_refuses_bad_data_before_training(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'd'} has no corpus.txt (one document per line)"]
     assert not (tmp_path / "w").exists()
+
+
+def _ki():
+    import ki
+
+    return ki
+
+
+def test_ki_arms_cover_temperatures_and_decays():
+    ki = _ki()
+    runs = ki.arms([1.0, 2.0], ki.parse_decays("step:0.5, linear:0.25"), 0.5)
+    assert list(runs) == ["scratch", "ki-T1", "ki-T2", "ki-T1-step50", "ki-T1-linear25", "aki", "aki+ki"]
+    assert runs["scratch"] == ki.Arm(False)
+    assert runs["ki-T2"] == ki.Arm(False, 2.0, "linear", 0.5)
+    assert runs["ki-T1-step50"] == ki.Arm(False, 1.0, "step", 0.5)
+    assert runs["aki+ki"] == ki.Arm(True, 1.0, "linear", 0.5)
+    assert ki.comparison_pairs(runs, [1.0, 2.0]) == [("ki-T2", "ki-T1"), ("ki-T1-step50", "ki-T1"), ("ki-T1-linear25", "ki-T1")]
+    assert ki.parse_decays("") == []
+
+
+def test_ki_paired_comparisons_leave_out_unreached_seeds():
+    ki = _ki()
+
+    def row(final_loss, step_speedup):
+        reached = {"step_speedup": step_speedup, "flop_speedup": step_speedup and step_speedup / 2}
+        return {"final_loss": final_loss, "final": reached, "half": reached}
+
+    per_seed = [{"runs": {"ki-T1": row(5.0, 1.5), "ki-T2": row(5.2, 1.2)}},
+                {"runs": {"ki-T1": row(5.0, 1.6), "ki-T2": row(5.25, 1.2)}},
+                {"runs": {"ki-T1": row(5.0, 1.4), "ki-T2": row(5.3, None)}}]
+    lines = {line["comparison"]: line for line in ki.paired_comparisons(per_seed, [("ki-T2", "ki-T1")])}
+    loss = lines["ki-T2 minus ki-T1, final val loss (lower is better)"]
+    assert loss["estimate"].mean == pytest.approx(0.25) and loss["seeds"] == 3
+    assert loss["verdict"] == "ki-T1 better"       # +0.2, +0.25, +0.3: the interval is above zero
+    steps = lines["ki-T2 minus ki-T1, step speedup to final"]
+    assert steps["estimate"].values == pytest.approx((-0.3, -0.4)) and steps["left_out"] == 1
+    assert steps["verdict"] == "no difference resolved"   # two seeds: t(1) = 12.7 makes the interval wide
+
+
+@pytest.mark.parametrize("decays", ["cosine:0.5", "linear:1.5", "linear"])
+def test_ki_refuses_bad_decays_before_training(tmp_path, decays):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ki.py"), "--decays", decays,
+                           "--work", str(tmp_path / "w")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --decays:")
+    assert not (tmp_path / "w").exists()
