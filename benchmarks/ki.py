@@ -187,11 +187,15 @@ def target_lines(summary: dict, runs: dict[str, Arm]) -> list[dict]:
 
 
 def comparison_pairs(runs: dict[str, Arm], temperatures: list[float]) -> list[tuple[str, str]]:
-    """(run, reference) pairs that choose the defaults: each other temperature against the first,
-    and each other decay against the default one, both KI alone."""
+    """(run, reference) pairs: each other temperature against the first, and each other decay
+    against the default one, both KI alone (what chooses the defaults); and grown + KI against
+    grown alone (what KI adds to growth)."""
     first = f"ki-T{temperatures[0]:g}"
-    return [(name, first) for name, arm in runs.items()
-            if arm.temperature is not None and not arm.grown and name != first]
+    pairs = [(name, first) for name, arm in runs.items()
+             if arm.temperature is not None and not arm.grown and name != first and first in runs]
+    if "aki" in runs and "aki+ki" in runs:
+        pairs.append(("aki+ki", "aki"))
+    return pairs
 
 
 def paired_comparisons(per_seed: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
@@ -220,6 +224,35 @@ def paired_comparisons(per_seed: list[dict], pairs: list[tuple[str, str]]) -> li
                            else f"{run} better" if diff.low > 0 else f"{reference} better")
                 out.append({**line, "figure": diff.format(".2f", "x"), "estimate": diff, "verdict": verdict})
     return out
+
+
+def combine_results(paths: list[Path], temperatures: list[float]) -> tuple[dict, dict[str, Arm]]:
+    """One report of the seeds of several results files, which must share the settings (title),
+    the teacher and the runs, and not repeat a seed; exit 2 otherwise."""
+    import json
+
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            harness.exit_usage(f"--combine: cannot read {path}: {e}")
+    first = reports[0]
+    for path, other in zip(paths[1:], reports[1:]):
+        for key in ("title", "teacher", "runs"):
+            if other.get(key) != first.get(key):
+                harness.exit_usage(f"--combine: {path} differs from {paths[0]} in {key!r}")
+    seeds = [s for r in reports for s in r["seeds"]]
+    numbers = [s["seed"] for s in seeds]
+    if len(set(numbers)) != len(numbers):
+        harness.exit_usage(f"--combine: a seed appears twice ({', '.join(map(str, sorted(numbers)))})")
+    runs = {name: Arm(**arm) for name, arm in first["runs"].items()}
+    if f"ki-T{temperatures[0]:g}" not in runs:
+        harness.exit_usage(f"--combine: the files have no run ki-T{temperatures[0]:g} (see --temperatures)")
+    report = {**first, "machine": harness.machine(), "combined_from": [str(p) for p in paths],
+              "seeds": sorted(seeds, key=lambda s: s["seed"]),
+              "total_seconds": sum(r.get("total_seconds", 0.0) for r in reports)}
+    return report, runs
 
 
 def plot(report: dict, path: Path) -> None:
@@ -264,6 +297,9 @@ def main() -> int:
                              "each run at the first temperature and compared with the linear one over --ki-fraction")
     parser.add_argument("--runs", default=None, help="comma-separated subset of the runs (scratch is always run)")
     parser.add_argument("--reuse-teacher", action="store_true", help="reuse WORK/teacher/checkpoint from an earlier run")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="RESULTS",
+                        help="train nothing: summarise the seeds of earlier results files together (runs of the same "
+                             "settings and teacher, e.g. more seeds added with --first-seed N --reuse-teacher)")
     parser.add_argument("--plot-file", type=Path, default=Path(__file__).with_name("ki_loss.png"))
     args = parser.parse_args()
     temperatures = [float(t) for t in args.temperatures.split(",")]
@@ -277,6 +313,10 @@ def main() -> int:
             harness.exit_usage(f"--runs: unknown {', '.join(sorted(unknown))} (choose from {', '.join(runs)})")
         runs = {n: arm for n, arm in runs.items() if n == "scratch" or n in asked}
     names = list(runs)
+    if args.combine:
+        report, runs = combine_results(args.combine, temperatures)
+        args.plot = args.plot and harness.plotting_available()
+        return finish(report, runs, temperatures, args.results or args.work / "results.json", args)
     eval_every = args.eval_every or max(1, args.steps // 50)
     if eval_every > args.steps // 50 and args.steps >= 50:
         harness.exit_usage(f"--eval-every {eval_every} is more than 2% of --steps {args.steps}")
@@ -330,13 +370,19 @@ def main() -> int:
         report["total_seconds"] = time.monotonic() - started
         harness.write_results(results_path, report)
 
+    report["total_seconds"] = time.monotonic() - started
+    return finish(report, runs, temperatures, results_path, args)
+
+
+def finish(report: dict, runs: dict[str, Arm], temperatures: list[float], results_path: Path, args) -> int:
+    """Summary, verdicts and paired comparisons over the report's seeds: written, then printed."""
+    names = list(runs)
     summary = summarise([s["figures"] for s in report["seeds"]], names)
     report["summary"] = summary
     report["targets"] = target_lines(summary, runs)
     report["comparisons"] = paired_comparisons([s["figures"] for s in report["seeds"]], comparison_pairs(runs, temperatures))
     scratch_final = harness.mean_ci(s["figures"]["targets"]["final"] for s in report["seeds"])
-    report["student_passes_teacher"] = scratch_final.high < teacher["final_eval_loss"]
-    report["total_seconds"] = time.monotonic() - started
+    report["student_passes_teacher"] = scratch_final.high < report["teacher"]["final_val_loss"]
     harness.write_results(results_path, report)
     if args.json:
         import json
