@@ -22,8 +22,12 @@ enough to pass it clearly. So:
 For each run and target: the first evaluation step at or below it, and the FLOPs spent to get
 there, teacher forward passes included; the speed-up over scratch per seed, then the mean and 95%
 interval over seeds, and a verdict per target (met, missed, or not resolved when the interval
-straddles it). Everything runs through `cpmctl pretrain` / `cpmctl inherit` (the stage
-functions). The results JSON is rewritten after every seed, so nothing is lost to a later failure.
+straddles it). Paired per-seed differences (final loss, speed-ups) compare each other
+temperature and decay with the first temperature's linear decay (what chose cpmctl's KI
+defaults), and grown + KI with grown alone. Everything runs through `cpmctl pretrain` /
+`cpmctl inherit` (the stage functions). The results JSON is rewritten after every seed, so
+nothing is lost to a later failure; more seeds can be added later (--first-seed N
+--reuse-teacher) and summarised with the earlier ones (--combine A.json B.json).
 """
 
 from __future__ import annotations
