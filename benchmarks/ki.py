@@ -1,7 +1,7 @@
 """Knowledge-inheritance benchmark on real text: does a grown and/or teacher-guided student reach
 the from-scratch run's validation losses in fewer steps and FLOPs, over several seeds?
 
-    .venv/bin/python benchmarks/ki.py [--data DIR] [--seeds 3] [--steps 1000] [--work runs/bench-ki]
+    .venv/bin/python benchmarks/ki.py [--data DIR] [--seeds 3] [--steps 500] [--work runs/bench-ki]
 
 The papers' setting (Qin et al. 2021, "Knowledge Inheritance for Pre-trained Language Models"):
 the teacher is smaller and weaker than what the student becomes, and the student trains long
@@ -12,7 +12,8 @@ enough to pass it clearly. So:
    above the loss the student reaches), once, shared by every seed;
 3. per seed, a student twice as wide and deep trains --steps steps from scratch, with KI at each
    --temperatures value (teacher online, a_t linear from 1 to 0 over --ki-fraction of the run),
-   grown from the teacher (`inherit --method aki`), and grown + KI (at the first temperature);
+   at the first temperature with each other --decays schedule, grown from the teacher
+   (`inherit --method aki`), and grown + KI (first temperature, linear decay);
    same data order, schedule and seed within a seed;
 4. two targets per seed, both from that seed's scratch run: its final loss, and the loss it had
    at 50% of its run. No run starts below either (checked and printed). Validation every 2% of
@@ -21,8 +22,12 @@ enough to pass it clearly. So:
 For each run and target: the first evaluation step at or below it, and the FLOPs spent to get
 there, teacher forward passes included; the speed-up over scratch per seed, then the mean and 95%
 interval over seeds, and a verdict per target (met, missed, or not resolved when the interval
-straddles it). Everything runs through `cpmctl pretrain` / `cpmctl inherit` (the stage
-functions). The results JSON is rewritten after every run, so nothing is lost to a later failure.
+straddles it). Paired per-seed differences (final loss, speed-ups) compare each other
+temperature and decay with the first temperature's linear decay (what chose cpmctl's KI
+defaults), and grown + KI with grown alone. Everything runs through `cpmctl pretrain` /
+`cpmctl inherit` (the stage functions). The results JSON is rewritten after every seed, so
+nothing is lost to a later failure; more seeds can be added later (--first-seed N
+--reuse-teacher) and summarised with the earlier ones (--combine A.json B.json).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,35 +44,72 @@ import harness  # noqa: E402
 
 TARGETS = ("final", "half")  # scratch's final loss, and its loss at 50% of the run
 KI_STEP_TARGET, KI_FLOP_TARGET, AKI_KI_TARGET = 1.3, 1.2, 1.5
+# cpmctl's --ki-schedule values with no further knob ("constant" also takes --ki-alpha)
+DECAY_SCHEDULES = ("linear", "step")
+SPEEDUPS = ("step_speedup", "flop_speedup")
 
 
-def arms(temperatures: list[float]) -> list[str]:
-    """Run names: scratch, KI at each temperature, grown, grown + KI (first temperature)."""
-    return ["scratch", *(f"ki-T{t:g}" for t in temperatures), "aki", "aki+ki"]
+@dataclass(frozen=True)
+class Arm:
+    """One run of a seed: grown from the teacher or not, and the KI settings (None: no teacher)."""
+    grown: bool
+    temperature: float | None = None
+    schedule: str = "linear"      # cpmctl's --ki-schedule
+    fraction: float | None = None  # --ki-steps as a share of the run
 
 
-def arm_setup(name: str, temperatures: list[float]) -> tuple[bool, float | None]:
-    """(grown from the teacher?, KI temperature or None)."""
-    if name == "scratch":
-        return False, None
-    if name == "aki":
-        return True, None
-    if name == "aki+ki":
-        return True, temperatures[0]
-    return False, float(name.removeprefix("ki-T"))
+@dataclass(frozen=True)
+class Decay:
+    """A KI decay: the schedule (linear: a_t = 1 - t/N; step: a_t = 1 until N) and N as a share of the run."""
+    schedule: str
+    fraction: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.schedule}{round(100 * self.fraction)}"
+
+
+def parse_decays(text: str) -> list[Decay]:
+    """"step:0.5,linear:0.25" -> [Decay("step", 0.5), Decay("linear", 0.25)] ("" -> [])."""
+    decays = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        schedule, _, fraction = item.partition(":")
+        try:
+            value = float(fraction)
+        except ValueError:
+            harness.exit_usage(f"--decays: {item!r} is not SCHEDULE:FRACTION (e.g. step:0.5)")
+        if schedule not in DECAY_SCHEDULES or not 0 < value <= 1:
+            harness.exit_usage(f"--decays: {item!r} needs a schedule linear or step and a fraction in (0, 1]")
+        decays.append(Decay(schedule, value))
+    return decays
+
+
+def arms(temperatures: list[float], decays: list[Decay], fraction: float) -> dict[str, Arm]:
+    """The runs of a seed, by name: scratch; KI at each temperature (linear decay over `fraction`
+    of the run); KI at the first temperature with each other decay; grown; grown + KI (first
+    temperature, default decay)."""
+    runs = {"scratch": Arm(False)}
+    runs.update({f"ki-T{t:g}": Arm(False, t, "linear", fraction) for t in temperatures})
+    runs.update({f"ki-T{temperatures[0]:g}-{d.label}": Arm(False, temperatures[0], d.schedule, d.fraction) for d in decays})
+    runs["aki"] = Arm(True)
+    runs["aki+ki"] = Arm(True, temperatures[0], "linear", fraction)
+    return runs
 
 
 def pretrain(out: Path, lm, args, *, steps: int, lr: float, seed: int, eval_every: int, init=None, model=None,
-             teacher=None, temperature: float = 2.0) -> dict:
+             teacher=None, arm: Arm | None = None) -> dict:
     from cpmctl.stages import pretrain as stage
 
+    ki = {}
+    if teacher is not None:
+        ki = {"teacher": teacher, "ki_steps": max(1, round(steps * arm.fraction)), "ki_temperature": arm.temperature,
+              "ki_schedule": arm.schedule}
     cfg = stage.PretrainConfig(
         out=out, data=lm.shards, init=init, preset=None if init else "llama-tiny", tokenizer=lm.tokenizer,
         model=model or {}, seq_len=args.seq_len, batch_size=args.batch, max_steps=steps, lr=lr,
         schedule="cosine", warmup_steps=max(steps // 20, 1), min_lr_ratio=0.1, weight_decay=0.01,
         eval_every=eval_every, eval_batches=args.eval_batches, log_every=max(steps // 10, 1), seed=seed,
-        valid_fraction=0.01, teacher=teacher, ki_steps=max(1, round(steps * args.ki_fraction)) if teacher else None,
-        ki_temperature=temperature, force=True, progress=False,
+        valid_fraction=0.01, force=True, progress=False, **ki,
     )
     if model:
         cfg.model = {**model, "max_positions": args.seq_len + 1, "norm_eps": 1e-6}
@@ -76,7 +119,8 @@ def pretrain(out: Path, lm, args, *, steps: int, lr: float, seed: int, eval_ever
 def evaluations(out: Path) -> list[dict]:
     from cpmctl.training import read_metrics
 
-    return [{"step": r["step"], "loss": r["loss"], "flops": r["flops"]} for r in read_metrics(out) if r["kind"] == "eval"]
+    return [{"step": r["step"], "loss": r["loss"], "flops": r["flops"], "seconds": r["train_seconds"]}
+            for r in read_metrics(out) if r["kind"] == "eval"]
 
 
 def first_at_or_below(curve: list[dict], target: float) -> dict | None:
@@ -121,16 +165,21 @@ def summarise(per_seed: list[dict], names: list[str]) -> dict:
     return out
 
 
-def target_lines(summary: dict, temperatures: list[float]) -> list[dict]:
+def target_lines(summary: dict, runs: dict[str, Arm]) -> list[dict]:
+    """A verdict per KI-alone run (steps and FLOPs) and for grown + KI (steps), per target."""
     lines = []
     for key, label in (("final", "scratch's final loss"), ("half", "scratch's loss at 50%")):
-        checks = [(f"ki-T{t:g}", kind, goal, f"KI alone (T={t:g}), {what}") for t in temperatures
-                  for kind, goal, what in (("step_speedup", KI_STEP_TARGET, "fewer steps"),
-                                           ("flop_speedup", KI_FLOP_TARGET, "fewer FLOPs incl. teacher"))]
-        checks.append(("aki+ki", "step_speedup", AKI_KI_TARGET, f"inherit + KI (T={temperatures[0]:g}), fewer steps"))
-        for run, kind, goal, what in checks:
-            if run not in summary:
+        checks = []
+        for name, arm in runs.items():
+            if arm.temperature is None:
                 continue
+            what = f"T={arm.temperature:g}, {arm.schedule} decay over {arm.fraction:.0%}"
+            if arm.grown:
+                checks.append((name, "step_speedup", AKI_KI_TARGET, f"inherit + KI ({what}), fewer steps"))
+            else:
+                checks += [(name, "step_speedup", KI_STEP_TARGET, f"KI alone ({what}), fewer steps"),
+                           (name, "flop_speedup", KI_FLOP_TARGET, f"KI alone ({what}), fewer FLOPs incl. teacher")]
+        for run, kind, goal, what in checks:
             estimate = summary[run][f"{key}_{kind}"]
             name = f"{what} to {label}"
             if estimate is None:
@@ -141,24 +190,73 @@ def target_lines(summary: dict, temperatures: list[float]) -> list[dict]:
     return lines
 
 
-def temperature_comparison(per_seed: list[dict], temperatures: list[float]) -> list[dict]:
-    """Paired per-seed difference of KI's step speed-up between each temperature and the first:
-    what chooses the default temperature."""
-    out = []
+def comparison_pairs(runs: dict[str, Arm], temperatures: list[float]) -> list[tuple[str, str]]:
+    """(run, reference) pairs: each other temperature against the first, and each other decay
+    against the default one, both KI alone (what chooses the defaults); and grown + KI against
+    grown alone (what KI adds to growth)."""
     first = f"ki-T{temperatures[0]:g}"
-    for t in temperatures[1:]:
-        other = f"ki-T{t:g}"
+    pairs = [(name, first) for name, arm in runs.items()
+             if arm.temperature is not None and not arm.grown and name != first and first in runs]
+    if "aki" in runs and "aki+ki" in runs:
+        pairs.append(("aki+ki", "aki"))
+    return pairs
+
+
+def paired_comparisons(per_seed: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
+    """Paired per-seed difference of the speed-ups (steps and FLOPs, teacher included) of `run`
+    minus `reference` to each target; a seed where either never reached the target is left out
+    (and counted)."""
+    out = []
+    for run, reference in pairs:
+        diff = harness.paired_difference([s["runs"][run]["final_loss"] for s in per_seed],
+                                         [s["runs"][reference]["final_loss"] for s in per_seed])
+        verdict = ("no difference resolved" if diff.n < 2 or diff.low <= 0 <= diff.high
+                   else f"{run} better" if diff.high < 0 else f"{reference} better")
+        out.append({"comparison": f"{run} minus {reference}, final val loss (lower is better)", "seeds": diff.n,
+                    "left_out": 0, "figure": diff.format(".4f"), "estimate": diff, "verdict": verdict})
         for key in TARGETS:
-            a = [s["runs"][other][key]["step_speedup"] for s in per_seed]
-            b = [s["runs"][first][key]["step_speedup"] for s in per_seed]
-            if None in a or None in b:
-                continue
-            diff = harness.paired_difference(a, b)
-            out.append({"comparison": f"T={t:g} minus T={temperatures[0]:g}, step speed-up to {key}",
-                        "figure": diff.format(".2f", "x"), "estimate": diff,
-                        "verdict": ("no difference resolved" if diff.low <= 0 <= diff.high
-                                    else f"T={t:g} better" if diff.low > 0 else f"T={temperatures[0]:g} better")})
+            for kind in SPEEDUPS:
+                pairs_ = [(s["runs"][run][key][kind], s["runs"][reference][key][kind]) for s in per_seed]
+                kept = [(a, b) for a, b in pairs_ if a is not None and b is not None]
+                line = {"comparison": f"{run} minus {reference}, {kind.replace('_', ' ')} to {key}",
+                        "seeds": len(kept), "left_out": len(pairs_) - len(kept)}
+                if not kept:
+                    out.append({**line, "figure": "no seed reached the target on both", "verdict": "not measured"})
+                    continue
+                diff = harness.paired_difference([a for a, _ in kept], [b for _, b in kept])
+                verdict = ("no difference resolved" if diff.n < 2 or diff.low <= 0 <= diff.high
+                           else f"{run} better" if diff.low > 0 else f"{reference} better")
+                out.append({**line, "figure": diff.format(".2f", "x"), "estimate": diff, "verdict": verdict})
     return out
+
+
+def combine_results(paths: list[Path], temperatures: list[float]) -> tuple[dict, dict[str, Arm]]:
+    """One report of the seeds of several results files, which must share the settings (title),
+    the teacher and the runs, and not repeat a seed; exit 2 otherwise."""
+    import json
+
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            harness.exit_usage(f"--combine: cannot read {path}: {e}")
+    first = reports[0]
+    for path, other in zip(paths[1:], reports[1:]):
+        for key in ("title", "teacher", "runs"):
+            if other.get(key) != first.get(key):
+                harness.exit_usage(f"--combine: {path} differs from {paths[0]} in {key!r}")
+    seeds = [s for r in reports for s in r["seeds"]]
+    numbers = [s["seed"] for s in seeds]
+    if len(set(numbers)) != len(numbers):
+        harness.exit_usage(f"--combine: a seed appears twice ({', '.join(map(str, sorted(numbers)))})")
+    runs = {name: Arm(**arm) for name, arm in first["runs"].items()}
+    if f"ki-T{temperatures[0]:g}" not in runs:
+        harness.exit_usage(f"--combine: the files have no run ki-T{temperatures[0]:g} (see --temperatures)")
+    report = {**first, "machine": harness.machine(), "combined_from": [str(p) for p in paths],
+              "seeds": sorted(seeds, key=lambda s: s["seed"]),
+              "total_seconds": sum(r.get("total_seconds", 0.0) for r in reports)}
+    return report, runs
 
 
 def plot(report: dict, path: Path) -> None:
@@ -188,28 +286,41 @@ def main() -> int:
     harness.add_arguments(parser, work=Path("runs/bench-ki"), seeds=3)
     harness.add_lm_arguments(parser)
     parser.add_argument("--teacher-layers", type=int, default=2)
-    parser.add_argument("--teacher-d", type=int, default=64)
-    parser.add_argument("--d-head", type=int, default=32)
+    parser.add_argument("--teacher-d", type=int, default=32)
+    parser.add_argument("--d-head", type=int, default=16)
     parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--teacher-lr", type=float, default=3e-3)
-    parser.add_argument("--steps", type=int, default=1000, help="student steps per run")
+    parser.add_argument("--steps", type=int, default=500, help="student steps per run")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: 2%% of --steps)")
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--temperatures", default="1,2", help="KI temperatures compared (the first also drives aki+ki)")
     parser.add_argument("--ki-fraction", type=float, default=0.5, help="a_t decays linearly to 0 over this share of the run")
+    parser.add_argument("--decays", default="linear:0.25",
+                        help="other KI decays, SCHEDULE:FRACTION (linear or step; a_t over that share of the run), "
+                             "each run at the first temperature and compared with the linear one over --ki-fraction")
     parser.add_argument("--runs", default=None, help="comma-separated subset of the runs (scratch is always run)")
     parser.add_argument("--reuse-teacher", action="store_true", help="reuse WORK/teacher/checkpoint from an earlier run")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="RESULTS",
+                        help="train nothing: summarise the seeds of earlier results files together (runs of the same "
+                             "settings and teacher, e.g. more seeds added with --first-seed N --reuse-teacher)")
     parser.add_argument("--plot-file", type=Path, default=Path(__file__).with_name("ki_loss.png"))
     args = parser.parse_args()
     temperatures = [float(t) for t in args.temperatures.split(",")]
-    names = arms(temperatures)
+    if not 0 < args.ki_fraction <= 1:
+        harness.exit_usage(f"--ki-fraction must be in (0, 1], got {args.ki_fraction}")
+    runs = arms(temperatures, parse_decays(args.decays), args.ki_fraction)
     if args.runs:
         asked = set(args.runs.split(","))
-        unknown = asked - set(names)
+        unknown = asked - set(runs)
         if unknown:
-            harness.exit_usage(f"--runs: unknown {', '.join(sorted(unknown))} (choose from {', '.join(names)})")
-        names = [n for n in names if n == "scratch" or n in asked]
+            harness.exit_usage(f"--runs: unknown {', '.join(sorted(unknown))} (choose from {', '.join(runs)})")
+        runs = {n: arm for n, arm in runs.items() if n == "scratch" or n in asked}
+    names = list(runs)
+    if args.combine:
+        report, runs = combine_results(args.combine, temperatures)
+        args.plot = args.plot and harness.plotting_available()
+        return finish(report, runs, temperatures, args.results or args.work / "results.json", args)
     eval_every = args.eval_every or max(1, args.steps // 50)
     if eval_every > args.steps // 50 and args.steps >= 50:
         harness.exit_usage(f"--eval-every {eval_every} is more than 2% of --steps {args.steps}")
@@ -241,36 +352,41 @@ def main() -> int:
               "data": data.describe(), "title": title, "eval_every": eval_every,
               "teacher": {"shape": teacher_shape, "steps": teacher["steps"], "final_val_loss": teacher["final_eval_loss"],
                           "flops": teacher["flops"]},
-              "student_shape": student_shape, "runs": names, "seeds": []}
+              "student_shape": student_shape, "runs": {n: vars(arm) for n, arm in runs.items()}, "seeds": []}
 
     for seed in harness.seeds_of(args):
         grown = args.work / f"seed{seed}" / "grown-aki"
-        if any(arm_setup(n, temperatures)[0] for n in names):
+        if any(arm.grown for arm in runs.values()):
             inherit.run(inherit.InheritConfig(src=Path(teacher["checkpoint"]), out=grown, method="aki", seed=seed, force=True,
                                               to=",".join(f"{k}={v}" for k, v in student_shape.items())))
         curves = {}
-        for name in names:
+        for name, arm in runs.items():
             t0 = time.monotonic()
-            is_grown, temperature = arm_setup(name, temperatures)
             out = args.work / f"seed{seed}" / name
             summary = pretrain(out, lm, args, steps=args.steps, lr=args.lr, seed=seed, eval_every=eval_every,
-                               init=grown if is_grown else None, model=None if is_grown else student_shape,
-                               teacher=Path(teacher["checkpoint"]) if temperature is not None else None,
-                               temperature=temperature or 2.0)
+                               init=grown if arm.grown else None, model=None if arm.grown else student_shape,
+                               teacher=Path(teacher["checkpoint"]) if arm.temperature is not None else None, arm=arm)
             curves[name] = evaluations(out)
             print(f"seed {seed} {name}: val loss {curves[name][0]['loss']:.4f} at step {curves[name][0]['step']} -> "
                   f"{summary['final_eval_loss']:.4f}, {time.monotonic() - t0:.0f}s", flush=True)
-        report["seeds"].append({"seed": seed, "curves": curves, "figures": seed_figures(curves, args.steps)})
+        report["seeds"].append({"seed": seed, "curves": curves, "figures": seed_figures(curves, args.steps),
+                                "seconds": {n: c[-1]["seconds"] for n, c in curves.items()}})
         report["total_seconds"] = time.monotonic() - started
         harness.write_results(results_path, report)
 
+    report["total_seconds"] = time.monotonic() - started
+    return finish(report, runs, temperatures, results_path, args)
+
+
+def finish(report: dict, runs: dict[str, Arm], temperatures: list[float], results_path: Path, args) -> int:
+    """Summary, verdicts and paired comparisons over the report's seeds: written, then printed."""
+    names = list(runs)
     summary = summarise([s["figures"] for s in report["seeds"]], names)
     report["summary"] = summary
-    report["targets"] = target_lines(summary, temperatures)
-    report["temperature_comparison"] = temperature_comparison([s["figures"] for s in report["seeds"]], temperatures)
+    report["targets"] = target_lines(summary, runs)
+    report["comparisons"] = paired_comparisons([s["figures"] for s in report["seeds"]], comparison_pairs(runs, temperatures))
     scratch_final = harness.mean_ci(s["figures"]["targets"]["final"] for s in report["seeds"])
-    report["student_passes_teacher"] = scratch_final.high < teacher["final_eval_loss"]
-    report["total_seconds"] = time.monotonic() - started
+    report["student_passes_teacher"] = scratch_final.high < report["teacher"]["final_val_loss"]
     harness.write_results(results_path, report)
     if args.json:
         import json
@@ -306,8 +422,10 @@ def print_report(report: dict, names: list[str], scratch_final) -> None:
     harness.print_table(["run", "steps, to final", "FLOPs, to final", "steps, to 50%", "FLOPs, to 50%", "final val loss"], rows)
     print()
     harness.print_targets(report["targets"])
-    for line in report["temperature_comparison"]:
-        print(f"{line['comparison']}: {line['figure']}: {line['verdict']}")
+    print()
+    for line in report["comparisons"]:
+        left = f" ({line['left_out']} seeds left out: a target not reached)" if line["left_out"] else ""
+        print(f"paired: {line['comparison']}: {line['figure']}{left}: {line['verdict']}")
 
 
 if __name__ == "__main__":

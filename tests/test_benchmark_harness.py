@@ -87,3 +87,86 @@ def test_ki_refuses_bad_data_before_training(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'd'} has no corpus.txt (one document per line)"]
     assert not (tmp_path / "w").exists()
+
+
+def _ki():
+    import ki
+
+    return ki
+
+
+def test_ki_arms_cover_temperatures_and_decays():
+    ki = _ki()
+    runs = ki.arms([1.0, 2.0], ki.parse_decays("step:0.5, linear:0.25"), 0.5)
+    assert list(runs) == ["scratch", "ki-T1", "ki-T2", "ki-T1-step50", "ki-T1-linear25", "aki", "aki+ki"]
+    assert runs["scratch"] == ki.Arm(False)
+    assert runs["ki-T2"] == ki.Arm(False, 2.0, "linear", 0.5)
+    assert runs["ki-T1-step50"] == ki.Arm(False, 1.0, "step", 0.5)
+    assert runs["aki+ki"] == ki.Arm(True, 1.0, "linear", 0.5)
+    assert ki.comparison_pairs(runs, [1.0, 2.0]) == [("ki-T2", "ki-T1"), ("ki-T1-step50", "ki-T1"),
+                                                     ("ki-T1-linear25", "ki-T1"), ("aki+ki", "aki")]
+    assert ki.parse_decays("") == []
+
+
+def test_ki_paired_comparisons_leave_out_unreached_seeds():
+    ki = _ki()
+
+    def row(final_loss, step_speedup):
+        reached = {"step_speedup": step_speedup, "flop_speedup": step_speedup and step_speedup / 2}
+        return {"final_loss": final_loss, "final": reached, "half": reached}
+
+    per_seed = [{"runs": {"ki-T1": row(5.0, 1.5), "ki-T2": row(5.2, 1.2)}},
+                {"runs": {"ki-T1": row(5.0, 1.6), "ki-T2": row(5.25, 1.2)}},
+                {"runs": {"ki-T1": row(5.0, 1.4), "ki-T2": row(5.3, None)}}]
+    lines = {line["comparison"]: line for line in ki.paired_comparisons(per_seed, [("ki-T2", "ki-T1")])}
+    loss = lines["ki-T2 minus ki-T1, final val loss (lower is better)"]
+    assert loss["estimate"].mean == pytest.approx(0.25) and loss["seeds"] == 3
+    assert loss["verdict"] == "ki-T1 better"       # +0.2, +0.25, +0.3: the interval is above zero
+    steps = lines["ki-T2 minus ki-T1, step speedup to final"]
+    assert steps["estimate"].values == pytest.approx((-0.3, -0.4)) and steps["left_out"] == 1
+    assert steps["verdict"] == "no difference resolved"   # two seeds: t(1) = 12.7 makes the interval wide
+
+
+@pytest.mark.parametrize("decays", ["cosine:0.5", "linear:1.5", "linear"])
+def test_ki_refuses_bad_decays_before_training(tmp_path, decays):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ki.py"), "--decays", decays,
+                           "--work", str(tmp_path / "w")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --decays:")
+    assert not (tmp_path / "w").exists()
+
+
+def _ki_report(path: Path, seeds: list[int]) -> Path:
+    """A results file of `seeds` whose KI run reaches every loss one evaluation earlier than scratch."""
+    ki = _ki()
+    scratch = [{"step": 10 * i, "loss": 6.0 - 0.1 * i, "flops": 100.0 * i, "seconds": float(i)} for i in range(1, 11)]
+    faster = [{**row, "loss": row["loss"] - 0.1, "flops": row["flops"] * 1.1} for row in scratch]
+    report = {"title": "t", "teacher": {"final_val_loss": 5.5}, "eval_every": 10,
+              "runs": {"scratch": vars(ki.Arm(False)), "ki-T1": vars(ki.Arm(False, 1.0, "linear", 0.5))},
+              "seeds": [{"seed": s, "curves": {"scratch": scratch, "ki-T1": faster},
+                         "figures": ki.seed_figures({"scratch": scratch, "ki-T1": faster}, 100)} for s in seeds]}
+    return harness.write_results(path, report)
+
+
+def test_ki_seed_figures_and_combine(tmp_path):
+    ki = _ki()
+    a, b = _ki_report(tmp_path / "a.json", [0, 1]), _ki_report(tmp_path / "b.json", [2])
+    figures = json.loads(a.read_text())["seeds"][0]["figures"]
+    assert figures["targets"] == {"final": pytest.approx(5.0), "half": pytest.approx(5.5)}
+    # scratch reaches 5.0 at step 100 and 5.5 at step 50; KI one evaluation earlier, at 1.1x the FLOPs per step
+    assert figures["runs"]["ki-T1"]["final"]["step_speedup"] == pytest.approx(100 / 90)
+    assert figures["runs"]["ki-T1"]["half"]["flop_speedup"] == pytest.approx(500 / 440)
+    report, runs = ki.combine_results([a, b], [1.0])
+    assert [s["seed"] for s in report["seeds"]] == [0, 1, 2] and runs["ki-T1"] == ki.Arm(False, 1.0, "linear", 0.5)
+    summary = ki.summarise([s["figures"] for s in report["seeds"]], list(runs))
+    assert summary["ki-T1"]["final_step_speedup"].n == 3
+
+
+def test_ki_combine_refuses_repeated_seeds(tmp_path):
+    a = _ki_report(tmp_path / "a.json", [0, 1])
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ki.py"), "--combine", str(a), str(a),
+                           "--results", str(tmp_path / "c.json")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --combine: a seed appears twice (0, 0, 1, 1)"
+    assert not (tmp_path / "c.json").exists()

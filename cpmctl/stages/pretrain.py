@@ -8,7 +8,8 @@ AdamW/Adafactor, warm-up + decay, accumulation, clipping, autocast, atomic train
 
 Knowledge inheritance (`teacher`): the loss on target positions is
     (1 - a_t) * LM + a_t * T^2 * KL(teacher_T || student_T),   a_t = max(0, 1 - t / ki_steps)
-(`ki_schedule` step/constant for the alternatives). The teacher must share the student's
+(`ki_schedule` step/constant for the alternatives; T = 1 and ki_steps = half the run by
+default, both chosen by benchmarks/ki.py). The teacher must share the student's
 tokenizer; its width, depth and vocabulary size may differ. `teacher_cache` stores the teacher's
 top-K logits at the target positions of the first ki_steps * grad_accum batches (memory-mapped
 .npy files), built once and reused by later runs, so those skip the teacher's forward pass.
