@@ -68,7 +68,8 @@ def run_child(args: list[str]) -> tuple[dict, int, float]:
     if proc.returncode:
         raise SystemExit(f"cpmctl {' '.join(args)} failed with exit code {proc.returncode}")
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return json.loads(proc.stdout), peak_children, time.perf_counter() - started
+    printed = json.loads(proc.stdout)  # the CLI's --json: {"command": ..., "result": {...}}
+    return printed["result"], peak_children, time.perf_counter() - started
 
 
 SIDES = ("prompt", "full")
