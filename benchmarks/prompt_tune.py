@@ -1,37 +1,35 @@
-"""Prompt tuning vs full fine-tuning on WordNet supersenses (8 classes), all-MiniLM-L6-v2 backbone.
+"""Prompt tuning vs full fine-tuning on a labelled task (default: WordNet verb supersenses),
+all-MiniLM-L6-v2 backbone, over paired seeds.
 
-    .venv/bin/python benchmarks/prompt_tune.py                      # the BENCHMARKS.md run
-    .venv/bin/python benchmarks/prompt_tune.py --steps 6 --train-examples 200 --test-examples 100 --no-checkpointing  # smoke
-    .venv/bin/python benchmarks/prompt_tune.py --tensor-memory-only # peak tensor memory only
+    .venv/bin/python benchmarks/prompt_tune.py [--data DIR] [--seeds 3]       # the BENCHMARKS.md run
+    .venv/bin/python benchmarks/prompt_tune.py --seeds 1 --max-steps 6 --eval-every 3 --train-examples 200 \
+        --test-examples 100 --no-checkpointing --no-tensor-memory                # smoke
+    .venv/bin/python benchmarks/prompt_tune.py --tensor-memory-only             # peak tensor memory only
 
-Every row is a `cpmctl prompt-tune` process with the same data, batch size, step budget,
-evaluation and early stopping; the only differences are what trains (a prompt + linear head vs
-every weight + the head) and the optimiser settings each is used with (Adafactor lr 0.3 for
-the prompt as in Lester et al.; AdamW 1e-4 for full fine-tuning). Rows: prompt tuning and full
-fine-tuning as they run by default, then (unless --no-checkpointing) each again with
---gradient-checkpointing; the ratios compare prompt with full, checkpointed prompt with plain
-full, and checkpointed prompt with checkpointed full. Each runs in its own process so its
-memory can be measured alone:
+Every run is a `cpmctl prompt-tune` process on the same subsets (drawn once, with --first-seed,
+from the splits in --data and written to WORK), batch size and budget rule: a dev evaluation
+every --eval-every steps, stop after --patience evaluations without a better dev accuracy, at most
+--max-steps, the best dev weights kept. So both sides train to convergence; a run that reaches
+--max-steps without stopping is reported as not converged. The only differences are what trains
+(a prompt + linear head vs every weight + the head) and the optimiser settings each is used with
+(Adafactor lr 0.3 for the prompt as in Lester et al.; AdamW 1e-4 for full fine-tuning). A seed
+changes the initialisation and the batch order; the ratio prompt / full of test accuracy is
+taken seed by seed and reported as a mean with a 95% CI, next to the paired difference. The
+results JSON (WORK/results.json or --results) is rewritten after every seed; a run over the same
+settings continues from the seeds it holds.
 
-- peak RSS: the child's peak resident set (the stage reports its own `ru_maxrss`; the parent
+Optional extras, after the results are written (first seed only; memory, not accuracy):
+- the same two runs again with --gradient-checkpointing (skip: --no-checkpointing), and peak
+  RSS per row: the child's peak resident set (the stage reports its own `ru_maxrss`; the parent
   cross-checks with `getrusage(RUSAGE_CHILDREN)`). It includes the Python/torch runtime, the
   memory-mapped weights it touched and the encoded data, which every run shares (about 460 MiB
-  before training: torch, torch._dynamo, which every torch optimizer imports, and Triton,
-  which torch._dynamo imports when installed, then the tokenizer and the data);
-- training rise: that peak minus the resident set just before training started, i.e. what
-  training itself added (activations, gradients, optimizer state, kept-best copy).
-Both peaks are taken at the last dev evaluation, after the last step and before the training
-core's end-of-run state save (a one-off serialisation of model and optimizer, not training).
-- peak tensor memory: what "peak training memory" measures on a GPU
-  (torch.cuda.max_memory_allocated), the peak of live tensor bytes, split into parameters,
-  gradients, optimizer state, activations and temporaries. Taken on the CPU with torch's MemTracker
-  over --tensor-steps steps after the first, in a separate short `cpmctl prompt-tune` process per
-  row (see "peak tensor memory" below); `--tensor-memory-only` runs only this (about a minute).
-
-Time per step excludes dev evaluation and writing the kept-best tensors. This machine is shared
-(other jobs ran beside this one): compare the rows of one run, not runs with each other.
-The defaults (training, dev and test subsets, 120 steps) keep a run near 15-30 minutes (twice
-that with the checkpointed rows) on the loaded 2-core machine; it prints the subset sizes used.
+  before training); "training rise" is that peak minus the resident set just before training;
+- peak tensor memory (skip: --no-tensor-memory): what "peak training memory" measures on a GPU
+  (torch.cuda.max_memory_allocated), split into parameters, gradients, optimizer state,
+  activations and temporaries, taken on the CPU with torch's MemTracker over --tensor-steps steps
+  after the first, in a separate short `cpmctl prompt-tune` process per row.
+Time per step excludes dev evaluation and writing the kept-best tensors. On a shared machine,
+compare the rows of one run, not runs with each other.
 """
 
 from __future__ import annotations
@@ -47,9 +45,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "wordnet"
 CPMCTL = [sys.executable, "-m", "cpmctl.cli"]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 from harness import print_table  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
@@ -70,97 +68,198 @@ def run_child(args: list[str]) -> tuple[dict, int, float]:
     if proc.returncode:
         raise SystemExit(f"cpmctl {' '.join(args)} failed with exit code {proc.returncode}")
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return json.loads(proc.stdout), peak_children, time.perf_counter() - started
+    printed = json.loads(proc.stdout)  # the CLI's --json: {"command": ..., "result": {...}}
+    return printed["result"], peak_children, time.perf_counter() - started
 
 
-def main() -> None:
+SIDES = ("prompt", "full")
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-prompt-tune")
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--train-examples", type=int, default=2000, help="random training subset (of 38,569)")
-    parser.add_argument("--dev-examples", type=int, default=300, help="random dev subset for early stopping (of 4,804)")
-    parser.add_argument("--test-examples", type=int, default=1000, help="random test subset (of 4,917)")
-    parser.add_argument("--steps", type=int, default=120)
+    harness.add_arguments(parser, work=ROOT / "runs" / "bench-prompt-tune", seeds=3)
+    parser.set_defaults(plot=False)  # nothing to draw: the figures are the tables
+    parser.add_argument("--train-examples", type=int, default=2000, help="random training subset (0: the whole split)")
+    parser.add_argument("--dev-examples", type=int, default=300, help="random dev subset for early stopping (0: the whole split)")
+    parser.add_argument("--test-examples", type=int, default=1000, help="random test subset (0: the whole split)")
+    parser.add_argument("--max-steps", type=int, default=1500, help="the cap of the budget rule (both sides)")
     parser.add_argument("--eval-every", type=int, default=40)
+    parser.add_argument("--patience", type=int, default=3, help="dev evaluations without improvement before stopping (both sides)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--prompt-length", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=52, help="tokens per input, prompt included")
     parser.add_argument("--deep", action="store_true", help="deep prompts (a delta per layer)")
     parser.add_argument("--full-lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
-                        help="skip the two --gradient-checkpointing rows")
+                        help="skip the two --gradient-checkpointing rows (an extra, first seed)")
+    parser.add_argument("--no-tensor-memory", dest="tensor_memory", action="store_false",
+                        help="skip the peak tensor memory rows (an extra)")
     parser.add_argument("--tensor-steps", type=int, default=5,
                         help="training steps over which peak tensor memory is taken (after a first step that creates the optimizer state)")
     parser.add_argument("--tensor-memory-only", action="store_true",
                         help="measure peak tensor memory only (a few steps per row), not the full runs")
     args = parser.parse_args()
-    if not (args.data / "supersense-train.jsonl").is_file():
-        raise SystemExit(f"WordNet supersense data not found in {args.data}")
+    if min(args.max_steps, args.eval_every, args.patience, args.batch_size) < 1:
+        harness.exit_usage("--max-steps, --eval-every, --patience and --batch-size must be >= 1")
+    data = harness.start(args, corpus=False, task=True)
     os.environ.setdefault("PYTHONPATH", str(ROOT))
-    args.work.mkdir(parents=True, exist_ok=True)
-    model = ensure_minilm(args.work)
+    work = args.work
+    files, used = {}, {}
+    for split, n in (("train", args.train_examples), ("dev", args.dev_examples), ("test", args.test_examples)):
+        files[split] = work / f"{split}.jsonl"
+        used[split] = harness.subsample(data.task[split], files[split], n or None, args.first_seed)
+    model = ensure_minilm(work)
+    results_path = args.results or work / "results.json"
+    settings = {"data": str(data.root), "rows_read": data.rows, "rows_used": used, "classes": len(data.labels),
+                **{k: v for k, v in vars(args).items() if k in ("max_steps", "eval_every", "patience", "batch_size", "prompt_length",
+                                                               "max_length", "deep", "full_lr", "first_seed")}}
 
-    # Shared by every row: data, batch, input length, seed; the main rows add dev/test and the
-    # step budget, the tensor-memory rows train a few steps only (same batches, no evaluation).
-    shared = ["--train", str(args.data / "supersense-train.jsonl"), "--head", "linear", "--batch-size", str(args.batch_size),
-              "--max-train-examples", str(args.train_examples),
-              "--max-length", str(args.max_length), "--seed", str(args.seed), "--device", "cpu", "--force"]
-    common = [*shared, "--dev", str(args.data / "supersense-dev.jsonl"), "--test", str(args.data / "supersense-test.jsonl"),
-              "--max-steps", str(args.steps), "--eval-every", str(args.eval_every), "--patience", "3",
-              "--max-dev-examples", str(args.dev_examples), "--max-test-examples", str(args.test_examples)]
+    # Shared by every row: data, batch, input length; the main rows add dev/test and the budget
+    # rule, the tensor-memory rows train a few steps only (same batches, no evaluation).
+    shared = ["--train", str(files["train"]), "--head", "linear", "--batch-size", str(args.batch_size),
+              "--max-length", str(args.max_length), "--device", "cpu", "--force"]
+    common = [*shared, "--dev", str(files["dev"]), "--test", str(files["test"]), "--max-steps", str(args.max_steps),
+              "--eval-every", str(args.eval_every), "--patience", str(args.patience)]
     prompt_extra = ["--prompt-length", str(args.prompt_length), "--position", "front", "--init", "vocab"] + (["--deep"] if args.deep else [])
     full_extra = ["--full", "--optimizer", "adamw", "--lr", str(args.full_lr)]
-    prompt_args = ["prompt-tune", str(model), str(args.work / "prompt"), *common, *prompt_extra]
-    full_args = ["prompt-tune", str(model), str(args.work / "full"), *common, *full_extra]
     prompt_label = f"prompt tuning ({args.prompt_length} tokens{', deep' if args.deep else ''}) + linear head"
-    rows = [("prompt", prompt_label, prompt_args), ("full", "full fine-tuning + linear head", full_args)]
-    if args.checkpointing:
-        # The same two runs with --gradient-checkpointing: prompt tuning as run on a memory
-        # budget, and full fine-tuning with the same saving (the like-for-like comparison).
-        rows.insert(1, ("prompt-ckpt", prompt_label + ", --gradient-checkpointing", with_checkpointing(prompt_args, args.work / "prompt-ckpt")))
-        rows.append(("full-ckpt", "full fine-tuning + linear head, --gradient-checkpointing", with_checkpointing(full_args, args.work / "full-ckpt")))
+    labels = {"prompt": prompt_label, "full": "full fine-tuning + linear head",
+              "prompt-ckpt": prompt_label + ", --gradient-checkpointing",
+              "full-ckpt": "full fine-tuning + linear head, --gradient-checkpointing"}
+
+    def child_args(name: str, seed: int, out: Path) -> list[str]:
+        extra = prompt_extra if name.startswith("prompt") else full_extra
+        return ["prompt-tune", str(model), str(out), *common, *extra, "--seed", str(seed),
+                *(["--gradient-checkpointing"] if name.endswith("-ckpt") else [])]
+
+    tm_rows = [(name, labels[name], ["prompt-tune", str(model), str(work / "tensor-memory" / name), *shared, "--seed", str(args.first_seed),
+                                     "--max-steps", str(TENSOR_WARMUP_STEPS + args.tensor_steps),
+                                     *(prompt_extra if name.startswith("prompt") else full_extra),
+                                     *(["--gradient-checkpointing"] if name.endswith("-ckpt") else [])])
+               for name in (["prompt", "prompt-ckpt", "full", "full-ckpt"] if args.checkpointing else list(SIDES))]
+    if args.tensor_memory_only:
+        report_tensor_memory(tm_rows, args)
+        return 0
 
     print(f"# prompt tuning vs full fine-tuning: {cpu_model()}, {os.cpu_count()} cores, "
           f"{datetime.now(timezone.utc).isoformat(timespec='minutes')}")
     print(f"# {sys.executable} {' '.join(sys.argv)}")
-    tm_steps = ["--max-steps", str(TENSOR_WARMUP_STEPS + args.tensor_steps)]
-    tm_rows = [(name, label, ["prompt-tune", str(model), str(args.work / "tensor-memory" / name), *shared, *tm_steps,
-                              *(prompt_extra if name.startswith("prompt") else full_extra),
-                              *(["--gradient-checkpointing"] if name.endswith("-ckpt") else [])])
-               for name, label, _ in rows]
-    if args.tensor_memory_only:
-        report_tensor_memory(tm_rows, args)
-        return
-    results = {}
-    for name, _, child_args in rows:
-        result, peak_children, seconds = run_child(child_args)
-        results[name] = result
-        print(f"# {name}: {seconds:.0f} s wall, {result['steps']} steps, parent's RUSAGE_CHILDREN peak so far {peak_children / 2**20:.0f} MiB")
+    print(f"# {data.describe()}; used: train {used['train']:,}, dev {used['dev']:,}, test {used['test']:,} rows")
+    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    per_seed: dict[str, dict] = previous.get("per_seed", {}) if previous.get("settings") == settings else {}
+    report = {"benchmark": "prompt_tune", "machine": harness.machine(), "settings": settings, "per_seed": per_seed}
+    for seed in harness.seeds_of(args):
+        if str(seed) in per_seed:
+            print(f"# seed {seed}: kept from {results_path}")
+            continue
+        runs = {}
+        for name in SIDES:
+            result, peak_children, seconds = run_child(child_args(name, seed, work / f"seed{seed}" / name))
+            runs[name] = {**result, "wall_seconds": round(seconds, 1)}
+            print(f"# seed {seed} {name}: {seconds:.0f} s wall, {result['steps']} steps (best dev at {result['best']['step']}, "
+                  f"{'stopped early' if result['stopped_early'] else 'reached --max-steps'}), test accuracy {result['test']['accuracy']:.4f}",
+                  flush=True)
+        per_seed[str(seed)] = runs
+        report["summary"] = summarise(per_seed)
+        harness.write_results(results_path, report)
+    report["summary"] = summarise(per_seed)
+    harness.write_results(results_path, report)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_report(report, labels)
 
+    # Optional extras: memory (first seed), after the results are written.
+    if args.checkpointing:
+        results = {name: per_seed[str(args.first_seed)][name] for name in SIDES} if str(args.first_seed) in per_seed else {}
+        for name in ("prompt-ckpt", "full-ckpt"):
+            result, _, seconds = run_child(child_args(name, args.first_seed, work / f"seed{args.first_seed}" / name))
+            results[name] = result
+            print(f"# {name}: {seconds:.0f} s wall, {result['steps']} steps")
+        report["checkpointing"] = {name: results[name] for name in ("prompt-ckpt", "full-ckpt")}
+        harness.write_results(results_path, report)
+        print_memory(results, labels)
+    if args.tensor_memory:
+        print()
+        report_tensor_memory(tm_rows, args)
+    return 0
+
+
+def summarise(per_seed: dict) -> dict:
+    seeds = sorted(per_seed, key=int)
+
+    def values(side, key):
+        return [key(per_seed[s][side]) for s in seeds]
+
+    out = {"seeds": [int(s) for s in seeds], "sides": {}}
+    for side in SIDES:
+        out["sides"][side] = {
+            "accuracy": harness.mean_ci(values(side, lambda r: r["test"]["accuracy"])),
+            "macro_f1": harness.mean_ci(values(side, lambda r: r["test"]["macro_f1"])),
+            "steps": harness.mean_ci(values(side, lambda r: r["steps"])),
+            "best_step": harness.mean_ci(values(side, lambda r: r["best"]["step"])),
+            "converged": sum(values(side, lambda r: bool(r["stopped_early"]))),
+            "seconds_per_step": harness.mean_ci(values(side, lambda r: r["seconds_per_step"])),
+            "peak_rss_mib": harness.mean_ci(values(side, lambda r: r["peak_memory_bytes"] / 2**20)),
+            "trainable_percent": per_seed[seeds[0]][side]["trainable_percent"],
+            "train_examples": per_seed[seeds[0]][side]["train_examples"],
+            "test_examples": per_seed[seeds[0]][side]["test"]["examples"],
+        }
+    ratio = harness.mean_ci([per_seed[s]["prompt"]["test"]["accuracy"] / per_seed[s]["full"]["test"]["accuracy"] for s in seeds])
+    out["accuracy_ratio"] = ratio
+    out["accuracy_difference_points"] = harness.paired_difference(values("prompt", lambda r: 100 * r["test"]["accuracy"]),
+                                                                  values("full", lambda r: 100 * r["test"]["accuracy"]))
+    out["macro_f1_ratio"] = harness.mean_ci([per_seed[s]["prompt"]["test"]["macro_f1"] / per_seed[s]["full"]["test"]["macro_f1"]
+                                             for s in seeds])
+    trainable = out["sides"]["prompt"]["trainable_percent"]
+    out["targets"] = [
+        harness.target_line("test accuracy, prompt / full (issue 7)", ratio, 0.90),
+        harness.target_line("test accuracy, prompt / full (hoped for)", ratio, 0.95),
+        {"target": "trainable share of the backbone", "figure": f"{trainable:.4f}%", "goal": "<= 0.1%",
+         "verdict": "met" if trainable <= 0.1 else "missed"},
+    ]
+    return out
+
+
+def _estimate(value) -> harness.Estimate:
+    return value if isinstance(value, harness.Estimate) else harness.Estimate(**{**value, "values": tuple(value["values"])})
+
+
+def print_report(report: dict, labels: dict) -> None:
+    s, settings = report["summary"], report["settings"]
+    n = len(s["seeds"])
+    rows = []
+    for side in SIDES:
+        r = s["sides"][side]
+        rows.append([labels[side], _estimate(r["accuracy"]).format(".4f"), _estimate(r["macro_f1"]).format(".4f"),
+                     f"{r['trainable_percent']:.4f}%", _estimate(r["best_step"]).format(".0f"), _estimate(r["steps"]).format(".0f"),
+                     f"{r['converged']} of {n}", _estimate(r["seconds_per_step"]).format(".3f"), _estimate(r["peak_rss_mib"]).format(".0f")])
+    first = s["sides"]["prompt"]
+    print(f"\ntrain {first['train_examples']:,} of {settings['rows_read']['train']:,} rows, dev {settings['rows_used']['dev']:,} of "
+          f"{settings['rows_read']['dev']:,}, test {first['test_examples']:,} of {settings['rows_read']['test']:,}; "
+          f"{settings['classes']} classes; budget rule (both): dev every {settings['eval_every']} steps, patience {settings['patience']}, "
+          f"at most {settings['max_steps']} steps, best dev weights kept; mean [95% CI] over {n} seeds {s['seeds']}")
+    harness.print_table(["method", "test accuracy", "test macro-F1", "% of backbone trained", "step of best dev", "steps run",
+                         "stopped early (converged)", "s/step", "peak RSS (MiB)"], rows)
+    ratio, diff = _estimate(s["accuracy_ratio"]), _estimate(s["accuracy_difference_points"])
+    print()
+    print(f"accuracy prompt / full: {ratio.format('.3f')} (per seed {' '.join(f'{v:.3f}' for v in ratio.values)}); "
+          f"prompt - full: {diff.format('+.2f')} points; macro-F1 prompt / full: {_estimate(s['macro_f1_ratio']).format('.3f')}")
+    harness.print_targets(s["targets"])
+
+
+def print_memory(results: dict, labels: dict) -> None:
     mib = 2**20
-    print_table(["method", "test accuracy", "test macro-F1", "trainable params", "% of backbone", "peak RSS (MiB)",
-                 "training rise (MiB)", "s/step", "steps (best)"],
-                [[label, f"{r['test']['accuracy']:.4f}", f"{r['test']['macro_f1']:.4f}", f"{r['trainable_parameters']:,}",
-                  f"{r['trainable_percent']:.4f}%", f"{r['peak_memory_bytes'] / mib:.0f}", f"{training_rise(r) / mib:.0f}",
-                  f"{r['seconds_per_step']:.3f}", f"{r['steps']} ({r['best']['step']})"]
-                 for name, label, _ in rows for r in [results[name]]])
-    p, f = results["prompt"], results["full"]
+    print_table(["method", "test accuracy", "peak RSS (MiB)", "training rise (MiB)", "s/step", "steps (best)"],
+                [[labels[name], f"{r['test']['accuracy']:.4f}", f"{r['peak_memory_bytes'] / mib:.0f}", f"{training_rise(r) / mib:.0f}",
+                  f"{r['seconds_per_step']:.3f}", f"{r['steps']} ({r['best']['step']})"] for name, r in results.items()])
     print()
-    print(f"backbone parameters: {p['backbone_parameters']:,}; test examples: {p['test']['examples']}; "
-          f"train subset: {p['train_examples']} of 38,569; dev subset: {args.dev_examples}")
-    print(f"trainable: {p['trainable_percent']:.4f}% of the backbone (target <= 0.1%: {'met' if p['trainable_percent'] <= 0.1 else 'MISSED'})")
-    pairs = [("prompt", "full")] + ([("prompt-ckpt", "full"), ("prompt-ckpt", "full-ckpt")] if args.checkpointing else [])
-    for a, b in pairs:
-        ra, rb = results[a], results[b]
-        acc_ratio = ra["test"]["accuracy"] / rb["test"]["accuracy"]
-        peak_ratio = ra["peak_memory_bytes"] / rb["peak_memory_bytes"]
-        rise_ratio = training_rise(ra) / max(training_rise(rb), 1)
-        print(f"{a} / {b}: accuracy {acc_ratio:.3f} (target >= 0.90: {'met' if acc_ratio >= 0.9 else 'MISSED'}); "
-              f"peak RSS {peak_ratio:.3f} (target <= 0.6: {'met' if peak_ratio <= 0.6 else 'MISSED'}); "
-              f"training rise {rise_ratio:.3f}; time per step {ra['seconds_per_step'] / rb['seconds_per_step']:.3f}")
-    print()
-    report_tensor_memory(tm_rows, args)
+    for a, b in (("prompt", "full"), ("prompt-ckpt", "full"), ("prompt-ckpt", "full-ckpt")):
+        if a in results and b in results:
+            ra, rb = results[a], results[b]
+            print(f"{a} / {b}: peak RSS {ra['peak_memory_bytes'] / rb['peak_memory_bytes']:.3f} (target <= 0.6); "
+                  f"training rise {training_rise(ra) / max(training_rise(rb), 1):.3f}; time per step "
+                  f"{ra['seconds_per_step'] / rb['seconds_per_step']:.3f}")
 
 
 def with_checkpointing(child_args: list[str], out: Path) -> list[str]:
@@ -326,4 +425,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == [TENSOR_CHILD_FLAG]:
         tensor_memory_child(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
     else:
-        main()
+        raise SystemExit(main())

@@ -421,6 +421,8 @@ class DistillConfig:
     max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
     mixed_precision: str = option("no", help=MIXED_PRECISION_HELP)
     eval_every: int = option(0, help="Steps between dev evaluations (0: at the end).")
+    patience: int | None = option(None, help="Dev evaluations without a better dev accuracy before stopping (needs --dev, --eval-every).")
+    keep_best: bool = option(False, help="Save the student of the best dev accuracy, not the last one (needs --dev, --eval-every).")
     checkpoint_every: int = option(0, help="Steps between training states (0: at the end).")
     log_every: int = option(10, help="Steps between train records in metrics.jsonl.")
     seed: int = option(0, help=SEED_HELP)

@@ -83,6 +83,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
+from cpmctl.checkpoint import write_safetensors
 from cpmctl.errors import UserError
 from cpmctl.training_state import (MODEL_STATE_FILE, OPTIMIZER_FILE, OPTIMIZER_TENSORS_FILE, STATE_DIR, STATE_FORMAT,
                                    all_gather_bytes, canonical_name, gather_model_state, gather_optimizer_state,
@@ -97,6 +98,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("no", "bf16", "fp16")
 KEEP_STATES = ("last", "all", "none")
 METRICS_FILE = "metrics.jsonl"
+BEST_FILE = "best.safetensors"  # cfg.restore_best: the trainable tensors at the best evaluation
 IGNORE_INDEX = -100
 
 LossFn = Callable[[nn.Module, dict[str, Any]], "tuple[Tensor, dict[str, float]]"]
@@ -138,6 +140,11 @@ class TrainConfig:
     best_metric: str | None = None     # eval metric driving keep-the-best and early stopping
     best_mode: str = "min"             # min | max
     patience: int | None = None        # evaluations without improvement before stopping
+    # With best_metric: the trainable tensors at each improvement go to out/best.safetensors, and
+    # fit() loads the best ones back into the model before it returns, so what the caller saves
+    # is the best evaluated model, not the last one (early stopping then ends `patience`
+    # evaluations past it). The training state stays the last step's, for --resume.
+    restore_best: bool = False
     # The stage's settings that decide the run's trajectory besides this config's (batch size,
     # data, sequence length, ...): recorded in every state; a resume with other values is refused
     # unless each changed name is listed in resume_with_changes (and then written to the log).
@@ -162,6 +169,7 @@ class TrainConfig:
             (self.keep_state in KEEP_STATES, f"unknown keep_state {self.keep_state!r}; expected one of {', '.join(KEEP_STATES)}"),
             (self.best_mode in ("min", "max"), f"best_mode must be min or max, got {self.best_mode!r}"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
+            (not self.restore_best or self.best_metric is not None, "restore_best needs a best_metric"),
         ]
         for ok, message in checks:
             if not ok:
@@ -485,7 +493,11 @@ class Trainer:
         if self.is_main:
             cfg.out.mkdir(parents=True, exist_ok=True)
             self._trim_metrics(state["step"] if resume_dir is not None else 0)
+            if resume_dir is None:
+                (cfg.out / BEST_FILE).unlink(missing_ok=True)  # an earlier run's best is not this run's
         self.wait()
+        if cfg.restore_best:
+            on_best = self._keeping_best(on_best)
 
         iterator = iter(batches)
         progress = _Progress(cfg.progress and self.is_main, cfg.max_steps, state["step"])
@@ -557,6 +569,9 @@ class Trainer:
             progress.close()
         if stopped_early:
             progress.note(f"stopped early at step {state['step']}: {cfg.best_metric} did not improve for {cfg.patience} evaluations")
+        if cfg.restore_best and state["best"] is not None:
+            self._restore_best()
+            progress.note(f"restored the best evaluation's weights (step {state['best']['step']})")
         return TrainResult(step=state["step"], tokens=state["tokens"], flops=state["flops"],
                            train_seconds=state["train_seconds"], last_train=last_train, last_eval=last_eval,
                            best=state["best"], stopped_early=stopped_early, resumed_from=resumed_from)
@@ -630,6 +645,32 @@ class Trainer:
         self._write_metrics({"kind": "eval", "step": step, **metrics, "tokens": state["tokens"],
                              "flops": state["flops"], "train_seconds": state["train_seconds"]})
         return metrics
+
+    def _keeping_best(self, on_best):
+        """`on_best` preceded by writing the trainable tensors to out/best.safetensors (atomically,
+        on the main process; the others hold the same tensors under DDP)."""
+        if self.sharded:
+            raise UserError("restore_best keeps whole tensors; it is not supported under FSDP")
+        path = self.cfg.out / BEST_FILE
+
+        def keep(module, step, metrics):
+            if self.is_main:
+                tensors = {name: p.detach().cpu() for name, p in module.named_parameters() if p.requires_grad}
+                tmp = path.with_name(f".{path.name}.tmp")
+                write_safetensors(tmp, tensors, metadata={"step": str(step)})
+                os.replace(tmp, path)
+            if on_best is not None:
+                on_best(module, step, metrics)
+
+        return keep
+
+    def _restore_best(self) -> None:
+        """Load out/best.safetensors into the model's trainable parameters (every process)."""
+        self.wait()
+        params = dict(self.unwrapped.named_parameters())
+        with torch.no_grad():
+            for name, tensor in read_safetensors(self.cfg.out / BEST_FILE).items():
+                params[name].copy_(tensor.to(params[name].device))
 
     def _track_best(self, metrics: dict[str, float], step: int, state: dict, on_best) -> bool:
         """Update the best record; True when patience has run out."""

@@ -170,3 +170,25 @@ def test_ki_combine_refuses_repeated_seeds(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --combine: a seed appears twice (0, 0, 1, 1)"
     assert not (tmp_path / "c.json").exists()
+@pytest.mark.parametrize("script, drop, message", [
+    ("distill.py", "x-test.jsonl", "has no test split"),
+    ("prompt_tune.py", "x-dev.jsonl", "has no dev split"),
+    ("moefy_minilm.py", "corpus.txt", "has no corpus.txt"),
+])
+def test_method_benchmarks_refuse_bad_data_before_training(tmp_path, script, drop, message):
+    _task(tmp_path / "d", {"train": ["a", "b"], "dev": ["a"], "test": ["b"]})
+    (tmp_path / "d" / drop).unlink()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--data", str(tmp_path / "d"),
+                           "--work", str(tmp_path / "w")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not (tmp_path / "w").exists()
+
+
+def test_distill_refuses_a_single_class_task(tmp_path):
+    _task(tmp_path / "d", {"train": ["a", "a"], "dev": ["a"], "test": ["a"]})
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "distill.py"), "--data", str(tmp_path / "d"),
+                           "--work", str(tmp_path / "w")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "single class" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()

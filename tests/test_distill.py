@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -379,6 +380,43 @@ def test_mixkd_run_trains_a_half_depth_student(tmp_path, fine_tuned_teacher, tas
     assert all(math.isfinite(train[-1][k]) for k in ("loss_ce", "loss_kd", "loss_mix", "loss_smix"))
     assert [r["step"] for r in evals] == [2, 4] and 0 <= evals[-1]["accuracy"] <= 1
     assert train[-1]["flops"] > 0  # the teacher's passes are counted
+
+
+def test_keep_best_saves_the_best_dev_student_and_patience_stops(tmp_path, fine_tuned_teacher, task_files):
+    from cpmctl import tasks
+    from cpmctl.task_model import load_task_model
+    from cpmctl.tokenizer import load_tokenizer
+    from cpmctl.training import read_metrics
+
+    out = tmp_path / "kd"
+    result = _cli("distill", out, "--teacher", fine_tuned_teacher, "--train", task_files / "train.jsonl",
+                  "--dev", task_files / "dev.jsonl", "--mix-weight", 0, "--max-steps", 40, "--eval-every", 1,
+                  "--patience", 2, "--keep-best", "--lr", 3e-2, "--json", *FAST[:-4], "--seed", 3)
+    assert result.exit_code == 0, result.output
+    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
+    best = max(evals, key=lambda r: r["accuracy"])  # the first of the best (later ties are no improvement)
+    best = next(r for r in evals if r["accuracy"] == best["accuracy"])
+    assert evals[-1]["step"] == best["step"] + 2 < 40  # stopped 2 evaluations without improvement past the best
+    student = load_task_model(out)
+    saved = json.loads((out / "checkpoint" / "task.json").read_text())["metrics"]
+    assert saved["best_step"] == best["step"] and saved["dev_accuracy"] == best["accuracy"]
+    # Re-scored, the saved student is the best evaluation's, not the last step's.
+    tok = load_tokenizer(student.path / "tokenizer")
+    rows, _ = tasks.encode_examples(tok, student.model.config, tasks.load_examples(task_files / "dev.jsonl"),
+                                    tasks.LabelSet(student.labels, student.words), mode="linear", max_length=48)
+    scorer = tasks.Scorer(student.model.float().eval(), head=student.head.eval())
+    with torch.no_grad():
+        again = tasks.evaluate(scorer, tasks.eval_batches(rows, 8, tok.pad_id), len(student.labels))
+    assert again["accuracy"] == best["accuracy"] and again["loss"] == pytest.approx(best["loss"], abs=1e-5)
+    assert again["loss"] != pytest.approx(evals[-1]["loss"], abs=1e-5)
+
+
+def test_patience_and_keep_best_need_dev_evaluations(tmp_path, fine_tuned_teacher, task_files):
+    train, dev = task_files / "train.jsonl", task_files / "dev.jsonl"
+    for extra in (["--patience", 2, "--eval-every", 1], ["--keep-best", "--dev", dev], ["--patience", 0, "--dev", dev, "--eval-every", 1]):
+        result = _cli("distill", tmp_path / "out", "--teacher", fine_tuned_teacher, "--train", train, *extra, "--max-steps", 1)
+        assert result.exit_code == 2 and "error:" in result.output and "patience" in result.output, (extra, result.output)
+        assert not (tmp_path / "out").exists()
 
 
 def _objective_setup(fine_tuned_teacher, task_files):

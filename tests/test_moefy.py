@@ -215,6 +215,10 @@ def test_calibration_lowers_the_moe_perplexity(tmp_path, dense_ckpt, corpus):
     assert tuned["calibrated"] and tuned["calibration"]["steps"] == 20
     assert tuned["quality"]["moe_perplexity"] < plain["quality"]["moe_perplexity"] * 0.98
     assert tuned["quality"]["dense_perplexity"] == plain["quality"]["dense_perplexity"]
+    # the phases, calibration and loading included, account for the stage's whole time
+    phases = {k: v for k, v in tuned["timings"].items() if k != "total_s"}
+    assert {"load_s", "statistics_s", "split_s", "routers_s", "calibrate_s", "dense_eval_s", "moe_eval_s"} == set(phases)
+    assert sum(phases.values()) == pytest.approx(tuned["timings"]["total_s"], abs=0.05 + 0.01 * len(phases))
 
 
 def test_pretrained_lm_rows_start_with_the_text_not_the_presets_bos(tmp_path, corpus, sp_tokenizer):

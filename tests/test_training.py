@@ -73,7 +73,7 @@ def test_lr_schedules_warm_up_then_decay():
 
 
 @pytest.mark.parametrize("kw", [dict(max_steps=0), dict(optimizer="sgd"), dict(schedule="step"), dict(grad_accum=0),
-                                dict(mixed_precision="fp8"), dict(best_mode="up")])
+                                dict(mixed_precision="fp8"), dict(best_mode="up"), dict(restore_best=True)])
 def test_bad_train_config_is_a_user_error(kw):
     with pytest.raises(UserError):
         TrainConfig(out=Path("x"), **{"max_steps": 5, **kw})
@@ -117,6 +117,39 @@ def test_keep_the_best_and_early_stopping(tmp_path, shards, sp_tokenizer):
     assert best_calls == [(2, 3.0), (4, 2.0)] and result.best == {"step": 4, "metrics": {"score": 2.0}}
     evals = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "eval"]
     assert [r["score"] for r in evals] == [3.0, 2.0, 2.5, 2.4]
+
+
+def test_restore_best_returns_the_best_evaluated_weights(tmp_path, shards, sp_tokenizer):
+    scripted = iter([3.0, 2.0, 2.5, 2.4, 1.0])
+    snapshots = []
+
+    def eval_fn(module):
+        snapshots.append({k: v.detach().clone() for k, v in module.named_parameters()})
+        return {"score": next(scripted)}
+
+    model = _model()
+    data = make_batches(shards, sp_tokenizer, objective="causal", batch_size=4, seq_len=16)
+    cfg = _cfg(tmp_path / "run", max_steps=50, eval_every=2, best_metric="score", patience=2, restore_best=True)
+    result = Trainer(cfg).fit(model, _loss, data, eval_fn=eval_fn, trainable=["lm_head"])
+    assert result.stopped_early and result.step == 8 and result.best["step"] == 4
+    assert not torch.equal(snapshots[1]["lm_head.proj.weight"], snapshots[3]["lm_head.proj.weight"])  # it kept training
+    for name, param in model.named_parameters():  # the 2nd evaluation's (step 4) weights, trained and frozen alike
+        assert torch.equal(param, snapshots[1][name]), name
+    with SafetensorsFile(tmp_path / "run" / "best.safetensors") as fh:
+        assert fh.names() == ["lm_head.proj.weight"]
+
+
+def test_a_new_run_drops_an_earlier_best_file(tmp_path, shards, sp_tokenizer):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(b"stale")
+    data = make_batches(shards, sp_tokenizer, objective="causal", batch_size=4, seq_len=16)
+    cfg = _cfg(run, max_steps=2, eval_every=1, best_metric="score", restore_best=True, keep_state="none")
+    scores = iter([1.0, 2.0])
+    result = Trainer(cfg).fit(_model(), _loss, data, eval_fn=lambda m: {"score": next(scores)})
+    assert result.best["step"] == 1
+    with SafetensorsFile(run / "best.safetensors") as fh:
+        assert "lm_head.proj.weight" in fh.names()
 
 
 def test_metrics_count_tokens_and_flops(tmp_path, shards, sp_tokenizer):

@@ -134,6 +134,11 @@ def _check_config(cfg: DistillConfig, *, inputs: bool = True) -> None:
         raise UserError("--head and --verbalizer apply to classification tasks (--train), not to --data")
     if inputs and cfg.verbalizer is not None and not Path(cfg.verbalizer).is_file():
         raise UserError(f"verbalizer file {cfg.verbalizer} does not exist")
+    if cfg.patience is not None or cfg.keep_best:
+        if cfg.dev is None or cfg.eval_every <= 0:
+            raise UserError("--patience and --keep-best work on dev evaluations: give --dev and --eval-every")
+        if cfg.patience is not None and cfg.patience < 1:
+            raise UserError(f"--patience must be >= 1, got {cfg.patience}")
     if cfg.teacher_cache_k < 1:
         raise UserError(f"--teacher-cache-k must be >= 1, got {cfg.teacher_cache_k}")
     out = Path(cfg.out)
@@ -277,7 +282,10 @@ def _train_config(cfg: DistillConfig, steps_per_epoch: int):
         warmup_steps=int(cfg.warmup_ratio * max_steps), grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm or None,
         mixed_precision=cfg.mixed_precision, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
         eval_every=cfg.eval_every, log_every=cfg.log_every, resume=cfg.resume, cpu=cfg.device == "cpu",
-        progress=cfg.progress, best_metric=None, resume_with_changes=cfg.resume_with_changes,
+        progress=cfg.progress, resume_with_changes=cfg.resume_with_changes,
+        # dev accuracy drives early stopping and the kept student (classification only: --dev)
+        best_metric="accuracy" if cfg.patience is not None or cfg.keep_best else None, best_mode="max",
+        patience=cfg.patience, restore_best=cfg.keep_best,
         trajectory={"batch_size": cfg.batch_size, "train": content_id(cfg.train), "data": content_id(cfg.data),
                     "train_fraction": cfg.train_fraction, "max_length": cfg.max_length, "seq_len": cfg.seq_len,
                     "ce_weight": cfg.ce_weight, "kd_weight": cfg.kd_weight, "mix_weight": cfg.mix_weight,
@@ -391,12 +399,17 @@ def _run_classification(cfg, weights, teacher_tm: task_model.TaskModel, teacher,
              f"student {student_info}, weights {asdict(weights)}, T={cfg.temperature}, alpha={cfg.mixup_alpha}")
     result = trainer.fit(model, objective, batches, eval_fn=evaluate if dev_rows else None, trainable=_trainable(cfg))
     if trainer.is_main:
-        metrics = {"steps": result.step, **{f"dev_{k}": v for k, v in result.last_eval.items()}}
+        # --keep-best: the saved student is the best evaluation's, so are its dev figures
+        dev = result.best["metrics"] if cfg.keep_best and result.best is not None else result.last_eval
+        metrics = {"steps": result.step, **{f"dev_{k}": v for k, v in dev.items()}}
+        if result.best is not None:
+            metrics["best_step"] = result.best["step"]
         task_model.save_task_model(Path(cfg.out) / task_model.MODEL_DIR, scorer.model, scorer.head, labels=label_set.labels, words=label_set.words,
                         pooling=cfg.pooling if head is not None else "mean", tokenizer_dir=tok_dir, parents=[teacher_tm.path], options=_options(cfg), metrics=metrics)
     trainer.wait()
     return {"out": str(cfg.out), "model": str(Path(cfg.out) / task_model.MODEL_DIR), "steps": result.step, "train_rows": len(rows),
-            "dev": result.last_eval, "train": result.last_train, "train_seconds": result.train_seconds,
+            "dev": result.best["metrics"] if cfg.keep_best and result.best is not None else result.last_eval,
+            "best": result.best, "stopped_early": result.stopped_early, "train": result.last_train, "train_seconds": result.train_seconds,
             "resumed_from": result.resumed_from, "cache": str(cache.path) if cache is not None else None, "head": cfg.head,
             **student_info}
 
