@@ -176,6 +176,7 @@ class MoefyConfig:
     router: str = option("mlp", help="mlp (trained), center (cluster centres) or oracle (evaluation bound).")
     top_k: int | None = option(None, help="Experts per token.")
     ratio: float | None = option(None, help="Fraction of experts per token (default 0.2 when neither --top-k nor --ratio).")
+    ratios: list[float] | None = option(None, metavar="R,R,...", help="Also report held-out and --task quality, dense vs MoE, with each of these fractions of experts per token (same experts and routers; the checkpoint keeps --ratio / --top-k).")
     data: Path | None = option(None, help="Text/JSONL corpus or prepared shards: router training, co-activation, report.")
     eval_data: Path | None = option(None, help="Held-out text for the report (default: documents of --data kept out of training).")
     field: str = option("text", help="JSONL field holding the text.")
@@ -230,6 +231,8 @@ class MoefyConfig:
             raise UserError("--method threshold calibrates its thresholds on activations: give --data FILE")
         if self.calibrate:
             raise UserError("--calibrate tunes MoE experts; --method threshold is training-free")
+        if self.ratios:
+            raise UserError("--ratios are fractions of MoE experts; --method threshold takes one --sparsity")
 
     def _validate_moe(self) -> None:
         if self.split not in SPLITS:
@@ -246,6 +249,9 @@ class MoefyConfig:
             raise UserError(f"--top-k must be >= 1, got {self.top_k}")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise UserError(f"--ratio must be in (0, 1], got {self.ratio}")
+        for ratio in self.ratios or ():
+            if not 0 < ratio <= 1:
+                raise UserError(f"--ratios: each ratio must be in (0, 1], got {ratio}")
         if self.data is None and (self.router == "mlp" or self.split == "coactivation"):
             raise UserError(f"--router {self.router} / --split {self.split} learn from activations: give --data FILE")
         if self.calibrate < 0:

@@ -407,6 +407,52 @@ def test_task_accuracy_with_the_task_head_of_a_task_model(tmp_path, encoder_ckpt
     assert (tmp_path / "dense" / "task.json").read_text() == (encoder_ckpts["task_model"] / "task.json").read_text()
 
 
+def test_task_accuracy_at_each_ratio_equals_separate_runs_at_that_ratio(tmp_path, encoder_ckpts, task_files, sp_tokenizer, capsys):
+    """--ratios: the accuracy reported at ratio r is the accuracy of the MoE checkpoint written by a
+    separate run at ratio r, computed by hand from its weights and head; at ratio 1 it is dense's."""
+    from cpmctl.stages.moefy import render
+
+    common = dict(checkpoint=encoder_ckpts["task_model"], experts=4, router="center", task=task_files["task"])
+    report = run(MoefyConfig(**common, out=tmp_path / "sweep", ratio=0.25, ratios=[0.25, 0.5, 1.0]))
+    assert [(e["ratio"], e["top_k"]) for e in report["ratios"]] == [(0.25, 1), (0.5, 2), (1.0, 4)]
+    dense = _by_hand_head_accuracy(encoder_ckpts["task_model"], task_files["task"], sp_tokenizer)
+    for entry in report["ratios"]:
+        alone = tmp_path / f"alone-{entry['ratio']}"
+        run(MoefyConfig(**common, out=alone, ratio=entry["ratio"]))
+        assert entry["task"]["dense_accuracy"] == pytest.approx(dense, abs=1e-12)
+        assert entry["task"]["moe_accuracy"] == pytest.approx(_by_hand_head_accuracy(alone, task_files["task"], sp_tokenizer), abs=1e-12)
+        assert entry["compute_fraction"] == entry["top_k"] / 4
+    assert report["ratios"][0]["task"] == report["task"]  # the checkpoint's own ratio, measured twice
+    assert report["ratios"][-1]["task"]["moe_accuracy"] == report["ratios"][-1]["task"]["dense_accuracy"]
+    assert report["ratios"][-1]["task"]["agreement"] == 1.0
+    # The written checkpoint keeps --ratio's k, not the last ratio swept.
+    assert json.loads((tmp_path / "sweep" / "config.json").read_text())["moe"]["top_k"] == 1
+    assert all(f.top_k == 1 for _, _, f in load_task_model_ffns(tmp_path / "sweep"))
+    assert json.loads((tmp_path / "sweep" / "report.json").read_text())["ratios"] == report["ratios"]
+    render(report)
+    out = capsys.readouterr().out
+    assert "dense vs MoE at each ratio" in out and f"{report['ratios'][1]['task']['moe_accuracy']:.4f}" in out
+
+
+def load_task_model_ffns(path: Path):
+    from cpmctl.task_model import load_task_model
+
+    return list(load_task_model(path).model.ffn_modules())
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--ratios", "0.25,0"], "--ratios: each ratio must be in (0, 1], got 0.0"),
+    (["--ratios", "1.5"], "--ratios: each ratio must be in (0, 1], got 1.5"),
+    (["--method", "threshold", "--ratios", "0.25"], "--method threshold takes one --sparsity"),
+])
+def test_bad_ratios_exit_2_with_one_line(tmp_path, dense_ckpt, corpus, extra, message):
+    result = _cli(["moefy", str(dense_ckpt), str(tmp_path / "out"), "--experts", "8", "--router", "center",
+                   "--data", str(corpus), *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.count("\n") == 1, result.output
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("content,extra,message", [
     (None, [], "does not exist"),
     ('{"text": "a b c", "label": "x"}\nnot json\n', [], "is not valid JSON"),

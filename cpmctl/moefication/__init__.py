@@ -17,7 +17,7 @@ The names below are the package's public API (`from cpmctl import moefication as
 from cpmctl.moefication.batches import RowBatches, encode_documents, length_sorted, lm_targets, model_inputs, real_tokens
 from cpmctl.moefication.calibration import calibrate, mean_pooled
 from cpmctl.moefication.evaluation import (RecallMeter, TaskSet, evaluate, evaluate_task, load_task_set, quality,
-                                          task_quality)
+                                          quality_at_ratios, task_quality)
 from cpmctl.moefication.routers import (ROUTERS, expert_centres, expert_mass, init_router, recall, router_targets,
                                         top_k_for, train_mlp_router, train_mlp_routers, train_routers)
 from cpmctl.moefication.split import (SPLITS, NeuronSample, activation_profiles, balanced_assign, balanced_kmeans,
@@ -33,7 +33,7 @@ __all__ = [
     "activation_profiles", "balanced_assign", "balanced_kmeans", "calibrate", "choose_layers", "coactivation_partition",
     "collect_inputs", "expert_layout", "ffn_names", "load_task_set",
     "encode_documents", "evaluate", "evaluate_task", "expert_centres", "expert_mass", "init_router", "length_sorted", "lm_targets",
-    "mean_pooled", "model_inputs", "neuron_sample", "perm_from_labels", "quality", "random_partition", "real_tokens",
+    "mean_pooled", "model_inputs", "neuron_sample", "perm_from_labels", "quality", "quality_at_ratios", "random_partition", "real_tokens",
     "recall", "router_targets", "split_layer", "task_quality", "top_k_for", "train_mlp_router", "train_mlp_routers",
     "train_routers", "typical_activations",
 ]

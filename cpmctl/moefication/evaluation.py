@@ -174,3 +174,37 @@ def task_quality(task: TaskSet, dense: dict[str, Any], moe: dict[str, Any]) -> d
         "dense_accuracy": dense["accuracy"], "moe_accuracy": moe["accuracy"],
         "dense_macro_f1": dense["macro_f1"], "moe_macro_f1": moe["macro_f1"], "agreement": agree,
     }
+
+
+def quality_at_ratios(model, moes: dict[str, Any], ratios: list[float], d_ff: int, *, rows: list[list[int]],
+                      dense_eval: dict[str, Any] | None, task: TaskSet | None, dense_task: dict[str, Any] | None,
+                      batch_size: int) -> list[dict[str, Any]]:
+    """Dense vs MoE quality with each fraction of experts per token in `ratios`: the same experts,
+    routers and fill, only each layer's k changes (routers score every expert; k picks how many
+    run), and every layer's k is put back afterwards. Per ratio: k, the executed FFN compute
+    fraction, held-out quality (when `rows`) and task accuracy (when `task`)."""
+    from cpmctl.moefication.routers import top_k_for
+
+    kept = {name: moe.top_k for name, moe in moes.items()}
+    results = []
+    try:
+        for ratio in ratios:
+            entry: dict[str, Any] = {"ratio": ratio}
+            for moe in moes.values():
+                moe.top_k = top_k_for(moe.num_experts, top_k=None, ratio=ratio)
+                moe.counts = [0, 0]
+            ks = {moe.top_k for moe in moes.values()}
+            entry["top_k"] = ks.pop() if len(ks) == 1 else sorted(ks)
+            if rows:
+                entry["quality"] = quality(dense_eval, evaluate(model, rows, batch_size))
+            if task is not None:
+                entry["task"] = task_quality(task, dense_task, evaluate_task(model, task, batch_size))
+            tokens = sum(m.counts[0] for m in moes.values())
+            pairs_neurons = sum(m.counts[1] * m.expert_size for m in moes.values())
+            entry["compute_fraction"] = (round(pairs_neurons / (tokens * d_ff), 4) if tokens else
+                                         round(sum(m.top_k * m.expert_size for m in moes.values()) / (len(moes) * d_ff), 4))
+            results.append(entry)
+    finally:
+        for name, moe in moes.items():
+            moe.top_k = kept[name]
+    return results

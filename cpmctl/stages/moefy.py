@@ -293,6 +293,12 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     if task is not None:
         report["task"] = mf.task_quality(task, dense_task, mf.evaluate_task(model, task, cfg.batch_size))
     timings["moe_eval_s"] = round(time.perf_counter() - t0, 2)
+    if cfg.ratios:
+        t0 = time.perf_counter()
+        moes = {f"{s}.{i}": f for s, i, f in model.ffn_modules() if f"{s}.{i}" in layers}
+        report["ratios"] = mf.quality_at_ratios(model, moes, cfg.ratios, config.d_ff, rows=eval_rows, dense_eval=dense_eval,
+                                                task=task, dense_task=dense_task, batch_size=cfg.batch_size)
+        timings["ratios_s"] = round(time.perf_counter() - t0, 2)
     timings["total_s"] = round(time.perf_counter() - started, 2)
     report["timings"] = timings
 
@@ -466,7 +472,25 @@ def render(report: dict[str, Any]) -> None:
         console.print(f"task {t['file']} ({t['examples']} examples, {t['classes']} classes, {t['scoring']} scoring): accuracy "
                       f"dense {t['dense_accuracy']:.4f}, MoE {t['moe_accuracy']:.4f}; macro-F1 dense {t['dense_macro_f1']:.4f}, "
                       f"MoE {t['moe_macro_f1']:.4f}; same prediction on {t['agreement']:.1%}", soft_wrap=True)
+    if report.get("ratios"):
+        render_ratios(report, console)
     console.print(f"[dim]{report['timings']}[/dim]")
+
+
+def render_ratios(report: dict[str, Any], console: Console) -> None:
+    """One row per ratio of --ratios: k, compute, held-out quality, task accuracy dense vs MoE."""
+    table = Table(title="dense vs MoE at each ratio (same experts and routers)")
+    for column in ("ratio", "top-k", "compute fraction", "held-out", "task accuracy dense", "task accuracy MoE", "change (points)",
+                   "same prediction"):
+        table.add_column(column)
+    for entry in report["ratios"]:
+        q, t = entry.get("quality"), entry.get("task")
+        held = "-" if q is None else (f"cosine {q['mean_cosine']}" if q["metric"] == "embedding cosine"
+                                      else f"ppl {q['moe_perplexity']} ({100 * q['perplexity_increase']:+.2f}%)")
+        cells = ("-",) * 4 if t is None else (f"{t['dense_accuracy']:.4f}", f"{t['moe_accuracy']:.4f}",
+                                              f"{100 * (t['moe_accuracy'] - t['dense_accuracy']):+.2f}", f"{t['agreement']:.1%}")
+        table.add_row(str(entry["ratio"]), str(entry["top_k"]), str(entry["compute_fraction"]), held, *cells)
+    console.print(table)
 
 
 def render_threshold(report: dict[str, Any], console: Console) -> None:
