@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, list[str]]] = [
               "cpmctl.corpus", "cpmctl.data", "cpmctl.hf", "cpmctl.hf.*", "cpmctl.cpm2", "cpmctl.cpm2.*", "cpmctl.static_cache", "cpmctl.compiled", "cpmctl.generate", "cpmctl.losses", "cpmctl.quant"]),
     ("library", ["cpmctl.tasks", "cpmctl.prompt", "cpmctl.task_model", "cpmctl.distill", "cpmctl.growth",
                  "cpmctl.iterations", "cpmctl.moefication", "cpmctl.moefication.*", "cpmctl.relufication", "cpmctl.offload", "cpmctl.offload.*",
-                 "cpmctl.training", "cpmctl.training_state", "cpmctl.teacher_cache", "cpmctl.plan", "cpmctl.report", "cpmctl.quantize"]),
+                 "cpmctl.training", "cpmctl.training_state", "cpmctl.teacher_cache", "cpmctl.plan", "cpmctl.report", "cpmctl.quantize", "cpmctl.cpu_int4"]),
     ("stages", ["cpmctl.stages.*"]),
     ("pipeline", ["cpmctl.stages", "cpmctl.commands", "cpmctl.pipeline"]),
     ("cli", ["cpmctl.cli", "cpmctl.__main__", "cpmctl.gpu_check", "cpmctl.gpu_check.*"]),
