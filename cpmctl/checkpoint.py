@@ -46,6 +46,7 @@ from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
 from cpmctl.fsutil import atomic_directory, check_free_space, verification, verifying
 from cpmctl.model import build_model
+from cpmctl.quant import is_quantized_part
 
 log = logging.getLogger("cpmctl")
 
@@ -1029,8 +1030,10 @@ def load_model(
             tensor = ckpt.get(name)  # checked against its recorded CRC-32s (Checkpoint.crcs)
             if check and not all_finite(tensor):
                 ckpt.nonfinite.append(name)
-            if tensor.device != device or (dtype is not None and tensor.dtype != dtype):
-                tensor = tensor.to(device=device, dtype=dtype if dtype is not None else tensor.dtype)
+            # A quantized weight's pieces keep their stored dtypes (int8/uint8 values, bf16 scales).
+            want = tensor.dtype if dtype is None or is_quantized_part(name) else dtype
+            if tensor.device != device or tensor.dtype != want:
+                tensor = tensor.to(device=device, dtype=want)
             state[name] = tensor
         model.load_state_dict(state, assign=True, strict=True)
     except BaseException:

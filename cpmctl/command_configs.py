@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cpmctl.errors import UserError
+from cpmctl.config import QUANT_SCHEMES
 from cpmctl.options import check_value, option, specs
 
 DEVICE_HELP = "cpu or cuda (default: cuda when present)."
@@ -147,9 +148,19 @@ class InheritConfig:
 class QuantizeConfig:
     checkpoint: Path = option(help="A MoE checkpoint (float weights).", argument=True)
     out: Path = option(help="Output checkpoint directory.", argument=True)
-    experts: str = option(help="Store the routed experts' weights as int8 (one scale per output row) or int4 (groups, with zeros).")
+    experts: str | None = option(None, help="Store the routed experts' weights as int8 (one scale per output row) or int4 (groups, with zeros).")
+    linear: str | None = option(None, help="Store the linear layers of attention and dense FFNs as int8 or int4 (embeddings, norms, "
+                                           "routers and the output projection stay float): dense models.")
     group_size: int | None = option(None, help="int4: inputs per scale and zero (32, 64, 128 or 256; default 64).")
     force: bool = option(False, help=FORCE_HELP)
+
+    def validate(self) -> None:
+        if (self.experts is None) == (self.linear is None):
+            raise UserError("give one of --experts int8|int4 (MoE checkpoints) and --linear int8|int4")
+        scheme = self.experts if self.experts is not None else self.linear
+        if scheme not in QUANT_SCHEMES:
+            flag = "--experts" if self.experts is not None else "--linear"
+            raise UserError(f"{flag} must be one of {', '.join(QUANT_SCHEMES)}, got {scheme!r}")
 
 
 # The value sets of choice options live here, at the bottom of the layers; the library modules that
@@ -453,7 +464,8 @@ class InferConfig:
     seed: int = option(0, help="Random seed for sampling.")
     batch_size: int = option(8, help="Prompts per forward pass.")
     device: str | None = option(None, help=DEVICE_HELP)
-    dtype: str | None = option(None, help="float32, bfloat16 or float16 (default: as stored).")
+    dtype: str | None = option(None, help="float32, bfloat16 or float16 (default: as stored); int8 or int4 (group 64): quantize the "
+                                          "attention and FFN linear layers weight-only at load (other weights as stored).")
     stream: bool = option(False, help="Print tokens as they are generated (single prompt; off with --json).", off_with_json=True)
     normalize: bool = option(True, help="L2-normalise embeddings (encoder-only).")
     prompt: Path | None = option(None, help="A prompt adapter from `cpmctl prompt-tune`: classify the inputs (accuracy when they are labelled).")

@@ -337,7 +337,8 @@ def _render_inherit(result: dict, cfg) -> None:
 
 def _render_quantize(result: dict, cfg) -> None:
     group = "" if result["group_size"] is None else f", group size {result['group_size']}"
-    echo(f"wrote {cfg.out}: {result['tensors_quantized']} expert tensors as {result['scheme']}{group}; weights "
+    what = "expert tensors" if result.get("weights", "experts") == "experts" else "linear layers"
+    echo(f"wrote {cfg.out}: {result['tensors_quantized']} {what} as {result['scheme']}{group}; weights "
          f"{result['weight_bytes_before']:,} -> {result['weight_bytes_after']:,} bytes ({result['ratio']:.3f}x)")
 
 
@@ -396,7 +397,7 @@ COMMANDS: tuple[Command, ...] = (
            "Grow a checkpoint wider/deeper (bert2BERT FPI/AKI, tiling, stacking), expand its vocabulary, upcycle to MoE.",
            render=_render_inherit),
     Command(("quantize",), configs.QuantizeConfig,
-            "Store a MoE checkpoint's experts weight-only int8 or int4 (group scales); other weights stay as they are.",
+            "Store a MoE checkpoint's experts, or a model's attention and FFN linear layers, weight-only int8 or int4 (group scales); other weights stay as they are.",
             lazy("cpmctl.stages.quantize", "run"), render=_render_quantize),
     Command(("run",), configs.RunConfig, "Run a pipeline recipe: each step is a cpmctl command; ends with a summary table.",
             lazy("cpmctl.pipeline", "run_recipe"), plan=lazy("cpmctl.pipeline", "dry_run_recipe"),

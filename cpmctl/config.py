@@ -131,7 +131,11 @@ class MLAConfig:
 QUANT_SCHEMES = ("int8", "int4")
 # Group sizes the int4 kernels take (torch's CPU kernel and cpmctl's Triton kernels).
 QUANT_GROUP_SIZES = (32, 64, 128, 256)
-QUANT_WEIGHTS = ("experts",)
+# int4's group size when none is asked for (quantize and infer --dtype int4).
+DEFAULT_INT4_GROUP = 64
+# What a checkpoint's quantization covers: the routed experts' stacks, or the dense linear layers
+# of attention and FFN (embeddings, norms, routers and the output projection stay float).
+QUANT_WEIGHTS = ("experts", "linear")
 
 
 @dataclass
@@ -140,7 +144,8 @@ class QuantConfig:
 
     `scheme` int8 keeps one scale per output row (group_size None); int4 one scale and zero per
     `group_size` inputs. `weights` names what is quantized: "experts", the routed experts'
-    w_in / w_gate / w_out; every other weight stays as it was.
+    w_in / w_gate / w_out; "linear", the nn.Linear layers of every block's attention and dense
+    FFN (cpmctl.quant.quantizable_linears); every other weight stays as it was.
     """
 
     scheme: str

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from cpmctl.config import ModelConfig
 from cpmctl.ffn import ACTIVATIONS, FeedForward, ThresholdFeedForward
 from cpmctl.moe import MoEFeedForward
+from cpmctl.quant import swap_quantized_linears
 
 class RMSNorm(nn.Module):
     """T5/Llama RMS norm: no mean subtraction, no bias, statistics in fp32.
@@ -853,6 +854,11 @@ def build_model(config: ModelConfig, *, device: str | torch.device | None = None
     random numbers are drawn and torch._dynamo is not imported), for weights assigned afterwards."""
     with torch.device(device or "cpu"):
         model = Transformer(config)
+    quant = config.quantization
+    if quant is not None and quant.weights == "linear":
+        # Weight-only quantized linear layers (cpmctl quantize --linear): a QuantizedLinear in
+        # place of each, on this instance, for the stored qweight/scales/zeros to be loaded into.
+        swap_quantized_linears(model, quant.scheme, quant.group_size)
     return model.to(dtype) if dtype is not None else model
 
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from cpmctl.config import QUANT_GROUP_SIZES, QuantConfig
 from cpmctl.errors import UserError
+from cpmctl.ffn import FeedForward
 
 SCALE_DTYPE = torch.bfloat16
 INT4_OFFSET = 8
@@ -56,6 +57,7 @@ class QuantizedView:
     scales: Tensor
     zeros: Tensor | None
     cpu_packed: Tensor | None = None  # int4 in the CPU kernel's layout, when prepared
+    cpu_scales_zeros: Tensor | None = None  # int4: scales and zeros as the CPU kernel reads them [groups, out, 2]
 
     @property
     def out_features(self) -> int:
@@ -108,6 +110,11 @@ def cpu_int4_pack(w: QuantizedView) -> Tensor:
     return torch._convert_weight_to_int4pack_for_cpu(unpack_int4(w.qweight).to(torch.int32), 1)
 
 
+def cpu_int4_scales_zeros(w: QuantizedView) -> Tensor:
+    """Scales and zeros of one int4 weight [out, in] as the CPU kernel reads them: [groups, out, 2]."""
+    return torch.stack((w.scales, w.zeros), dim=-1).transpose(0, 1).contiguous()
+
+
 def cpu_kernels_available(scheme: str) -> bool:
     name = "_weight_int8pack_mm" if scheme == "int8" else "_weight_int4pack_mm_for_cpu"
     return hasattr(torch.ops.aten, name)
@@ -132,11 +139,11 @@ def quantized_linear(x: Tensor, w: QuantizedView) -> Tensor:
         return x @ dequantize(w, x.dtype).T
     xb = x.to(torch.bfloat16)
     if w.scheme == "int8":
-        y = torch._weight_int8pack_mm(xb, w.qweight, w.scales.reshape(-1))
+        y = torch._weight_int8pack_mm(xb, w.qweight, w.scales.reshape(-1).to(xb.dtype))
     else:
         packed = w.cpu_packed if w.cpu_packed is not None else cpu_int4_pack(w)
-        scales_and_zeros = torch.stack((w.scales, w.zeros), dim=-1).transpose(0, 1).contiguous()
-        y = torch._weight_int4pack_mm_for_cpu(xb, packed, w.group_size, scales_and_zeros)
+        scales_and_zeros = w.cpu_scales_zeros if w.cpu_scales_zeros is not None else cpu_int4_scales_zeros(w)
+        y = torch._weight_int4pack_mm_for_cpu(xb, packed, w.group_size, scales_and_zeros.to(xb.dtype))
     return y.to(x.dtype)
 
 
@@ -205,3 +212,103 @@ def quantized_matmul_out(hidden: Tensor, w: QuantizedView, out: Tensor | None) -
         out.copy_(y)
         return out
     return y
+
+
+# -- dense linear layers ------------------------------------------------------------------------------
+class QuantizedLinear(nn.Module):
+    """`nn.Linear`'s call with a weight-only int8/int4 weight: buffers qweight, scales (, zeros)
+    as stored (state-dict names NAME.qweight, ... beside NAME.bias), the bias a float parameter.
+
+    On a CPU, int4's kernel layout (and its scales/zeros arrangement) is made whenever the stored
+    tensors are loaded (`prepare`, a load_state_dict post-hook) and kept as non-persistent buffers,
+    so that the forward is tensor ops only: a compiled graph (inductor freezing) sees them as
+    constants."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, group_size: int | None, *,
+                 bias: bool, device=None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        check_scheme(scheme, group_size, in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.group_size = scheme, group_size
+        packed_in = in_features // 2 if scheme == "int4" else in_features
+        groups = in_features // group_size if scheme == "int4" else 1
+        qdtype = torch.uint8 if scheme == "int4" else torch.int8
+        self.register_buffer("qweight", torch.zeros(out_features, packed_in, dtype=qdtype, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=SCALE_DTYPE, device=device)
+                             if scheme == "int4" else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.register_buffer("cpu_packed", None, persistent=False)
+        self.register_buffer("cpu_scales_zeros", None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.prepare())
+
+    @classmethod
+    def like(cls, linear: nn.Linear, scheme: str, group_size: int | None) -> "QuantizedLinear":
+        """An empty QuantizedLinear of `linear`'s shape, on its device (meta stays meta)."""
+        weight = linear.weight
+        return cls(linear.in_features, linear.out_features, scheme, group_size, bias=linear.bias is not None,
+                   device=weight.device, dtype=(linear.bias if linear.bias is not None else weight).dtype)
+
+    def prepare(self) -> None:
+        """Make the CPU kernel's int4 layout from the stored tensors (nothing for int8, off-CPU, on meta)."""
+        self.cpu_packed = self.cpu_scales_zeros = None
+        if self.scheme == "int4" and self.qweight.device.type == "cpu" and cpu_kernels_available("int4"):
+            view = self.view(prepared=False)
+            self.cpu_packed, self.cpu_scales_zeros = cpu_int4_pack(view), cpu_int4_scales_zeros(view)
+
+    def view(self, *, prepared: bool = True) -> QuantizedView:
+        return QuantizedView(self.scheme, self.group_size, self.qweight, self.scales, self.zeros,
+                             self.cpu_packed if prepared else None, self.cpu_scales_zeros if prepared else None)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.view(prepared=False), dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = quantized_linear(x.reshape(-1, self.in_features), self.view())
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        group = "" if self.group_size is None else f", group_size={self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{group}, bias={self.bias is not None}"
+
+
+def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers a "linear" quantization covers, by module name: every nn.Linear (or
+    QuantizedLinear) inside a block's self- and cross-attention and inside a dense FFN
+    (`FeedForward` itself: not a thresholded FFN, whose gathers read the float weight rows, nor
+    a MoE layer's router or experts). Embeddings, norms and the output projection stay float."""
+    found: dict[str, nn.Module] = {}
+    for stack_name in ("encoder", "decoder"):
+        stack = getattr(model, stack_name, None)
+        if stack is None:
+            continue
+        for i, block in enumerate(stack.blocks):
+            parts = [("attn", block.attn), ("cross_attn", block.cross_attn)]
+            if type(block.ffn) is FeedForward:
+                parts.append(("ffn", block.ffn))
+            for part_name, part in parts:
+                if part is None:
+                    continue
+                for name, module in part.named_modules():
+                    if isinstance(module, (nn.Linear, QuantizedLinear)):
+                        found[f"{stack_name}.blocks.{i}.{part_name}.{name}"] = module
+    return found
+
+
+def swap_in(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule `name` of this model instance by `module`."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, module)
+
+
+def swap_quantized_linears(model: nn.Module, scheme: str, group_size: int | None) -> list[str]:
+    """Put an empty QuantizedLinear in place of each quantizable linear layer of this instance
+    (for weights loaded afterwards); returns their names."""
+    names = []
+    for name, linear in quantizable_linears(model).items():
+        if isinstance(linear, nn.Linear):
+            swap_in(model, name, QuantizedLinear.like(linear, scheme, group_size))
+            names.append(name)
+    return names

@@ -1,4 +1,6 @@
-"""`cpmctl quantize`: a checkpoint with its routed experts stored weight-only int8 or int4.
+"""`cpmctl quantize`: a checkpoint with its routed experts, or its dense linear layers (attention and
+FFN), stored weight-only int8 or int4; and the same quantization of a loaded model in memory
+(`quantize_linears`, behind `cpmctl infer --dtype int8|int4`).
 
 The quantizer is torchao's (`choose_qparams_affine` / `quantize_affine`): int8 symmetric with
 one scale per output row, int4 asymmetric with an integer zero point per group of inputs,
@@ -22,7 +24,8 @@ from cpmctl.config import QuantConfig
 from cpmctl.cpu_int4 import write_cpu_int4_layout
 from cpmctl.errors import UserError
 from cpmctl.model import build_model
-from cpmctl.quant import INT4_OFFSET, SCALE_DTYPE, check_scheme, pack_int4
+from cpmctl.quant import (INT4_OFFSET, SCALE_DTYPE, QuantizedLinear, check_scheme, pack_int4, quantizable_linears,
+                          swap_in)
 
 EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out")
 
@@ -98,10 +101,40 @@ def expert_tensors(config) -> dict[str, bool]:
     return names
 
 
-def quantize_checkpoint(src, out, *, experts: str, group_size: int | None = None, overwrite: bool = False) -> dict:
-    """Write `out`: `src` with its routed experts quantized (`experts` int8 or int4). Returns a
-    summary (bytes before and after, tensors quantized)."""
-    spec = QuantConfig(experts, group_size)
+def linear_tensors(config) -> dict[str, str]:
+    """Stored weight name -> the name its quantized parts take (NAME.weight -> NAME), for the
+    linear layers a "linear" quantization covers (cpmctl.quant.quantizable_linears)."""
+    model = build_model(config, device="meta")
+    return {f"{name}.weight": name for name in quantizable_linears(model)}
+
+
+def quantize_linears(model, scheme: str, group_size: int | None) -> int:
+    """Quantize the quantizable linear layers of a loaded float model in place (each becomes a
+    QuantizedLinear holding what `cpmctl quantize --linear` would store); returns how many."""
+    check_scheme(scheme, group_size)
+    targets = {name: m for name, m in quantizable_linears(model).items() if not isinstance(m, QuantizedLinear)}
+    for name, linear in targets.items():
+        check_scheme(scheme, group_size, linear.in_features)
+    for name, linear in targets.items():
+        module = QuantizedLinear.like(linear, scheme, group_size)
+        parts = quantize_rows(linear.weight.detach(), scheme, group_size)
+        state = {part: tensor.to(linear.weight.device) for part, tensor in parts.items()}
+        if linear.bias is not None:
+            state["bias"] = linear.bias.detach()
+        module.load_state_dict(state, strict=True, assign=True)  # its post-hook prepares the CPU layout
+        swap_in(model, name, module)
+    model.config = model.config.replace(quantization={"scheme": scheme, "group_size": group_size, "weights": "linear"})
+    return len(targets)
+
+
+def quantize_checkpoint(src, out, *, experts: str | None = None, linear: str | None = None, group_size: int | None = None,
+                        overwrite: bool = False) -> dict:
+    """Write `out`: `src` with its routed experts (`experts` int8 or int4) or its dense linear
+    layers (`linear`) quantized. Returns a summary (bytes before and after, tensors quantized)."""
+    if (experts is None) == (linear is None):
+        raise UserError("quantize either the experts or the linear layers (one scheme for one of them)", option="experts")
+    scheme = experts if experts is not None else linear
+    spec = QuantConfig(scheme, group_size, "experts" if experts is not None else "linear")
     ckpt = open_checkpoint(src)
     try:
         config = ckpt.config
@@ -109,13 +142,19 @@ def quantize_checkpoint(src, out, *, experts: str, group_size: int | None = None
             q = config.quantization
             raise UserError(f"{src} is already quantized ({q.weights} {q.scheme}"
                             f"{'' if q.group_size is None else f', group size {q.group_size}'}); quantize its unquantized parent")
-        if config.moe is None:
-            raise UserError(f"{src} has no experts to quantize (it is a dense model)")
-        names = expert_tensors(config)
+        if experts is not None:
+            if config.moe is None:
+                raise UserError(f"{src} has no experts to quantize (it is a dense model: quantize its linear layers)")
+            transposed = expert_tensors(config)
+            names = {name: name for name in transposed}
+        else:
+            names = linear_tensors(config)
+            transposed = dict.fromkeys(names, False)
+            if not names:
+                raise UserError(f"{src} has no attention or dense FFN linear layers to quantize")
         shapes = ckpt.shapes()
         for name in names:
-            check_scheme(experts, group_size, shapes[name][-1])
-            check_scheme(experts, group_size, shapes[name][-2])
+            check_scheme(scheme, group_size, shapes[name][-2 if transposed[name] else -1])
         state: dict[str, Tensor | LazyTensor] = {}
         cache: dict[str, dict[str, Tensor]] = {}
 
@@ -123,7 +162,7 @@ def quantize_checkpoint(src, out, *, experts: str, group_size: int | None = None
             def produce() -> Tensor:
                 if name not in cache:
                     cache.clear()  # one source tensor's parts alive at a time
-                    cache[name] = quantize_stack(ckpt.get(name), experts, group_size, transposed=names[name])
+                    cache[name] = quantize_stack(ckpt.get(name), scheme, group_size, transposed=transposed[name])
                 return cache[name][part]
             return produce
 
@@ -136,29 +175,31 @@ def quantize_checkpoint(src, out, *, experts: str, group_size: int | None = None
                 after += info.nbytes
                 continue
             *lead, a, b = info.shape
-            out_f, in_f = (b, a) if names[name] else (a, b)
-            groups = in_f // group_size if experts == "int4" else 1
-            layout = {"qweight": ((torch.uint8, in_f // 2) if experts == "int4" else (torch.int8, in_f)),
+            out_f, in_f = (b, a) if transposed[name] else (a, b)
+            groups = in_f // group_size if scheme == "int4" else 1
+            layout = {"qweight": ((torch.uint8, in_f // 2) if scheme == "int4" else (torch.int8, in_f)),
                       "scales": (SCALE_DTYPE, groups)}
-            if experts == "int4":
+            if scheme == "int4":
                 layout["zeros"] = (SCALE_DTYPE, groups)
             for part, (dtype, last) in layout.items():
                 shape = (*lead, out_f, last)
-                state[f"{name}.{part}"] = LazyTensor(dtype, shape, producer(name, part))
+                state[f"{names[name]}.{part}"] = LazyTensor(dtype, shape, producer(name, part))
                 after += torch.Size(shape).numel() * dtype.itemsize
         new_config = config.replace(quantization=spec.__dict__)
         tokenizer = Path(src) / "tokenizer"
 
         def write_cpu_layout(directory: Path) -> None:
-            # int4: the qweights again in the CPU kernel's layout, so offloaded misses need no repack
+            # int4 experts: the qweights again in the CPU kernel's layout, so offloaded misses need no
+            # repack (resident linear layers are repacked once at load)
             if experts == "int4":
                 with open_checkpoint(directory) as written:
                     write_cpu_int4_layout(directory, written, [f"{name}.qweight" for name in names], group_size)
 
         save_checkpoint_with(out, write_cpu_layout, new_config, state, tokenizer_dir=tokenizer if tokenizer.is_dir() else None,
-                             stage="quantize", parents=[src], options={"experts": experts, "group_size": group_size},
+                             stage="quantize", parents=[src],
+                             options={"experts": experts, "linear": linear, "group_size": group_size},
                              overwrite=overwrite, metrics={"weight_bytes_before": before, "weight_bytes_after": after})
     finally:
         ckpt.close()
-    return {"out": str(out), "scheme": experts, "group_size": group_size, "tensors_quantized": len(names),
+    return {"out": str(out), "scheme": scheme, "weights": spec.weights, "group_size": group_size, "tensors_quantized": len(names),
             "weight_bytes_before": before, "weight_bytes_after": after, "ratio": round(after / before, 4)}

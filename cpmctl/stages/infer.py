@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cpmctl.compiled import CompiledDecoder
+from cpmctl.config import DEFAULT_INT4_GROUP, QUANT_SCHEMES
 from cpmctl.checkpoint import INDEX_FILE, WEIGHTS_FILE, check_state_dict_matches, load_model, open_checkpoint
 from cpmctl.data import pad_rows
 from cpmctl.devices import peak_memory_bytes, planned_device, resolve_device, resolve_dtype
@@ -34,6 +35,8 @@ from cpmctl.offload import (StoredTensor, load_offloaded, offload_run_dtype, pla
                             stored_tensors)
 from cpmctl.plan import checkpoint_config, hf_model_config, is_assumed, make_plan, meta_model, source_note, stored_dtype
 from cpmctl.prompt import classify
+from cpmctl.quant import check_kernels
+from cpmctl.quantize import quantize_linears
 from cpmctl.tasks import Example, load_examples
 from cpmctl.tokenizer import load_tokenizer
 from cpmctl.units import human_bytes, parse_size
@@ -61,25 +64,36 @@ def run(cfg: InferConfig) -> dict:
 
     texts = cfg.texts if cfg.texts is not None else read_texts(cfg.input_file)
     device = resolve_device(cfg.device)
+    quantize_to = _check_quantized_run(cfg, device)
     started = time.perf_counter()
     engine = None
     if cfg.offload == "none":
-        model, ckpt = load_model(cfg.checkpoint, device=device, dtype=resolve_dtype(cfg.dtype))
+        model, ckpt = load_model(cfg.checkpoint, device=device, dtype=_float_dtype(cfg))
         if ckpt.nonfinite:
             ckpt.close()
             raise UserError(f"{cfg.checkpoint} holds NaN or infinite weights (in {', '.join(ckpt.nonfinite[:3])}"
                             f"{', ...' if len(ckpt.nonfinite) > 3 else ''}): its outputs would be meaningless; "
                             "re-create the checkpoint")
+        if quantize_to is not None:
+            try:
+                quantize_linears(model, *quantize_to)
+            except UserError as exc:
+                ckpt.close()
+                raise UserError(f"--dtype {cfg.dtype}: {exc}") from None
     else:
         _check_offload_device(cfg, device)
         with open_checkpoint(cfg.checkpoint) as headers:
             tensors = stored_tensors(headers, headers.shapes())
-        budget = _budget_bytes(cfg, tensors, resolve_dtype(cfg.dtype))
+        budget = _budget_bytes(cfg, tensors, _float_dtype(cfg))
         model, ckpt, engine = load_offloaded(cfg.checkpoint, mode=cfg.offload, budget=budget, device=device,
-                                             dtype=resolve_dtype(cfg.dtype), prefetch=cfg.prefetch,
+                                             dtype=_float_dtype(cfg), prefetch=cfg.prefetch,
                                              expert_compute=cfg.expert_compute, host_layers=cfg.host_layers)
     try:
         result = _run_loaded(cfg, model, ckpt, texts, device, started)
+        quant = model.config.quantization
+        if quant is not None:
+            result["stats"]["quantization"] = {"scheme": quant.scheme, "group_size": quant.group_size, "weights": quant.weights,
+                                               "at_load": quantize_to is not None}
     finally:
         if engine is not None:
             engine.close()
@@ -87,6 +101,36 @@ def run(cfg: InferConfig) -> dict:
         result["stats"]["offload"] = engine.stats()
         result["stats"]["peak_memory_bytes"] = peak_memory_bytes(device)
     return result
+
+
+def _float_dtype(cfg: InferConfig) -> torch.dtype | None:
+    """The dtype the float weights run in: --dtype's, or as stored for int8/int4 (only the linear
+    layers are quantized; the rest stays as stored)."""
+    return None if cfg.dtype in QUANT_SCHEMES else resolve_dtype(cfg.dtype)
+
+
+def _check_quantized_run(cfg: InferConfig, device) -> tuple[str, int | None] | None:
+    """Before anything loads: a quantized run (--dtype int8|int4, or a quantized checkpoint) has a
+    kernel on this device and keeps its weights resident. Returns (scheme, group size) to quantize
+    the linear layers to at load, or None."""
+    stored = checkpoint_config(cfg.checkpoint).quantization
+    asked = cfg.dtype if cfg.dtype in QUANT_SCHEMES else None
+    if asked is not None and stored is not None:
+        raise UserError(f"--dtype {asked}: {cfg.checkpoint} is already quantized ({stored.weights} {stored.scheme}); "
+                        "run it without --dtype, or quantize its unquantized parent")
+    scheme = asked or (stored.scheme if stored is not None else None)
+    if scheme is None:
+        return None
+    try:
+        check_kernels(scheme, device)
+    except UserError as exc:
+        raise UserError(f"--dtype {asked}: {exc}" if asked else f"{cfg.checkpoint}: {exc}") from None
+    if cfg.offload != "none" and (asked is not None or stored.weights == "linear"):
+        raise UserError(f"--offload {cfg.offload} streams float or quantized experts; quantized linear layers run resident "
+                        "(--offload none)")
+    if asked is None:
+        return None
+    return asked, DEFAULT_INT4_GROUP if asked == "int4" else None
 
 
 def _check_offload_device(cfg: InferConfig, device) -> None:
@@ -152,9 +196,11 @@ def plan(cfg: InferConfig, *, stand_ins=None):
     """What `run(cfg)` would do, from the checkpoint's config (and weight headers, when there)."""
     cfg.validate()
     device = planned_device(cfg.device)
-    requested = resolve_dtype(cfg.dtype)
+    requested = _float_dtype(cfg)
     config = checkpoint_config(cfg.checkpoint, stand_ins)
     notes: list[str] = [source_note(cfg.checkpoint, "checkpoint", stand_ins)]
+    if cfg.dtype in QUANT_SCHEMES:
+        notes.append(f"the attention and FFN linear layers are quantized to {cfg.dtype} at load (weights below as stored)")
     model = meta_model(config)
     resolve_kernels(cfg.kernels, device)
     if cfg.iterations is not None or cfg.step_size is not None:
