@@ -115,6 +115,19 @@ def cpu_int4_scales_zeros(w: QuantizedView) -> Tensor:
     return torch.stack((w.scales, w.zeros), dim=-1).transpose(0, 1).contiguous()
 
 
+# torch._weight_int8pack_mm reads its weight with aligned vector loads: a weight that does not
+# start on a 64-byte boundary (a memory-mapped safetensors view usually does not) crashed the
+# process (SIGSEGV) from 8 rows up (torch 2.13, AVX-512). Weights are copied to aligned memory first.
+CPU_ALIGNMENT = 64
+
+
+def cpu_aligned(t: Tensor) -> Tensor:
+    """`t`, or an aligned contiguous copy when it does not start on a CPU_ALIGNMENT boundary."""
+    if t.device.type != "cpu" or (t.is_contiguous() and t.data_ptr() % CPU_ALIGNMENT == 0):
+        return t
+    return t.contiguous() if not t.is_contiguous() else t.clone()
+
+
 def cpu_kernels_available(scheme: str) -> bool:
     name = "_weight_int8pack_mm" if scheme == "int8" else "_weight_int4pack_mm_for_cpu"
     return hasattr(torch.ops.aten, name)
@@ -186,6 +199,14 @@ class QuantizedWeight(nn.Module):
 
     def view_all(self) -> QuantizedView:
         packed = None
+        qweight = self.qweight
+        if self.scheme == "int8" and qweight.device.type == "cpu":
+            # an aligned copy of a misaligned (memory-mapped) stack, made once per loaded weight
+            key = (qweight.data_ptr(), qweight._version)
+            if self._packed_from != key:
+                self._cpu_packed = cpu_aligned(qweight)
+                self._packed_from = key
+            qweight = self._cpu_packed
         if self.scheme == "int4" and self.qweight.device.type == "cpu":
             # The CPU kernel's layout, made once per loaded weight (keyed on the storage, which
             # loading by assignment replaces).
@@ -198,7 +219,7 @@ class QuantizedWeight(nn.Module):
                 self._cpu_packed = torch.stack(packs).view(*lead, *packs[0].shape)
                 self._packed_from = key
             packed = self._cpu_packed
-        return QuantizedView(self.scheme, self.group_size, self.qweight, self.scales, self.zeros, packed)
+        return QuantizedView(self.scheme, self.group_size, qweight, self.scales, self.zeros, packed)
 
     def __getitem__(self, index) -> QuantizedView:
         return self.view_all()[index]
@@ -252,6 +273,8 @@ class QuantizedLinear(nn.Module):
     def prepare(self) -> None:
         """Make the CPU kernel's int4 layout from the stored tensors (nothing for int8, off-CPU, on meta)."""
         self.cpu_packed = self.cpu_scales_zeros = None
+        if self.scheme == "int8" and self.qweight.device.type == "cpu":
+            self.qweight = cpu_aligned(self.qweight)
         if self.scheme == "int4" and self.qweight.device.type == "cpu" and cpu_kernels_available("int4"):
             view = self.view(prepared=False)
             self.cpu_packed, self.cpu_scales_zeros = cpu_int4_pack(view), cpu_int4_scales_zeros(view)
