@@ -1,6 +1,7 @@
 """Greedy decode and prefill on the CPU: cpmctl (eager and `--compile`) against llama.cpp, side by side.
 
     .venv/bin/python benchmarks/decode_vs_llamacpp.py --llama-cpp-src DIR [--rounds 3] [--new-tokens 128] [--out FILE]
+        [--precisions fp32,bf16,int8,int4] [--threads 1] [--no-autotune]
 
 Needs the `llamacpp` extra (`pip install -e '.[llamacpp]'`: llama-cpp-python, built from source)
 and llama-cpp-python's unpacked source distribution (`pip download --no-binary :all: --no-deps
@@ -13,13 +14,19 @@ One run:
    converter wants one; the engines are fed token ids), imports it with `cpmctl.hf.import_hf`,
    and converts it to GGUF f32, f16, bf16 and q8_0 with llama.cpp's converter, then q4_0 with
    llama.cpp's own quantizer (`llama_model_quantize`);
-2. checks that cpmctl (eager and compiled) and llama.cpp f32 generate the same greedy tokens
-   from the same prompt ids;
+2. runs each precision in a subprocess of its own (its models, compiled graphs and llama.cpp
+   contexts; an earlier version compiled every precision in one process and stopped at dynamo's
+   recompile limit): fp32 against llama.cpp f32, bf16 against bf16 and f16, cpmctl's int8 linear
+   layers (`infer --dtype int8`: one scale per row) against q8_0, int4 (group 64, the default:
+   4.5 bits per weight, as q4_0's 32-weight blocks) against q4_0;
+   in fp32, checks that cpmctl (eager and compiled) and llama.cpp f32 generate the same greedy
+   tokens from the same prompt ids (elsewhere, reports the share of tokens equal to fp32 cpmctl's);
 3. times decode (`--new-tokens` after a 16-token prompt) in rounds that alternate the engines
    (order flipped every round), medians per engine and the median of per-round ratios;
 4. times prefill of a 512-token prompt the same way;
 5. measures the read bandwidth (a 1 GiB fp32 sum) and reports each decode as a fraction of the
-   bound it implies (weight bytes read per token / bandwidth).
+   bound it implies (weight bytes read per token / bandwidth: every weight but the token embedding,
+   cpmctl's from its tensors, llama.cpp's from the GGUF's tensor sizes).
 
 Compile time is measured cold (a fresh inductor cache directory for this process, unless
 --warm-cache) and warm (new compiled steps in the same process: dynamo traces again, inductor's
@@ -198,6 +205,103 @@ def summarise(seconds: dict[str, list[float]], units: int, reference: str) -> di
     return out
 
 
+PRECISIONS = {  # precision -> (cpmctl float dtype, cpmctl quantization (scheme, group), llama.cpp GGUF kinds)
+    "fp32": ("float32", None, ["f32"]),
+    "bf16": ("bfloat16", None, ["bf16", "f16"]),
+    "int8": ("float32", ("int8", None), ["q8_0"]),
+    "int4": ("float32", ("int4", 64), ["q4_0"]),
+}
+
+
+def gguf_weight_bytes(src: Path, path: Path) -> int:
+    """Bytes of a GGUF's tensors other than the token embedding (what decoding reads per token)."""
+    sys.path.insert(0, str(src / "vendor" / "llama.cpp" / "gguf-py"))
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
+
+
+def cpmctl_weight_bytes(model) -> int:
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n.rpartition(".")[2] in ("qweight", "scales", "zeros"))]
+    return sum(t.numel() * t.element_size() for n, t in tensors if n != "embed.tokens.weight")
+
+
+def measure_precision(precision: str, work: Path, args, bandwidth: float) -> dict:
+    """One precision's row: compile costs, decode and prefill rates of cpmctl (eager, compiled)
+    and llama.cpp's GGUF kinds of that precision, in alternating rounds (run in its own process)."""
+    import torch
+
+    from cpmctl.checkpoint import load_model
+    from cpmctl.compiled import CompiledDecoder
+    from cpmctl.quantize import quantize_linears
+
+    torch.set_num_threads(args.threads)
+    dtype_name, quant, gguf_kinds = PRECISIONS[precision]
+    prompts = json.loads((work / "prompts.json").read_text())
+    prompt, long_prompt = prompts["prompt"], prompts["long"]
+    model, handle = load_model(work / "cpmctl", dtype=getattr(torch, dtype_name))
+    handle.close()
+    if quant is not None:
+        quantize_linears(model, *quant)
+    weight_bytes = cpmctl_weight_bytes(model)
+    eager = Cpmctl(model, None)
+    # Cold compile (a fresh inductor cache per run, unless --warm-cache): the prefill bucket and
+    # decode graph of the timed generation, timed inside generate.
+    compiled_steps = CompiledDecoder(model, autotune=args.autotune)
+    compiled = Cpmctl(model, compiled_steps)
+    start = time.perf_counter()
+    compiled_tokens = compiled.greedy(prompt, args.new_tokens)
+    cold = time.perf_counter() - start
+    compiled.greedy(prompt, 1)  # the one-token run's cache bucket
+    before = compiled_steps.stats.compile_s
+    compiled.prefill(long_prompt)  # the 512 bucket's graph, compiled before timing
+    cold_prefill_512 = compiled_steps.stats.compile_s - before
+    warm_steps = CompiledDecoder(model, autotune=args.autotune)  # new code objects: dynamo traces, inductor's cache answers
+    start = time.perf_counter()
+    Cpmctl(model, warm_steps).greedy(prompt, args.new_tokens)
+    warm = time.perf_counter() - start
+    del warm_steps
+    row: dict = {"weight_bytes_per_token": {"cpmctl": weight_bytes},
+                 "compile": {"cold_s": cold, "cold_prefill_512_s": cold_prefill_512, "warm_s": warm,
+                             "graphs": compiled_steps.stats.graphs, "autotune": args.autotune}}
+    llama = {kind: LlamaCpp(work / f"model-{kind}.gguf", args.threads) for kind in gguf_kinds}
+    for kind in gguf_kinds:
+        row["weight_bytes_per_token"][f"llama_{kind}"] = gguf_weight_bytes(args.llama_cpp_src, work / f"model-{kind}.gguf")
+    engines = {"cpmctl_eager": eager, "cpmctl_compiled": compiled, **{f"llama_{k}": llama[k] for k in gguf_kinds}}
+    eager_tokens = eager.greedy(prompt, args.new_tokens)
+    row["compiled_tokens_identical_to_eager"] = compiled_tokens == eager_tokens
+    def agreement(reference: list[int]) -> dict[str, int]:
+        """Per engine: greedy tokens equal to `reference` before the first difference (the same
+        length as the timed runs, so no other cache bucket is compiled)."""
+        out = {}
+        for name, engine in engines.items():
+            tokens = {"cpmctl_eager": eager_tokens, "cpmctl_compiled": compiled_tokens}.get(name) or engine.greedy(prompt, len(reference))
+            out[name] = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(reference))
+        return out
+
+    if precision == "fp32":
+        row["tokens_equal_to_llama_f32_before_first_difference"] = agreement(llama["f32"].greedy(prompt, args.new_tokens))
+        (work / "fp32_tokens.json").write_text(json.dumps(eager_tokens))
+    elif (work / "fp32_tokens.json").exists():
+        row["tokens_equal_to_cpmctl_fp32_before_first_difference"] = agreement(json.loads((work / "fp32_tokens.json").read_text()))
+    log({precision: {"checks": {k: v for k, v in row.items() if "tokens" in k}}})
+    reference = f"llama_{gguf_kinds[0]}"
+    decode = rounds(engines, lambda e: e.greedy(prompt, args.new_tokens), args.rounds)
+    # greedy() times the prompt too; the decode figure subtracts each engine's own prefill of the
+    # same 16 tokens (and first token), measured in the same rounds.
+    short = rounds(engines, lambda e: e.greedy(prompt, 1), args.rounds)
+    per_token = {name: [max(t - statistics.median(short[name]), 1e-9) for t in decode[name]] for name in engines}
+    row["decode"] = summarise(per_token, args.new_tokens - 1, reference)
+    for name, figures in row["decode"].items():
+        read = row["weight_bytes_per_token"]["cpmctl" if name.startswith("cpmctl") else name]
+        figures["fraction_of_bandwidth_bound"] = figures["per_s"] * read / (bandwidth * GB)
+    eager_s, compiled_s = (1 / row["decode"][n]["per_s"] for n in ("cpmctl_eager", "cpmctl_compiled"))
+    row["compile"]["break_even_tokens"] = cold / (eager_s - compiled_s) if eager_s > compiled_s else None
+    prefill = rounds(engines, lambda e: e.prefill(long_prompt), args.rounds)
+    row["prefill_512"] = summarise(prefill, PREFILL, reference)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-cpp-src", type=Path, default=os.environ.get("LLAMA_CPP_PYTHON_SRC"),
@@ -210,22 +314,30 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precisions", default="fp32,bf16,int8,int4")
+    parser.add_argument("--no-autotune", dest="autotune", action="store_false",
+                        help="compile without max-autotune (inductor's default kernels; minutes less per precision)")
     parser.add_argument("--warm-cache", action="store_true", help="keep inductor's usual cache (compile time not cold)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # PRECISION:WORKDIR:BANDWIDTH, run by the parent
     args = parser.parse_args()
     if args.llama_cpp_src is None or not (Path(args.llama_cpp_src) / "vendor/llama.cpp/convert_hf_to_gguf.py").is_file():
         parser.error("--llama-cpp-src must be llama-cpp-python's unpacked source distribution (vendor/llama.cpp/convert_hf_to_gguf.py)")
+    precisions = args.precisions.split(",")
+    if unknown := [p for p in precisions if p not in PRECISIONS]:
+        parser.error(f"unknown precision(s) {unknown}; expected some of {', '.join(PRECISIONS)}")
+    if args.worker:
+        precision, work, bandwidth = args.worker.split(":")
+        row = measure_precision(precision, Path(work), args, float(bandwidth))
+        (Path(work) / f"row-{precision}.json").write_text(json.dumps(row))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="decode-vs-llamacpp-"))
-    if not args.warm_cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor")  # before torch reads it: a cold compile
 
     import importlib.util
 
     import torch
 
     from cpmctl import hf
-    from cpmctl.checkpoint import load_model
-    from cpmctl.compiled import CompiledDecoder
 
     torch.set_num_threads(args.threads)
     spec = importlib.util.spec_from_file_location("bench_machine", HERE / "machine.py")
@@ -240,66 +352,33 @@ def main() -> None:
 
     hf_dir = tmp / "hf"
     make_hf_llama(hf_dir, args)
-    ckpt = hf.import_hf(hf_dir, tmp / "cpmctl")
-    ggufs = {kind: convert_gguf(args.llama_cpp_src, hf_dir, tmp / f"model-{kind}.gguf", kind)
-             for kind in ("f32", "f16", "bf16", "q8_0")}
-    ggufs["q4_0"] = quantize_gguf(ggufs["f32"], tmp / "model-q4_0.gguf", "LLAMA_FTYPE_MOSTLY_Q4_0")
+    hf.import_hf(hf_dir, tmp / "cpmctl")
+    for kind in ("f32", "f16", "bf16", "q8_0"):
+        convert_gguf(args.llama_cpp_src, hf_dir, tmp / f"model-{kind}.gguf", kind)
+    quantize_gguf(tmp / "model-f32.gguf", tmp / "model-q4_0.gguf", "LLAMA_FTYPE_MOSTLY_Q4_0")
     results["bandwidth_read_gbps"] = read_bandwidth_gbps()
     log({"bandwidth_read_gbps": results["bandwidth_read_gbps"]})
-
     gen = torch.Generator().manual_seed(1)
-    prompt = torch.randint(3, args.vocab, (PROMPT,), generator=gen).tolist()
-    long_prompt = torch.randint(3, args.vocab, (PREFILL,), generator=gen).tolist()
-    llama = {kind: LlamaCpp(path, args.threads) for kind, path in ggufs.items()}
+    prompts = {"prompt": torch.randint(3, args.vocab, (PROMPT,), generator=gen).tolist(),
+               "long": torch.randint(3, args.vocab, (PREFILL,), generator=gen).tolist()}
+    (tmp / "prompts.json").write_text(json.dumps(prompts))
 
-    for precision, dtype, gguf_kinds in (("fp32", torch.float32, ["f32"]), ("bf16", torch.bfloat16, ["bf16", "f16"])):
-        model, handle = load_model(ckpt, dtype=dtype)
-        handle.close()
-        weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed.tokens.weight")
-        eager = Cpmctl(model, None)
-        # Cold compile: prefill (16-token bucket) and the decode graph, timed inside generate.
-        compiled_steps = CompiledDecoder(model)
-        compiled = Cpmctl(model, compiled_steps)
-        start = time.perf_counter()
-        compiled_tokens = compiled.greedy(prompt, 8)
-        cold = time.perf_counter() - start
-        compiled.prefill(long_prompt)  # the 512 bucket's graph, compiled before timing
-        cold_prefill_512 = compiled_steps.stats.compile_s - compiled.last_stats["compile_s"]
-        warm_steps = CompiledDecoder(model)
-        start = time.perf_counter()
-        Cpmctl(model, warm_steps).greedy(prompt, 8)
-        warm = time.perf_counter() - start
-        row: dict = {"weight_bytes_per_token": weight_bytes,
-                     "compile": {"cold_s": cold, "cold_prefill_512_s": cold_prefill_512, "warm_s": warm,
-                                 "graphs": compiled_steps.stats.graphs}}
-        engines = {"cpmctl_eager": eager, "cpmctl_compiled": compiled, **{f"llama_{k}": llama[k] for k in gguf_kinds}}
-        if precision == "fp32":
-            want = llama["f32"].greedy(prompt, 32)
-            same = {name: engines[name].greedy(prompt, 32) == want for name in ("cpmctl_eager", "cpmctl_compiled")}
-            row["greedy_tokens_identical_to_llama_f32"] = same
-            log({"greedy_tokens_identical_to_llama_f32": same})
-        reference = f"llama_{gguf_kinds[0]}"
-        decode = rounds(engines, lambda e: e.greedy(prompt, args.new_tokens), args.rounds)
-        # greedy() times the prompt too; the decode figure subtracts each engine's own prefill
-        # of the same 16 tokens, measured in the same rounds.
-        short = rounds(engines, lambda e: e.greedy(prompt, 1), args.rounds)
-        per_token = {name: [max(t - statistics.median(short[name]), 1e-9) for t in decode[name]] for name in engines}
-        row["decode"] = summarise(per_token, args.new_tokens - 1, reference)
-        for name, figures in row["decode"].items():
-            figures["fraction_of_bandwidth_bound"] = None if not name.startswith("cpmctl") and name != reference else (
-                figures["per_s"] * weight_bytes / (results["bandwidth_read_gbps"] * GB))
-        eager_s, compiled_s = (1 / row["decode"][n]["per_s"] for n in ("cpmctl_eager", "cpmctl_compiled"))
-        row["compile"]["break_even_tokens"] = cold / (eager_s - compiled_s) if eager_s > compiled_s else None
-        prefill = rounds(engines, lambda e: e.prefill(long_prompt), args.rounds)
-        row["prefill_512"] = summarise(prefill, PREFILL, reference)
-        results[precision] = row
-        log({precision: row})
+    argv = [a for a in sys.argv[1:]]
+    for precision in precisions:
+        env = dict(os.environ)
+        if not args.warm_cache:  # a cold compile: a fresh inductor cache directory for each precision
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / f"inductor-{precision}")
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv,
+                               "--worker", f"{precision}:{tmp}:{results['bandwidth_read_gbps']}"], env=env)
+        row_file = tmp / f"row-{precision}.json"
+        if done.returncode != 0 or not row_file.exists():
+            results[precision] = {"error": f"worker exited with {done.returncode}"}
+        else:
+            results[precision] = json.loads(row_file.read_text())
+        results[precision]["process_s"] = time.perf_counter() - started
+        log({precision: results[precision]})
         write()
-
-    quantized = rounds({k: llama[k] for k in ("q8_0", "q4_0")}, lambda e: e.greedy(prompt, args.new_tokens), args.rounds)
-    results["llama_quantized_decode_per_s"] = {k: (args.new_tokens - 1) / statistics.median(v) for k, v in quantized.items()}
-    log({"llama_quantized_decode_per_s": results["llama_quantized_decode_per_s"]})
-    write()
     print(json.dumps(results, indent=2))
 
 

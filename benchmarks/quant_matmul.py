@@ -2,7 +2,10 @@
 
     .venv/bin/python benchmarks/quant_matmul.py [--d 1024] [--de 1024] [--threads 1] [--json]
 
-For a [rows, d] x [d, d_e]^T product at 1 and 8 rows: the fp32 dense matmul, torch's fused
+torchao 0.18's own CPU kernels are not among the variants: its C++ extension does not load on this
+machine, and its CPU int4 layout calls the same torch op (`_weight_int4pack_mm_for_cpu`).
+
+For a [rows, d] x [d, d_e]^T product at 1 and 8 rows: the fp32 and bf16 dense matmuls, torch's fused
 `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (group 64) with fp32 and with bf16
 activations, and dequantize-then-matmul. Interleaved rounds, median per variant, ratios against
 the fp32 dense matmul measured in the same run.
@@ -47,7 +50,8 @@ def main() -> int:
     results = {}
     for rows in (1, 8):
         x = torch.randn(rows, args.d)
-        variants = {"fp32 dense": lambda: x @ w.T}
+        wb, xb16 = w.to(torch.bfloat16), x.to(torch.bfloat16)
+        variants = {"fp32 dense": lambda: x @ w.T, "bf16 dense": lambda: xb16 @ wb.T}
         for act in (torch.float32, torch.bfloat16):
             name = "fp32" if act == torch.float32 else "bf16"
             xa = x.to(act)

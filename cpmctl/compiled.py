@@ -29,6 +29,7 @@ with the same call signature) is compiled like `nn.Linear`; nothing here names n
 from __future__ import annotations
 
 import time
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,11 @@ def _prefill_step(model: Transformer, tokens: Tensor, cache: StaticKVCache, atte
     return model.logits(hidden.index_select(1, last).squeeze(1))
 
 
+def _own_code(fn):
+    """A copy of `fn` with a code object of its own (dynamo keys its graphs by code object)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 @dataclass
 class CompileStats:
     """Seconds spent in steps that compiled a graph (first call of a shape: tracing, inductor,
@@ -108,9 +114,12 @@ class CompiledDecoder:
         if autotune:
             options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
         # Two functions, two code objects: dynamo keeps each one's graphs apart, and dynamic=False
-        # specialises every shape (a dynamic decode graph would lose the fixed GEMV shapes).
-        self._decode = torch.compile(_decode_step, fullgraph=True, dynamic=False, options=options)
-        self._prefill = torch.compile(_prefill_step, fullgraph=True, dynamic=False, options=options)
+        # specialises every shape (a dynamic decode graph would lose the fixed GEMV shapes). Each
+        # decoder compiles its own copies: dynamo counts graphs against its recompile limit (8) per
+        # code object, so decoders of several models (or dtypes) in one process would otherwise
+        # share, and exhaust, one budget.
+        self._decode = torch.compile(_own_code(_decode_step), fullgraph=True, dynamic=False, options=options)
+        self._prefill = torch.compile(_own_code(_prefill_step), fullgraph=True, dynamic=False, options=options)
         self._seen: set[tuple] = set()
         self.stats = CompileStats()
 

@@ -169,3 +169,21 @@ def test_compiled_generation_equals_eager():
             token = eager_logits_.argmax(-1)[:, None]
             compiled_logits, eager_logits_ = compiled.decode(token, cache), decode_one_token(model, token, eager_cache)
         assert cache.length == eager_cache.length == 11
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_decoders_of_several_models_do_not_share_the_recompile_limit():
+    """Dynamo counts graphs per code object; each CompiledDecoder compiles its own copies of the
+    steps, so decoders of several models in one process each get the whole limit (the benchmark
+    against llama.cpp compiled fp32, bf16, int8 and int4 models in one process and hit it)."""
+    import torch._dynamo.config as dynamo_config
+
+    with dynamo_config.patch(recompile_limit=2):
+        for seed in (0, 1, 2):
+            model = make("llama-tiny", seed=seed, n_layers=1)
+            compiled = CompiledDecoder(model, autotune=False)
+            ids = prompt(1, 5, model.config.vocab_size)
+            expected, _ = generate(model, ids, max_new_tokens=3)
+            got, _ = generate(model, ids, max_new_tokens=3, compiled=compiled)
+            assert torch.equal(expected, got) and len(compiled.stats.graphs) == 2
