@@ -21,8 +21,9 @@ One run:
    4.5 bits per weight, as q4_0's 32-weight blocks) against q4_0;
    in fp32, checks that cpmctl (eager and compiled) and llama.cpp f32 generate the same greedy
    tokens from the same prompt ids (elsewhere, reports the share of tokens equal to fp32 cpmctl's);
-3. times decode (`--new-tokens` after a 16-token prompt) in rounds that alternate the engines
-   (order flipped every round), medians per engine and the median of per-round ratios;
+3. times decode (`--new-tokens` after a 16-token prompt; each engine's clock from its first token
+   to its last) in rounds that alternate the engines (order rotated every round), medians per
+   engine and the median of per-round ratios;
 4. times prefill of a 512-token prompt the same way;
 5. measures the read bandwidth (a 1 GiB fp32 sum) and reports each decode as a fraction of the
    bound it implies (weight bytes read per token / bandwidth: every weight but the token embedding,
@@ -129,8 +130,11 @@ class LlamaCpp:
             logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
             token = int(np.argmax(logits))
             out.append(token)
+            if len(out) == 1:
+                decode_start = time.perf_counter()  # as cpmctl's generate: the tokens after the first
             if len(out) < n:
                 llm.eval([token])
+        self.decode_s = time.perf_counter() - decode_start
         return out
 
     def prefill(self, prompt: list[int]) -> None:
@@ -148,6 +152,7 @@ class Cpmctl:
         from cpmctl.generate import generate
 
         tokens, self.last_stats = generate(self.model, torch.tensor([prompt]), max_new_tokens=n, compiled=self.compiled)
+        self.decode_s = self.last_stats["decode_s"]  # the tokens after the first
         return tokens[0].tolist()
 
     def prefill(self, prompt: list[int]) -> None:
@@ -178,8 +183,9 @@ def read_bandwidth_gbps() -> float:
     return x.nbytes / statistics.median(times) / GB
 
 
-def rounds(engines: dict, work, n_rounds: int) -> dict[str, list[float]]:
-    """Seconds of `work(engine)` per engine per round; the order rotates every round."""
+def rounds(engines: dict, work, n_rounds: int, seconds_of=None) -> dict[str, list[float]]:
+    """Seconds of `work(engine)` (or `seconds_of(engine)` after it) per engine per round; the
+    order rotates every round."""
     names = list(engines)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for name in names:  # untimed: any graph these shapes need is compiled here
@@ -191,7 +197,8 @@ def rounds(engines: dict, work, n_rounds: int) -> dict[str, list[float]]:
         for name in order:
             start = time.perf_counter()
             work(engines[name])
-            seconds[name].append(time.perf_counter() - start)
+            took = time.perf_counter() - start
+            seconds[name].append(took if seconds_of is None else seconds_of(engines[name]))
     return seconds
 
 
@@ -252,7 +259,6 @@ def measure_precision(precision: str, work: Path, args, bandwidth: float) -> dic
     start = time.perf_counter()
     compiled_tokens = compiled.greedy(prompt, args.new_tokens)
     cold = time.perf_counter() - start
-    compiled.greedy(prompt, 1)  # the one-token run's cache bucket
     before = compiled_steps.stats.compile_s
     compiled.prefill(long_prompt)  # the 512 bucket's graph, compiled before timing
     cold_prefill_512 = compiled_steps.stats.compile_s - before
@@ -286,12 +292,10 @@ def measure_precision(precision: str, work: Path, args, bandwidth: float) -> dic
         row["tokens_equal_to_cpmctl_fp32_before_first_difference"] = agreement(json.loads((work / "fp32_tokens.json").read_text()))
     log({precision: {"checks": {k: v for k, v in row.items() if "tokens" in k}}})
     reference = f"llama_{gguf_kinds[0]}"
-    decode = rounds(engines, lambda e: e.greedy(prompt, args.new_tokens), args.rounds)
-    # greedy() times the prompt too; the decode figure subtracts each engine's own prefill of the
-    # same 16 tokens (and first token), measured in the same rounds.
-    short = rounds(engines, lambda e: e.greedy(prompt, 1), args.rounds)
-    per_token = {name: [max(t - statistics.median(short[name]), 1e-9) for t in decode[name]] for name in engines}
-    row["decode"] = summarise(per_token, args.new_tokens - 1, reference)
+    # Decode: each engine's own clock from its first token to its last (the prompt's prefill and
+    # the first token excluded), in alternating rounds.
+    decode = rounds(engines, lambda e: e.greedy(prompt, args.new_tokens), args.rounds, seconds_of=lambda e: e.decode_s)
+    row["decode"] = summarise(decode, args.new_tokens - 1, reference)
     for name, figures in row["decode"].items():
         read = row["weight_bytes_per_token"]["cpmctl" if name.startswith("cpmctl") else name]
         figures["fraction_of_bandwidth_bound"] = figures["per_s"] * read / (bandwidth * GB)
