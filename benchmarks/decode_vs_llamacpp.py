@@ -111,19 +111,49 @@ def quantize_gguf(source: Path, out: Path, ftype_name: str) -> Path:
 
 
 # -- engines --------------------------------------------------------------------------------------------
-class LlamaCpp:
-    def __init__(self, path: Path, threads: int) -> None:
-        from llama_cpp import Llama
+def llama_context(path: Path, threads: int, *, repack: bool = True):
+    """A llama.cpp context; `repack=False` loads the weights without llama.cpp's extra buffer types
+    (the CPU backend's repacked q8_0/q4_0 layouts for AVX-512/AMX)."""
+    import llama_cpp
+    import llama_cpp.llama as binding
 
-        self.llm = Llama(model_path=str(path), n_ctx=1024, n_batch=PREFILL, n_ubatch=PREFILL, n_threads=threads,
-                         n_threads_batch=threads, verbose=False)
+    defaults = llama_cpp.llama_model_default_params
+
+    def without_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    if not repack:  # the binding has no argument for it: its default-params call, for this load only
+        binding.llama_cpp.llama_model_default_params = without_repack
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=PREFILL, n_ubatch=PREFILL, n_threads=threads,
+                               n_threads_batch=threads, verbose=False)
+    finally:
+        binding.llama_cpp.llama_model_default_params = defaults
+
+
+class LlamaCpp:
+    """Greedy decoding and prefill through llama-cpp-python.
+
+    Quantized GGUFs (q8_0, q4_0): with its repacked weights this build (0.3.36, compiled here, on an
+    AVX-512/AMX Xeon) crashes (SIGSEGV) evaluating any batch of more than one token, while one token
+    at a time works. So `greedy` uses the repacked weights (llama.cpp's fastest decode) and feeds
+    the prompt one token at a time (outside the decode clock), and `prefill` runs on a second
+    context loaded without repacking."""
+
+    def __init__(self, path: Path, threads: int, *, quantized: bool = False) -> None:
+        self.llm = llama_context(path, threads)
+        self.one_at_a_time = quantized
+        self.batch_llm = llama_context(path, threads, repack=False) if quantized else self.llm
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
         import numpy as np
 
         llm = self.llm
         llm.reset()
-        llm.eval(prompt)
+        for start in range(0, len(prompt), 1 if self.one_at_a_time else len(prompt)):
+            llm.eval(prompt[start: start + (1 if self.one_at_a_time else len(prompt))])
         out = []
         for _ in range(n):
             # The binding keeps logits in `scores` only with logits_all; the context has the last row.
@@ -138,8 +168,8 @@ class LlamaCpp:
         return out
 
     def prefill(self, prompt: list[int]) -> None:
-        self.llm.reset()
-        self.llm.eval(prompt)
+        self.batch_llm.reset()
+        self.batch_llm.eval(prompt)
 
 
 class Cpmctl:
@@ -270,7 +300,7 @@ def measure_precision(precision: str, work: Path, args, bandwidth: float) -> dic
     row: dict = {"weight_bytes_per_token": {"cpmctl": weight_bytes},
                  "compile": {"cold_s": cold, "cold_prefill_512_s": cold_prefill_512, "warm_s": warm,
                              "graphs": compiled_steps.stats.graphs, "autotune": args.autotune}}
-    llama = {kind: LlamaCpp(work / f"model-{kind}.gguf", args.threads) for kind in gguf_kinds}
+    llama = {kind: LlamaCpp(work / f"model-{kind}.gguf", args.threads, quantized=kind.startswith("q")) for kind in gguf_kinds}
     for kind in gguf_kinds:
         row["weight_bytes_per_token"][f"llama_{kind}"] = gguf_weight_bytes(args.llama_cpp_src, work / f"model-{kind}.gguf")
     engines = {"cpmctl_eager": eager, "cpmctl_compiled": compiled, **{f"llama_{k}": llama[k] for k in gguf_kinds}}
