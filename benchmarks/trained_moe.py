@@ -312,6 +312,15 @@ def measure(args) -> dict:
     return out
 
 
+def read_files(path: Path) -> None:
+    """Read every weights file of `path` once (into the page cache)."""
+    buf = bytearray(64 << 20)
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
 def speed(args) -> dict:
     """Decode tokens/s of the trained (or scaled) MoE, resident and offloaded to disk with slots for
     25% and 50% of the experts, fp32 and int8/int4 experts, batch 1 and 8 (held-out prompts), with
@@ -349,38 +358,41 @@ def speed(args) -> dict:
         del model
         out[f"{scheme} arithmetic"] = arithmetic
         offloaded_rows = []
-        for batch in args.batches:
-            for setting in ("resident", "25%", "50%"):
-                if setting == "resident":
-                    model, ckpt = load_model(path)
-                    engine = None
-                else:  # resident weights + slots for that share of the experts
-                    budget = arithmetic["resident_bytes"] + round(int(setting[:-1]) / 100 * arithmetic["units"]) * arithmetic["slot_bytes"]
-                    out[f"{scheme} {setting} budget_bytes"] = budget
-                    evict(path)
-                    model, ckpt, engine = load_offloaded(path, mode="disk", budget=budget, device=cpu, dtype=None)
-                try:
-                    moved = []
-                    rate = decode(model, prompts[batch], args.new_tokens,
-                                  lambda: moved.append(engine.cache.bytes_moved if engine is not None else 0))
-                    row = {"tokens_per_s": round(rate, 3)}
-                    if scheme == "fp32" and setting == "resident":
-                        base[batch] = rate
-                    if batch in base:
-                        row["vs_resident_fp32"] = round(rate / base[batch], 3)
-                    if engine is not None:
-                        stats = engine.stats()
-                        row.update(slots=stats["slots"], units=stats["units"], hit_rate=stats["hit_rate"],
-                                   load_ms_per_miss=stats["load_ms_per_unit"],
-                                   expert_bytes_per_token=round((engine.cache.bytes_moved - moved[0]) / (batch * args.new_tokens)))
-                        offloaded_rows.append(row)
-                    out[f"{scheme} batch{batch} {setting}"] = row
-                    print(f"# {scheme} batch{batch} {setting}: {row}", file=sys.stderr, flush=True)
-                finally:
-                    if engine is not None:
-                        engine.close()
-                    ckpt.close()
-                    del model
+        # resident runs first, with the checkpoint's files read into the page cache (a resident
+        # model is in memory: its first touches must not be disk reads); each offloaded run evicts
+        for setting, batch in [(s, b) for s in ("resident", "25%", "50%") for b in args.batches]:
+            if setting == "resident":
+                if batch == args.batches[0]:
+                    read_files(path)
+                model, ckpt = load_model(path)
+                engine = None
+            else:  # resident weights + slots for that share of the experts
+                budget = arithmetic["resident_bytes"] + round(int(setting[:-1]) / 100 * arithmetic["units"]) * arithmetic["slot_bytes"]
+                out[f"{scheme} {setting} budget_bytes"] = budget
+                evict(path)
+                model, ckpt, engine = load_offloaded(path, mode="disk", budget=budget, device=cpu, dtype=None)
+            try:
+                moved = []
+                rate = decode(model, prompts[batch], args.new_tokens,
+                              lambda: moved.append(engine.cache.bytes_moved if engine is not None else 0))
+                row = {"tokens_per_s": round(rate, 3)}
+                if scheme == "fp32" and setting == "resident":
+                    base[batch] = rate
+                if batch in base:
+                    row["vs_resident_fp32"] = round(rate / base[batch], 3)
+                if engine is not None:
+                    stats = engine.stats()
+                    row.update(slots=stats["slots"], units=stats["units"], hit_rate=stats["hit_rate"],
+                               load_ms_per_miss=stats["load_ms_per_unit"],
+                               expert_bytes_per_token=round((engine.cache.bytes_moved - moved[0]) / (batch * args.new_tokens)))
+                    offloaded_rows.append(row)
+                out[f"{scheme} batch{batch} {setting}"] = row
+                print(f"# {scheme} batch{batch} {setting}: {row}", file=sys.stderr, flush=True)
+            finally:
+                if engine is not None:
+                    engine.close()
+                ckpt.close()
+                del model
         bandwidth = cold_read_bandwidth(path, arithmetic["slot_bytes"])
         out[f"{scheme} cold_read_mb_s"] = round(bandwidth / 1e6, 1)
         for row in offloaded_rows:
