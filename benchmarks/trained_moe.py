@@ -349,7 +349,8 @@ def speed(args) -> dict:
     prompts = {batch: torch.tensor(held_out_prompts(tok, batch, 16)) for batch in args.batches}
     out: dict = {}
     base: dict[int, float] = {}
-    for scheme in args.schemes:
+    base_only = [] if "fp32" in args.schemes else ["fp32"]  # resident fp32 still runs: the ratios' base
+    for scheme in base_only + list(args.schemes):
         path = model_path(args, scheme)
         model, ckpt, engine = load_offloaded(path, mode="disk", budget=checkpoint_weight_bytes(path), device=cpu, dtype=None)
         arithmetic = {k: engine.stats()[k] for k in ("resident_bytes", "slot_bytes", "units")}
@@ -360,7 +361,8 @@ def speed(args) -> dict:
         offloaded_rows = []
         # resident runs first, with the checkpoint's files read into the page cache (a resident
         # model is in memory: its first touches must not be disk reads); each offloaded run evicts
-        for setting, batch in [(s, b) for s in ("resident", "25%", "50%") for b in args.batches]:
+        settings = ("resident",) if scheme in base_only else ("resident", "25%", "50%")
+        for setting, batch in [(s, b) for s in settings for b in args.batches]:
             if setting == "resident":
                 if batch == args.batches[0]:
                     read_files(path)
@@ -393,6 +395,8 @@ def speed(args) -> dict:
                     engine.close()
                 ckpt.close()
                 del model
+        if not offloaded_rows:
+            continue
         bandwidth = cold_read_bandwidth(path, arithmetic["slot_bytes"])
         out[f"{scheme} cold_read_mb_s"] = round(bandwidth / 1e6, 1)
         for row in offloaded_rows:
