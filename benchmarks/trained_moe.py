@@ -387,7 +387,8 @@ def speed(args) -> dict:
                 if engine is not None:
                     stats = engine.stats()
                     row.update(slots=stats["slots"], units=stats["units"], hit_rate=stats["hit_rate"],
-                               load_ms_per_miss=stats["load_ms_per_unit"],
+                               load_ms_per_miss=stats["load_ms_per_unit"], prefetches=stats["prefetches"],
+                               prefetch_precision=stats["prefetch_precision"],
                                expert_bytes_per_token=round((engine.cache.bytes_moved - moved[0]) / (batch * args.new_tokens)))
                     offloaded_rows.append(row)
                 out[f"{scheme} batch{batch} {setting}"] = row
