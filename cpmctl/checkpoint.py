@@ -82,6 +82,20 @@ _HASH_READ_BYTES = 8 * 2**20
 # Header metadata key of a single safetensors file written by write_safetensors (training states,
 # adapters, task heads): {tensor name: [CRC-32 per block]} as JSON, checked on every read.
 CRC_METADATA_KEY = "cpmctl_crc32"
+# One-byte tensors (int8 / uint8 quantized weights) are read as zero-copy views only when they
+# start on a 64-byte line: torch's CPU int8 weight-only matmul (`_weight_int8pack_mm`, torch 2.13)
+# reads its weight with aligned vector loads and crashes (segfault) on one that starts off a
+# 16-byte boundary, and the file order (wider elements first) leaves one-byte tensors 1-aligned.
+ONE_BYTE_ALIGN = 64
+
+
+def zero_copy_readable(dtype: torch.dtype, byte_offset: int) -> bool:
+    """Whether a tensor stored at absolute file offset `byte_offset` is used as a view of the mapped
+    file (else the reader copies it into an aligned allocation): aligned to its element size, and
+    for one-byte elements to ONE_BYTE_ALIGN."""
+    if byte_offset % dtype.itemsize:
+        return False
+    return dtype.itemsize > 1 or byte_offset % ONE_BYTE_ALIGN == 0
 
 
 
@@ -704,9 +718,10 @@ class SafetensorsFile:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         view = self._open().get_tensor(name)
-        if info.byte_offset % info.dtype.itemsize:
+        if not zero_copy_readable(info.dtype, info.byte_offset):
             # Files from writers that do not order tensors by element size can leave a tensor
-            # misaligned; kernels may assume alignment, so such a tensor is copied instead.
+            # misaligned, and one-byte tensors need a 64-byte line (ONE_BYTE_ALIGN); kernels
+            # assume alignment, so such a tensor is copied instead.
             view = view.clone()
         if self.expected_crc is not None and name not in self._verified and verifying():
             self._check_crc(name, view)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cpmctl.checkpoint import zero_copy_readable
 from cpmctl.errors import UserError
 from cpmctl.offload.reader import ALIGN_BYTES
 from cpmctl.quant import QUANT_PARTS, is_quantized_part
@@ -92,14 +93,21 @@ def offload_units(model: nn.Module) -> tuple[str, list[tuple[tuple, list[tuple[s
     return "block", units
 
 
-def part_alignment(*, device: torch.device, stored_dtype: torch.dtype, dtype: torch.dtype, byte_offset: int) -> int:
+def part_alignment(*, device: torch.device, stored_dtype: torch.dtype, dtype: torch.dtype, byte_offset: int,
+                   tensor_offset: int | None = None) -> int:
     """Element offset (mod a 64-byte line) a piece must have in its slot: the alignment its
-    resident copy would have. Zero-copy views of the file on a CPU keep the file's, converted
+    resident copy would have. Zero-copy views of the file on a CPU keep the file's
+    (`checkpoint.zero_copy_readable`); a tensor the reader copies instead (same dtype, stored at
+    `tensor_offset`) starts aligned, so its piece keeps its offset within the tensor; converted
     copies are aligned. BLAS takes different paths for differently aligned operands (a one-row
     product differs in the last bit), and the offloaded model must compute what the resident one does."""
     itemsize = dtype.itemsize
-    zero_copy = device.type == "cpu" and stored_dtype == dtype and byte_offset % itemsize == 0
-    return (byte_offset % ALIGN_BYTES) // itemsize if zero_copy else 0
+    if device.type != "cpu" or stored_dtype != dtype:
+        return 0
+    start = byte_offset if tensor_offset is None else tensor_offset
+    if zero_copy_readable(stored_dtype, start):
+        return (byte_offset % ALIGN_BYTES) // itemsize
+    return ((byte_offset - start) % ALIGN_BYTES) // itemsize
 
 
 def staging_bytes(*, device: torch.device, mode: str, pieces: list[tuple[int, torch.dtype]], dtype: torch.dtype) -> int:
@@ -188,7 +196,8 @@ def plan_offload(model: nn.Module, tensors: Mapping[str, StoredTensor], *, mode:
                 numel *= t.dtype.itemsize
             elif t.byte_offset is not None:
                 offset = t.byte_offset + (block * (t.nbytes // t.shape[0]) if block is not None else 0)
-                want = part_alignment(device=device, stored_dtype=t.dtype, dtype=dtype, byte_offset=offset)
+                want = part_alignment(device=device, stored_dtype=t.dtype, dtype=dtype, byte_offset=offset,
+                                      tensor_offset=t.byte_offset)
             placed.append((numel, want))
             pieces.append((numel * t.dtype.itemsize, t.dtype))
         unit_parts.append(placed)
