@@ -46,7 +46,7 @@ from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
 from cpmctl.fsutil import atomic_directory, check_free_space, verification, verifying
 from cpmctl.model import build_model
-from cpmctl.quant import is_quantized_part
+from cpmctl.quant import CPU_ALIGNMENT, is_quantized_part
 
 log = logging.getLogger("cpmctl")
 
@@ -83,10 +83,9 @@ _HASH_READ_BYTES = 8 * 2**20
 # adapters, task heads): {tensor name: [CRC-32 per block]} as JSON, checked on every read.
 CRC_METADATA_KEY = "cpmctl_crc32"
 # One-byte tensors (int8 / uint8 quantized weights) are read as zero-copy views only when they
-# start on a 64-byte line: torch's CPU int8 weight-only matmul (`_weight_int8pack_mm`, torch 2.13)
-# reads its weight with aligned vector loads and crashes (segfault) on one that starts off a
-# 16-byte boundary, and the file order (wider elements first) leaves one-byte tensors 1-aligned.
-ONE_BYTE_ALIGN = 64
+# start on a CPU_ALIGNMENT line (cpmctl.quant says why: torch's int8 weight-only matmul crashes on
+# misaligned weights); the file order (wider elements first) leaves one-byte tensors 1-aligned.
+ONE_BYTE_ALIGN = CPU_ALIGNMENT
 
 
 def zero_copy_readable(dtype: torch.dtype, byte_offset: int) -> bool:
