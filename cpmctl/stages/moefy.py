@@ -176,6 +176,11 @@ def plan(cfg: MoefyConfig, *, stand_ins=None):
     if cfg.calibrate:
         breakdown["teacher"] = 4 * dense_params
         notes.append(f"--calibrate {cfg.calibrate}: a dense fp32 teacher copy beside the MoE model")
+        if cfg.ratios:
+            # the sweep recalibrates other ratios from a copy of the uncalibrated down projections
+            # and restores the written ratio's from another
+            breakdown["calibration copies"] = 2 * 4 * config.d_ff * config.d_model * len(layout.layers)
+            notes.append(f"--calibrate with --ratios: one calibration of {cfg.calibrate} steps per ratio other than --ratio's")
     trainable = router_params if cfg.router == "mlp" else 0
     tokens = None
     if cfg.data is not None:
