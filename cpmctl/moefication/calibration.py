@@ -77,16 +77,16 @@ class PerRatioCalibration:
     Calibration tunes the down projections for the routers' choice at one k, so experts
     calibrated at the written k are not what a run at another k would have made. Built before
     the first calibration (it keeps a copy of the routed, uncalibrated w_out / b_out), `done()`
-    after it (a copy of the written k's result); `prepare(k)` puts the right weights in place for
-    k: the written ones, or the uncalibrated ones calibrated again at k with the same data, steps,
-    learning rate and seed. `restore()` puts the written k's weights back."""
+    after it (a copy of the written k's result); `prepare(written)` puts the right weights in place
+    for the layers' current k: the written ones, or the uncalibrated ones calibrated again at that k
+    with the same data, steps, learning rate and seed. `restore()` puts the written k's weights
+    back. Every load recomputes the layers' stored skipped-expert outputs."""
 
     def __init__(self, model, teacher, rows: list[list[int]], *, steps: int, lr: float, batch_size: int, seed: int) -> None:
         self.model, self.teacher, self.rows = model, teacher, rows
         self.options = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
         self.before = self._copy()
         self.written: dict[str, torch.Tensor] | None = None
-        self.calibrations: dict[int, dict[str, Any]] = {}
 
     def _copy(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in self.model.named_parameters() if _calibrated(name)}
