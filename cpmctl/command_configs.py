@@ -187,7 +187,7 @@ class MoefyConfig:
     router: str = option("mlp", help="mlp (trained), center (cluster centres) or oracle (evaluation bound).")
     top_k: int | None = option(None, help="Experts per token.")
     ratio: float | None = option(None, help="Fraction of experts per token (default 0.2 when neither --top-k nor --ratio).")
-    ratios: list[float] | None = option(None, metavar="R,R,...", help="Also report held-out and --task quality, dense vs MoE, with each of these fractions of experts per token (same experts and routers; the checkpoint keeps --ratio / --top-k).")
+    ratios: list[float] | None = option(None, metavar="R,R,...", help="Also report held-out and --task quality, dense vs MoE, with each of these fractions of experts per token (same experts and routers; with --calibrate, each other ratio is calibrated for itself as a separate run would be; the checkpoint keeps --ratio / --top-k).")
     data: Path | None = option(None, help="Text/JSONL corpus or prepared shards: router training, co-activation, report.")
     eval_data: Path | None = option(None, help="Held-out text for the report (default: documents of --data kept out of training).")
     field: str = option("text", help="JSONL field holding the text.")

@@ -612,6 +612,12 @@ class Trainer:
         if cfg.max_grad_norm:
             grad_norm = _float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()
+        # The fused AdamW kernel writes the weights without bumping their version counters, and
+        # caches keyed on a weight's version (a MoE layer's stored fill outputs, moe.py) would
+        # go on serving values computed from the old weights: bump them here.
+        for p in params:
+            if p.requires_grad:
+                torch.autograd.graph.increment_version(p)
         optimizer.zero_grad(set_to_none=True)
 
         keys = sorted(sums)

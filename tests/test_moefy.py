@@ -506,3 +506,41 @@ def test_task_labels_that_the_task_head_does_not_know_exit_2(tmp_path, encoder_c
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert "medium" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("calibrate", [0, 2])
+def test_lm_quality_at_each_ratio_equals_separate_runs_at_that_ratio(tmp_path, dense_ckpt, corpus, task_files, calibrate):
+    """--ratios on the LM path (MLP routers trained on --data, skipped experts filled, held-out
+    perplexity, verbalizer task): the figures at ratio r are those of a separate run at ratio r,
+    --calibrate included (calibrated experts are tuned to one k: the sweep calibrates each other
+    k for itself; reusing the written k's experts gave a different perplexity)."""
+    common = dict(checkpoint=dense_ckpt, experts=8, data=corpus, max_docs=120, eval_docs=40, seq_len=32, epochs=2,
+                  task=task_files["task"], verbalizer=task_files["verbalizer"], calibrate=calibrate)
+    report = run(MoefyConfig(**common, out=tmp_path / "sweep", ratio=0.25, ratios=[0.5, 0.25, 0.75]))
+    assert [(e["ratio"], e["top_k"]) for e in report["ratios"]] == [(0.5, 4), (0.25, 2), (0.75, 6)]
+    assert [("calibration" in e) for e in report["ratios"]] == [bool(calibrate), False, bool(calibrate)]
+    for entry in report["ratios"]:
+        alone = run(MoefyConfig(**common, out=tmp_path / f"alone-{entry['ratio']}", ratio=entry["ratio"]))
+        assert entry["quality"]["dense_perplexity"] == alone["quality"]["dense_perplexity"]
+        assert entry["quality"]["moe_perplexity"] == pytest.approx(alone["quality"]["moe_perplexity"], rel=1e-6)
+        assert entry["task"] == alone["task"]
+        assert entry["compute_fraction"] == pytest.approx(alone_fraction(alone), abs=1e-4)
+        if calibrate and entry["ratio"] != 0.25:
+            assert entry["calibration"] == alone["calibration"]
+    assert report["ratios"][1]["quality"] == report["quality"]
+    # The checkpoint written by the sweep holds the written ratio's experts, as its separate run does.
+    with open_checkpoint(tmp_path / "sweep") as a, open_checkpoint(tmp_path / "alone-0.25") as b:
+        names = [n for n in a.tensor_names() if n.endswith("ffn.w_out") or n.endswith("ffn.b_out")]
+        assert names
+        for name in names:
+            assert torch.equal(a.get(name), b.get(name)), name
+        # The stored outputs of skipped experts are those of the written (calibrated) w_out: the
+        # fused AdamW step does not bump a weight's version, which left them stale before.
+        for name in [n for n in names if n.endswith("w_out")]:
+            fill = torch.einsum("ek,ekd->ed", a.get(name.replace("w_out", "act_fill")).float(), a.get(name).float())
+            torch.testing.assert_close(a.get(name.replace("w_out", "fill_out")).float(), fill, rtol=1e-5, atol=1e-6)
+
+
+def alone_fraction(report) -> float:
+    layers = report["layers"].values()
+    return sum(v["compute_fraction"] for v in layers) / len(layers)

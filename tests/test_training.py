@@ -106,6 +106,18 @@ def test_only_the_trainable_set_changes_and_has_optimizer_state(tmp_path, shards
         assert torch.equal(fh.get("lm_head.proj.weight"), model.state_dict()["lm_head.proj.weight"])
 
 
+def test_a_step_bumps_the_version_of_every_trained_weight(tmp_path, shards, sp_tokenizer):
+    """The fused AdamW kernel writes weights without bumping their version counters; the Trainer
+    bumps them, so caches keyed on a weight's version (MoE fill outputs) see each update."""
+    model = _model()
+    params = dict(model.named_parameters())
+    before = {k: p._version for k, p in params.items()}
+    data = make_batches(shards, sp_tokenizer, objective="causal", batch_size=4, seq_len=16)
+    Trainer(_cfg(tmp_path / "run", max_steps=2, optimizer="adamw")).fit(model, _loss, data, trainable=["lm_head"])
+    assert params["lm_head.proj.weight"]._version >= before["lm_head.proj.weight"] + 2
+    assert params["decoder.final_norm.weight"]._version == before["decoder.final_norm.weight"]
+
+
 def test_keep_the_best_and_early_stopping(tmp_path, shards, sp_tokenizer):
     scripted = iter([3.0, 2.0, 2.5, 2.4, 1.0])
     best_calls = []

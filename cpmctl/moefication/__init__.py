@@ -15,7 +15,7 @@ The names below are the package's public API (`from cpmctl import moefication as
 """
 
 from cpmctl.moefication.batches import RowBatches, encode_documents, length_sorted, lm_targets, model_inputs, real_tokens
-from cpmctl.moefication.calibration import calibrate, mean_pooled
+from cpmctl.moefication.calibration import PerRatioCalibration, calibrate, mean_pooled
 from cpmctl.moefication.evaluation import (RecallMeter, TaskSet, evaluate, evaluate_task, load_task_set, quality,
                                           quality_at_ratios, task_quality)
 from cpmctl.moefication.routers import (ROUTERS, expert_centres, expert_mass, init_router, recall, router_targets,
@@ -29,7 +29,7 @@ from cpmctl.moefication.thresholds import (SkipMeter, check_sparsity, dense_from
 
 __all__ = [
     "FFNInputRecorder", "NeuronSample", "SkipMeter", "check_sparsity", "dense_from_threshold", "magnitude_quantile",
-    "threshold_ffn_from_dense", "ROUTERS", "RecallMeter", "Reservoir", "RowBatches", "SPLITS", "TaskSet",
+    "threshold_ffn_from_dense", "PerRatioCalibration", "ROUTERS", "RecallMeter", "Reservoir", "RowBatches", "SPLITS", "TaskSet",
     "activation_profiles", "balanced_assign", "balanced_kmeans", "calibrate", "choose_layers", "coactivation_partition",
     "collect_inputs", "expert_layout", "ffn_names", "load_task_set",
     "encode_documents", "evaluate", "evaluate_task", "expert_centres", "expert_mass", "init_router", "length_sorted", "lm_targets",

@@ -178,11 +178,16 @@ def task_quality(task: TaskSet, dense: dict[str, Any], moe: dict[str, Any]) -> d
 
 def quality_at_ratios(model, moes: dict[str, Any], ratios: list[float], d_ff: int, *, rows: list[list[int]],
                       dense_eval: dict[str, Any] | None, task: TaskSet | None, dense_task: dict[str, Any] | None,
-                      batch_size: int) -> list[dict[str, Any]]:
+                      batch_size: int, calibration=None) -> list[dict[str, Any]]:
     """Dense vs MoE quality with each fraction of experts per token in `ratios`: the same experts,
     routers and fill, only each layer's k changes (routers score every expert; k picks how many
     run), and every layer's k is put back afterwards. Per ratio: k, the executed FFN compute
-    fraction, held-out quality (when `rows`) and task accuracy (when `task`)."""
+    fraction, held-out quality (when `rows`) and task accuracy (when `task`).
+
+    `calibration` (a calibration.PerRatioCalibration, when the run calibrated): calibrated
+    down projections are tuned to one k, so at any other k they are calibrated again for that k
+    from the same uncalibrated experts, as a separate run at that ratio would be; the written
+    k's weights are put back afterwards. Each figure is then the one a separate run reports."""
     from cpmctl.moefication.routers import top_k_for
 
     kept = {name: moe.top_k for name, moe in moes.items()}
@@ -195,6 +200,12 @@ def quality_at_ratios(model, moes: dict[str, Any], ratios: list[float], d_ff: in
                 moe.counts = [0, 0]
             ks = {moe.top_k for moe in moes.values()}
             entry["top_k"] = ks.pop() if len(ks) == 1 else sorted(ks)
+            if calibration is not None:
+                recalibrated = calibration.prepare(written=all(moe.top_k == kept[name] for name, moe in moes.items()))
+                if recalibrated is not None:
+                    entry["calibration"] = recalibrated
+                for moe in moes.values():
+                    moe.counts = [0, 0]
             if rows:
                 entry["quality"] = quality(dense_eval, evaluate(model, rows, batch_size))
             if task is not None:
@@ -207,4 +218,6 @@ def quality_at_ratios(model, moes: dict[str, Any], ratios: list[float], d_ff: in
     finally:
         for name, moe in moes.items():
             moe.top_k = kept[name]
+        if calibration is not None:
+            calibration.restore()
     return results

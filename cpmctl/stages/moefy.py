@@ -176,6 +176,11 @@ def plan(cfg: MoefyConfig, *, stand_ins=None):
     if cfg.calibrate:
         breakdown["teacher"] = 4 * dense_params
         notes.append(f"--calibrate {cfg.calibrate}: a dense fp32 teacher copy beside the MoE model")
+        if cfg.ratios:
+            # the sweep recalibrates other ratios from a copy of the uncalibrated down projections
+            # and restores the written ratio's from another
+            breakdown["calibration copies"] = 2 * 4 * config.d_ff * config.d_model * len(layout.layers)
+            notes.append(f"--calibrate with --ratios: one calibration of {cfg.calibrate} steps per ratio other than --ratio's")
     trainable = router_params if cfg.router == "mlp" else 0
     tokens = None
     if cfg.data is not None:
@@ -256,18 +261,42 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     # targets are not needed any more, and calibration should not hold them.
     inputs.clear()
     targets.clear()
-    calibration = None
-    if cfg.calibrate:
-        t0 = time.perf_counter()
-        teacher, teacher_ckpt = load_model(checkpoint, dtype=torch.float32)
-        try:
+    calibration = teacher_ckpt = per_ratio = None
+    try:
+        if cfg.calibrate:
+            t0 = time.perf_counter()
+            teacher, teacher_ckpt = load_model(checkpoint, dtype=torch.float32)
+            if cfg.ratios:  # the sweep calibrates each other k from these routed, uncalibrated experts
+                per_ratio = mf.PerRatioCalibration(model, teacher, train_rows, steps=cfg.calibrate, lr=cfg.calibrate_lr,
+                                                   batch_size=cfg.batch_size, seed=cfg.seed)
             with tempfile.TemporaryDirectory(prefix="moefy-calibrate-") as work:
                 calibration = mf.calibrate(model, teacher, train_rows, Path(work) / "run", steps=cfg.calibrate, lr=cfg.calibrate_lr,
                                            batch_size=cfg.batch_size, seed=cfg.seed)
-        finally:
+            if per_ratio is not None:
+                per_ratio.done()
+            else:
+                teacher_ckpt.close()
+                teacher_ckpt = teacher = None
+            timings["calibrate_s"] = round(time.perf_counter() - t0, 2)
+        report = _evaluate_moe(cfg, model, config, layers, per_layer, eval_rows, dense_eval, task, dense_task, per_ratio, kernels,
+                               timings, calibration, experts=experts, size=size, top_k=top_k, ratio=ratio, train_rows=train_rows)
+    finally:
+        if teacher_ckpt is not None:
             teacher_ckpt.close()
-        timings["calibrate_s"] = round(time.perf_counter() - t0, 2)
+    timings["total_s"] = round(time.perf_counter() - started, 2)
+    report["timings"] = timings
 
+    if stored_dtype is not None and stored_dtype != torch.float32:
+        model.to(stored_dtype)
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("out", "force")}
+    write_output(model, cfg, checkpoint, stage="moefy", options=options, metrics=report, report=report)
+    ckpt.close()
+    return report
+
+
+def _evaluate_moe(cfg: MoefyConfig, model, config, layers, per_layer, eval_rows, dense_eval, task, dense_task, per_ratio, kernels,
+                  timings, calibration, *, experts, size, top_k, ratio, train_rows) -> dict[str, Any]:
+    """The report: held-out quality and recall per layer, task accuracy, and the --ratios sweep."""
     report: dict[str, Any] = {
         "experts": experts, "expert_size": size, "top_k": top_k, "ratio": ratio, "split": cfg.split, "router": cfg.router,
         "train_documents": len(train_rows), "eval_documents": len(eval_rows), "layers": per_layer,
@@ -297,16 +326,8 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         moes = {f"{s}.{i}": f for s, i, f in model.ffn_modules() if f"{s}.{i}" in layers}
         report["ratios"] = mf.quality_at_ratios(model, moes, cfg.ratios, config.d_ff, rows=eval_rows, dense_eval=dense_eval,
-                                                task=task, dense_task=dense_task, batch_size=cfg.batch_size)
+                                                task=task, dense_task=dense_task, batch_size=cfg.batch_size, calibration=per_ratio)
         timings["ratios_s"] = round(time.perf_counter() - t0, 2)
-    timings["total_s"] = round(time.perf_counter() - started, 2)
-    report["timings"] = timings
-
-    if stored_dtype is not None and stored_dtype != torch.float32:
-        model.to(stored_dtype)
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("out", "force")}
-    write_output(model, cfg, checkpoint, stage="moefy", options=options, metrics=report, report=report)
-    ckpt.close()
     return report
 
 
