@@ -23,6 +23,11 @@ Everything runs through `cpmctl.stages.distill.run`, the function behind `cpmctl
 The results JSON (WORK/results.json or --results) is rewritten after every seed, and a run over
 the same settings continues from the seeds it holds. Before the tables and any optional extra
 (--speed-runs: student vs teacher inference speed, a timing, best run alone).
+
+To share a run between processes, give each the same --work and --seeds and its own
+--only-seeds: before each seed and each write, a process takes in the seeds the others wrote.
+`--skip-alone` trains only KD and MixKD (for the MixKD - KD question alone); the summary then
+covers the methods every seed held has.
 """
 
 from __future__ import annotations
@@ -132,7 +137,21 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.set_defaults(plot=False)  # nothing to draw: the figures are the tables
     parser.add_argument("--speed-runs", type=int, default=0, help="optional extra: student vs teacher inference timing pairs")
+    parser.add_argument("--only-seeds", default=None, metavar="LIST",
+                        help="train only these seeds of the --seeds range (e.g. 8,10,12); processes sharing one --work "
+                             "take in each other's seeds from the results file")
+    parser.add_argument("--skip-alone", action="store_true", help="train KD and MixKD only (no student alone)")
     args = parser.parse_args()
+    only = None
+    if args.only_seeds is not None:
+        try:
+            only = [int(x) for x in args.only_seeds.split(",") if x.strip()]
+        except ValueError:
+            harness.exit_usage(f"--only-seeds takes seed numbers like 8,10,12; got {args.only_seeds!r}")
+        outside = sorted(set(only) - set(harness.seeds_of(args)))
+        if outside:
+            harness.exit_usage(f"--only-seeds {','.join(map(str, outside))} outside the --seeds range "
+                               f"{args.first_seed}-{args.first_seed + args.seeds - 1}")
     variants = [parse_variant(v) for v in args.variant]
     try:
         fractions = [float(x) for x in args.fractions.split(",")]
@@ -153,6 +172,8 @@ def main() -> int:
     work = args.work
     results_path = args.results or work / "results.json"
     methods = {**BASE_METHODS, "MixKD": dict(kd_weight=1.0, mix_weight=1.0, smix_weight=args.smix_weight)}
+    if args.skip_alone:
+        del methods["alone"]
     for key, value in variants:
         methods[f"MixKD {key}={value:g}"] = {**methods["MixKD"], key: value}
 
@@ -163,7 +184,7 @@ def main() -> int:
         rows_used[split] = harness.subsample(data.task[split], files[split], n or None, args.first_seed)
     settings = {"data": str(data.root), "rows_read": data.rows, "rows_used": rows_used, "classes": len(data.labels),
                 **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                   if k not in ("seeds", "results", "json", "plot", "work", "speed_runs", "threads")}}
+                   if k not in ("seeds", "results", "json", "plot", "work", "speed_runs", "threads", "only_seeds", "skip_alone")}}
     print(data.describe(), file=sys.stderr)
     print(f"used: train {rows_used['train']:,} rows (100%), dev {rows_used['dev']:,}, test {rows_used['test']:,}", file=sys.stderr)
 
@@ -210,11 +231,18 @@ def main() -> int:
         key_file.write_text(json.dumps({"key": teacher_key, "teacher": teacher}))
     clock(f"teacher (test accuracy {teacher['test']['accuracy']:.4f})", t0)
 
-    # Seeds an earlier run with these settings finished are kept.
-    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    per_seed: dict[str, dict] = previous.get("per_seed", {}) if previous.get("settings") == settings else {}
+    # Seeds an earlier run (or another process) with these settings finished are kept.
+    def take_in_held() -> None:
+        previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        if previous.get("settings") == settings:
+            for key, runs in previous.get("per_seed", {}).items():
+                per_seed.setdefault(key, runs)
+
+    per_seed: dict[str, dict] = {}
+    take_in_held()
     report = {"benchmark": "distill", "machine": harness.machine(), "settings": settings, "teacher": teacher, "per_seed": per_seed}
-    for seed in harness.seeds_of(args):
+    for seed in harness.seeds_of(args) if only is None else only:
+        take_in_held()
         if str(seed) in per_seed:
             print(f"seed {seed}: kept from {results_path}", file=sys.stderr)
             continue
@@ -233,8 +261,10 @@ def main() -> int:
                 clock(f"seed {seed} {method} {label}: {run['steps']} steps (best {run['best_step']}), dev {run['dev_accuracy']:.4f}, "
                       f"test {run['test']['accuracy']:.4f}", t0)
         per_seed[str(seed)] = runs
+        take_in_held()
         report["summary"] = summarise(per_seed, methods, fractions, variants)
         harness.write_results(results_path, report)
+    take_in_held()
     report["summary"] = summarise(per_seed, methods, fractions, variants)
     report["total_s"] = round(time.monotonic() - started, 1)
     harness.write_results(results_path, report)
@@ -252,11 +282,13 @@ def main() -> int:
 
 
 def summarise(per_seed: dict, methods: dict, fractions: list[float], variants: list) -> dict:
-    """Means with 95% CIs over the seeds held, paired differences and the target lines."""
+    """Means with 95% CIs over the seeds held, paired differences and the target lines; the
+    methods are those every seed held has (a --skip-alone run has no student alone)."""
     seeds = sorted(per_seed, key=int)
     out = {"seeds": [int(s) for s in seeds], "methods": {}, "differences": {}, "targets": []}
     for fraction in fractions:
         label = fraction_label(fraction)
+        methods = [m for m in methods if all(f"{m} {label}" in per_seed[s] for s in seeds)]
 
         def values(method, metric, scale=1.0):
             return [scale * per_seed[s][f"{method} {label}"]["test"][metric] for s in seeds]
@@ -271,7 +303,7 @@ def summarise(per_seed: dict, methods: dict, fractions: list[float], variants: l
                 "train_rows": runs[0]["train_rows"]}
         pairs = [("MixKD", "KD"), ("KD", "alone"), ("MixKD", "alone")]
         pairs += [(m, "MixKD") for m in methods if m.startswith("MixKD ")]
-        for a, b in pairs:
+        for a, b in [(a, b) for a, b in pairs if a in methods and b in methods]:
             out["differences"][f"{a} - {b} {label}"] = {
                 "accuracy_points": harness.paired_difference(values(a, "accuracy", 100), values(b, "accuracy", 100)),
                 "macro_f1_points": harness.paired_difference(values(a, "macro_f1", 100), values(b, "macro_f1", 100))}

@@ -19,6 +19,10 @@ inheritance (Qin et al. 2022) defines them. Vocabulary sizes may differ between 
 student when they share a tokenizer (the extra rows are padding): a teacher with a smaller
 vocabulary is compared with the student's full softmax (its distribution is zero on the extra
 ids); a teacher with a larger one is cut to the student's size and renormalised.
+
+The temperature has no default here: every caller passes the one it means. The KI default
+(`cpmctl pretrain --ki-temperature`, chosen by measurement) is declared once, in
+cpmctl.command_configs; distillation and ReLU-fication recovery declare their own.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def _align_teacher(teacher_logits: Tensor, student_vocab: int) -> Tensor:
     return teacher_logits
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 2.0) -> Tensor:
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float) -> Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)) averaged over positions where `mask` is true."""
     teacher_logits = _align_teacher(teacher_logits, student_logits.shape[-1])
     s = student_logits[mask].float() / temperature
@@ -83,7 +87,7 @@ def teacher_topk(teacher_logits: Tensor, k: int, student_vocab: int | None = Non
     return ids, values
 
 
-def kd_loss_topk(student_logits: Tensor, ids: Tensor, topk_logits: Tensor, mask: Tensor, temperature: float = 2.0) -> Tensor:
+def kd_loss_topk(student_logits: Tensor, ids: Tensor, topk_logits: Tensor, mask: Tensor, temperature: float) -> Tensor:
     """T^2 * KL(q || p_s) with q the teacher's top-k distribution at temperature T renormalised
     over those k tokens, p_s the student's full softmax at T; averaged over `mask` positions.
     `ids`/`topk_logits`: [B, T, k] aligned with the student's positions."""
@@ -114,7 +118,7 @@ def ki_weight(step: int, ki_steps: int, schedule: str = "linear", alpha: float =
 
 
 def ki_loss(student_logits: Tensor, labels: Tensor, teacher: Tensor | tuple[Tensor, Tensor] | None,
-            a_t: float, temperature: float = 2.0) -> tuple[Tensor, dict[str, float]]:
+            a_t: float, temperature: float) -> tuple[Tensor, dict[str, float]]:
     """(1 - a_t) * LM + a_t * T^2 * KL(teacher || student) on target positions.
 
     `teacher`: full teacher logits [B, T, V_t], or (ids, logits) of its top-k [B, T, k], or None

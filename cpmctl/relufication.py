@@ -34,6 +34,11 @@ from cpmctl.moefication.calibration import mean_pooled
 from cpmctl.training import Trainer, TrainConfig, forward_flops_per_token
 
 RELU_KINDS = ("relu", "drelu")
+# The temperature of the recovery's KD from the original model. The recovery has no temperature
+# option; T = 2 is the value BENCHMARKS.md's ReLU-fication figures (issue 24) were measured with.
+# It is not `cpmctl pretrain --ki-temperature` (T = 1, chosen for knowledge inheritance from a
+# smaller teacher), which was never measured for recovery.
+RECOVERY_KD_TEMPERATURE = 2.0
 
 
 def relufied_config(config: ModelConfig, activation: str, where: str) -> ModelConfig:
@@ -145,7 +150,7 @@ def recovery_loss(model_config: ModelConfig, teacher: nn.Module, tap: HiddenTap,
             if kd > 0:
                 with torch.no_grad():
                     teacher_logits, _ = lm_targets(model_config, teacher(**batch), batch)
-            loss, stats = ki_loss(student, labels, teacher_logits, kd)
+            loss, stats = ki_loss(student, labels, teacher_logits, kd, RECOVERY_KD_TEMPERATURE)
             count = int((labels != -100).sum())
         else:
             mask = batch["attention_mask"]

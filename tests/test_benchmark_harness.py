@@ -192,3 +192,39 @@ def test_distill_refuses_a_single_class_task(tmp_path):
                            "--work", str(tmp_path / "w")], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "single class" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w").exists()
+
+
+def _student_run(accuracy: float) -> dict:
+    return {"steps": 50, "best_step": 25, "steps_per_epoch": 5, "stopped_early": True, "train_rows": 80,
+            "dev_accuracy": 0.8, "seconds": 1.0, "test": {"accuracy": accuracy, "macro_f1": accuracy - 0.05}}
+
+
+def test_distill_summary_covers_the_methods_every_seed_has():
+    """A seed from a --skip-alone run has KD and MixKD only: the summary compares those two over
+    every seed held, and leaves the student alone (and its differences) out."""
+    import distill
+
+    methods = {"alone": {}, "KD": {}, "MixKD": {}}
+    per_seed = {"0": {"alone 10%": _student_run(0.78), "KD 10%": _student_run(0.80), "MixKD 10%": _student_run(0.81)},
+                "8": {"KD 10%": _student_run(0.82), "MixKD 10%": _student_run(0.82)},
+                "9": {"KD 10%": _student_run(0.79), "MixKD 10%": _student_run(0.805)}}
+    summary = distill.summarise(per_seed, methods, [0.1], [])
+    assert summary["seeds"] == [0, 8, 9]
+    assert sorted(summary["methods"]) == ["KD 10%", "MixKD 10%"]
+    assert list(summary["differences"]) == ["MixKD - KD 10%"]
+    gap = summary["differences"]["MixKD - KD 10%"]["accuracy_points"]
+    assert gap.values == pytest.approx((1.0, 0.0, 1.5)) and gap.n == 3 and gap.mean == pytest.approx(2.5 / 3)
+    assert summary["methods"]["KD 10%"]["accuracy"].mean == pytest.approx((0.80 + 0.82 + 0.79) / 3)
+    assert [t["verdict"] for t in summary["targets"]] == ["not resolved", "not resolved"]
+    full = distill.summarise({"0": per_seed["0"]}, methods, [0.1], [])  # every method held: all three
+    assert sorted(full["methods"]) == ["KD 10%", "MixKD 10%", "alone 10%"] and len(full["differences"]) == 3
+
+
+def test_distill_only_seeds_must_lie_in_the_seed_range(tmp_path):
+    _task(tmp_path / "d", {"train": ["a", "b"], "dev": ["a"], "test": ["b"]})
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "distill.py"), "--data", str(tmp_path / "d"),
+                           "--work", str(tmp_path / "w"), "--seeds", "4", "--only-seeds", "2,7"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --only-seeds 7 outside the --seeds range 0-3"
+    assert not (tmp_path / "w").exists()

@@ -3,6 +3,7 @@ schedules, teachers of other sizes, the tokenizer check, the top-K teacher cache
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -53,7 +54,18 @@ def test_ki_loss_matches_a_hand_computation():
     loss, stats = ki_loss(student, labels, teacher, a, T)
     assert float(loss) == pytest.approx(expected, rel=1e-6)
     assert stats["lm"] == pytest.approx(sum(ce) / 2, rel=1e-6) and stats["kd"] == pytest.approx(T * T * sum(kl) / 2, rel=1e-6)
-    assert float(ki_loss(student, labels, None, 0.0)[0]) == pytest.approx(sum(ce) / 2, rel=1e-6)
+    assert float(ki_loss(student, labels, None, 0.0, T)[0]) == pytest.approx(sum(ce) / 2, rel=1e-6)
+
+
+def test_the_ki_temperature_default_is_declared_once():
+    """The losses take the temperature their caller means (no default of their own); the KI
+    default is the command's, T = 1 (BENCHMARKS.md "Knowledge inheritance")."""
+    for fn in (kd_loss, kd_loss_topk, ki_loss):
+        assert inspect.signature(fn).parameters["temperature"].default is inspect.Parameter.empty
+    with pytest.raises(TypeError, match="temperature"):
+        ki_loss(torch.zeros(1, 2, 3), torch.tensor([[0, 1]]), None, 0.0)
+    cfg = stage.PretrainConfig(out=Path("o"), data=Path("d"))
+    assert cfg.ki_temperature == 1.0
 
 
 def test_teacher_with_other_vocabulary_sizes():
@@ -171,8 +183,8 @@ def test_teacher_cache_gives_the_online_top_k_and_is_reused(work, tmp_path, sp_t
         ids, values = teacher_topk(t_logits, 4, 1000)
         assert torch.equal(b["teacher_ids"][mask], ids[mask])
         assert torch.equal(b["teacher_logits"][mask], values[mask])
-        online_loss = ki_loss(s_logits, a["labels"], (ids, values), 0.7)[0]
-        cached_loss = ki_loss(s_logits, b["labels"], (b["teacher_ids"], b["teacher_logits"]), 0.7)[0]
+        online_loss = ki_loss(s_logits, a["labels"], (ids, values), 0.7, 2.0)[0]
+        cached_loss = ki_loss(s_logits, b["labels"], (b["teacher_ids"], b["teacher_logits"]), 0.7, 2.0)[0]
         assert float(online_loss) == float(cached_loss)
     assert "teacher_ids" not in next(cached)  # past the cached steps
     ckpt.close()

@@ -73,6 +73,39 @@ def test_activation_sparsity_counts_exact_zeros_of_real_tokens_only():
     assert all(0.3 < v < 0.7 for v in got.values())  # a random ReLU layer: about half
 
 
+def test_recovery_kd_is_the_ki_loss_at_its_own_temperature():
+    """The recovery mixes the LM loss with KD from the original at T = 2 (the temperature its
+    benchmark was measured with), not at the pretrain KI default: checked against a direct
+    computation of (1 - w) * CE + w * T^2 * KL(teacher || student)."""
+    assert rf.RECOVERY_KD_TEMPERATURE == 2.0
+    config = ModelConfig.from_preset("llama-tiny", vocab_size=50, activation="relu", pad_token_id=0)
+    torch.manual_seed(0)
+    student, teacher = build_model(config), build_model(config)
+    with torch.no_grad():  # a confident teacher, so that the temperature matters
+        for module in teacher.modules():
+            if isinstance(module, torch.nn.Linear) and module.out_features == config.vocab_size:
+                module.weight.mul_(20)
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [9, 10, 11, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}
+    tap = rf.HiddenTap(student)
+    loss_fn = rf.recovery_loss(config, teacher, tap, lambda: 0, kd=0.3, l1=0.0, l1_ramp=0.5, steps=10)
+    loss, stats = loss_fn(student, batch)
+    tap.close()
+    with torch.no_grad():
+        s, t = student(**batch)[:, :-1], teacher(**batch)[:, :-1]
+    keep = batch["attention_mask"][:, 1:].bool()
+    labels = batch["input_ids"][:, 1:][keep]
+    s, t = s[keep].double(), t[keep].double()
+    ce = F.cross_entropy(s, labels)
+    T = 2.0
+    kl = (F.softmax(t / T, -1) * (F.log_softmax(t / T, -1) - F.log_softmax(s / T, -1))).sum(-1).mean()
+    assert stats["count"] == 6
+    assert float(loss) == pytest.approx(float(0.7 * ce + 0.3 * T * T * kl), rel=1e-5)
+    kl1 = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean()
+    assert stats["kd"] == pytest.approx(float(T * T * kl), rel=1e-5)
+    assert abs(stats["kd"] - float(kl1)) > 0.1  # not T = 1
+
+
 # -- the stage on tiny models ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, sp_tokenizer) -> dict[str, Path]:
