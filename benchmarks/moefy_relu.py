@@ -122,9 +122,8 @@ def relu_sparsity(checkpoint: Path, held: Path, docs: int, seq_len: int) -> list
     return [z / max(1, c) for z, c in zip(zeros, counts)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True)
+def add_lm_arguments(parser: argparse.ArgumentParser, *, steps: int) -> None:
+    """The small LM's data, shape and pre-training options, shared by the LM benchmarks."""
     parser.add_argument("--data", type=Path, default=CORPUS)
     parser.add_argument("--holdout-every", type=int, default=20)
     parser.add_argument("--vocab", type=int, default=4000)
@@ -133,8 +132,14 @@ def main() -> None:
     parser.add_argument("--d-ff", type=int, default=1024)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--lr", type=float, default=2e-3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    add_lm_arguments(parser, steps=800)
     parser.add_argument("--retrain", action="store_true", help="pre-train again even if WORK holds a model")
     parser.add_argument("--expert-size", type=int, default=32)
     parser.add_argument("--ratio", type=float, default=0.2)

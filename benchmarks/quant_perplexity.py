@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_model  # noqa: E402
-from moefy_relu import CORPUS, prepare_data, split_corpus  # noqa: E402
+from moefy_relu import add_lm_arguments, prepare_data, split_corpus  # noqa: E402
 from relufy_lm import pretrain  # noqa: E402
 
 TARGETS = {"int8": 0.005, "int4": 0.03}
@@ -35,18 +35,9 @@ TARGETS = {"int8": 0.005, "int4": 0.03}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=CORPUS)
+    add_lm_arguments(parser, steps=400)
     parser.add_argument("--checkpoint", type=Path, help="a trained dense decoder (with its tokenizer/) instead of training one")
     parser.add_argument("--heldout", type=Path, help="with --checkpoint: held-out text, one document per line")
-    parser.add_argument("--holdout-every", type=int, default=20)
-    parser.add_argument("--vocab", type=int, default=4000)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--d-ff", type=int, default=1024)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--groups", default="32,64,128", help="int4 group sizes to evaluate")
     parser.add_argument("--eval-docs", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)

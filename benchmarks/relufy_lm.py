@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_model  # noqa: E402
-from moefy_relu import CORPUS, prepare_data, split_corpus  # noqa: E402
+from moefy_relu import add_lm_arguments, prepare_data, split_corpus  # noqa: E402
 
 
 def pretrain(work: Path, tok_dir: Path, shards: Path, args) -> tuple[Path, dict]:
@@ -84,16 +84,7 @@ def time_models(paths: dict[str, Path], repeats: int, d: int) -> dict[str, dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=CORPUS)
-    parser.add_argument("--holdout-every", type=int, default=20)
-    parser.add_argument("--vocab", type=int, default=4000)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--d-ff", type=int, default=1024)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    add_lm_arguments(parser, steps=400)
     parser.add_argument("--recovery-steps", type=int, default=150)
     parser.add_argument("--recovery-lr", type=float, default=5e-4)
     parser.add_argument("--kd", type=float, default=0.5)

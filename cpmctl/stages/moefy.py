@@ -283,15 +283,8 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     finally:
         if teacher_ckpt is not None:
             teacher_ckpt.close()
-    timings["total_s"] = round(time.perf_counter() - started, 2)
-    report["timings"] = timings
 
-    if stored_dtype is not None and stored_dtype != torch.float32:
-        model.to(stored_dtype)
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("out", "force")}
-    write_output(model, cfg, checkpoint, stage="moefy", options=options, metrics=report, report=report)
-    ckpt.close()
-    return report
+    return _finish(model, cfg, checkpoint, ckpt, report, timings, started=started, stored_dtype=stored_dtype)
 
 
 def _evaluate_moe(cfg: MoefyConfig, model, config, layers, per_layer, eval_rows, dense_eval, task, dense_task, per_ratio, kernels,
@@ -401,6 +394,13 @@ def run_threshold(cfg: MoefyConfig) -> dict[str, Any]:
     if task is not None:
         report["task"] = {k.replace("moe_", "sparse_"): v for k, v in
                           mf.task_quality(task, dense_task, mf.evaluate_task(model, task, cfg.batch_size)).items()}
+    return _finish(model, cfg, checkpoint, ckpt, report, timings, started=started, stored_dtype=stored_dtype)
+
+
+def _finish(model, cfg: MoefyConfig, checkpoint: Path, ckpt, report: dict[str, Any], timings: dict[str, float], *,
+            started: float, stored_dtype) -> dict[str, Any]:
+    """Both methods' last step: the timings into the report, the model back in its stored dtype,
+    written with the report, the input checkpoint closed."""
     timings["total_s"] = round(time.perf_counter() - started, 2)
     report["timings"] = timings
     if stored_dtype is not None and stored_dtype != torch.float32:
