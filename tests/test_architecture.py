@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cpmctl"
 KERNELS = ROOT / "kernels" / "cpmctl_kernels"
+CPU_KERNELS = ROOT / "kernels" / "cpmctl_cpu"
 
 # Lowest first. A module name matches the first pattern that fits (fnmatch, on dotted names).
 LAYERS: list[tuple[str, list[str]]] = [
@@ -158,8 +159,9 @@ def test_the_foundation_imports_no_torch():
     assert not found, "\n".join(found)
 
 
-def test_the_kernel_package_stands_alone():
-    internal, external = graph(KERNELS)
+@pytest.mark.parametrize("package", [KERNELS, CPU_KERNELS], ids=lambda path: path.name)
+def test_the_kernel_package_stands_alone(package):
+    internal, external = graph(package)
     assert internal  # the graph was read
     leaks = [f"{name} imports cpmctl" for name, names in external.items() if "cpmctl" in names]
     assert not leaks, "\n".join(leaks)
