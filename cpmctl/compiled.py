@@ -22,6 +22,12 @@ and the weights' shapes and dtypes, and hand back the compiled code on the next 
 weights are not part of the key: they are read from the model of the run, so a cached graph
 serves another checkpoint of the same shapes with that checkpoint's own weights (tested).
 
+On CUDA the decode step also runs as a CUDA graph (inductor's cudagraph trees): one token's
+step is hundreds of small kernels, whose launch cost would otherwise bound decode. A graph
+replays fixed addresses, so the decoder keeps one KV cache per (batch, cache bucket) and hands it
+out again, reset, to the next run of that shape (its tensors marked as static inputs), and the
+logits a replay writes are copied out before the next replay overwrites them.
+
 A layer is traced through its `forward`, so a linear layer whose weight is quantized (any module
 with the same call signature) is compiled like `nn.Linear`; nothing here names nn.Linear.
 """
@@ -101,9 +107,10 @@ class CompiledDecoder:
     """Compiled prefill and decode steps of one model, built on first use of each shape.
 
     `autotune`: inductor's max-autotune (GEMM kernels chosen by measurement; slower to compile).
+    `cuda_graphs`: replay the decode step as a CUDA graph (default: when the model is on CUDA).
     """
 
-    def __init__(self, model: Transformer, *, autotune: bool = True) -> None:
+    def __init__(self, model: Transformer, *, autotune: bool = True, cuda_graphs: bool | None = None) -> None:
         check_compilable(model)
         check_compiler()
         self.model = model
@@ -118,17 +125,46 @@ class CompiledDecoder:
         # decoder compiles its own copies: dynamo counts graphs against its recompile limit (8) per
         # code object, so decoders of several models (or dtypes) in one process would otherwise
         # share, and exhaust, one budget.
-        self._decode = torch.compile(_own_code(_decode_step), fullgraph=True, dynamic=False, options=options)
+        device = next(model.parameters()).device
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        if cuda_graphs and device.type != "cuda":
+            raise UserError(f"CUDA graphs need a model on a CUDA device; this one is on {device}", option="compile")
+        self.cuda_graphs = cuda_graphs
+        # Prefill runs once per prompt: a graph of its own would cost more to record than it saves.
+        decode_options = {**options, "triton.cudagraphs": True} if cuda_graphs else options
+        self._decode = torch.compile(_own_code(_decode_step), fullgraph=True, dynamic=False, options=decode_options)
         self._prefill = torch.compile(_own_code(_prefill_step), fullgraph=True, dynamic=False, options=options)
+        self._caches: dict[tuple[int, int], StaticKVCache] = {}
         self._seen: set[tuple] = set()
         self.stats = CompileStats()
 
     def allocate(self, batch: int, needed: int, *, max_position: int) -> StaticKVCache:
         """A cache for `needed` positions, rounded up to its bucket (so that lengths share graphs);
-        `max_position`: the largest position id the run will use."""
-        param = next(self.model.parameters())
-        return StaticKVCache.allocate(self.model.config, batch, bucket(needed), layers=self.model.decoder.applications,
-                                      device=param.device, dtype=param.dtype, max_position=max_position)
+        `max_position`: the largest position id the run will use. A shape allocated before gets
+        the same tensors back, emptied: the graphs (CUDA graphs above all) keep their addresses.
+
+        The cache's own position bound is a constant of its shape, not of the run: dynamo bakes
+        it into the graphs, and a bound that followed `max_new_tokens` recompiled the prefill for
+        every new length. Real positions never reach it; it only keeps a prefill's right filler
+        inside an absolute position table, so the run's own limit is checked here."""
+        config = self.model.config
+        if config.position == "absolute" and max_position >= config.max_positions:
+            raise ValueError(f"sequence of {max_position + 1} positions exceeds the model's {config.max_positions}")
+        key = (batch, bucket(needed))
+        cache = self._caches.get(key)
+        if cache is None:
+            param = next(self.model.parameters())
+            bound = min(key[1], config.max_positions) if config.position == "absolute" else key[1]
+            cache = StaticKVCache.allocate(config, batch, key[1], layers=self.model.decoder.applications,
+                                           device=param.device, dtype=param.dtype, max_position=bound - 1)
+            if self.cuda_graphs:
+                for tensor in (*cache.keys, *cache.values, cache.position, cache.slots):
+                    torch._dynamo.mark_static_address(tensor)
+            self._caches[key] = cache
+        else:
+            cache.reset()
+        return cache
 
     def prefill_width(self, prompt_width: int) -> int:
         return bucket(prompt_width)
@@ -172,4 +208,6 @@ class CompiledDecoder:
                position_ids: Tensor | None = None) -> Tensor:
         """Logits [B, V] of one new token per row, `tokens` [B, 1]."""
         key = ("decode", tokens.shape[0], cache.max_length, attention_mask is not None)
-        return self._timed(key, self._decode, self.model, tokens, cache, attention_mask, position_ids)
+        logits = self._timed(key, self._decode, self.model, tokens, cache, attention_mask, position_ids)
+        # A CUDA graph's output lives in its pool and the next replay overwrites it.
+        return logits.clone() if self.cuda_graphs else logits

@@ -187,3 +187,50 @@ def test_decoders_of_several_models_do_not_share_the_recompile_limit():
             expected, _ = generate(model, ids, max_new_tokens=3)
             got, _ = generate(model, ids, max_new_tokens=3, compiled=compiled)
             assert torch.equal(expected, got) and len(compiled.stats.graphs) == 2
+
+
+def test_a_shape_allocated_again_gets_the_same_cache_emptied():
+    """CUDA graphs replay fixed addresses, so each (batch, bucket) keeps one cache across runs."""
+    model = make("llama-tiny", n_layers=1)
+    compiled = CompiledDecoder(model, autotune=False)
+    first = compiled.allocate(2, 11, max_position=10)
+    first.advance(7)
+    again = compiled.allocate(2, 13, max_position=12)  # same bucket (16)
+    assert again is first and again.length == 0 and again.max_position == 15  # the bucket's bound, not the run's
+    assert all(k.data_ptr() == p for k, p in zip(again.keys, [k.data_ptr() for k in first.keys]))
+    assert compiled.allocate(1, 11, max_position=10) is not first  # another batch size
+    assert compiled.allocate(2, 40, max_position=39).max_length == 64  # another bucket
+    assert not compiled.cuda_graphs  # a CPU model: no CUDA graphs
+
+
+def test_cuda_graphs_for_a_cpu_model_is_one_error():
+    with pytest.raises(UserError, match="CUDA graphs need a model on a CUDA device"):
+        CompiledDecoder(make("llama-tiny", n_layers=1), autotune=False, cuda_graphs=True)
+
+
+def test_a_run_past_an_absolute_position_table_is_refused_before_compiling():
+    model = make("gpt2-like")
+    limit = model.config.max_positions
+    compiled = CompiledDecoder(model, autotune=False)
+    assert compiled.allocate(1, limit, max_position=limit - 1).max_position == limit - 1
+    with pytest.raises(ValueError, match=f"sequence of {limit + 1} positions exceeds the model's {limit}"):
+        compiled.allocate(1, limit + 1, max_position=limit)
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_another_length_in_the_same_bucket_reuses_the_graphs():
+    """The cache's position bound belongs to its shape: a bound that followed max_new_tokens made
+    dynamo recompile the prefill for every new length."""
+    from torch._dynamo.utils import counters
+
+    model = make("llama-tiny", n_layers=1)
+    compiled = CompiledDecoder(model, autotune=False)
+    ids = prompt(1, 5, model.config.vocab_size)
+    for new in (6, 2, 9):
+        expected, _ = generate(model, ids, max_new_tokens=new)
+        got, _ = generate(model, ids, max_new_tokens=new, compiled=compiled)
+        assert torch.equal(expected, got)
+        if new == 6:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs

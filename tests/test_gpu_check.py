@@ -63,6 +63,9 @@ def test_rehearsal_runs_every_section_and_reports_every_field(tmp_path):
     assert model["fp32 logits: max |cpmctl - transformers| / max |logit|"]["met"]
     assert model["fp32 greedy: share of 6 tokens identical to transformers'"]["value"] == 1.0
     assert "bf16 decode: cpmctl's fraction of the memory-bandwidth bound" in model
+    decode = figures(results, "decode")  # fp32 on the CPU: compiled and eager pick the same tokens
+    assert decode["greedy: share of 8 tokens before compiled and eager first differ"]["value"] == 1.0
+    assert decode["compiled decode: fraction of the memory-bandwidth bound"]["value"] > 0
     offload = figures(results, "offload")
     for b in (1, 8):
         assert 0 <= offload[f"batch {b}: cpmctl offload cache hit rate"]["value"] <= 1

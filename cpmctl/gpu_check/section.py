@@ -21,6 +21,7 @@ MODULES = {
     "tests": "cpmctl.gpu_check.pytest_run",
     "kernels": "cpmctl.gpu_check.kernel_bench",
     "model": "cpmctl.gpu_check.model_bench",
+    "decode": "cpmctl.gpu_check.decode_bench",
     "offload": "cpmctl.gpu_check.offload_bench",
     "hybrid": "cpmctl.gpu_check.hybrid_bench",
 }
