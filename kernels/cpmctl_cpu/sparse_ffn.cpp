@@ -229,63 +229,108 @@ at::Tensor threshold_ffn(const at::Tensor& x, const at::Tensor& rows_in, const c
 // ---- mixture of experts ------------------------------------------------------------------------------
 constexpr int64_t ROW_BLOCK = 32;  // neurons per task of the up projection
 
+// Several tokens: the (token, expert) pairs are taken expert by expert, so an expert's rows are read
+// from memory once and reused from cache by the other tokens that chose it (a block of 32 rows, and an
+// expert's down-projection rows, stay in L2). Each token's outputs are summed in that order.
 at::Tensor moe_ffn(const at::Tensor& x, const at::Tensor& expert_ids, const c10::optional<at::Tensor>& expert_weights,
                    const at::Tensor& w_in, const c10::optional<at::Tensor>& w_gate, const at::Tensor& w_out,
                    const c10::optional<at::Tensor>& b_in, const c10::optional<at::Tensor>& b_gate,
                    const c10::optional<at::Tensor>& b_out, int64_t activation) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "moe_ffn: x");
   TORCH_CHECK(expert_ids.dim() == 2 && expert_ids.scalar_type() == at::kLong && expert_ids.is_contiguous(), "moe_ffn: ids");
-  const int64_t n = x.size(0), d = x.size(1), k = expert_ids.size(1);
+  const int64_t n = x.size(0), d = x.size(1), k = expert_ids.size(1), pairs = n * k;
   const int64_t experts = w_in.size(0), de = w_in.size(1);
+  const float* xs = x.data_ptr<float>();
   const float* win = w_in.data_ptr<float>();
   const float* wgate = optional_ptr(w_gate);
   const float* wout = w_out.data_ptr<float>();
   const float* bin = optional_ptr(b_in);
   const float* bgate = optional_ptr(b_gate);
+  const float* bout = optional_ptr(b_out);
   const float* weights = optional_ptr(expert_weights);
   const int64_t* ids = expert_ids.data_ptr<int64_t>();
-  for (int64_t p = 0; p < n * k; ++p)
+  for (int64_t p = 0; p < pairs; ++p)
     TORCH_CHECK(ids[p] >= 0 && ids[p] < experts, "moe_ffn: expert ids must be in [0, ", experts, "), got ", ids[p]);
   auto out = at::empty({n, d}, x.options());
-  std::vector<float> up(k * de), gate(wgate ? k * de : 0);
-  const int64_t blocks_per_pair = (de + ROW_BLOCK - 1) / ROW_BLOCK;
-  for (int64_t t = 0; t < n; ++t) {
-    const float* xt = x.data_ptr<float>() + t * d;
-    const int64_t* tid = ids + t * k;
-    at::parallel_for(0, k * blocks_per_pair, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t j = b / blocks_per_pair, r0 = (b % blocks_per_pair) * ROW_BLOCK;
-        const int64_t count = std::min(ROW_BLOCK, de - r0);
-        const int64_t offset = (tid[j] * de + r0);
-        dot_rows(win + offset * d, count, d, xt, up.data() + j * de + r0);
-        if (wgate) dot_rows(wgate + offset * d, count, d, xt, gate.data() + j * de + r0);
-      }
-    });
-    std::vector<const float*> rows;
-    std::vector<float> hidden;
-    rows.reserve(k * de);
-    hidden.reserve(k * de);
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t e = tid[j];
-      const float w = weights ? weights[t * k + j] : 1.f;
-      for (int64_t r = 0; r < de; ++r) {
-        const int64_t q = j * de + r;
-        float u = up[q];
-        if (bin) u += bin[e * de + r];
-        float g = 0.f;
-        if (wgate) {
-          g = gate[q];
-          if (bgate) g += bgate[e * de + r];
-        }
-        const float h = neuron(u, wgate ? &g : nullptr, activation) * w;
-        if (h != 0.f) {  // a silent neuron's row adds nothing: skipped
-          rows.push_back(wout + (e * de + r) * d);
-          hidden.push_back(h);
-        }
+  float* outs = out.data_ptr<float>();
+  // pairs sorted by expert (stable), and the runs of one expert
+  std::vector<int64_t> order(pairs);
+  for (int64_t p = 0; p < pairs; ++p) order[p] = p;
+  if (n > 1) std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+  std::vector<int64_t> run_start;
+  for (int64_t i = 0; i < pairs; ++i)
+    if (i == 0 || ids[order[i]] != ids[order[i - 1]]) run_start.push_back(i);
+  const int64_t runs = static_cast<int64_t>(run_start.size());
+  run_start.push_back(pairs);
+  // up (and gate) projections: tasks of (expert, block of rows), each over the tokens that chose it
+  std::vector<float> up(pairs * de), gate(wgate ? pairs * de : 0);
+  const int64_t blocks_per_run = (de + ROW_BLOCK - 1) / ROW_BLOCK;
+  at::parallel_for(0, runs * blocks_per_run, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t u = b / blocks_per_run, r0 = (b % blocks_per_run) * ROW_BLOCK;
+      const int64_t count = std::min(ROW_BLOCK, de - r0);
+      const int64_t offset = ids[order[run_start[u]]] * de + r0;
+      for (int64_t i = run_start[u]; i < run_start[u + 1]; ++i) {
+        const int64_t p = order[i];
+        const float* xt = xs + (p / k) * d;
+        dot_rows(win + offset * d, count, d, xt, up.data() + p * de + r0);
+        if (wgate) dot_rows(wgate + offset * d, count, d, xt, gate.data() + p * de + r0);
       }
     }
-    sum_rows(out.data_ptr<float>() + t * d, d, rows, hidden, optional_ptr(b_out));
+  });
+  // hidden values, routing weight applied; the rows of the down projection each pair reads (silent
+  // neurons, exactly 0, are skipped), in expert order
+  std::vector<const float*> rows;
+  std::vector<float> hidden;
+  std::vector<int64_t> pair_start(pairs + 1, 0), pair_token(pairs);
+  rows.reserve(pairs * de);
+  hidden.reserve(pairs * de);
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int64_t p = order[i], e = ids[p];
+    const float w = weights ? weights[p] : 1.f;
+    pair_start[i] = static_cast<int64_t>(rows.size());
+    pair_token[i] = p / k;
+    for (int64_t r = 0; r < de; ++r) {
+      const int64_t q = p * de + r;
+      float u = up[q];
+      if (bin) u += bin[e * de + r];
+      float g = 0.f;
+      if (wgate) {
+        g = gate[q];
+        if (bgate) g += bgate[e * de + r];
+      }
+      const float h = neuron(u, wgate ? &g : nullptr, activation) * w;
+      if (h != 0.f) {  // a silent neuron's row adds nothing: skipped
+        rows.push_back(wout + (e * de + r) * d);
+        hidden.push_back(h);
+      }
+    }
   }
+  pair_start[pairs] = static_cast<int64_t>(rows.size());
+  // down projection: column blocks (one per thread), pairs in expert order within each
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), d / MIN_COLUMNS));
+  const int64_t block = ((d + threads - 1) / threads + 15) / 16 * 16;
+  const int64_t blocks = (d + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t c_lo, int64_t c_hi) {
+    std::vector<const float*> shifted;
+    for (int64_t c = c_lo; c < c_hi; ++c) {
+      const int64_t c0 = c * block, width = std::min(block, d - c0);
+      for (int64_t t = 0; t < n; ++t) {
+        float* acc = outs + t * d + c0;
+        if (bout != nullptr) {
+          for (int64_t i = 0; i < width; ++i) acc[i] = bout[c0 + i];
+        } else {
+          std::fill(acc, acc + width, 0.f);
+        }
+      }
+      for (int64_t i = 0; i < pairs; ++i) {
+        const int64_t count = pair_start[i + 1] - pair_start[i];
+        shifted.resize(count);
+        for (int64_t j = 0; j < count; ++j) shifted[j] = rows[pair_start[i] + j] + c0;
+        axpy_rows(outs + pair_token[i] * d + c0, width, shifted.data(), hidden.data() + pair_start[i], count);
+      }
+    }
+  });
   return out;
 }
 
