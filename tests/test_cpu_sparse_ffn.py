@@ -89,6 +89,7 @@ def test_threshold_ffn_matches_its_reference(activation, gated, bias, n):
 
 
 def test_ops_trace_under_torch_compile():
+    sf.ops()  # built and loaded eagerly (the build holds a lock, which a traced function cannot enter)
     w = _experts(4, 8, 32, True, False)
     x, ids = torch.randn(1, 32), torch.tensor([[0, 2]])
     compiled = torch.compile(lambda x: _call(sf.moe_ffn, x, ids, None, w, "silu"), backend="eager", fullgraph=True)
@@ -230,3 +231,23 @@ def test_bad_operands_from_a_layer_become_a_user_error():
     w = _experts(4, 8, 16, False, False)
     with pytest.raises(UserError, match="expert ids must be in"):
         cpu_moe_ffn(torch.randn(1, 16), torch.tensor([[5]]), None, w["w_in"], None, w["w_out"], None, None, None, "relu")
+
+
+def test_two_threads_split_the_work_and_agree():
+    """Wide enough for two column blocks and several row blocks per expert: the threaded split."""
+    w = _experts(6, 40, 600, True, True)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 600, generator=g)
+    ids = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(3)])
+    weights = torch.rand(3, 3, generator=g)
+    rows = (torch.randn(600, 700, generator=g) * 0.04, torch.randn(600, 700, generator=g) * 0.04, torch.randn(700, 600, generator=g) * 0.04)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = _call(sf.moe_ffn, x, ids, weights, w, "silu")
+        got_t = sf.threshold_ffn(x, *rows, None, None, None, 0.3, 0.01, "silu")
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, _call(sf.moe_ffn_reference, x, ids, weights, w, "silu"), atol=1e-5, rtol=1e-5)
+    want_t = sf.threshold_ffn_reference(x, *rows, None, None, None, 0.3, 0.01, "silu")
+    torch.testing.assert_close(got_t, want_t, atol=1e-5, rtol=1e-5)

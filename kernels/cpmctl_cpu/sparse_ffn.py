@@ -11,7 +11,8 @@
   threshold_hidden, activation)`: cpmctl's ThresholdFeedForward in one call.
 
 fp32, CPU, contiguous operands. Each op has a torch reference below (`*_reference`) that the tests
-compare against, and a fake impl so it traces under torch.compile. Bad operands raise
+compare against, and a fake impl so it traces under torch.compile (call `ops()` once before
+compiling: the first call builds and loads the library, which a traced function cannot do). Bad operands raise
 CpuKernelInputError (one line); a machine without a compiler raises CpuKernelBuildError from `ops()`.
 """
 
