@@ -107,12 +107,14 @@ def cpu_sparse_ops():
 
 
 def cpu_kernel_fits(x: Tensor, *weights: Tensor | None) -> bool:
-    """Decode-sized fp32 CPU work without autograd: what the C++ sparse kernels take."""
+    """Decode-sized fp32 CPU work without autograd on contiguous weights: what the C++ sparse kernels
+    take (anything else keeps the torch path)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] > GATHER_MAX_TOKENS or x.shape[0] == 0:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w is not None and w.requires_grad for w in weights)):
         return False
-    return all(w is None or (isinstance(w, Tensor) and w.dtype == torch.float32 and w.device.type == "cpu") for w in weights)
+    return all(w is None or (isinstance(w, Tensor) and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous())
+               for w in weights)
 
 
 class ThresholdFeedForward(FeedForward):

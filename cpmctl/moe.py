@@ -597,7 +597,8 @@ class MoEFeedForward(nn.Module):
         # calibration) the torch path runs instead.
         if self.kernels == "triton" and not (torch.is_grad_enabled() and (flat.requires_grad or self.w_in.requires_grad)):
             ffn = triton_moe_ffn
-        elif (self.kernels == "cpu" and not self.quantized and cpu_kernel_fits(flat, self.w_in, self.w_out)
+        elif (self.kernels == "cpu" and not self.quantized
+              and cpu_kernel_fits(flat, self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out)
               and cpu_sparse_ops() is not None):
             ffn = cpu_moe_ffn
             if self.sums_experts:

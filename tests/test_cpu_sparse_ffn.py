@@ -251,3 +251,16 @@ def test_two_threads_split_the_work_and_agree():
     torch.testing.assert_close(got, _call(sf.moe_ffn_reference, x, ids, weights, w, "silu"), atol=1e-5, rtol=1e-5)
     want_t = sf.threshold_ffn_reference(x, *rows, None, None, None, 0.3, 0.01, "silu")
     torch.testing.assert_close(got_t, want_t, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_the_kernel_does_not_take_keep_the_torch_path():
+    layer = _moe_layer("silu", True, False, 8, 2, "linear")
+    x = torch.randn(1, layer.w_in.shape[-1])
+    with torch.no_grad():
+        # non-contiguous expert weights (the same values): the torch path, no error
+        layer.w_in = torch.nn.Parameter(layer.w_in.detach().transpose(1, 2).contiguous().transpose(1, 2))
+        want = layer(x)
+        layer.kernels = "cpu"
+        assert torch.equal(layer(x), want)
+        layer.double()  # float64: the torch path
+        assert layer(x.double()).dtype == torch.float64
