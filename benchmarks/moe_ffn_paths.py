@@ -10,7 +10,10 @@ not slow). Ratios are time / this tree's time. Outputs of this tree and of each 
 already computed per expert are checked equal bit for bit. Cases: issue 6's layer (d 1024,
 32 experts of 128, ReLU, MoEfied weights of 1, 20% = top-6) and a SwiGLU layer with softmax
 weights (top-2 of 16 experts of 256), at 1, 8 and 64 tokens, 2 torch threads by default.
-ac882d1 is the last revision before experts were made exact per expert (issue 6).
+ac882d1 is the last revision before experts were made exact per expert (issue 6). At decode sizes
+(<= 8 tokens) the C++ kernel `cpmctl_cpu.sparse_ffn.moe_ffn` (what `--kernels auto` runs on a CPU) is
+timed beside them (--no-kernel leaves it out); it sums in another order, so it is checked by its
+largest difference, not bit for bit.
 """
 
 from __future__ import annotations
@@ -55,10 +58,20 @@ def main() -> int:
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-kernel", action="store_true", help="leave out the C++ kernel (cpmctl_cpu.sparse_ffn.moe_ffn)")
     args = parser.parse_args()
     import torch
 
     import cpmctl.moe as current
+    from cpmctl.ffn import GATHER_MAX_TOKENS
+
+    kernel = None
+    if not args.no_kernel:
+        sys.path.insert(0, str(ROOT / "kernels"))
+        from cpmctl_cpu import sparse_ffn
+
+        sparse_ffn.ops()
+        kernel = sparse_ffn.moe_ffn
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -77,20 +90,25 @@ def main() -> int:
             ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
             weights = torch.ones(n, k) if case["ones"] else torch.softmax(torch.randn(n, k, generator=g), -1)
             call = (x, ids, weights, w_in, w_gate, w_out, None, None, None, case["activation"])
-            best = dict.fromkeys(versions, float("inf"))
+            paths = {rev: m.moe_ffn_reference for rev, m in versions.items()}
+            if kernel is not None and n <= GATHER_MAX_TOKENS:  # the decode sizes cpmctl runs it at
+                paths["C++ kernel"] = kernel
+            best = dict.fromkeys(paths, float("inf"))
             with torch.inference_mode():
                 want = current.moe_ffn_reference(*call)
-                exact = {rev: bool(torch.equal(m.moe_ffn_reference(*call), want)) for rev, m in versions.items()}
+                exact = {rev: bool(torch.equal(f(*call), want)) for rev, f in paths.items()}
+                max_diff = {rev: float((f(*call) - want).abs().max()) for rev, f in paths.items()}
                 for _ in range(10):
-                    for m in versions.values():
-                        m.moe_ffn_reference(*call)
+                    for f in paths.values():
+                        f(*call)
                 for _ in range(args.rounds):
-                    for rev, m in versions.items():
+                    for rev, f in paths.items():
                         start = time.perf_counter()
-                        m.moe_ffn_reference(*call)
+                        f(*call)
                         best[rev] = min(best[rev], time.perf_counter() - start)
             row = dict(case=case["name"], tokens=n, us={rev: round(t * 1e6, 1) for rev, t in best.items()},
-                       vs_this_tree={rev: round(t / best["this tree"], 3) for rev, t in best.items()}, bit_equal=exact)
+                       vs_this_tree={rev: round(t / best["this tree"], 3) for rev, t in best.items()}, bit_equal=exact,
+                       max_abs_diff=max_diff)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     record = dict(benchmark="moe_ffn_paths", date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=cpu_model(),

@@ -11,7 +11,9 @@
    split (its measured zero pattern) and MLP router, optionally --calibrate steps.
 5. `moefy --method threshold --sparsity S` of the original SwiGLU model, for each S in --sparsities.
 6. CPU speed at batch 1 (1 thread): one token through every FFN (the FFN modules alone) and through
-   the whole model (a 1-token forward), dense SwiGLU vs relufied-MoE vs each thresholded model,
+   the whole model (a 1-token forward), dense SwiGLU vs relufied-MoE vs each thresholded model (on
+   the kernels `--kernels auto` picks: the C++ sparse kernels on a CPU; benchmarks/sparse_ffn_speed.py
+   times them at llama-100m size against the torch path),
    measured in alternation in one process; median of --repeats rounds.
 All perplexities are on --eval-docs glosses of the held-out file, each against the original SwiGLU
 model's perplexity on the same rows. Figures go to stdout and WORK/results.json.
@@ -53,11 +55,14 @@ def time_models(paths: dict[str, Path], repeats: int, d: int) -> dict[str, dict[
     import torch
 
     from cpmctl.checkpoint import load_model
+    from cpmctl.moe import resolve_kernels, set_kernels
 
+    kernels = resolve_kernels("auto", "cpu")  # as infer runs them: the C++ sparse kernels where they build
     models = {}
     for name, path in paths.items():
         model, ckpt = load_model(path, dtype=torch.float32)
         ckpt.close()
+        set_kernels(model, kernels)
         models[name] = model.eval()
     x = torch.randn(1, d)
     ids = torch.tensor([[5]])

@@ -26,7 +26,7 @@ FORCE_HELP = "Replace OUT if it exists."
 RUN_FORCE_HELP = "Delete an existing run in OUT and start over."
 RESUME_CHANGES_HELP = ("--resume: accept these changed settings (e.g. batch_size,lr), which alter the run's trajectory; "
                        "they are written to metrics.jsonl.")
-KERNELS_HELP = "MoE FFN kernels: auto (Triton on CUDA, torch elsewhere), torch or triton."
+KERNELS_HELP = "MoE and thresholded FFN kernels: auto (Triton on CUDA, the C++ sparse kernels at decode sizes on a CPU), torch or triton."
 SEED_HELP = "Random seed."
 MIXED_PRECISION_HELP = "no, bf16 or fp16 (GPU)."
 PROGRESS_HELP = "Progress bars on a terminal (off with --json)."

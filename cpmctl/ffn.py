@@ -76,6 +76,46 @@ def below_threshold_zeroed(x: Tensor, threshold: Tensor) -> Tensor:
 # are faster (every row is needed by some token anyway).
 GATHER_MAX_TOKENS = 8
 
+# -- the C++ CPU kernels (cpmctl_cpu.sparse_ffn) ---------------------------------------------------------
+# `kernels = "cpu"` on a thresholded or MoE FFN: up to GATHER_MAX_TOKENS tokens of fp32 without
+# autograd run as one C++ call that reads only the weight rows used. The kernel is compiled on first
+# use; where that fails the layers keep the torch path and say so once.
+_cpu_ops: object | None = None
+_cpu_problem: str | None = None
+
+
+def cpu_sparse_ops():
+    """torch.ops of cpmctl_cpu.sparse_ffn, or None (with a one-time note) where it cannot be built."""
+    global _cpu_ops, _cpu_problem
+    if _cpu_ops is None and _cpu_problem is None:
+        try:
+            from cpmctl_cpu import CpuKernelBuildError  # the C++ kernels: imported (and built) on first use
+            from cpmctl_cpu import sparse_ffn
+        except ImportError as exc:
+            _cpu_problem = f"the cpmctl_cpu package is not importable ({exc})"
+        else:
+            try:
+                sparse_ffn.ops()
+                _cpu_ops = sparse_ffn
+            except CpuKernelBuildError as exc:
+                _cpu_problem = str(exc)
+        if _cpu_problem is not None:
+            import warnings
+
+            warnings.warn(f"note: the sparse FFNs run on the torch path: {_cpu_problem}", stacklevel=2)
+    return _cpu_ops
+
+
+def cpu_kernel_fits(x: Tensor, *weights: Tensor | None) -> bool:
+    """Decode-sized fp32 CPU work without autograd on contiguous weights: what the C++ sparse kernels
+    take (anything else keeps the torch path)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[0] > GATHER_MAX_TOKENS or x.shape[0] == 0:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(w is not None and w.requires_grad for w in weights)):
+        return False
+    return all(w is None or (isinstance(w, Tensor) and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous())
+               for w in weights)
+
 
 class ThresholdFeedForward(FeedForward):
     """A dense FFN that skips small activations: `threshold_in` on its input, `threshold_hidden`
@@ -112,6 +152,8 @@ class ThresholdFeedForward(FeedForward):
         rows = self.weight_rows()
         if self.kernels == "triton":
             return triton_threshold_ffn(self, flat, rows).view(shape)
+        if self.kernels == "cpu" and cpu_kernel_fits(flat, rows["w_in"]) and (kernel := cpu_sparse_ops()) is not None:
+            return cpu_threshold_ffn(kernel, self, flat, rows).view(shape)
         up = gathered_matmul(flat, rows["w_in"], self.threshold_in, self.w_in.bias)
         if self.w_gate is None:
             hidden = ACTIVATIONS[self.activation](up)
@@ -139,6 +181,18 @@ def gathered_matmul(x: Tensor, rows: Tensor, threshold: Tensor, bias: Tensor | N
     offsets = torch.searchsorted(token, torch.arange(x.shape[0], device=x.device))
     out = F.embedding_bag(entry, rows, offsets, mode="sum", per_sample_weights=x[token, entry].to(rows.dtype))
     return out if bias is None else out + bias
+
+
+def cpu_threshold_ffn(kernel, ffn: ThresholdFeedForward, x: Tensor, rows: dict[str, Tensor]) -> Tensor:
+    """The thresholded FFN as one call of the C++ kernel (`cpmctl_cpu.sparse_ffn.threshold_ffn`)."""
+    from cpmctl_cpu import CpuKernelInputError
+
+    bias = lambda linear: None if linear is None or linear.bias is None else linear.bias.detach()  # noqa: E731
+    try:
+        return kernel.threshold_ffn(x.contiguous(), rows["w_in"], rows.get("w_gate"), rows["w_out"], bias(ffn.w_in),
+                                    bias(ffn.w_gate), bias(ffn.w_out), ffn.threshold_in, ffn.threshold_hidden, ffn.activation)
+    except CpuKernelInputError as exc:
+        raise UserError(str(exc)) from None
 
 
 def triton_threshold_ffn(ffn: ThresholdFeedForward, x: Tensor, rows: dict[str, Tensor]) -> Tensor:

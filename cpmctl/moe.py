@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from cpmctl.config import ModelConfig
 from cpmctl.errors import UserError
-from cpmctl.ffn import ACTIVATIONS, FeedForward, gated_hidden
+from cpmctl.ffn import ACTIVATIONS, FeedForward, ThresholdFeedForward, cpu_kernel_fits, cpu_sparse_ops, gated_hidden
 from cpmctl.quant import QuantizedView, QuantizedWeight, quantized_linear, quantized_matmul_out
 
 # Routers whose experts are pieces of one dense FFN (outputs summed with weight 1).
@@ -418,7 +418,7 @@ class MoEFeedForward(nn.Module):
         e, de, d = moe.experts, moe.expert_size, config.d_model
         self.top_k, self.activation = moe.top_k, config.activation
         self.router_kind = moe.router
-        self.kernels = "torch"  # or "triton": cpmctl_kernels.moe_ffn, imported on first use
+        self.kernels = "torch"  # "triton": cpmctl_kernels.moe_ffn; "cpu": cpmctl_cpu.sparse_ffn (both imported on first use)
         quant = config.quantization
         self.quantized = quant is not None and quant.weights == "experts"
         if self.quantized:
@@ -597,6 +597,12 @@ class MoEFeedForward(nn.Module):
         # calibration) the torch path runs instead.
         if self.kernels == "triton" and not (torch.is_grad_enabled() and (flat.requires_grad or self.w_in.requires_grad)):
             ffn = triton_moe_ffn
+        elif (self.kernels == "cpu" and not self.quantized
+              and cpu_kernel_fits(flat, self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out)
+              and cpu_sparse_ops() is not None):
+            ffn = cpu_moe_ffn
+            if self.sums_experts:
+                weights = None  # MoEfied experts add with weight 1: no multiply
         out = ffn(flat, experts, weights, self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.b_out, self.activation)
         if self.fill_out is not None and experts.shape[1] < self.num_experts:
             out = out + self.skipped_fill(experts).to(out.dtype)
@@ -619,6 +625,20 @@ def triton_moe_ffn(x, expert_ids, expert_weights, w_in, w_gate, w_out, *rest):
         raise UserError(str(exc)) from None
 
 
+def cpu_moe_ffn(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate, b_out, activation):
+    """`cpmctl_cpu.sparse_ffn.moe_ffn` (same arguments as `moe_ffn_reference`; weights None = all 1):
+    the selected experts of a few fp32 tokens in one C++ call, its input errors as UserError."""
+    from cpmctl_cpu import CpuKernelInputError
+
+    kernel = cpu_sparse_ops()
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731  (no autograd on this path)
+    try:
+        return kernel.moe_ffn(x.contiguous(), expert_ids, None if expert_weights is None else expert_weights.float().contiguous(),
+                              w_in.detach(), detach(w_gate), w_out.detach(), detach(b_in), detach(b_gate), detach(b_out), activation)
+    except CpuKernelInputError as exc:
+        raise UserError(str(exc)) from None
+
+
 # -- choosing the kernels ----------------------------------------------------------------------------
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
@@ -626,13 +646,17 @@ KERNEL_CHOICES = ("auto", "torch", "triton")
 def resolve_kernels(choice: str, device) -> str:
     """`--kernels auto|torch|triton` on a device -> "torch" or "triton".
 
-    auto = Triton on CUDA (when triton imports), the torch path elsewhere. Triton on a CPU needs
-    its interpreter (TRITON_INTERPRET=1, which is slow and meant for tests)."""
+    auto = Triton on CUDA (when triton imports); on a CPU "cpu", the C++ sparse kernels of
+    `cpmctl_cpu` for decode-sized MoE and thresholded FFNs (compiled on first use), or the torch
+    path with a note where this machine cannot build them. Triton on a CPU needs its interpreter
+    (TRITON_INTERPRET=1, which is slow and meant for tests)."""
     if choice not in KERNEL_CHOICES:
         raise UserError(f"unknown MoE kernels {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}", option="kernels")
     device_type = torch.device(device).type if device is not None else "cpu"
     if choice == "torch":
         return "torch"
+    if choice == "auto" and device_type == "cpu":
+        return "cpu" if _cpu_kernels_buildable() else "torch"
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -647,11 +671,27 @@ def resolve_kernels(choice: str, device) -> str:
     return "triton"
 
 
+def _cpu_kernels_buildable() -> bool:
+    """Whether the C++ CPU kernels can be built here (a compiler and ninja); a note where not."""
+    try:
+        from cpmctl_cpu import build_problem
+    except ImportError as exc:
+        problem = f"the cpmctl_cpu package is not importable ({exc})"
+    else:
+        problem = build_problem()
+    if problem is not None:
+        import warnings
+
+        warnings.warn(f"note: the sparse FFNs run on the torch path: {problem}", stacklevel=3)
+    return problem is None
+
+
 def set_kernels(model: nn.Module, kernels: str) -> int:
-    """Point every MoE FFN of this model instance at "torch" or "triton"; returns how many."""
-    if kernels not in ("torch", "triton"):
-        raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
-    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    """Point every MoE and thresholded FFN of this model instance at "torch", "triton" or "cpu"
+    (the C++ sparse kernels at decode sizes); returns how many."""
+    if kernels not in ("torch", "triton", "cpu"):
+        raise ValueError(f"kernels must be 'torch', 'triton' or 'cpu', got {kernels!r}")
+    layers = [m for m in model.modules() if isinstance(m, (MoEFeedForward, ThresholdFeedForward))]
     for layer in layers:
         layer.kernels = kernels
     return len(layers)

@@ -26,8 +26,10 @@ def _moe_config(**kw) -> ModelConfig:
 
 
 @pytest.mark.kernels
-def test_auto_is_torch_on_cpu_and_triton_on_cuda():
-    assert resolve_kernels("auto", "cpu") == "torch"
+def test_auto_is_the_cpu_kernels_on_cpu_and_triton_on_cuda():
+    from cpmctl_cpu import build_problem
+
+    assert resolve_kernels("auto", "cpu") == ("cpu" if build_problem() is None else "torch")
     assert resolve_kernels("auto", torch.device("cuda")) == "triton"
     assert resolve_kernels("torch", "cuda") == "torch"
 
