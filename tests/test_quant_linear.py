@@ -56,6 +56,7 @@ def test_fused_linear_is_the_dequantized_product_rounded_once(scheme, group, row
                            assign=True)
     if scheme == "int4":
         assert module.cpu_packed is not None and module.cpu_scales_zeros is not None  # prepared at load
+    module.cpu_gemv = False  # torch's fused kernels (the C++ GEMV's own test: tests/test_cpu_gemv.py)
     x = torch.randn(2, rows, 256)
     got = module(x)
     assert got.shape == (2, rows, 96) and got.dtype == torch.float32
