@@ -170,9 +170,10 @@ def cpu_gemv():
 
 
 def set_cpu_gemv(model: nn.Module, mode: str) -> str | None:
-    """Whether the quantized linear layers of `model` run cpmctl's C++ GEMV on decode-sized CPU
-    inputs: "auto" (where it builds), "on" (a UserError when it cannot) or "off" (torch's
-    kernels). Returns a note when "auto" falls back (why), else None."""
+    """Whether the linear layers of `model` run cpmctl's C++ GEMV on decode-sized CPU inputs: its
+    QuantizedLinear layers, and its bf16 nn.Linear layers (made CpuGemvLinear, the same parameters).
+    "auto": where it builds; "on": a UserError when it cannot; "off": torch's kernels. Returns a
+    note when "auto" falls back (why), else None."""
     if mode not in CPU_GEMV_MODES:
         raise UserError(f"unknown CPU GEMV mode {mode!r}; expected one of {', '.join(CPU_GEMV_MODES)}", option="cpu_gemv")
     problem = cpu_gemv_problem() if mode != "off" else None
@@ -182,9 +183,24 @@ def set_cpu_gemv(model: nn.Module, mode: str) -> str | None:
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.cpu_gemv = use and module.qweight.device.type == "cpu"
+        elif type(module) in (nn.Linear, CpuGemvLinear):
+            bf16_cpu = module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu"
+            module.__class__ = CpuGemvLinear if use and bf16_cpu else nn.Linear
     if mode == "auto" and problem is not None:
-        return f"torch's CPU kernels run the quantized layers: {problem}"
+        return f"torch's CPU kernels run the linear layers: {problem}"
     return None
+
+
+class CpuGemvLinear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose decode-sized calls on a bf16 CPU weight
+    run cpmctl's C++ bf16 GEMV (fp32 activations and sums, the result in x's dtype); larger
+    inputs (prefill) keep F.linear. Made by `set_cpu_gemv`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= CPU_GEMV_MAX_ROWS and x.device.type == "cpu" and self.weight.dtype == torch.bfloat16:
+            return cpu_gemv().bf16_linear(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 def check_kernels(scheme: str, device: torch.device) -> None:

@@ -127,6 +127,22 @@ def quantize_linears(model, scheme: str, group_size: int | None) -> int:
     return len(targets)
 
 
+def quantize_output(model, scheme: str, group_size: int | None) -> bool:
+    """Quantize an untied output projection (lm_head.proj) of a loaded model in place, as llama.cpp's
+    q8_0/q4_0 files do; returns whether there was one. At load only: a `quantize --linear`
+    checkpoint keeps it float (its config records the linear layers only)."""
+    head = getattr(model, "lm_head", None)
+    linear = getattr(head, "proj", None)
+    if linear is None or isinstance(linear, QuantizedLinear) or head.bias is not None:
+        return False
+    check_scheme(scheme, group_size, linear.in_features)
+    module = QuantizedLinear.like(linear, scheme, group_size)
+    parts = quantize_rows(linear.weight.detach(), scheme, group_size)
+    module.load_state_dict({part: t.to(linear.weight.device) for part, t in parts.items()}, strict=True, assign=True)
+    swap_in(model, "lm_head.proj", module)
+    return True
+
+
 def quantize_checkpoint(src, out, *, experts: str | None = None, linear: str | None = None, group_size: int | None = None,
                         overwrite: bool = False) -> dict:
     """Write `out`: `src` with its routed experts (`experts` int8 or int4) or its dense linear

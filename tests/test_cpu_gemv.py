@@ -196,3 +196,72 @@ def test_set_cpu_gemv_modes(monkeypatch):
     assert "no C++ compiler" in str(raised.value) and "\n" not in str(raised.value)
     with pytest.raises(UserError):
         set_cpu_gemv(model, "fast")
+
+
+def dense_config(**overrides):
+    from cpmctl.config import ModelConfig
+
+    fields = dict(arch="decoder", vocab_size=96, d_model=64, n_heads=4, d_ff=128, n_layers=2, position="rotary",
+                  activation="silu", gated=True, eos_token_id=None, init_std=0.1)
+    return ModelConfig(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("rows", [1, 3, CPU_GEMV_MAX_ROWS + 2])
+def test_bf16_linear_layers_run_the_gemv_and_equal_f_linear(rows):
+    from cpmctl.quant import CpuGemvLinear
+
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(200, 70), torch.nn.Linear(70, 30, bias=False)).bfloat16()
+    x = torch.randn(rows, 200).bfloat16()
+    plain = model(x)
+    assert set_cpu_gemv(model, "auto") is None and all(type(m) is CpuGemvLinear for m in model)
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight"]  # the same parameters
+    got = model(x)
+    hidden = gemv.bf16_linear_reference(x.float(), model[0].weight, model[0].bias).bfloat16()
+    assert close(model[0](x).float(), hidden.float(), 2**-7)
+    assert (got.float() - plain.float()).abs().max() <= 2**-6 * plain.float().abs().max()
+    set_cpu_gemv(model, "off")
+    assert all(type(m) is torch.nn.Linear for m in model) and torch.equal(model(x), plain)
+    fp32 = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    set_cpu_gemv(fp32, "auto")
+    assert type(fp32[0]) is torch.nn.Linear  # fp32 layers keep F.linear
+
+
+def test_quantize_output_quantizes_an_untied_projection_only():
+    from cpmctl.model import build_model
+    from cpmctl.quantize import quantize_output
+
+    torch.manual_seed(0)
+    model = build_model(dense_config()).eval()
+    weight = model.lm_head.proj.weight.detach().clone()
+    assert quantize_output(model, "int8", None)
+    head = model.lm_head.proj
+    assert isinstance(head, QuantizedLinear) and head.cpu_gemv
+    assert (head.dequantized_weight() - weight).abs().max() <= weight.abs().max(dim=1).values.max() / 127
+    assert not quantize_output(model, "int8", None)  # already done
+    tied = build_model(dense_config(tie_embeddings=True)).eval()
+    assert not quantize_output(tied, "int8", None)
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_compiled_decoding_with_the_gemv_in_the_graph_equals_eager():
+    """bf16 layers (CpuGemvLinear) and an int8 output projection: the compiled steps call the same
+    C++ ops as eager, so greedy tokens are identical."""
+    from cpmctl.compiled import CompiledDecoder
+    from cpmctl.generate import generate
+    from cpmctl.model import build_model
+    from cpmctl.quantize import quantize_linears, quantize_output
+
+    for dtype, scheme in ((torch.bfloat16, None), (torch.float32, "int8")):
+        torch.manual_seed(0)
+        model = build_model(dense_config(n_layers=1)).eval().to(dtype)
+        if scheme:
+            quantize_linears(model, scheme, None)
+            quantize_output(model, scheme, None)
+        set_cpu_gemv(model, "on")
+        compiled = CompiledDecoder(model, autotune=False)
+        ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(1))
+        expected, _ = generate(model, ids, max_new_tokens=6)
+        got, _ = generate(model, ids, max_new_tokens=6, compiled=compiled)
+        assert torch.equal(expected, got)
