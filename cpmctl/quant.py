@@ -21,11 +21,11 @@ The matmul (`quantized_linear`): on a CPU torch's fused weight-only kernels,
 kernels ran slower than the fp32 dense matmul, in bf16 faster); int4 needs its weight repacked
 into the kernel's layout (`cpu_int4_pack`, done once per resident weight). Elsewhere the weight is
 dequantized and multiplied (`dequantize`), the reference every kernel is tested against. A dense
-`QuantizedLinear` on a CPU with decode-sized inputs (at most CPU_GEMV_MAX_ROWS rows) runs instead
-cpmctl's C++ GEMV (cpmctl_cpu.gemv: the stored int8/int4 tensors read as they are, fp32
-activations and accumulation, AVX-512), which streams the weight at the memory bandwidth where
-torch's kernels are compute-bound at one row (benchmarks/cpu_gemv.py); a machine that cannot build
-it keeps torch's kernels (`cpu_gemv_problem` says why). With
+int8 `QuantizedLinear` on a CPU with decode-sized inputs (at most CPU_GEMV_MAX_ROWS rows) runs
+instead cpmctl's C++ GEMV (cpmctl_cpu.gemv: the stored tensors read as they are, fp32 activations
+and accumulation, AVX-512, software prefetch), which streams the weight 1.2-2x faster than torch's
+kernel at one row (benchmarks/cpu_gemv.py; int4 keeps torch's, which measured faster than the C++
+int4 GEMV); a machine that cannot build it keeps torch's kernels (`cpu_gemv_problem` says why). With
 `--kernels triton` a CUDA MoE layer instead hands these tensors, as stored, to the int8/int4
 variants of the Triton MoE kernels (cpmctl_kernels.quant), which dequantize tiles in registers.
 """
@@ -142,6 +142,10 @@ def cpu_kernels_available(scheme: str) -> bool:
 # The most activation rows a layer hands to the C++ GEMV; more rows (prefill) take torch's kernels,
 # which pack and block for GEMM. Measured in benchmarks/cpu_gemv.py (BENCHMARKS.md, issue 26).
 CPU_GEMV_MAX_ROWS = 4
+# The quantized schemes whose layers take the C++ GEMV by default: int8 (1.2-2x torch's
+# _weight_int8pack_mm at one row); int4's C++ kernel (cpmctl_cpu.gemv.int4_linear, tested, reads
+# the stored nibbles) ran at 0.85x torch's repacked _weight_int4pack_mm_for_cpu, so int4 keeps torch's.
+CPU_GEMV_SCHEMES = ("int8",)
 CPU_GEMV_MODES = ("auto", "on", "off")
 _gemv_state: dict[str, object] = {}
 
@@ -182,7 +186,7 @@ def set_cpu_gemv(model: nn.Module, mode: str) -> str | None:
     use = mode != "off" and problem is None
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
-            module.cpu_gemv = use and module.qweight.device.type == "cpu"
+            module.cpu_gemv = use and module.qweight.device.type == "cpu" and module.scheme in CPU_GEMV_SCHEMES
         elif type(module) in (nn.Linear, CpuGemvLinear):
             bf16_cpu = module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu"
             module.__class__ = CpuGemvLinear if use and bf16_cpu else nn.Linear
@@ -345,7 +349,8 @@ class QuantizedLinear(nn.Module):
         """Make the CPU kernel's int4 layout from the stored tensors (nothing for int8, off-CPU, on
         meta), and turn on the C++ GEMV on a CPU where it builds."""
         self.cpu_packed = self.cpu_scales_zeros = None
-        self.cpu_gemv = self.qweight.device.type == "cpu" and cpu_gemv_problem() is None
+        self.cpu_gemv = (self.scheme in CPU_GEMV_SCHEMES and self.qweight.device.type == "cpu"
+                         and cpu_gemv_problem() is None)
         if self.scheme == "int8" and self.qweight.device.type == "cpu":
             self.qweight = cpu_aligned(self.qweight)
         if self.scheme == "int4" and self.qweight.device.type == "cpu" and cpu_kernels_available("int4"):

@@ -171,7 +171,8 @@ def quantized_linear_module(scheme, group, in_f=256, out_f=96):
 @pytest.mark.parametrize("rows", [1, 2, CPU_GEMV_MAX_ROWS, CPU_GEMV_MAX_ROWS + 1])
 def test_quantized_linear_fast_path_equals_the_dequantized_layer(scheme, group, rows):
     module = quantized_linear_module(scheme, group)
-    assert module.cpu_gemv  # turned on at load, on a machine that builds the kernel
+    assert module.cpu_gemv == (scheme == "int8")  # turned on at load for int8 (int4 keeps torch's faster kernel)
+    module.cpu_gemv = True
     x = torch.randn(rows, 256)
     reference = torch.nn.functional.linear(x, module.dequantized_weight(), module.bias)
     got = module(x)
