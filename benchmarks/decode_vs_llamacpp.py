@@ -271,7 +271,7 @@ def measure_precision(precision: str, work: Path, args, bandwidth: float) -> dic
     from cpmctl.checkpoint import load_model
     from cpmctl.compiled import CompiledDecoder
     from cpmctl.quant import set_cpu_gemv
-    from cpmctl.quantize import quantize_linears, quantize_output
+    from cpmctl.quantize import quantize_linears
 
     torch.set_num_threads(args.threads)
     dtype_name, quant, gguf_kinds = PRECISIONS[precision]
@@ -280,10 +280,8 @@ def measure_precision(precision: str, work: Path, args, bandwidth: float) -> dic
     model, handle = load_model(work / "cpmctl", dtype=getattr(torch, dtype_name))
     handle.close()
     if quant is not None:
-        quantize_linears(model, *quant)
-        if args.quantize_output:
-            quantize_output(model, *quant)
-    row_notes = {"cpu_gemv": args.cpu_gemv, "quantized_output_projection": bool(quant and args.quantize_output),
+        quantize_linears(model, *quant, output=not args.float_output)
+    row_notes = {"cpu_gemv": args.cpu_gemv, "quantized_output_projection": bool(quant and not args.float_output),
                  "cpu_gemv_fallback": set_cpu_gemv(model, args.cpu_gemv)}
     weight_bytes = cpmctl_weight_bytes(model)
     eager = Cpmctl(model, None)
@@ -360,8 +358,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cpu-gemv", default="auto", choices=("auto", "on", "off"),
                         help="cpmctl's C++ GEMV for decode-sized linear layers (int8/int4/bf16 weights): auto, on or off (torch's kernels)")
-    parser.add_argument("--quantize-output", action="store_true",
-                        help="int8/int4: quantize the output projection too, as llama.cpp's q8_0/q4_0 files do")
+    parser.add_argument("--float-output", action="store_true",
+                        help="int8/int4: keep the output projection fp32 (by default it is quantized too, as in llama.cpp's q8_0/q4_0 files)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # PRECISION:WORKDIR:BANDWIDTH, run by the parent
     args = parser.parse_args()
     if args.llama_cpp_src is None or not (Path(args.llama_cpp_src) / "vendor/llama.cpp/convert_hf_to_gguf.py").is_file():

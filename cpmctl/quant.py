@@ -385,11 +385,20 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{group}, bias={self.bias is not None}"
 
 
-def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
+def output_projection(model: nn.Module) -> nn.Module | None:
+    """The untied output projection (lm_head.proj) when a QuantizedLinear can take its place (its
+    LM head adds no separate bias), else None."""
+    head = getattr(model, "lm_head", None)
+    proj = getattr(head, "proj", None)
+    return proj if proj is not None and head.bias is None else None
+
+
+def quantizable_linears(model: nn.Module, *, output: bool = False) -> dict[str, nn.Module]:
     """The linear layers a "linear" quantization covers, by module name: every nn.Linear (or
     QuantizedLinear) inside a block's self- and cross-attention and inside a dense FFN
     (`FeedForward` itself: not a thresholded FFN, whose gathers read the float weight rows, nor
-    a MoE layer's router or experts). Embeddings, norms and the output projection stay float."""
+    a MoE layer's router or experts); with `output`, also the untied output projection
+    (`output_projection`). Embeddings and norms stay float."""
     found: dict[str, nn.Module] = {}
     for stack_name in ("encoder", "decoder"):
         stack = getattr(model, stack_name, None)
@@ -405,6 +414,8 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
                 for name, module in part.named_modules():
                     if isinstance(module, (nn.Linear, QuantizedLinear)):
                         found[f"{stack_name}.blocks.{i}.{part_name}.{name}"] = module
+    if output and (proj := output_projection(model)) is not None:
+        found["lm_head.proj"] = proj
     return found
 
 
@@ -414,11 +425,11 @@ def swap_in(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), attr, module)
 
 
-def swap_quantized_linears(model: nn.Module, scheme: str, group_size: int | None) -> list[str]:
+def swap_quantized_linears(model: nn.Module, scheme: str, group_size: int | None, *, output: bool = False) -> list[str]:
     """Put an empty QuantizedLinear in place of each quantizable linear layer of this instance
-    (for weights loaded afterwards); returns their names."""
+    (with `output`, the output projection too), for weights loaded afterwards; returns their names."""
     names = []
-    for name, linear in quantizable_linears(model).items():
+    for name, linear in quantizable_linears(model, output=output).items():
         if isinstance(linear, nn.Linear):
             swap_in(model, name, QuantizedLinear.like(linear, scheme, group_size))
             names.append(name)

@@ -58,7 +58,8 @@ def test_quantize_linear_then_infer_equals_quantizing_at_load(dense, scheme, ext
     out = dense / f"dense-{scheme}"
     summary = result_of(invoke("quantize", dense / "dense", out, "--linear", scheme, *extra, "--json"), "quantize")
     layers = ModelConfig.from_preset("llama-tiny").n_layers
-    assert summary["weights"] == "linear" and summary["tensors_quantized"] == layers * 5  # qkv, o, w_in, w_gate, w_out
+    # qkv, o, w_in, w_gate, w_out per layer; int8 also the (untied) output projection
+    assert summary["weights"] == "linear" and summary["tensors_quantized"] == layers * 5 + (scheme == "int8")
     assert summary["group_size"] == (32 if scheme == "int4" else None)
     manifest = json.loads((out / "cpmctl.json").read_text())
     assert manifest["stage"] == "quantize" and manifest["options"]["linear"] == scheme

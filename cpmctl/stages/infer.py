@@ -131,7 +131,7 @@ def _check_quantized_run(cfg: InferConfig, device) -> tuple[str, int | None] | N
         check_kernels(scheme, device)
     except UserError as exc:
         raise UserError(f"--dtype {asked}: {exc}" if asked else f"{cfg.checkpoint}: {exc}") from None
-    if cfg.offload != "none" and (asked is not None or stored.weights == "linear"):
+    if cfg.offload != "none" and (asked is not None or stored.weights == "linear"):  # (with or without the output projection)
         raise UserError(f"--offload {cfg.offload} streams float or quantized experts; quantized linear layers run resident "
                         "(--offload none)")
     if asked is None:
