@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "project"
-PROJECT_MODULES = {"cpmctl", "cpmctl_kernels", "tests", "conftest"}
+PROJECT_MODULES = {"cpmctl", "cpmctl_kernels", "cpmctl_cpu", "tests", "conftest"}
 # Optional packages the project imports only behind a fallback: `cpmctl quantize` says which
 # extra to install, and the tests that need them skip (pytest.importorskip) where they are absent.
 OPTIONAL_MODULES = {"torchao"}
