@@ -270,6 +270,7 @@ def measure_precision(precision: str, work: Path, args, bandwidth: float) -> dic
 
     from cpmctl.checkpoint import load_model
     from cpmctl.compiled import CompiledDecoder
+    from cpmctl.quant import set_cpu_gemv
     from cpmctl.quantize import quantize_linears
 
     torch.set_num_threads(args.threads)
@@ -279,7 +280,9 @@ def measure_precision(precision: str, work: Path, args, bandwidth: float) -> dic
     model, handle = load_model(work / "cpmctl", dtype=getattr(torch, dtype_name))
     handle.close()
     if quant is not None:
-        quantize_linears(model, *quant)
+        quantize_linears(model, *quant, output=not args.float_output)
+    row_notes = {"cpu_gemv": args.cpu_gemv, "quantized_output_projection": bool(quant and not args.float_output),
+                 "cpu_gemv_fallback": set_cpu_gemv(model, args.cpu_gemv)}
     weight_bytes = cpmctl_weight_bytes(model)
     eager = Cpmctl(model, None)
     # Cold compile (a fresh inductor cache per run, unless --warm-cache): the prefill bucket and
@@ -297,7 +300,7 @@ def measure_precision(precision: str, work: Path, args, bandwidth: float) -> dic
     Cpmctl(model, warm_steps).greedy(prompt, args.new_tokens)
     warm = time.perf_counter() - start
     del warm_steps
-    row: dict = {"weight_bytes_per_token": {"cpmctl": weight_bytes},
+    row: dict = {**row_notes, "weight_bytes_per_token": {"cpmctl": weight_bytes},
                  "compile": {"cold_s": cold, "cold_prefill_512_s": cold_prefill_512, "warm_s": warm,
                              "graphs": compiled_steps.stats.graphs, "autotune": args.autotune}}
     llama = {kind: LlamaCpp(work / f"model-{kind}.gguf", args.threads, quantized=kind.startswith("q")) for kind in gguf_kinds}
@@ -353,6 +356,10 @@ def main() -> None:
                         help="compile without max-autotune (inductor's default kernels; minutes less per precision)")
     parser.add_argument("--warm-cache", action="store_true", help="keep inductor's usual cache (compile time not cold)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--cpu-gemv", default="auto", choices=("auto", "on", "off"),
+                        help="cpmctl's C++ GEMV for decode-sized linear layers (int8/int4/bf16 weights): auto, on or off (torch's kernels)")
+    parser.add_argument("--float-output", action="store_true",
+                        help="int8/int4: keep the output projection fp32 (by default it is quantized too, as in llama.cpp's q8_0/q4_0 files)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # PRECISION:WORKDIR:BANDWIDTH, run by the parent
     args = parser.parse_args()
     if args.llama_cpp_src is None or not (Path(args.llama_cpp_src) / "vendor/llama.cpp/convert_hf_to_gguf.py").is_file():

@@ -51,7 +51,7 @@ def main() -> None:
     import cpmctl.moefication as mf
     from cpmctl.checkpoint import load_model
     from cpmctl.offload import checkpoint_weight_bytes
-    from cpmctl.quantize import quantize_checkpoint
+    from cpmctl.quantize import quantize_checkpoint, quantize_output
     from cpmctl.tokenizer import load_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -94,9 +94,14 @@ def main() -> None:
     rows = None
     results["variants"] = {}
     base = None
-    for name, path in [*paths.items(), ("bf16 (fp32 weights loaded as bf16)", dense)]:
+    # the int8 variant again with its output projection quantized too (at load), as llama.cpp's q8_0 does
+    output_variants = {"int8 + int8 output projection": ("int8", None)}
+    for name, path in [*paths.items(), *((name, paths["int8"]) for name in output_variants),
+                       ("bf16 (fp32 weights loaded as bf16)", dense)]:
         model, ckpt = load_model(path, dtype=torch.bfloat16 if name.startswith("bf16") else None)
         ckpt.close()
+        if name in output_variants and not quantize_output(model, *output_variants[name]):
+            continue  # a tied (or biased) output projection stays float
         if rows is None:
             rows = mf.encode_documents(texts, load_tokenizer(Path(dense) / "tokenizer"), model.config, args.seq_len)
             results["eval_rows"], results["eval_tokens"] = len(rows), sum(len(r) - 1 for r in rows)
@@ -104,8 +109,12 @@ def main() -> None:
         quality = mf.evaluate(model, rows, 16)
         ppl = quality["perplexity"]
         base = ppl if base is None else base
+        weight_bytes = checkpoint_weight_bytes(path)
+        if name in output_variants:  # the stored fp32 projection, replaced by int8 values and bf16 row scales
+            out_f, in_f = model.lm_head.proj.out_features, model.lm_head.proj.in_features
+            weight_bytes += out_f * in_f + 2 * out_f - 4 * out_f * in_f
         entry = {"perplexity": round(ppl, 4), "loss": round(quality["loss"], 6), "vs_fp32": round(ppl / base - 1, 6),
-                 "weight_bytes": checkpoint_weight_bytes(path), "eval_s": round(time.perf_counter() - t0, 2)}
+                 "weight_bytes": weight_bytes, "eval_s": round(time.perf_counter() - t0, 2)}
         scheme = name.split()[0]
         if scheme in TARGETS:
             entry["target"] = f"<= +{TARGETS[scheme]:.1%}"

@@ -481,12 +481,16 @@ class InferConfig:
     bandwidth: str | None = option(None, help="With --dry-run --offload: the disk or PCIe bandwidth, e.g. 3GB/s, for the transfer-bound tokens/s.")
     compile: bool = option(False, help="Decoder-only generation through torch.compile'd prefill/decode steps (static KV cache, frozen weights, "
                                         "GEMM kernels chosen by measurement); the first run of each shape compiles, later runs reuse inductor's cache.")
+    cpu_gemv: str = option("auto", help="On a CPU, decode-sized int8/int4/bf16 linear layers run cpmctl's C++ GEMV: auto (where it builds; "
+                                        "else torch's kernels, with a note), on (exit 2 when it cannot build) or off.")
 
     def validate(self) -> None:
         if (self.texts is None) == (self.input_file is None):
             raise UserError("give either TEXT or --input FILE.jsonl")
         if self.compile and self.offload != "none":
             raise UserError("--compile needs the weights resident (--offload none): offloading swaps them during the forward")
+        if self.cpu_gemv not in ("auto", "on", "off"):
+            raise UserError(f"unknown --cpu-gemv {self.cpu_gemv!r}; expected auto, on or off")
         if self.compile and self.prompt is not None:
             raise UserError("--compile applies to generation; a --prompt adapter classifies")
         if self.max_new_tokens < 0:

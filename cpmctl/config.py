@@ -134,7 +134,8 @@ QUANT_GROUP_SIZES = (32, 64, 128, 256)
 # int4's group size when none is asked for (quantize and infer --dtype int4).
 DEFAULT_INT4_GROUP = 64
 # What a checkpoint's quantization covers: the routed experts' stacks, or the dense linear layers
-# of attention and FFN (embeddings, norms, routers and the output projection stay float).
+# of attention and FFN, with the untied output projection when QuantConfig.output says so
+# (embeddings, norms and routers stay float).
 QUANT_WEIGHTS = ("experts", "linear")
 
 
@@ -145,12 +146,15 @@ class QuantConfig:
     `scheme` int8 keeps one scale per output row (group_size None); int4 one scale and zero per
     `group_size` inputs. `weights` names what is quantized: "experts", the routed experts'
     w_in / w_gate / w_out; "linear", the nn.Linear layers of every block's attention and dense
-    FFN (cpmctl.quant.quantizable_linears); every other weight stays as it was.
+    FFN (cpmctl.quant.quantizable_linears); every other weight stays as it was. `output`
+    (with "linear"): the untied output projection is quantized too, as llama.cpp's q8_0/q4_0 files
+    have it (False in checkpoints written before it existed).
     """
 
     scheme: str
     group_size: int | None = None
     weights: str = "experts"
+    output: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme not in QUANT_SCHEMES:

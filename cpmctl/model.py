@@ -858,7 +858,7 @@ def build_model(config: ModelConfig, *, device: str | torch.device | None = None
     if quant is not None and quant.weights == "linear":
         # Weight-only quantized linear layers (cpmctl quantize --linear): a QuantizedLinear in
         # place of each, on this instance, for the stored qweight/scales/zeros to be loaded into.
-        swap_quantized_linears(model, quant.scheme, quant.group_size)
+        swap_quantized_linears(model, quant.scheme, quant.group_size, output=quant.output)
     return model.to(dtype) if dtype is not None else model
 
 

@@ -20,7 +20,12 @@ The matmul (`quantized_linear`): on a CPU torch's fused weight-only kernels,
 (measured on this project's CPU, benchmarks/quant_matmul.py: with fp32 activations both
 kernels ran slower than the fp32 dense matmul, in bf16 faster); int4 needs its weight repacked
 into the kernel's layout (`cpu_int4_pack`, done once per resident weight). Elsewhere the weight is
-dequantized and multiplied (`dequantize`), the reference every kernel is tested against; with
+dequantized and multiplied (`dequantize`), the reference every kernel is tested against. A dense
+int8 `QuantizedLinear` on a CPU with decode-sized inputs (at most CPU_GEMV_MAX_ROWS rows) runs
+instead cpmctl's C++ GEMV (cpmctl_cpu.gemv: the stored tensors read as they are, fp32 activations
+and accumulation, AVX-512, software prefetch), which streams the weight 1.2-2x faster than torch's
+kernel at one row (benchmarks/cpu_gemv.py; int4 keeps torch's, which measured faster than the C++
+int4 GEMV); a machine that cannot build it keeps torch's kernels (`cpu_gemv_problem` says why). With
 `--kernels triton` a CUDA MoE layer instead hands these tensors, as stored, to the int8/int4
 variants of the Triton MoE kernels (cpmctl_kernels.quant), which dequantize tiles in registers.
 """
@@ -131,6 +136,75 @@ def cpu_aligned(t: Tensor) -> Tensor:
 def cpu_kernels_available(scheme: str) -> bool:
     name = "_weight_int8pack_mm" if scheme == "int8" else "_weight_int4pack_mm_for_cpu"
     return hasattr(torch.ops.aten, name)
+
+
+# -- cpmctl's C++ GEMV (decode-sized inputs on a CPU) ---------------------------------------------------
+# The most activation rows a layer hands to the C++ GEMV; more rows (prefill) take torch's kernels,
+# which pack and block for GEMM. Measured in benchmarks/cpu_gemv.py (BENCHMARKS.md, issue 26).
+CPU_GEMV_MAX_ROWS = 4
+# The quantized schemes whose layers take the C++ GEMV by default: int8 (1.2-2x torch's
+# _weight_int8pack_mm at one row); int4's C++ kernel (cpmctl_cpu.gemv.int4_linear, tested, reads
+# the stored nibbles) ran at 0.85x torch's repacked _weight_int4pack_mm_for_cpu, so int4 keeps torch's.
+CPU_GEMV_SCHEMES = ("int8",)
+CPU_GEMV_MODES = ("auto", "on", "off")
+_gemv_state: dict[str, object] = {}
+
+
+def cpu_gemv_problem() -> str | None:
+    """Why cpmctl's C++ GEMV cannot run here (no compiler, no ninja, a failed build), or None when
+    it can; the first call builds it (once per machine and source, then cached on disk)."""
+    if "problem" not in _gemv_state:
+        try:
+            from cpmctl_cpu import CpuKernelBuildError, gemv  # optional: needs a C++ compiler and ninja
+        except ImportError as exc:
+            _gemv_state["problem"] = f"the CPU kernel package cpmctl_cpu is not importable ({exc})"
+        else:
+            try:
+                gemv.ops()
+                _gemv_state["problem"] = None
+                _gemv_state["module"] = gemv
+            except CpuKernelBuildError as exc:
+                _gemv_state["problem"] = str(exc)
+    return _gemv_state["problem"]
+
+
+def cpu_gemv():
+    """The module cpmctl_cpu.gemv (its launchers); call only where cpu_gemv_problem() is None."""
+    return _gemv_state["module"]
+
+
+def set_cpu_gemv(model: nn.Module, mode: str) -> str | None:
+    """Whether the linear layers of `model` run cpmctl's C++ GEMV on decode-sized CPU inputs: its
+    QuantizedLinear layers, and its bf16 nn.Linear layers (made CpuGemvLinear, the same parameters).
+    "auto": where it builds; "on": a UserError when it cannot; "off": torch's kernels. Returns a
+    note when "auto" falls back (why), else None."""
+    if mode not in CPU_GEMV_MODES:
+        raise UserError(f"unknown CPU GEMV mode {mode!r}; expected one of {', '.join(CPU_GEMV_MODES)}", option="cpu_gemv")
+    problem = cpu_gemv_problem() if mode != "off" else None
+    if mode == "on" and problem is not None:
+        raise UserError(f"the C++ CPU GEMV was asked for but cannot run: {problem}", option="cpu_gemv")
+    use = mode != "off" and problem is None
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.cpu_gemv = use and module.qweight.device.type == "cpu" and module.scheme in CPU_GEMV_SCHEMES
+        elif type(module) in (nn.Linear, CpuGemvLinear):
+            bf16_cpu = module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu"
+            module.__class__ = CpuGemvLinear if use and bf16_cpu else nn.Linear
+    if mode == "auto" and problem is not None:
+        return f"torch's CPU kernels run the linear layers: {problem}"
+    return None
+
+
+class CpuGemvLinear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose decode-sized calls on a bf16 CPU weight
+    run cpmctl's C++ bf16 GEMV (fp32 activations and sums, the result in x's dtype); larger
+    inputs (prefill) keep F.linear. Made by `set_cpu_gemv`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= CPU_GEMV_MAX_ROWS and x.device.type == "cpu" and self.weight.dtype == torch.bfloat16:
+            return cpu_gemv().bf16_linear(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 def check_kernels(scheme: str, device: torch.device) -> None:
@@ -262,6 +336,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("cpu_packed", None, persistent=False)
         self.register_buffer("cpu_scales_zeros", None, persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.prepare())
+        self.cpu_gemv = False  # run cpmctl's C++ GEMV for decode-sized CPU inputs (set by prepare / set_cpu_gemv)
 
     @classmethod
     def like(cls, linear: nn.Linear, scheme: str, group_size: int | None) -> "QuantizedLinear":
@@ -271,8 +346,11 @@ class QuantizedLinear(nn.Module):
                    device=weight.device, dtype=(linear.bias if linear.bias is not None else weight).dtype)
 
     def prepare(self) -> None:
-        """Make the CPU kernel's int4 layout from the stored tensors (nothing for int8, off-CPU, on meta)."""
+        """Make the CPU kernel's int4 layout from the stored tensors (nothing for int8, off-CPU, on
+        meta), and turn on the C++ GEMV on a CPU where it builds."""
         self.cpu_packed = self.cpu_scales_zeros = None
+        self.cpu_gemv = (self.scheme in CPU_GEMV_SCHEMES and self.qweight.device.type == "cpu"
+                         and cpu_gemv_problem() is None)
         if self.scheme == "int8" and self.qweight.device.type == "cpu":
             self.qweight = cpu_aligned(self.qweight)
         if self.scheme == "int4" and self.qweight.device.type == "cpu" and cpu_kernels_available("int4"):
@@ -287,21 +365,40 @@ class QuantizedLinear(nn.Module):
         return dequantize(self.view(prepared=False), dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = quantized_linear(x.reshape(-1, self.in_features), self.view())
+        rows = x.reshape(-1, self.in_features)
+        if self.cpu_gemv and x.device.type == "cpu" and rows.shape[0] <= CPU_GEMV_MAX_ROWS:
+            return self.gemv(rows).view(*x.shape[:-1], self.out_features)
+        y = quantized_linear(rows, self.view())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def gemv(self, rows: Tensor) -> Tensor:
+        """rows [m, in] through cpmctl's C++ GEMV (bias added inside), in rows' dtype."""
+        gemv = cpu_gemv()
+        if self.scheme == "int8":
+            return gemv.int8_linear(rows, self.qweight, self.scales, self.bias)
+        return gemv.int4_linear(rows, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def extra_repr(self) -> str:
         group = "" if self.group_size is None else f", group_size={self.group_size}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{group}, bias={self.bias is not None}"
 
 
-def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
+def output_projection(model: nn.Module) -> nn.Module | None:
+    """The untied output projection (lm_head.proj) when a QuantizedLinear can take its place (its
+    LM head adds no separate bias), else None."""
+    head = getattr(model, "lm_head", None)
+    proj = getattr(head, "proj", None)
+    return proj if proj is not None and head.bias is None else None
+
+
+def quantizable_linears(model: nn.Module, *, output: bool = False) -> dict[str, nn.Module]:
     """The linear layers a "linear" quantization covers, by module name: every nn.Linear (or
     QuantizedLinear) inside a block's self- and cross-attention and inside a dense FFN
     (`FeedForward` itself: not a thresholded FFN, whose gathers read the float weight rows, nor
-    a MoE layer's router or experts). Embeddings, norms and the output projection stay float."""
+    a MoE layer's router or experts); with `output`, also the untied output projection
+    (`output_projection`). Embeddings and norms stay float."""
     found: dict[str, nn.Module] = {}
     for stack_name in ("encoder", "decoder"):
         stack = getattr(model, stack_name, None)
@@ -317,6 +414,8 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
                 for name, module in part.named_modules():
                     if isinstance(module, (nn.Linear, QuantizedLinear)):
                         found[f"{stack_name}.blocks.{i}.{part_name}.{name}"] = module
+    if output and (proj := output_projection(model)) is not None:
+        found["lm_head.proj"] = proj
     return found
 
 
@@ -326,11 +425,11 @@ def swap_in(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), attr, module)
 
 
-def swap_quantized_linears(model: nn.Module, scheme: str, group_size: int | None) -> list[str]:
+def swap_quantized_linears(model: nn.Module, scheme: str, group_size: int | None, *, output: bool = False) -> list[str]:
     """Put an empty QuantizedLinear in place of each quantizable linear layer of this instance
-    (for weights loaded afterwards); returns their names."""
+    (with `output`, the output projection too), for weights loaded afterwards; returns their names."""
     names = []
-    for name, linear in quantizable_linears(model).items():
+    for name, linear in quantizable_linears(model, output=output).items():
         if isinstance(linear, nn.Linear):
             swap_in(model, name, QuantizedLinear.like(linear, scheme, group_size))
             names.append(name)

@@ -24,8 +24,8 @@ from cpmctl.config import QuantConfig
 from cpmctl.cpu_int4 import write_cpu_int4_layout
 from cpmctl.errors import UserError
 from cpmctl.model import build_model
-from cpmctl.quant import (INT4_OFFSET, SCALE_DTYPE, QuantizedLinear, check_scheme, pack_int4, quantizable_linears,
-                          swap_in)
+from cpmctl.quant import (INT4_OFFSET, SCALE_DTYPE, QuantizedLinear, check_scheme, output_projection, pack_int4,
+                          quantizable_linears, swap_in)
 
 EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out")
 
@@ -101,18 +101,29 @@ def expert_tensors(config) -> dict[str, bool]:
     return names
 
 
-def linear_tensors(config) -> dict[str, str]:
+def linear_tensors(config, *, output: bool = True) -> dict[str, str]:
     """Stored weight name -> the name its quantized parts take (NAME.weight -> NAME), for the
-    linear layers a "linear" quantization covers (cpmctl.quant.quantizable_linears)."""
+    linear layers a "linear" quantization covers (cpmctl.quant.quantizable_linears; with `output`,
+    the untied output projection too)."""
     model = build_model(config, device="meta")
-    return {f"{name}.weight": name for name in quantizable_linears(model)}
+    return {f"{name}.weight": name for name in quantizable_linears(model, output=output)}
 
 
-def quantize_linears(model, scheme: str, group_size: int | None) -> int:
+def quantizes_output(scheme: str) -> bool:
+    """Whether a "linear" quantization covers the untied output projection: int8 does, as llama.cpp's
+    q8_0 files do (held-out perplexity -0.009% against fp32, and 18% fewer bytes per decoded token
+    on the benchmark model: BENCHMARKS.md, issue 26). int4 does not: llama.cpp keeps its output in a
+    6-bit format, and torch's int4 CPU kernel needs output widths divisible by 16 (vocabularies are not)."""
+    return scheme == "int8"
+
+
+def quantize_linears(model, scheme: str, group_size: int | None, *, output: bool | None = None) -> int:
     """Quantize the quantizable linear layers of a loaded float model in place (each becomes a
-    QuantizedLinear holding what `cpmctl quantize --linear` would store); returns how many."""
+    QuantizedLinear holding what `cpmctl quantize --linear` would store), with the untied output
+    projection where `output` (default: `quantizes_output(scheme)`); returns how many."""
     check_scheme(scheme, group_size)
-    targets = {name: m for name, m in quantizable_linears(model).items() if not isinstance(m, QuantizedLinear)}
+    output = quantizes_output(scheme) if output is None else output
+    targets = {name: m for name, m in quantizable_linears(model, output=output).items() if not isinstance(m, QuantizedLinear)}
     for name, linear in targets.items():
         check_scheme(scheme, group_size, linear.in_features)
     for name, linear in targets.items():
@@ -123,8 +134,27 @@ def quantize_linears(model, scheme: str, group_size: int | None) -> int:
             state["bias"] = linear.bias.detach()
         module.load_state_dict(state, strict=True, assign=True)  # its post-hook prepares the CPU layout
         swap_in(model, name, module)
-    model.config = model.config.replace(quantization={"scheme": scheme, "group_size": group_size, "weights": "linear"})
+    model.config = model.config.replace(quantization={"scheme": scheme, "group_size": group_size, "weights": "linear",
+                                                      "output": "lm_head.proj" in targets})
     return len(targets)
+
+
+def quantize_output(model, scheme: str, group_size: int | None) -> bool:
+    """Quantize the untied output projection (lm_head.proj) of a loaded model in place, alone (what
+    `quantize_linears` does with the rest; for a model whose linear layers were quantized without
+    it, as checkpoints before QuantConfig.output were); returns whether there was one to quantize."""
+    linear = output_projection(model)
+    if linear is None or isinstance(linear, QuantizedLinear):
+        return False
+    check_scheme(scheme, group_size, linear.in_features)
+    module = QuantizedLinear.like(linear, scheme, group_size)
+    parts = quantize_rows(linear.weight.detach(), scheme, group_size)
+    module.load_state_dict({part: t.to(linear.weight.device) for part, t in parts.items()}, strict=True, assign=True)
+    swap_in(model, "lm_head.proj", module)
+    quant = model.config.quantization
+    if quant is not None and quant.weights == "linear":
+        model.config = model.config.replace(quantization={**quant.__dict__, "output": True})
+    return True
 
 
 def quantize_checkpoint(src, out, *, experts: str | None = None, linear: str | None = None, group_size: int | None = None,
@@ -134,7 +164,7 @@ def quantize_checkpoint(src, out, *, experts: str | None = None, linear: str | N
     if (experts is None) == (linear is None):
         raise UserError("quantize either the experts or the linear layers (one scheme for one of them)", option="experts")
     scheme = experts if experts is not None else linear
-    spec = QuantConfig(scheme, group_size, "experts" if experts is not None else "linear")
+    spec = QuantConfig(scheme, group_size, "experts" if experts is not None else "linear")  # output: set below
     ckpt = open_checkpoint(src)
     try:
         config = ckpt.config
@@ -148,7 +178,8 @@ def quantize_checkpoint(src, out, *, experts: str | None = None, linear: str | N
             transposed = expert_tensors(config)
             names = {name: name for name in transposed}
         else:
-            names = linear_tensors(config)
+            names = linear_tensors(config, output=quantizes_output(scheme))
+            spec.output = "lm_head.proj.weight" in names
             transposed = dict.fromkeys(names, False)
             if not names:
                 raise UserError(f"{src} has no attention or dense FFN linear layers to quantize")

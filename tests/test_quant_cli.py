@@ -58,7 +58,8 @@ def test_quantize_linear_then_infer_equals_quantizing_at_load(dense, scheme, ext
     out = dense / f"dense-{scheme}"
     summary = result_of(invoke("quantize", dense / "dense", out, "--linear", scheme, *extra, "--json"), "quantize")
     layers = ModelConfig.from_preset("llama-tiny").n_layers
-    assert summary["weights"] == "linear" and summary["tensors_quantized"] == layers * 5  # qkv, o, w_in, w_gate, w_out
+    # qkv, o, w_in, w_gate, w_out per layer; int8 also the (untied) output projection
+    assert summary["weights"] == "linear" and summary["tensors_quantized"] == layers * 5 + (scheme == "int8")
     assert summary["group_size"] == (32 if scheme == "int4" else None)
     manifest = json.loads((out / "cpmctl.json").read_text())
     assert manifest["stage"] == "quantize" and manifest["options"]["linear"] == scheme
@@ -114,3 +115,19 @@ def test_a_quantized_dtype_without_a_kernel_exits_2(dense, tmp_path, monkeypatch
     assert_user_error(invoke("infer", src, "hi", "--dtype", "int8"),
                       "--dtype int8: int8 weights on the CPU need torch._weight_int8pack_mm, which torch")
     assert_user_error(invoke("infer", tmp_path / "q4", "hi"), "int4 weights on the CPU need torch._weight_int4pack_mm_for_cpu")
+
+
+@needs_torchao
+def test_cpu_gemv_option_falls_back_with_a_note_or_exits_2(dense, monkeypatch):
+    import cpmctl.quant as quant
+
+    src = dense / "dense"
+    args = ("infer", src, "Return the", "--max-new-tokens", "3", "--dtype", "int8", "--json")
+    on = result_of(invoke(*args, "--cpu-gemv", "on"), "infer")
+    off = result_of(invoke(*args, "--cpu-gemv", "off"), "infer")
+    assert on["stats"]["generated_tokens"] == off["stats"]["generated_tokens"] == 3 and "cpu_gemv" not in on["stats"]
+    assert_user_error(invoke(*args, "--cpu-gemv", "fast"), "unknown --cpu-gemv 'fast'")
+    monkeypatch.setattr(quant, "_gemv_state", {"problem": "no C++ compiler (c++) on PATH; the CPU kernels are compiled on first use"})
+    assert_user_error(invoke(*args, "--cpu-gemv", "on"), "--cpu-gemv on: the C++ CPU GEMV cannot run here: no C++ compiler")
+    auto = result_of(invoke(*args), "infer")
+    assert "no C++ compiler" in auto["stats"]["cpu_gemv"] and auto["outputs"] == off["outputs"]

@@ -56,6 +56,7 @@ def test_fused_linear_is_the_dequantized_product_rounded_once(scheme, group, row
                            assign=True)
     if scheme == "int4":
         assert module.cpu_packed is not None and module.cpu_scales_zeros is not None  # prepared at load
+    module.cpu_gemv = False  # torch's fused kernels (the C++ GEMV's own test: tests/test_cpu_gemv.py)
     x = torch.randn(2, rows, 256)
     got = module(x)
     assert got.shape == (2, rows, 96) and got.dtype == torch.float32
@@ -82,20 +83,22 @@ def test_quantizable_linears_are_attention_and_dense_ffn_only():
 def test_linear_checkpoint_equals_quantizing_at_load_and_keeps_the_rest_exact(dense_ckpt, tmp_path, scheme, group):
     out = tmp_path / "q"
     summary = quantize_checkpoint(dense_ckpt, out, linear=scheme, group_size=group)
-    assert summary["tensors_quantized"] == 10 and summary["weights"] == "linear"
+    with_output = scheme == "int8"  # int8 quantizes the untied output projection too (cpmctl.quantize.quantizes_output)
+    assert summary["tensors_quantized"] == 10 + with_output and summary["weights"] == "linear"
     assert summary["weight_bytes_after"] < summary["weight_bytes_before"]
     verify_checkpoint(out)
     with open_checkpoint(out) as q, open_checkpoint(dense_ckpt) as src:
-        assert q.config.quantization == QuantConfig(scheme, group, "linear")
+        assert q.config.quantization == QuantConfig(scheme, group, "linear", output=with_output)
         names = set(q.tensor_names())
         assert {"decoder.blocks.0.attn.qkv.qweight", "decoder.blocks.1.ffn.w_out.scales", "decoder.blocks.0.attn.qkv.bias"} <= names
         assert "decoder.blocks.0.attn.qkv.weight" not in names
         assert ("decoder.blocks.0.ffn.w_in.zeros" in names) == (scheme == "int4")
-        for name in src.tensor_names():  # embeddings, norms, biases, the output projection: as they were
+        for name in src.tensor_names():  # embeddings, norms, biases (int4: the output projection): as they were
             if name in names:
                 assert torch.equal(q.get(name), src.get(name)), name
         kept = [n for n in src.tensor_names() if n in names]
-        assert "embed.tokens.weight" in kept and "lm_head.proj.weight" in kept
+        assert "embed.tokens.weight" in kept and ("lm_head.proj.weight" in kept) != with_output
+        assert ("lm_head.proj.qweight" in names) == with_output
         # the stored values are the quantizer's
         w = src.get("decoder.blocks.1.attn.o.weight")
         assert torch.equal(q.get("decoder.blocks.1.attn.o.qweight"), quantize_rows(w, scheme, group)["qweight"])
@@ -103,7 +106,7 @@ def test_linear_checkpoint_equals_quantizing_at_load_and_keeps_the_rest_exact(de
     ckpt.close()
     at_load, ckpt = load_model(dense_ckpt)
     ckpt.close()
-    assert quantize_linears(at_load, scheme, group) == 10
+    assert quantize_linears(at_load, scheme, group) == 10 + with_output
     assert isinstance(stored.decoder.blocks[0].attn.qkv, QuantizedLinear)
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -114,7 +117,7 @@ def test_linear_checkpoint_equals_quantizing_at_load_and_keeps_the_rest_exact(de
     reference, ckpt = load_model(dense_ckpt)
     ckpt.close()
     with torch.no_grad():
-        for name, module in quantizable_linears(stored).items():
+        for name, module in quantizable_linears(stored, output=with_output).items():
             reference.get_submodule(name).weight.copy_(module.dequantized_weight())
         want = reference(ids)
     assert (a - want).abs().max() <= 0.02 * want.abs().max()

@@ -35,7 +35,7 @@ from cpmctl.offload import (StoredTensor, load_offloaded, offload_run_dtype, pla
                             stored_tensors)
 from cpmctl.plan import checkpoint_config, hf_model_config, is_assumed, make_plan, meta_model, source_note, stored_dtype
 from cpmctl.prompt import classify
-from cpmctl.quant import check_kernels
+from cpmctl.quant import check_kernels, cpu_gemv_problem, set_cpu_gemv
 from cpmctl.quantize import quantize_linears
 from cpmctl.tasks import Example, load_examples
 from cpmctl.tokenizer import load_tokenizer
@@ -65,6 +65,8 @@ def run(cfg: InferConfig) -> dict:
     texts = cfg.texts if cfg.texts is not None else read_texts(cfg.input_file)
     device = resolve_device(cfg.device)
     quantize_to = _check_quantized_run(cfg, device)
+    if cfg.cpu_gemv == "on" and device.type == "cpu" and (problem := cpu_gemv_problem()) is not None:
+        raise UserError(f"--cpu-gemv on: the C++ CPU GEMV cannot run here: {problem}")
     started = time.perf_counter()
     engine = None
     if cfg.offload == "none":
@@ -80,7 +82,9 @@ def run(cfg: InferConfig) -> dict:
             except UserError as exc:
                 ckpt.close()
                 raise UserError(f"--dtype {cfg.dtype}: {exc}") from None
+        gemv_note = set_cpu_gemv(model, cfg.cpu_gemv) if device.type == "cpu" else None
     else:
+        gemv_note = None
         _check_offload_device(cfg, device)
         with open_checkpoint(cfg.checkpoint) as headers:
             tensors = stored_tensors(headers, headers.shapes())
@@ -90,6 +94,8 @@ def run(cfg: InferConfig) -> dict:
                                              expert_compute=cfg.expert_compute, host_layers=cfg.host_layers)
     try:
         result = _run_loaded(cfg, model, ckpt, texts, device, started)
+        if gemv_note is not None:
+            result["stats"]["cpu_gemv"] = gemv_note
         quant = model.config.quantization
         if quant is not None:
             result["stats"]["quantization"] = {"scheme": quant.scheme, "group_size": quant.group_size, "weights": quant.weights,
@@ -125,7 +131,7 @@ def _check_quantized_run(cfg: InferConfig, device) -> tuple[str, int | None] | N
         check_kernels(scheme, device)
     except UserError as exc:
         raise UserError(f"--dtype {asked}: {exc}" if asked else f"{cfg.checkpoint}: {exc}") from None
-    if cfg.offload != "none" and (asked is not None or stored.weights == "linear"):
+    if cfg.offload != "none" and (asked is not None or stored.weights == "linear"):  # (with or without the output projection)
         raise UserError(f"--offload {cfg.offload} streams float or quantized experts; quantized linear layers run resident "
                         "(--offload none)")
     if asked is None:
