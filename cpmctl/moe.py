@@ -621,17 +621,27 @@ def triton_moe_ffn(x, expert_ids, expert_weights, w_in, w_gate, w_out, *rest):
 
 # -- choosing the kernels ----------------------------------------------------------------------------
 KERNEL_CHOICES = ("auto", "torch", "triton")
+# FFN activations the Triton kernels do not fuse: dReLU's second ReLU (on the up branch) has no
+# kernel epilogue, so its MoE layers run the torch path.
+TORCH_ONLY_ACTIVATIONS = ("drelu",)
 
 
-def resolve_kernels(choice: str, device) -> str:
-    """`--kernels auto|torch|triton` on a device -> "torch" or "triton".
+def resolve_kernels(choice: str, device, activation: str | None = None) -> str:
+    """`--kernels auto|torch|triton` on a device (for a model with FFN `activation`) -> "torch"
+    or "triton".
 
-    auto = Triton on CUDA (when triton imports), the torch path elsewhere. Triton on a CPU needs
+    auto = Triton on CUDA (when triton imports), the torch path elsewhere and for activations
+    the kernels do not compute (dReLU), where asking for Triton is refused. Triton on a CPU needs
     its interpreter (TRITON_INTERPRET=1, which is slow and meant for tests)."""
     if choice not in KERNEL_CHOICES:
         raise UserError(f"unknown MoE kernels {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}", option="kernels")
     device_type = torch.device(device).type if device is not None else "cpu"
     if choice == "torch":
+        return "torch"
+    if activation in TORCH_ONLY_ACTIVATIONS:
+        if choice == "triton":
+            raise UserError(f"the Triton kernels do not compute the {activation} activation (a ReLU on both branches "
+                            "of the gated FFN); use the torch kernels", option="kernels")
         return "torch"
     try:
         import triton  # noqa: F401
