@@ -94,14 +94,15 @@ def main() -> None:
     parser.add_argument("--recovery-lr", type=float, default=5e-4)
     parser.add_argument("--kd", type=float, default=0.5)
     parser.add_argument("--l1", type=float, default=0.0)
-    parser.add_argument("--activation", default="relu")
+    parser.add_argument("--activation", default="relu", help="relu (gate branch) or drelu (both branches); "
+                        "outputs go to WORK/relu-lm, WORK/relu-moe (relu) or WORK/drelu-lm, WORK/drelu-moe")
     parser.add_argument("--expert-size", type=int, default=32)
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--calibrate", type=int, default=0)
-    parser.add_argument("--sparsities", default="0.25,0.4,0.5")
+    parser.add_argument("--sparsities", default="0.25,0.4,0.5", help="threshold sparsities ('' skips step 5)")
     parser.add_argument("--max-docs", type=int, default=2000)
     parser.add_argument("--eval-docs", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=15, help="speed rounds (0 skips step 6)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -134,7 +135,7 @@ def main() -> None:
                   seed=args.seed, force=True)
 
     t0 = time.perf_counter()
-    relu_dir = args.work / "relu-lm"
+    relu_dir = args.work / f"{args.activation}-lm"
     rep = relufy(RelufyConfig(checkpoint=dense, out=relu_dir, activation=args.activation, steps=args.recovery_steps,
                               lr=args.recovery_lr, kd=args.kd, l1=args.l1, batch_size=args.batch, **common))
     results["relufy"] = rep
@@ -143,7 +144,7 @@ def main() -> None:
     save()
 
     t0 = time.perf_counter()
-    moe_dir = args.work / "relu-moe"
+    moe_dir = args.work / f"{args.activation}-moe"
     rep = moefy(MoefyConfig(checkpoint=relu_dir, out=moe_dir, expert_size=args.expert_size, ratio=args.ratio, split="coactivation",
                             router="mlp", calibrate=args.calibrate, **common))
     # perplexity of the relufied MoE against the original SwiGLU model on the same rows
@@ -156,7 +157,7 @@ def main() -> None:
 
     speed_paths = {"dense swiglu": dense, f"relu moe {args.ratio}": moe_dir}
     results["threshold"] = {}
-    for s in (float(v) for v in args.sparsities.split(",")):
+    for s in (float(v) for v in args.sparsities.split(",") if v.strip()):
         out = args.work / f"threshold-{s}"
         rep = moefy(MoefyConfig(checkpoint=dense, out=out, method="threshold", sparsity=s, **common))
         results["threshold"][s] = rep
@@ -165,6 +166,10 @@ def main() -> None:
               flush=True)
         save()
 
+    if args.repeats == 0:
+        print(f"target relu+moe at {args.ratio}: perplexity <= +3% of the SwiGLU model: "
+              f"{'met' if moe_vs_original <= 0.03 else 'missed'} ({moe_vs_original:+.2%}) (speed not measured: --repeats 0)")
+        return
     speed = time_models(speed_paths, args.repeats, args.d)
     base = speed["dense swiglu"]
     results["speed"] = {name: {**t, "ffn_speedup": base["ffn"] / t["ffn"], "model_speedup": base["model"] / t["model"]}

@@ -641,15 +641,21 @@ def cpu_moe_ffn(x, expert_ids, expert_weights, w_in, w_gate, w_out, b_in, b_gate
 
 # -- choosing the kernels ----------------------------------------------------------------------------
 KERNEL_CHOICES = ("auto", "torch", "triton")
+# FFN activations the Triton kernels do not fuse: dReLU's second ReLU (on the up branch) has no
+# kernel epilogue, so its MoE layers run the torch path (the C++ CPU kernels do compute it).
+TORCH_ONLY_ACTIVATIONS = ("drelu",)
 
 
-def resolve_kernels(choice: str, device) -> str:
-    """`--kernels auto|torch|triton` on a device -> "torch" or "triton".
+def resolve_kernels(choice: str, device, activation: str | None = None) -> str:
+    """`--kernels auto|torch|triton` on a device (for a model with FFN `activation`) -> "torch", "cpu"
+    or "triton".
 
     auto = Triton on CUDA (when triton imports); on a CPU "cpu", the C++ sparse kernels of
-    `cpmctl_cpu` for decode-sized MoE and thresholded FFNs (compiled on first use), or the torch
-    path with a note where this machine cannot build them. Triton on a CPU needs its interpreter
-    (TRITON_INTERPRET=1, which is slow and meant for tests)."""
+    `cpmctl_cpu` for decode-sized MoE and thresholded FFNs (compiled on first use; they compute
+    dReLU too), or the torch path with a note where this machine cannot build them; the torch
+    path for activations the Triton kernels do not compute (dReLU), where asking for Triton is
+    refused. Triton on a CPU needs its interpreter (TRITON_INTERPRET=1, which is slow and meant
+    for tests)."""
     if choice not in KERNEL_CHOICES:
         raise UserError(f"unknown MoE kernels {choice!r}; expected one of {', '.join(KERNEL_CHOICES)}", option="kernels")
     device_type = torch.device(device).type if device is not None else "cpu"
@@ -657,6 +663,11 @@ def resolve_kernels(choice: str, device) -> str:
         return "torch"
     if choice == "auto" and device_type == "cpu":
         return "cpu" if _cpu_kernels_buildable() else "torch"
+    if activation in TORCH_ONLY_ACTIVATIONS:
+        if choice == "triton":
+            raise UserError(f"the Triton kernels do not compute the {activation} activation (a ReLU on both branches "
+                            "of the gated FFN); use the torch kernels", option="kernels")
+        return "torch"
     try:
         import triton  # noqa: F401
     except ImportError:

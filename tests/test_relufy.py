@@ -201,3 +201,81 @@ def test_a_relufied_llama_exports_to_hugging_face_and_matches_transformers(tmp_p
     save_model(build_model(config.replace(activation="drelu")), tmp_path / "drelu")
     with pytest.raises(UserError, match="dReLU"):
         hf.export_hf(tmp_path / "drelu", tmp_path / "hf2")
+
+
+# -- dReLU end to end: relufy -> moefy -> infer -> export --------------------------------------------
+def test_a_drelu_model_moefies_on_both_branches_zeros_infers_and_is_refused_by_hf_export(tmp_path, checkpoints, stdlib_text,
+                                                                                            one_torch_thread):
+    from cpmctl.stages.moefy import MoefyConfig
+    from cpmctl.stages.moefy import run as moefy
+
+    report = run(_cfg(checkpoints["llama"], tmp_path / "drelu", stdlib_text, activation="drelu", steps=3))
+    assert report["activation"] == "silu -> drelu"
+    # relu(gate) * relu(up) is zero unless both are positive: about 3 in 4 on a random model
+    assert all(0.65 < v < 0.85 for v in report["swapped"]["sparsity"].values())
+    moefy(MoefyConfig(checkpoint=tmp_path / "drelu", out=tmp_path / "moe", expert_size=16, ratio=0.5, split="coactivation",
+                      router="mlp", data=stdlib_text, max_docs=150, eval_docs=30, max_tokens=2048, epochs=2))
+    dense, c1 = load_model(tmp_path / "drelu")
+    moe_model, c2 = load_model(tmp_path / "moe")
+    c1.close()
+    c2.close()
+    assert moe_model.config.activation == "drelu"
+    torch.manual_seed(1)
+    x = torch.randn(7, dense.config.d_model)
+    with torch.no_grad():
+        for (_, _, ffn), (_, _, moe) in zip(dense.ffn_modules(), moe_model.ffn_modules()):
+            e, de = moe.num_experts, moe.expert_size
+            hidden = F.relu(ffn.w_gate(x)) * F.relu(ffn.w_in(x))  # both branches' zeros
+            # the experts hold the dense neurons in the split's order; their activations are dReLU's
+            torch.testing.assert_close(moe.expert_activations(x), hidden[:, moe.perm].view(-1, e, de), rtol=0, atol=1e-6)
+            # the layer is the dense dReLU FFN on the chosen experts' neurons, the others held at their fill
+            experts, _ = moe.route(x)
+            chosen = torch.zeros(x.shape[0], e).scatter_(1, experts, 1.0)
+            mask = torch.zeros_like(hidden)
+            mask[:, moe.perm] = chosen.repeat_interleave(de, dim=1)
+            want = ffn.w_out(hidden * mask) + moe.skipped_fill(experts)
+            torch.testing.assert_close(moe(x), want, rtol=1e-5, atol=1e-5)
+    result = _cli("infer", tmp_path / "moe", "def f", "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.output
+    result = _cli("infer", tmp_path / "moe", "def f", "--kernels", "triton")
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "do not compute the drelu" in result.output, result.output
+    for src in ("drelu", "moe"):
+        result = _cli("convert", "hf", tmp_path / src, tmp_path / f"hf-{src}", "--export")
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert not (tmp_path / f"hf-{src}").exists()
+    assert "dReLU" in _cli("convert", "hf", tmp_path / "drelu", tmp_path / "hf-drelu", "--export").output
+
+
+def test_the_cluster_split_of_a_drelu_ffn_groups_gate_and_up_rows_together():
+    from cpmctl.moefication.split import cluster_points, split_layer
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("llama-tiny", activation="drelu")
+    ffn = FeedForward(config)
+    d_ff, d = ffn.w_in.weight.shape
+    group = torch.randperm(d_ff) < d_ff // 2  # two groups of up rows pointing opposite ways
+    u, v = torch.randn(d), torch.randn(d)
+    with torch.no_grad():
+        ffn.w_gate.weight.copy_(u + 0.05 * torch.randn(d_ff, d))  # the gate rows tell the neurons apart by noise only
+        ffn.w_in.weight.copy_(torch.where(group[:, None], v, -v) + 0.05 * torch.randn(d_ff, d))
+    perm = split_layer(ffn, None, 2, d_ff // 2, "cluster", seed=0)
+    first = group[perm[: d_ff // 2]]
+    assert bool(first.all()) or not bool(first.any())  # each expert is one group of up rows
+    # with a ReLU on the gate only, the up rows do not decide firing: the points are the gate rows, as before
+    relu = FeedForward(config.replace(activation="relu"))
+    assert torch.equal(cluster_points(relu), relu.w_gate.weight)
+    points = cluster_points(ffn)
+    assert points.shape == (d_ff, 2 * d)
+    torch.testing.assert_close(points[:, d:], F.normalize(ffn.w_in.weight, dim=-1), rtol=0, atol=0)
+
+
+def test_drelu_moe_layers_run_the_torch_kernels():
+    """...on CUDA: the Triton kernels have no dReLU; the C++ CPU kernels compute it."""
+    from cpmctl.moe import resolve_kernels
+    from cpmctl_cpu import build_problem
+
+    assert resolve_kernels("auto", "cuda", "drelu") == "torch"
+    assert resolve_kernels("auto", "cpu", "drelu") == ("cpu" if build_problem() is None else "torch")
+    assert resolve_kernels("torch", "cuda", "drelu") == "torch"
+    with pytest.raises(UserError, match="do not compute the drelu"):
+        resolve_kernels("triton", "cuda", "drelu")

@@ -8,6 +8,9 @@
   k-means on each neuron's activity profile over sampled tokens (the co-activation graph's edge
   weights are the profiles' inner products), with no external graph partitioner.
 - `split_layer`: one FFN's permutation by the chosen split (cluster / coactivation / random).
+  For dReLU (a ReLU on both branches of a gated FFN) both branches' zeros count: the
+  co-activation split reads the product's exact zeros, and the cluster split groups gate and up
+  rows together (`cluster_points`).
 """
 
 from __future__ import annotations
@@ -173,14 +176,26 @@ def neuron_sample(ffn, inputs, rows: int = 8192) -> NeuronSample:
         return NeuronSample(hidden, hidden.median(dim=0).values)
 
 
+def cluster_points(ffn) -> Tensor:
+    """What the cluster split groups [d_ff, *]: each neuron's row of the matrix that goes through
+    the activation (w_gate for gated FFNs, else w_in). dReLU has a ReLU on both branches, so a
+    neuron fires only where both its gate and its up row point along the input: its point is its
+    gate row and its up row, each L2-normalised, side by side (the two halves weigh the same)."""
+    if ffn.w_gate is None:
+        return ffn.w_in.weight.detach()
+    gate = ffn.w_gate.weight.detach()
+    if ffn.activation != "drelu":
+        return gate
+    return torch.cat([F.normalize(gate.float(), dim=-1), F.normalize(ffn.w_in.weight.detach().float(), dim=-1)], dim=1)
+
+
 def split_layer(ffn, sample: NeuronSample | None, experts: int, size: int, split: str, seed: int, profile_tokens: int = 4096):
     """The permutation [E * d_e] of one FFN's neurons into experts."""
     d_ff = ffn.w_in.weight.shape[0]
     if split == "random":
         labels = random_partition(d_ff, experts, size, seed=seed)
     elif split == "cluster":
-        rows = (ffn.w_gate if ffn.w_gate is not None else ffn.w_in).weight.detach()
-        labels = balanced_kmeans(rows, experts, size, seed=seed)
+        labels = balanced_kmeans(cluster_points(ffn), experts, size, seed=seed)
     else:
         with torch.no_grad():
             if ffn.activation in RELU_ACTIVATIONS:

@@ -208,7 +208,7 @@ def plan(cfg: InferConfig, *, stand_ins=None):
     if cfg.dtype in QUANT_SCHEMES:
         notes.append(f"the attention and FFN linear layers are quantized to {cfg.dtype} at load (weights below as stored)")
     model = meta_model(config)
-    resolve_kernels(cfg.kernels, device)
+    resolve_kernels(cfg.kernels, device, config.activation)
     if cfg.iterations is not None or cfg.step_size is not None:
         set_iterations(model, cfg.iterations, cfg.step_size)
     hf_dir = hf_model_config(cfg.checkpoint) is not None  # a Hugging Face model: planned from config.json alone
@@ -335,7 +335,7 @@ def _offload_rows(model, offload, bandwidth: int | None = None) -> tuple[dict[st
 
 
 def _run_loaded(cfg: InferConfig, model, ckpt, texts: list[str], device, started: float) -> dict:
-    kernels = resolve_kernels(cfg.kernels, device)
+    kernels = resolve_kernels(cfg.kernels, device, model.config.activation)
     set_kernels(model, kernels)
     if cfg.iterations is not None or cfg.step_size is not None:
         set_iterations(model, cfg.iterations, cfg.step_size)

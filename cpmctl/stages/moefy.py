@@ -214,7 +214,7 @@ def run(cfg: MoefyConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model, ckpt = load_model(checkpoint, dtype=torch.float32)
     stored_dtype = _dominant(ckpt.dtype_summary())
-    kernels = resolve_kernels(cfg.kernels, next(model.parameters()).device)  # refused now, not after the work
+    kernels = resolve_kernels(cfg.kernels, next(model.parameters()).device, model.config.activation)  # refused now, not after the work
     task = (mf.load_task_set(cfg.task, model, given, checkpoint, tok, verbalizer=cfg.verbalizer,
                             max_examples=cfg.max_task_examples, seed=cfg.seed) if cfg.task is not None else None)
     # load: documents, model and task until here; the phases below plus load make up total_s

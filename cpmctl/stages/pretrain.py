@@ -267,10 +267,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.force and not cfg.resume and Path(cfg.out).exists():
         shutil.rmtree(cfg.out)
     trainer = Trainer(tcfg)
-    kernels = resolve_kernels(cfg.kernels, trainer.device)
-    set_kernels(model, kernels)
+    set_kernels(model, resolve_kernels(cfg.kernels, trainer.device, model.config.activation))
     if teacher is not None:
-        set_kernels(teacher, kernels)
+        set_kernels(teacher, resolve_kernels(cfg.kernels, trainer.device, teacher.config.activation))
 
     cache_meta = None
     data = train_data
