@@ -153,13 +153,16 @@ def test_moe_layer_on_the_kernel_equals_the_torch_path(activation, gated, bias, 
     layer = _moe_layer(activation, gated, bias, 8, top_k, router)
     d = layer.w_in.shape[-1]
     for n in (1, 3, GATHER_MAX_TOKENS):
-        x = torch.randn(n, d)
-        with torch.no_grad():
-            layer.kernels = "torch"
-            want = layer(x)
-            layer.kernels = "cpu"
-            got = layer(x)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert_kernel_equals_torch_path(layer, torch.randn(n, d))
+
+
+def assert_kernel_equals_torch_path(layer, x):
+    with torch.no_grad():
+        layer.kernels = "torch"
+        want = layer(x)
+        layer.kernels = "cpu"
+        got = layer(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_thresholded_layer_on_the_kernel_equals_the_torch_path():
@@ -173,13 +176,7 @@ def test_thresholded_layer_on_the_kernel_equals_the_torch_path():
         layer.threshold_in.fill_(0.5)
         layer.threshold_hidden.fill_(0.02)
         for n in (1, 4, GATHER_MAX_TOKENS + 3):  # the last: the masked dense path on either setting
-            x = torch.randn(n, config.d_model)
-            with torch.no_grad():
-                layer.kernels = "torch"
-                want = layer(x)
-                layer.kernels = "cpu"
-                got = layer(x)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert_kernel_equals_torch_path(layer, torch.randn(n, config.d_model))
 
 
 def test_training_keeps_the_torch_path():
